@@ -1,0 +1,926 @@
+"""Data sets, transforms and loaders shared by every script of this repository.
+
+One call per data set of the lecture (EE-559 §7, "Tasks and data-sets"):
+
+    classification  mnist, fashion-mnist, cifar10, cifar100, imagenet, shapes
+    detection       voc (VOC2007+2012 trainval -> VOC2007 test), shapes-det
+    segmentation    voc-seg (VOC2012 train -> val), cityscapes (fine, 19 classes), shapes-seg
+
+Where things live: `--data-dir`, default `$PYTORCH_DATA_DIR`, else `./data` (the lecture's
+convention). What downloads and what must be fetched by hand is in the README ("Data
+preparation"); every failure to find or read data raises `DataError` with one line that names the
+file or value and says what to do. Nothing falls back silently to other data.
+
+Splits: "train", "val" (held out from the training set, seeded: 1/12 of MNIST, 1/10 of CIFAR,
+for model selection), "trainval" (the whole training set, for the final run) and "test" (only for
+the final report). VOC, ImageNet and Cityscapes have official splits: "train" and "test" there.
+
+`shapes`, `shapes-det`, `shapes-seg` are one synthetic generator, deterministic from
+(seed, split, index), offline and learnable: what tests, CI and `--quick` runs use.
+
+Run `python data.py --data NAME` to check that a data set is in place and to write a preview.
+This module imports only torch, torchvision, numpy and the standard library, and no sibling file.
+"""
+import argparse
+import math
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset, ConcatDataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+# ----------------------------------------------------------------------------------------------
+# Names, classes, constants
+
+CLASSIFICATION = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "shapes")
+DETECTION = ("voc", "shapes-det")
+SEGMENTATION = ("voc-seg", "cityscapes", "shapes-seg")
+IN_MEMORY = ("mnist", "fashion-mnist", "cifar10", "cifar100", "shapes")
+VAL_FRACTION = {"mnist": 1 / 12, "fashion-mnist": 1 / 12, "cifar10": 1 / 10, "cifar100": 1 / 10,
+                "shapes": 1 / 10}
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor")
+VOC_SEG_CLASSES = ("background",) + VOC_CLASSES  # index 0 = background, 255 = void
+SHAPES_CLASSES = ("circle", "square", "triangle", "cross", "ring", "semicircle")
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+                      "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+                      "truck", "bus", "train", "motorcycle", "bicycle")
+# Cityscapes labelIds -> the 19 training ids of the benchmark (cityscapesScripts' labels.py);
+# every other id (void, rare classes such as caravan, trailer, guard rail) -> 255 (ignored).
+CITYSCAPES_TRAIN_ID = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                       24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+# ImageNet cannot be scanned here; these are the per-channel statistics of the ILSVRC-2012
+# training set (torchvision's constants) and its RGB covariance eigen-decomposition used by
+# AlexNet's PCA colour augmentation (values as published with fb.resnet.torch). For every other
+# data set the statistics are computed from the training images by `channel_stats`/`colour_pca`.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))
+
+
+class DataError(Exception):
+    """A data set is missing, unreadable or malformed. The message is one line: what, where, fix."""
+
+
+def default_data_dir():
+    return os.environ.get("PYTORCH_DATA_DIR") or "./data"
+
+
+def task_of(name):
+    """'classification', 'detection' or 'segmentation'; DataError for an unknown name."""
+    for task, names in (("classification", CLASSIFICATION), ("detection", DETECTION),
+                        ("segmentation", SEGMENTATION)):
+        if name in names:
+            return task
+    known = ", ".join(CLASSIFICATION + DETECTION + SEGMENTATION)
+    raise DataError(f"unknown data set '{name}'; choose one of: {known}")
+
+
+def check_task(name, task):
+    if task_of(name) != task:
+        names = {"classification": CLASSIFICATION, "detection": DETECTION,
+                 "segmentation": SEGMENTATION}[task]
+        raise DataError(f"'{name}' is a {task_of(name)} data set; this script needs {task} "
+                        f"data: one of {', '.join(names)}")
+
+
+def check_split(name, split, allowed):
+    if split not in allowed:
+        raise DataError(f"data set '{name}' has no split '{split}'; use one of {', '.join(allowed)}")
+
+
+def load_image(path):
+    """An RGB image as a uint8 `tv_tensors.Image` (3, H, W); DataError names a corrupt file."""
+    try:
+        with Image.open(path) as im:
+            return tv_tensors.Image(v2.functional.pil_to_tensor(im.convert("RGB")))
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}; the data set is incomplete, fetch it again")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({e}); the file is corrupt: fetch it again")
+
+
+def _download_error(archive, url, where, reason):
+    return DataError(f"could not download {archive} from {url} ({reason}); fetch it by hand and "
+                     f"put it at {where} (it is checked and extracted on the next run)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic shapes: one deterministic generator for the three tasks
+
+def _shape_mask(kind, u, v, r):
+    """Inside-test of a shape of class `kind` and radius r, in rotated centred coordinates u, v."""
+    d2 = u * u + v * v
+    if kind == 0:                                   # circle
+        return d2 <= r * r
+    if kind == 1:                                   # square
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8 * r
+    if kind == 2:                                   # equilateral triangle (inradius r/2)
+        inside = np.ones_like(u, dtype=bool)
+        for k in range(3):
+            a = 2 * math.pi * k / 3
+            inside &= u * math.cos(a) + v * math.sin(a) <= 0.5 * r
+        return inside
+    if kind == 3:                                   # cross, arms of half-width 0.3 r
+        w = 0.3 * r
+        return ((np.abs(u) <= w) & (np.abs(v) <= r)) | ((np.abs(v) <= w) & (np.abs(u) <= r))
+    if kind == 4:                                   # ring
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    return (d2 <= r * r) & (v >= 0)                 # semicircle
+
+
+def render_shapes(seed, index, size=64, max_shapes=4, split="train"):
+    """Render image `index` of the shapes set; the same (seed, split, index, size) gives the same image.
+
+    A textured noisy background (a random colour gradient, low-frequency blobs and pixel noise)
+    with 1..max_shapes shapes of random class, colour, rotation, size and position; their
+    bounding boxes do not overlap, so every box is the tight box of its mask. The first shape is
+    the largest (radius at least 1.25x any other): its class is the classification label.
+
+    Returns (image uint8 (3, size, size), boxes float32 (K, 4) continuous (xmin, ymin, xmax, ymax),
+    labels int64 (K,), mask int64 (size, size) with 0 = background and 1 + class elsewhere,
+    label of the largest shape).
+    """
+    split_id = {"train": 0, "val": 1, "test": 2}[split]
+    rng = np.random.default_rng([seed, split_id, index])
+    s = size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    # Background: gradient between two random colours, smooth blobs, pixel noise.
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    a = rng.uniform(0, 2 * math.pi)
+    t = ((xx - s / 2) * math.cos(a) + (yy - s / 2) * math.sin(a)) / s + 0.5
+    img = c0[:, None, None] * (1 - t) + c1[:, None, None] * t
+    coarse = rng.normal(0, 25, (3, 4, 4)).astype(np.float32)
+    img += F.interpolate(torch.from_numpy(coarse)[None], size=(s, s), mode="bicubic",
+                         align_corners=False)[0].numpy()
+    img += rng.normal(0, 12, (3, s, s))
+    mask = np.zeros((s, s), np.int64)
+    boxes, labels, placed = [], [], []
+    n = int(rng.integers(1, max_shapes + 1))
+    r_main = rng.uniform(0.16, 0.26) * s
+    for k in range(n):
+        kind = int(rng.integers(len(SHAPES_CLASSES)))
+        for _ in range(30):  # rejection sampling of a position whose box overlaps no other box
+            r = r_main if k == 0 else rng.uniform(0.07 * s, r_main / 1.25)
+            cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
+            box = (cx - r - 1, cy - r - 1, cx + r + 1, cy + r + 1)
+            if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in placed):
+                break
+        else:
+            continue  # no room left: fewer shapes in this image
+        th = rng.uniform(0, 2 * math.pi)
+        u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
+        v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
+        inside = _shape_mask(kind, u, v, r)
+        if inside.sum() < 4:
+            continue
+        # A colour that stands out from the local background by at least 80 grey levels overall.
+        local = img[:, inside].mean(1)
+        colour = rng.uniform(0, 255, 3)
+        while np.abs(colour - local).sum() < 80:
+            colour = rng.uniform(0, 255, 3)
+        img[:, inside] = colour[:, None] + rng.normal(0, 8, (3, int(inside.sum())))
+        mask[inside] = kind + 1
+        ys, xs = np.nonzero(inside)
+        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+        labels.append(kind)
+        placed.append(box)
+    image = torch.from_numpy(np.clip(img, 0, 255).round().astype(np.uint8))
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    return image, boxes, torch.tensor(labels, dtype=torch.int64), torch.from_numpy(mask), labels[0]
+
+
+def shapes_size(split, quick=False):
+    """Number of images of each split of the shapes sets (quick: a tiny set for seconds-long runs)."""
+    if quick:
+        return {"train": 512, "val": 128, "trainval": 640, "test": 256}[split]
+    return {"train": 9000, "val": 1000, "trainval": 10000, "test": 2000}[split]
+
+
+class ShapesDataset(Dataset):
+    """`shapes` (image, label), `shapes-det` (image, target) or `shapes-seg` (image, mask).
+
+    Images are generated on the fly and cached, so an epoch after the first costs nothing.
+    `transforms` is a torchvision.transforms.v2 callable applied to (image, target).
+    """
+
+    def __init__(self, task="shapes", split="train", n=None, size=64, seed=0, max_shapes=4,
+                 transforms=None, quick=False):
+        check_split(task, split, ("train", "val", "trainval", "test"))
+        self.task, self.size, self.seed, self.max_shapes = task, size, seed, max_shapes
+        self.transforms = transforms
+        # "trainval" is train followed by val: the same images, so a final run sees both.
+        n_train = shapes_size("train", quick) if n is None else n
+        n = shapes_size(split, quick) if n is None else n
+        if split == "trainval":
+            self.index = [("train", i) for i in range(min(n, n_train))] + \
+                         [("val", i) for i in range(n - min(n, n_train))]
+        else:
+            self.index = [(split, i) for i in range(n)]
+        self.cache = {}
+        self.classes = SHAPES_CLASSES if task == "shapes-det" else \
+            (("background",) + SHAPES_CLASSES if task == "shapes-seg" else SHAPES_CLASSES)
+
+    def __len__(self):
+        return len(self.index)
+
+    def render(self, i):
+        if i not in self.cache:
+            split, j = self.index[i]
+            self.cache[i] = render_shapes(self.seed, j, self.size, self.max_shapes, split)
+        return self.cache[i]
+
+    def __getitem__(self, i):
+        image, boxes, labels, mask, label = self.render(i)
+        image = tv_tensors.Image(image)
+        if self.task == "shapes":
+            return (self.transforms(image) if self.transforms else image), label
+        if self.task == "shapes-seg":
+            sample = image, tv_tensors.Mask(mask)
+        else:
+            target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY",
+                                                        canvas_size=(self.size, self.size)),
+                      "labels": labels, "difficult": torch.zeros(len(labels), dtype=torch.bool),
+                      "image_id": i}
+            sample = image, target
+        return self.transforms(*sample) if self.transforms else sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification
+
+def split_indices(n, val_fraction, seed=0):
+    """Seeded split of range(n) into (train, val) index tensors, val = round(n * val_fraction)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_fraction))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def _torchvision_classification(name, train, root, download):
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
+           "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    try:
+        return cls(root, train=train, download=False)
+    except RuntimeError:
+        pass  # not there yet (or corrupt): download if allowed
+    if name in ("mnist", "fashion-mnist"):
+        where = os.path.join(root, cls.__name__, "raw")
+        files = ", ".join(f for f, _ in cls.resources)
+        how = f"put {files} in {where}"
+    else:
+        where = os.path.join(root, cls.filename)
+        how = f"put {cls.filename} at {where}"
+    if not download:
+        raise DataError(f"{name} not found under {root}; run without --no-download, or {how}")
+    try:
+        return cls(root, train=train, download=True)
+    except Exception as e:  # network down, host gone, or a hash mismatch
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DataError(f"could not download {name} ({reason}); {how} and run again")
+
+
+def classification_arrays(name, split, data_dir=None, download=True, quick=False, seed=0,
+                          size=32):
+    """The whole split of an in-memory set as (images uint8 (N, C, H, W), labels int64 (N,), classes).
+
+    "train"/"val" are the seeded held-out split of the official training set (`VAL_FRACTION`);
+    "trainval" the whole training set; "test" the official test set. `quick` keeps a small
+    stratification-free subset (first 2,000 / 500 images of a fixed permutation) for smoke runs.
+    """
+    check_task(name, "classification")
+    if name not in IN_MEMORY:
+        raise DataError(f"'{name}' does not fit in memory; use classification_dataset()")
+    check_split(name, split, ("train", "val", "trainval", "test"))
+    if name == "shapes":
+        ds = ShapesDataset("shapes", split, size=size, seed=seed, quick=quick)
+        x = torch.stack([ds.render(i)[0] for i in range(len(ds))])
+        y = torch.tensor([ds.render(i)[4] for i in range(len(ds))])
+        return x, y, SHAPES_CLASSES
+    root = data_dir or default_data_dir()
+    ds = _torchvision_classification(name, split != "test", root, download)
+    x = torch.as_tensor(np.asarray(ds.data))
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+    y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    classes = tuple(ds.classes)
+    if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+        bad = y[(y < 0) | (y >= len(classes))][0].item()
+        raise DataError(f"{name}: label {bad} is outside the {len(classes)} classes; the label "
+                        f"file under {root} is corrupt, delete it and fetch it again")
+    if split in ("train", "val"):
+        train_idx, val_idx = split_indices(len(y), VAL_FRACTION[name], seed=0)
+        idx = train_idx if split == "train" else val_idx
+        x, y = x[idx], y[idx]
+    if quick:
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        keep = keep[:2000 if split in ("train", "trainval") else 500].sort().values
+        x, y = x[keep], y[keep]
+    return x.contiguous(), y, classes
+
+
+def channel_stats(images):
+    """Per-channel mean and standard deviation, in [0, 1] units, of uint8 images (N, C, H, W)."""
+    x = images.double().div_(255) if images.dtype == torch.uint8 else images.double()
+    x = x.transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def colour_pca(images):
+    """Eigenvalues (descending) and eigenvectors (columns) of the RGB covariance of the pixels,
+    in [0, 1] units: the statistics of AlexNet's PCA colour augmentation (Krizhevsky et al. §4.1)."""
+    x = images.double().div(255) if images.dtype == torch.uint8 else images.double()
+    x = x.transpose(0, 1).reshape(3, -1)
+    eigval, eigvec = torch.linalg.eigh(torch.cov(x))
+    return eigval.flip(0).float(), eigvec.flip(1).float()
+
+
+def pca_colour(x, eigval, eigvec, alpha):
+    """Add eigvec @ (alpha * eigval) to every pixel: x (..., 3, H, W) float, alpha (..., 3)."""
+    shift = (torch.as_tensor(eigvec, dtype=x.dtype, device=x.device)
+             @ (alpha * torch.as_tensor(eigval, dtype=x.dtype, device=x.device))[..., None])
+    return x + shift[..., None]  # (..., 3, 1, 1) broadcasts over the pixels
+
+
+class PCAColour(v2.Transform):
+    """AlexNet's colour augmentation: alpha ~ N(0, alphastd) drawn once per image (§4.1)."""
+
+    def __init__(self, eigval=IMAGENET_EIGVAL, eigvec=IMAGENET_EIGVEC, alphastd=0.1):
+        super().__init__()
+        self.eigval, self.eigvec = torch.tensor(eigval), torch.tensor(eigvec)
+        self.alphastd = alphastd
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, tv_tensors.Image) or not inpt.is_floating_point():
+            return inpt
+        alpha = torch.randn(3) * self.alphastd
+        return tv_tensors.wrap(pca_colour(inpt.as_subclass(torch.Tensor), self.eigval,
+                                          self.eigvec, alpha), like=inpt)
+
+
+def classification_transforms(name, train, mean, std, size=None):
+    """The per-sample (PIL/tensor) pipeline for a classification set.
+
+    Small images: random crop with padding (3 for 28x28 digits, as in the lecture; 4 for 32x32
+    CIFAR and shapes), plus a horizontal flip except for digits, whose mirror image is another
+    glyph. ImageNet: AlexNet's recipe, resize the short side to 256, random 224 crop, flip, PCA
+    colour; evaluation: the centre 224 crop (see `ten_crop` for the paper's ten-crop test).
+    """
+    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if name == "imagenet":
+        size = size or 224
+        if train:
+            return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.RandomCrop(size),
+                               v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                               PCAColour(), v2.Normalize(mean, std)])
+        return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(size),
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    if not train:
+        return v2.Compose(to_float + [v2.Normalize(mean, std)])
+    digits = name in ("mnist", "fashion-mnist")
+    size = size or (28 if digits else 32)
+    aug = [v2.RandomCrop(size, padding=3 if digits else 4)]
+    if name != "mnist":
+        aug.append(v2.RandomHorizontalFlip())
+    return v2.Compose([v2.ToImage()] + aug + [v2.ToDtype(torch.float32, scale=True),
+                                              v2.Normalize(mean, std)])
+
+
+def ten_crop(images, size):
+    """AlexNet's test protocol: the 4 corner and centre crops and their mirror images.
+
+    images (N, C, H, W) -> (N, 10, C, size, size)."""
+    crops = v2.functional.ten_crop(images, [size, size])
+    return torch.stack(crops, dim=1)
+
+
+@torch.no_grad()
+def ten_crop_predict(model, images, size):
+    """Class probabilities averaged over the ten crops of each image (Krizhevsky et al. §4.1)."""
+    crops = ten_crop(images, size)
+    n = crops.shape[0]
+    probs = model(crops.flatten(0, 1)).softmax(dim=1)
+    return probs.view(n, 10, -1).mean(1)
+
+
+def imagenet_class_names():
+    """The 1000 ILSVRC-2012 class names in the standard index order (torchvision's weight metadata:
+    no download needed)."""
+    return list(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+class _ImageList(Dataset):
+    """(path, label) pairs read with `load_image`, so that a corrupt file names itself."""
+
+    def __init__(self, samples, classes, transform=None):
+        self.samples, self.classes, self.transform = samples, classes, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        image = load_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def imagenet_dataset(split, data_dir=None, transform=None):
+    """ILSVRC-2012 from `DIR/imagenet/{train,val}/<wnid>/*.JPEG` (the usual folder tree; val sorted
+    into class folders) or from the official archives in `DIR/imagenet` through torchvision's
+    ImageNet (ILSVRC2012_img_{train,val}.tar and ILSVRC2012_devkit_t12.tar.gz). Classes are the
+    sorted synset ids, i.e. the standard index order; `.names` holds the human-readable names.
+    "test" is the official validation set (the ILSVRC test labels are not public)."""
+    check_split("imagenet", split, ("train", "test"))
+    root = os.path.join(data_dir or default_data_dir(), "imagenet")
+    folder = os.path.join(root, "train" if split == "train" else "val")
+    archives = ["ILSVRC2012_devkit_t12.tar.gz",
+                "ILSVRC2012_img_train.tar" if split == "train" else "ILSVRC2012_img_val.tar"]
+    if os.path.isdir(folder) and any(os.path.isdir(os.path.join(folder, d))
+                                     for d in os.listdir(folder)):
+        tree = torchvision.datasets.ImageFolder(folder, allow_empty=True)
+        samples, wnids = tree.samples, tree.classes
+    elif all(os.path.exists(os.path.join(root, a)) for a in archives) or \
+            os.path.exists(os.path.join(root, "meta.bin")):
+        try:
+            tv = torchvision.datasets.ImageNet(root, split="train" if split == "train" else "val")
+        except Exception as e:
+            raise DataError(f"cannot read the ImageNet archives in {root} ({e}); check the files")
+        samples, wnids = tv.samples, tv.wnids
+    else:
+        raise DataError(f"ImageNet {split} not found: put the class folders in {folder}/<wnid>/, or "
+                        f"the archives {', '.join(archives)} in {root} (ImageNet cannot be "
+                        f"downloaded automatically: get it from image-net.org)")
+    ds = _ImageList(samples, wnids, transform)
+    names = imagenet_class_names()
+    ds.names = names if len(wnids) == len(names) else list(wnids)
+    return ds
+
+
+def classification_dataset(name, split, data_dir=None, download=True, transform=None, quick=False,
+                           seed=0, size=32):
+    """A map-style Dataset of (image, label) for the DataLoader path (any classification set)."""
+    check_task(name, "classification")
+    if name == "imagenet":
+        ds = imagenet_dataset(split, data_dir, transform)
+        if quick:  # a fixed small subset for smoke runs on a real ImageNet
+            keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:2000]
+            ds = Subset(ds, keep.sort().values.tolist())
+        return ds
+    x, y, classes = classification_arrays(name, split, data_dir, download, quick, seed, size)
+    return TensorImageDataset(x, y, classes, transform)
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images (N, C, H, W) and labels as a per-sample Dataset (the lecture's pipeline)."""
+
+    def __init__(self, images, labels, classes, transform=None):
+        self.images, self.labels, self.classes = images, labels, classes
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = tv_tensors.Image(self.images[i])
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------------------------
+# Pascal VOC (detection and segmentation) and Cityscapes
+
+def parse_voc_xml(path, classes=VOC_CLASSES):
+    """Read a VOC (or ImageNet bounding-box) XML annotation.
+
+    Returns {"boxes": float32 (M, 4), "labels": int64 (M,), "difficult": bool (M,),
+    "names": [M class names], "size": (width, height)}. VOC stores 1-based inclusive pixel
+    corners; they become continuous coordinates (xmin - 1, ymin - 1, xmax, ymax), so the plain
+    IoU of two boxes equals the devkit's "+1" IoU and the box width is xmax - xmin.
+    `classes` maps names to label indices (VOC's 20 classes by default; pass the sorted synset ids
+    for ImageNet files); a name outside it is an error naming the file and the name.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    try:
+        root = ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise DataError(f"annotation file not found: {path}; the data set is incomplete")
+    except ET.ParseError as e:
+        raise DataError(f"corrupt annotation {path} ({e}); fetch the data set again")
+    try:
+        size = root.find("size")
+        width = int(float(size.find("width").text))
+        height = int(float(size.find("height").text))
+        boxes, labels, difficult, names = [], [], [], []
+        for obj in root.iter("object"):
+            name = obj.find("name").text.strip()
+            if name not in index:
+                raise DataError(f"{path}: object '{name}' is not one of the {len(classes)} known "
+                                f"classes; fix the file or pass the right class list")
+            bb = obj.find("bndbox")  # the object's own box, not those of its parts
+            x0, y0, x1, y1 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+            if x1 < x0 or y1 < y0:
+                raise DataError(f"{path}: box ({x0}, {y0}, {x1}, {y1}) of '{name}' has "
+                                f"xmax < xmin or ymax < ymin; fix the file")
+            boxes.append((x0 - 1, y0 - 1, x1, y1))
+            labels.append(index[name])
+            flag = obj.find("difficult")
+            difficult.append(flag is not None and flag.text is not None and int(flag.text) == 1)
+            names.append(name)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise DataError(f"malformed annotation {path} ({type(e).__name__}: {e}); a field is "
+                        f"missing or not a number, fix the file or fetch it again")
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "difficult": torch.tensor(difficult, dtype=torch.bool),
+            "names": names, "size": (width, height)}
+
+
+def _voc_files(root, year, image_set, task, download):
+    """(image paths, annotation paths) of one VOC split, downloading it with torchvision when absent."""
+    cls = torchvision.datasets.VOCDetection if task == "detection" else \
+        torchvision.datasets.VOCSegmentation
+    base = os.path.join(root, "VOCdevkit", f"VOC{year}")
+    key = "2007-test" if (year, image_set) == ("2007", "test") else year
+    info = torchvision.datasets.voc.DATASET_YEAR_DICT[key]
+    split_file = os.path.join(base, "ImageSets", "Main" if task == "detection" else "Segmentation",
+                              f"{image_set}.txt")
+    if not os.path.exists(split_file):
+        where = os.path.join(root, info["filename"])
+        if not download:
+            raise DataError(f"VOC{year} {image_set} not found ({split_file} is missing); put "
+                            f"{info['filename']} at {where} or run with downloads on")
+        try:  # only when absent: torchvision would fetch the archive again otherwise
+            cls(root, year=year, image_set=image_set, download=True)
+        except Exception as e:
+            raise _download_error(info["filename"], info["url"], where,
+                                  str(e).strip().splitlines()[-1] if str(e).strip() else e)
+    ds = cls(root, year=year, image_set=image_set, download=False)
+    return ds.images, ds.targets
+
+
+class VOCDetectionSet(Dataset):
+    """One VOC detection split: (image, target) with target = {"boxes": BoundingBoxes XYXY in
+    pixels, "labels", "difficult", "image_id"}. `transforms` (v2) moves boxes with the image.
+
+    `keep_difficult=False` drops the "difficult" objects (usual for training); evaluation keeps
+    them so that `metrics.detection_map` can ignore detections that hit them.
+    `root` holds VOCdevkit/VOC<year>/ (also works on the 100-image sample in shared/data)."""
+
+    def __init__(self, root, year="2007", image_set="test", download=False, transforms=None,
+                 keep_difficult=True):
+        self.images, self.annotations = _voc_files(root, year, image_set, "detection", download)
+        self.transforms, self.keep_difficult = transforms, keep_difficult
+        self.classes = VOC_CLASSES
+
+    def __len__(self):
+        return len(self.images)
+
+    def target(self, i):
+        """The annotation of image i in pixels, difficult objects included (for evaluation)."""
+        ann = parse_voc_xml(self.annotations[i])
+        return {"boxes": ann["boxes"], "labels": ann["labels"], "difficult": ann["difficult"]}
+
+    def __getitem__(self, i):
+        image = load_image(self.images[i])
+        ann = parse_voc_xml(self.annotations[i])
+        keep = torch.ones(len(ann["labels"]), dtype=torch.bool) if self.keep_difficult \
+            else ~ann["difficult"]
+        target = {"boxes": tv_tensors.BoundingBoxes(ann["boxes"][keep], format="XYXY",
+                                                    canvas_size=image.shape[-2:]),
+                  "labels": ann["labels"][keep], "difficult": ann["difficult"][keep],
+                  "image_id": i}
+        return self.transforms(image, target) if self.transforms else (image, target)
+
+
+class SegmentationSet(Dataset):
+    """(image, mask) pairs read from files; masks are int64 `tv_tensors.Mask`, 255 = ignore.
+
+    `lut` maps the stored label values to training ids (Cityscapes); without it the values
+    must already be class indices or 255 (VOC's palette PNGs), anything else is an error."""
+
+    def __init__(self, images, masks, classes, transforms=None, lut=None):
+        self.images, self.masks, self.classes = images, masks, classes
+        self.transforms, self.lut = transforms, lut
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = load_image(self.images[i])
+        try:
+            with Image.open(self.masks[i]) as m:
+                mask = torch.as_tensor(np.array(m), dtype=torch.int64)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read label image {self.masks[i]} ({e}); fetch it again")
+        if mask.ndim != 2 or mask.shape != image.shape[-2:]:
+            raise DataError(f"label image {self.masks[i]} is {tuple(mask.shape)}, its image is "
+                            f"{tuple(image.shape[-2:])}; the files do not match")
+        if self.lut is not None:
+            mask = self.lut[mask.clamp(0, len(self.lut) - 1)]
+        bad = (mask >= len(self.classes)) & (mask != 255)
+        if bad.any():
+            raise DataError(f"label image {self.masks[i]} holds value {mask[bad][0].item()}, not "
+                            f"a class index (0..{len(self.classes) - 1}) or 255; is it the "
+                            f"palette PNG of SegmentationClass?")
+        sample = image, tv_tensors.Mask(mask)
+        return self.transforms(*sample) if self.transforms else sample
+
+
+def cityscapes_files(root, split):
+    """(leftImg8bit images, gtFine labelIds) pairs of a Cityscapes split (manual download)."""
+    base = os.path.join(root, "cityscapes")
+    img_dir, gt_dir = os.path.join(base, "leftImg8bit", split), os.path.join(base, "gtFine", split)
+    if not (os.path.isdir(img_dir) and os.path.isdir(gt_dir)):
+        raise DataError(f"Cityscapes {split} not found in {base}: log in at cityscapes-dataset.com, "
+                        f"download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip and "
+                        f"unzip both in {base}")
+    images, masks = [], []
+    for city in sorted(os.listdir(img_dir)):
+        for f in sorted(os.listdir(os.path.join(img_dir, city))):
+            if f.endswith("_leftImg8bit.png"):
+                images.append(os.path.join(img_dir, city, f))
+                gt = f.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+                masks.append(os.path.join(gt_dir, city, gt))
+                if not os.path.exists(masks[-1]):
+                    raise DataError(f"Cityscapes label {masks[-1]} is missing for {images[-1]}; "
+                                    f"unzip gtFine_trainvaltest.zip in {base}")
+    return images, masks
+
+
+def detection_dataset(name, split, data_dir=None, download=True, transforms=None, quick=False,
+                      size=64, seed=0):
+    """`voc`: "train" = VOC2007 trainval + VOC2012 trainval (difficult objects dropped), "test" =
+    VOC2007 test (difficult kept, for evaluation). `shapes-det`: the synthetic set."""
+    check_task(name, "detection")
+    if name == "shapes-det":
+        return ShapesDataset("shapes-det", split, size=size, seed=seed, transforms=transforms,
+                             quick=quick)
+    check_split(name, split, ("train", "test"))
+    root = data_dir or default_data_dir()
+    if split == "test":
+        ds = VOCDetectionSet(root, "2007", "test", download, transforms, keep_difficult=True)
+    else:
+        parts = [VOCDetectionSet(root, y, "trainval", download, transforms, keep_difficult=False)
+                 for y in ("2007", "2012")]
+        ds = ConcatDataset(parts)
+        ds.classes = VOC_CLASSES
+    if quick:
+        sub = Subset(ds, list(range(min(len(ds), 256))))
+        sub.classes = VOC_CLASSES
+        return sub
+    return ds
+
+
+def segmentation_dataset(name, split, data_dir=None, download=True, transforms=None, quick=False,
+                         size=64, seed=0):
+    """`voc-seg`: VOC2012 SegmentationClass, "train" = train, "test" = val (the test labels are
+    not public; FCN reports on val). `cityscapes`: fine annotations, "train" = train, "test" =
+    val, 19 classes. `shapes-seg`: the synthetic set (0 = background)."""
+    check_task(name, "segmentation")
+    if name == "shapes-seg":
+        return ShapesDataset("shapes-seg", split, size=size, seed=seed, transforms=transforms,
+                             quick=quick)
+    check_split(name, split, ("train", "test"))
+    root = data_dir or default_data_dir()
+    official = "train" if split == "train" else "val"
+    if name == "voc-seg":
+        images, masks = _voc_files(root, "2012", official, "segmentation", download)
+        ds = SegmentationSet(images, masks, VOC_SEG_CLASSES, transforms)
+    else:
+        lut = torch.full((256,), 255, dtype=torch.int64)
+        for label_id, train_id in CITYSCAPES_TRAIN_ID.items():
+            lut[label_id] = train_id
+        ds = SegmentationSet(*cityscapes_files(root, official), CITYSCAPES_CLASSES, transforms, lut)
+    if quick:
+        ds.images, ds.masks = ds.images[:64], ds.masks[:64]
+    return ds
+
+
+def detection_transforms(train, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A plain detection pipeline (flip, resize to size x size, normalise); boxes follow through
+    tv_tensors. The papers' own augmentations (YOLO, SSD) are built in their scripts."""
+    ops = [v2.ToImage()]
+    if train:
+        ops.append(v2.RandomHorizontalFlip())
+    ops += [v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std)]
+    if train:
+        ops.append(v2.SanitizeBoundingBoxes(labels_getter=_box_fields))
+    return v2.Compose(ops)
+
+
+def _box_fields(sample):
+    """For SanitizeBoundingBoxes: the per-box tensors to drop along with degenerate boxes."""
+    target = sample[1]
+    return tuple(target[k] for k in ("labels", "difficult") if k in target)
+
+
+def segmentation_transforms(train, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                            scale=(0.5, 2.0)):
+    """Training: random rescale, random crop padded with 255 (ignore) in the mask, flip.
+    Evaluation: the full image, only normalised (FCN evaluates whole images)."""
+    ops = [v2.ToImage()]
+    if train:
+        ops += [v2.RandomHorizontalFlip()]
+        if crop:
+            ops += [v2.RandomResize(int(crop * scale[0]), int(crop * scale[1]) + 1, antialias=True),
+                    v2.RandomCrop(crop, pad_if_needed=True,
+                                  fill={tv_tensors.Image: 0, tv_tensors.Mask: 255})]
+    ops += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+def detection_collate(batch):
+    """Images stacked when they share a size (else a list) and the targets as a list."""
+    images, targets = zip(*batch)
+    if all(im.shape == images[0].shape for im in images):
+        images = torch.stack([im.as_subclass(torch.Tensor) for im in images])
+    return images, list(targets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders: the standard DataLoader path and the in-memory device loader
+
+def distributed_info():
+    """(rank, world_size): (0, 1) unless torch.distributed is initialised (torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=None, seed=0,
+                drop_last=None):
+    """A DataLoader; under torchrun a DistributedSampler shards the set so each rank sees 1/world
+    of every epoch (call `set_epoch(loader, epoch)` at each epoch). `batch_size` is per process."""
+    rank, world = distributed_info()
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=train,
+                                                      seed=seed, drop_last=train)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+                      sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=torch.device(device).type == "cuda",
+                      drop_last=train if drop_last is None else drop_last,
+                      persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def set_epoch(loader, epoch):
+    """Re-seed the shuffling of either kind of loader for `epoch` (needed for sharding)."""
+    target = loader if isinstance(loader, DeviceLoader) else getattr(loader, "sampler", None)
+    if hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
+
+
+def random_crop_flip(x, padding, flip=True, generator=None):
+    """Batched on-device augmentation: zero-pad by `padding`, crop back to the input size at a
+    random offset per image, mirror half of the images. x (N, C, H, W) float."""
+    n, _, h, w = x.shape
+    if padding:
+        x = F.pad(x, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = x.gather(2, rows.expand(n, x.shape[1], h, x.shape[3]))
+        x = x.gather(3, cols.expand(n, x.shape[1], h, w))
+    if flip:
+        m = torch.rand(n, device=x.device, generator=generator) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class DeviceLoader:
+    """The whole set as one uint8 tensor on the training device, batched, normalised and augmented
+    there: no per-sample Python, no host-to-device copy per batch (the lecture's remark that the
+    DataLoader is inefficient for sets that fit in memory; see bench/bench_loader.py).
+
+    Yields (float images normalised with mean/std, labels). `augment` is None or a dict
+    {"padding": p, "flip": bool} for `random_crop_flip`. Shuffling is seeded by (seed, epoch) and,
+    under torchrun, each rank takes its interleaved share of the same permutation, like
+    DistributedSampler (drop_last in training so that every rank has the same number of batches).
+    """
+
+    def __init__(self, images, labels, batch_size, train, device="cpu", mean=None, std=None,
+                 augment=None, seed=0, drop_last=None):
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        c = images.shape[1]
+        self.mean = torch.tensor(mean if mean is not None else (0.0,) * c,
+                                 device=self.device).view(1, c, 1, 1)
+        self.std = torch.tensor(std if std is not None else (1.0,) * c,
+                                device=self.device).view(1, c, 1, 1)
+        self.batch_size, self.train, self.augment = batch_size, train, augment if train else None
+        self.seed, self.epoch = seed, 0
+        self.drop_last = train if drop_last is None else drop_last
+        self.rank, self.world = distributed_info()
+        self.dataset = self.images  # len(loader.dataset), as with a DataLoader
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _indices(self):
+        n = len(self.labels)
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if self.world > 1:
+            per_rank = n // self.world if self.drop_last else math.ceil(n / self.world)
+            idx = torch.cat([idx, idx[:per_rank * self.world - n]]) if per_rank * self.world > n \
+                else idx[:per_rank * self.world]
+            idx = idx[self.rank::self.world]
+        return idx.to(self.device)
+
+    def __len__(self):
+        n = len(self._indices()) if self.world > 1 else len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        idx = self._indices()
+        g = None
+        if self.augment:
+            g = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + self.epoch + 1)
+        for b in range(len(self)):
+            j = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[j].float().div_(255)
+            if self.augment:
+                x = random_crop_flip(x, self.augment.get("padding", 0),
+                                     self.augment.get("flip", False), generator=g)
+            yield (x - self.mean) / self.std, self.labels[j]
+
+
+def augment_for(name):
+    """The on-device training augmentation that matches `classification_transforms(name, True)`."""
+    if name in ("mnist", "fashion-mnist"):
+        return {"padding": 3, "flip": name != "mnist"}
+    return {"padding": 4, "flip": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: check that a data set is in place and look at it
+
+def preview(dataset, path, n=16):
+    """Write a grid of the first n samples (boxes drawn, masks overlaid) as a PNG."""
+    tiles = []
+    for i in range(min(n, len(dataset))):
+        image, target = dataset[i]
+        image = image.as_subclass(torch.Tensor)
+        if image.is_floating_point():
+            image = (image - image.amin()) / (image.amax() - image.amin() + 1e-8) * 255
+        image = image.to(torch.uint8).expand(3, -1, -1)
+        if isinstance(target, dict):
+            names = [dataset.classes[k] for k in target["labels"]]
+            image = torchvision.utils.draw_bounding_boxes(image, target["boxes"], names,
+                                                          colors="yellow")
+        elif isinstance(target, torch.Tensor) and target.ndim == 2:
+            masks = torch.stack([target == k for k in range(1, len(dataset.classes))])
+            image = torchvision.utils.draw_segmentation_masks(image, masks, alpha=0.5)
+        tiles.append(v2.functional.resize(image, [128, 128], antialias=True))
+    grid = torchvision.utils.make_grid(tiles, nrow=int(math.ceil(math.sqrt(len(tiles)))))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Check that a data set is in place: prints its splits "
+                                "and classes and writes a preview grid of its first images.")
+    p.add_argument("--data", default="shapes-det", help="data set name (default: shapes-det)")
+    p.add_argument("--data-dir", default=default_data_dir(),
+                   help="root of the data sets (default: $PYTORCH_DATA_DIR or ./data)")
+    p.add_argument("--split", default="test", help="split to preview (default: test)")
+    p.add_argument("--no-download", action="store_true", help="never try to download")
+    p.add_argument("--out", default="preview.png", help="preview image to write")
+    args = p.parse_args(argv)
+    try:
+        task = task_of(args.data)
+        kw = dict(data_dir=args.data_dir, download=not args.no_download)
+        if task == "classification":
+            ds = classification_dataset(args.data, args.split, **kw)
+        elif task == "detection":
+            ds = detection_dataset(args.data, args.split, **kw)
+        else:
+            ds = segmentation_dataset(args.data, args.split, **kw)
+        print(f"{args.data} {args.split}: {len(ds)} images, {len(ds.classes)} classes: "
+              f"{', '.join(map(str, ds.classes[:25]))}{' ...' if len(ds.classes) > 25 else ''}")
+        preview(ds, args.out)
+        print(f"preview written to {args.out}")
+    except DataError as e:
+        sys.exit(f"data.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
