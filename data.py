@@ -727,13 +727,14 @@ def _box_fields(sample):
 
 def segmentation_transforms(train, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                             scale=(0.5, 2.0)):
-    """Training: random rescale, random crop padded with 255 (ignore) in the mask, flip.
+    """Training: flip; with `crop`, rescale the image to fit crop x crop times a random factor in
+    `scale`, then a random crop padded with 0 in the image and 255 (ignore) in the mask.
     Evaluation: the full image, only normalised (FCN evaluates whole images)."""
     ops = [v2.ToImage()]
     if train:
         ops += [v2.RandomHorizontalFlip()]
         if crop:
-            ops += [v2.RandomResize(int(crop * scale[0]), int(crop * scale[1]) + 1, antialias=True),
+            ops += [v2.ScaleJitter((crop, crop), scale_range=scale, antialias=True),
                     v2.RandomCrop(crop, pad_if_needed=True,
                                   fill={tv_tensors.Image: 0, tv_tensors.Mask: 255})]
     ops += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
