@@ -806,6 +806,7 @@ class DeviceLoader:
     """The whole set as one uint8 tensor on the training device, batched, normalised and augmented
     there: no per-sample Python, no host-to-device copy per batch (the lecture's remark that the
     DataLoader is inefficient for sets that fit in memory; see bench/bench_loader.py).
+    `shard=False` gives every rank the whole set (for an evaluation computed on each rank).
 
     Yields (float images normalised with mean/std, labels). `augment` is None or a dict
     {"padding": p, "flip": bool} for `random_crop_flip`. Shuffling is seeded by (seed, epoch) and,
@@ -814,7 +815,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels, batch_size, train, device="cpu", mean=None, std=None,
-                 augment=None, seed=0, drop_last=None):
+                 augment=None, seed=0, drop_last=None, shard=True):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -826,7 +827,7 @@ class DeviceLoader:
         self.batch_size, self.train, self.augment = batch_size, train, augment if train else None
         self.seed, self.epoch = seed, 0
         self.drop_last = train if drop_last is None else drop_last
-        self.rank, self.world = distributed_info()
+        self.rank, self.world = distributed_info() if shard else (0, 1)
         self.dataset = self.images  # len(loader.dataset), as with a DataLoader
 
     def set_epoch(self, epoch):
@@ -869,6 +870,88 @@ def augment_for(name):
     if name in ("mnist", "fashion-mnist"):
         return {"padding": 3, "flip": name != "mnist"}
     return {"padding": 4, "flip": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, torchrun and checkpoints: what every script does before and around its data
+
+def select_device(device=None, cuda=False):
+    """`--device` as given, `--cuda` (an error without a GPU: never a silent CPU run), else the
+    best available: cuda, then mps, then cpu. Under torchrun each process takes its LOCAL_RANK GPU."""
+    if cuda or (device and device.startswith("cuda")):
+        if not torch.cuda.is_available():
+            raise DataError("--cuda/--device cuda given but no CUDA GPU is visible; drop the flag "
+                            "to run on the CPU, or check the driver with nvidia-smi")
+        if device in (None, "cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device is None:
+        if torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise DataError(f"unknown device '{device}' ({e}); use cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device):
+    """Join the torchrun process group when torchrun's variables are set (NCCL on GPU, gloo on
+    CPU); returns (rank, world_size). A plain `python script.py` run stays single-process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return distributed_info()
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then an atomic rename: a kill never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, arch=None):
+    """Load a checkpoint written by `save_checkpoint` (or a bare state_dict, e.g. torchvision's
+    weights) with weights_only=True. `arch`, when given, must match the checkpoint's "arch"."""
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} not found; give the path of a .pt file written by "
+                        f"--out, or drop --resume/--weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise DataError(f"cannot read checkpoint {path} ({reason}); it is corrupt or not a "
+                        f"PyTorch file")
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict")
+    if arch is not None and "arch" in state and state["arch"] != arch:
+        raise DataError(f"checkpoint {path} is of '{state['arch']}', not '{arch}'; pass the "
+                        f"matching --variant/--depth or another checkpoint")
+    return state
+
+
+def load_weights(model, state, path="checkpoint"):
+    """load_state_dict with a one-line error naming the first mismatching tensor (e.g. a
+    checkpoint trained with another number of classes) instead of a page of traceback."""
+    state = state.get("model", state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise DataError(f"{path} does not fit this model: missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}; is it another architecture?")
+    for k, v in own.items():
+        if v.shape != state[k].shape:
+            raise DataError(f"{path} does not fit this model: {k} is {tuple(state[k].shape)} there "
+                            f"and {tuple(v.shape)} here (another number of classes?)")
+    model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------

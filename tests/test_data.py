@@ -472,3 +472,39 @@ def test_shapes_is_learnable_by_a_small_cnn_but_not_in_one_batch():
                 after_one_batch = accuracy()
     assert after_one_batch < 0.35          # chance is 1/6: one batch does not solve it
     assert accuracy() > 0.75               # a small CNN learns it in seconds on a CPU
+
+
+# ---------------------------------------------------------------------------- devices, checkpoints
+
+def test_cuda_flag_without_gpu_is_an_error_not_a_cpu_run():
+    if torch.cuda.is_available():
+        assert data.select_device(cuda=True).type == "cuda"
+    else:
+        with pytest.raises(data.DataError, match="no CUDA GPU is visible"):
+            data.select_device(cuda=True)
+    assert data.select_device("cpu").type == "cpu"
+    with pytest.raises(data.DataError, match="unknown device 'tpu7'"):
+        data.select_device("tpu7")
+
+
+def test_checkpoints_are_atomic_and_mismatches_are_named(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    data.save_checkpoint(path, {"arch": "tiny", "model": model.state_dict(), "epoch": 3})
+    assert os.listdir(tmp_path / "run") == ["checkpoint.pt"]  # no temporary file left behind
+    state = data.load_checkpoint(path, "tiny")
+    other = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    data.load_weights(other, state, path)
+    assert torch.equal(other[0].weight, model[0].weight) and state["epoch"] == 3
+    with pytest.raises(data.DataError, match="is of 'tiny', not 'resnet20'"):
+        data.load_checkpoint(path, "resnet20")
+    with pytest.raises(data.DataError, match=r"0.weight is \(4, 3\) there and \(5, 3\) here"):
+        data.load_weights(torch.nn.Sequential(torch.nn.Linear(3, 5)), state, path)
+    with pytest.raises(data.DataError, match="missing"):
+        data.load_weights(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)),
+                          state, path)
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    with pytest.raises(data.DataError, match="cannot read checkpoint .*junk.pt"):
+        data.load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(data.DataError, match="checkpoint .*nothere.pt not found"):
+        data.load_checkpoint(str(tmp_path / "nothere.pt"))
