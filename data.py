@@ -148,7 +148,7 @@ def render_shapes(seed, index, size=64, max_shapes=4, split="train"):
     A textured noisy background (a random colour gradient, low-frequency blobs and pixel noise)
     with 1..max_shapes shapes of random class, colour, rotation, size and position; their
     bounding boxes do not overlap, so every box is the tight box of its mask. The first shape is
-    the largest (radius at least 1.25x any other): its class is the classification label.
+    the largest (radius at least 1.5x any other): its class is the classification label.
 
     Returns (image uint8 (3, size, size), boxes float32 (K, 4) continuous (xmin, ymin, xmax, ymax),
     labels int64 (K,), mask int64 (size, size) with 0 = background and 1 + class elsewhere,
@@ -170,11 +170,11 @@ def render_shapes(seed, index, size=64, max_shapes=4, split="train"):
     mask = np.zeros((s, s), np.int64)
     boxes, labels, placed = [], [], []
     n = int(rng.integers(1, max_shapes + 1))
-    r_main = rng.uniform(0.16, 0.26) * s
+    r_main = rng.uniform(0.18, 0.28) * s
     for k in range(n):
         kind = int(rng.integers(len(SHAPES_CLASSES)))
         for _ in range(30):  # rejection sampling of a position whose box overlaps no other box
-            r = r_main if k == 0 else rng.uniform(0.07 * s, r_main / 1.25)
+            r = r_main if k == 0 else rng.uniform(0.07 * s, r_main / 1.5)
             cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
             box = (cx - r - 1, cy - r - 1, cx + r + 1, cy + r + 1)
             if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in placed):
@@ -206,7 +206,7 @@ def render_shapes(seed, index, size=64, max_shapes=4, split="train"):
 def shapes_size(split, quick=False):
     """Number of images of each split of the shapes sets (quick: a tiny set for seconds-long runs)."""
     if quick:
-        return {"train": 512, "val": 128, "trainval": 640, "test": 256}[split]
+        return {"train": 2000, "val": 250, "trainval": 2250, "test": 500}[split]
     return {"train": 9000, "val": 1000, "trainval": 10000, "test": 2000}[split]
 
 

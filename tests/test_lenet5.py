@@ -1,0 +1,110 @@
+"""lenet5.py: the paper's parameter counts, the C3 table, the recipe, and main() end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lenet5
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_lecture_network_layout_and_parameters():
+    m = lenet5.lenet5()
+    # conv 1->6 5x5: 6*25+6 = 156; conv 6->16: 16*6*25+16 = 2,416; 256*120+120 = 30,840;
+    # 120*84+84 = 10,164; 84*10+10 = 850.
+    assert [p.numel() for p in m.parameters()][::2] == [150, 2400, 30720, 10080, 840]
+    assert lenet5.count_parameters(m) == 156 + 2416 + 30840 + 10164 + 850
+    assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert lenet5.lenet5(num_classes=6, in_channels=3, image_size=32)(
+        torch.zeros(1, 3, 32, 32)).shape == (1, 6)
+
+
+def test_1998_network_has_the_papers_parameter_counts():
+    m = lenet5.lenet5("1998")
+    per_layer = {name: lenet5.count_parameters(getattr(m, name))
+                 for name in ("c1", "s2", "c3", "s4", "c5", "f6")}
+    # §II.B: C1 156, S2 12, C3 1,516, S4 32, C5 48,120, F6 10,164 trainable parameters.
+    assert per_layer == {"c1": 156, "s2": 12, "c3": 1516, "s4": 32, "c5": 48120, "f6": 10164}
+    assert m(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert lenet5.ScaledTanh()(torch.tensor([1.0, -1.0])).tolist() == pytest.approx([1, -1], 1e-4)
+
+
+def test_c3_maps_see_only_the_inputs_of_table_1():
+    torch.manual_seed(0)
+    c3 = lenet5.MaskedConv2d(lenet5.C3_TABLE, 5)
+    x = torch.randn(1, 6, 10, 10)
+    x2 = x.clone()
+    x2[:, 3:] += 1.0  # change S2 maps 3, 4, 5
+    changed = (c3(x) - c3(x2)).abs().amax(dim=(0, 2, 3)) > 0
+    # Table I: C3 map 0 reads S2 maps 0, 1, 2 only; map 1 reads 1, 2, 3; map 15 reads all.
+    assert not changed[0] and changed[1] and changed[15]
+    c3(x).sum().backward()
+    assert (c3.weight.grad[0, 3:] == 0).all() and (c3.weight.grad[0, :3] != 0).any()
+
+
+def test_learning_rate_schedule_has_the_papers_shape():
+    assert [lenet5.lr_factor(e) for e in (0, 1, 2, 4, 5, 7, 8, 11, 12, 19)] == \
+        [1, 1, 0.4, 0.4, 0.2, 0.2, 0.1, 0.1, 0.02, 0.02]
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    return lenet5.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+                        "--log-every", "1000", *extra]), out
+
+
+@pytest.mark.slow
+def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
+    # ~3 s: 15 passes over 2,000 images; chance is 5/6 = 0.83 error, this reaches ~0.64.
+    results, out = run(tmp_path, "a", "--epochs", "15", "--lr", "0.1")
+    assert results["metrics"]["test_error"] < 0.75
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["metrics"] == results["metrics"] and saved["script"] == "lenet5.py"
+    assert len(saved["history"]) == 15 and saved["paper"]["test_error"] == 0.0095
+    assert saved["history"][-1]["train_loss"] < saved["history"][0]["train_loss"]
+    # --eval-only with the checkpoint gives back the same test error
+    again, _ = run(tmp_path, "b", "--eval-only", "--weights", os.path.join(out, "checkpoint.pt"))
+    assert again["metrics"] == results["metrics"]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    full, out_full = run(tmp_path, "full", "--epochs", "3", "--variant", "1998")
+    run(tmp_path, "cut", "--epochs", "1", "--variant", "1998")  # "killed" after epoch 1
+    resumed, out_cut = run(tmp_path, "cut", "--epochs", "3", "--variant", "1998", "--resume")
+    assert resumed["history"] == full["history"]
+    assert resumed["metrics"] == full["metrics"]
+    a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_is_a_one_line_error():
+    for argv, message in ((["--data", "voc"], "'voc' is a detection data set"),
+                          (["--data", "cifar10"], "lenet5.py trains on mnist"),
+                          (["--data", "shapes", "--weights", "/nonexistent.pt", "--quick"],
+                           "checkpoint /nonexistent.pt not found")):
+        r = subprocess.run([sys.executable, "lenet5.py", "--device", "cpu", *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode != 0
+        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    single, _ = run(tmp_path, "one", "--epochs", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "lenet5.py", "--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1",
+           "--out", str(tmp_path / "two"), "--log-every", "1000"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "two" / "results.json") as f:
+        double = json.load(f)
+    assert double["config"]["world"] == 2
+    assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
+                                                               rel=1e-4)
+    assert double["metrics"]["test_error"] == pytest.approx(single["metrics"]["test_error"],
+                                                            abs=2 / 500)
