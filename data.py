@@ -761,10 +761,11 @@ def distributed_info():
 
 
 def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=None, seed=0,
-                drop_last=None):
+                drop_last=None, shard=True):
     """A DataLoader; under torchrun a DistributedSampler shards the set so each rank sees 1/world
-    of every epoch (call `set_epoch(loader, epoch)` at each epoch). `batch_size` is per process."""
-    rank, world = distributed_info()
+    of every epoch (call `set_epoch(loader, epoch)` at each epoch). `batch_size` is per process.
+    `shard=False` gives every rank the whole set (an evaluation computed on each rank)."""
+    rank, world = distributed_info() if shard else (0, 1)
     sampler = None
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=train,
@@ -863,6 +864,46 @@ class DeviceLoader:
                 x = random_crop_flip(x, self.augment.get("padding", 0),
                                      self.augment.get("flip", False), generator=g)
             yield (x - self.mean) / self.std, self.labels[j]
+
+
+def classification_loaders(name, batch_size, device="cpu", data_dir=None, download=True,
+                           quick=False, seed=0, augment=True, workers=2, eval_batch_size=500,
+                           train_split="train", size=None):
+    """(train, val, test) loaders and an info dict for a classification set.
+
+    In-memory sets (MNIST, CIFAR, shapes) get `DeviceLoader`s normalised with the statistics of
+    their own training images; ImageNet gets DataLoaders with `classification_transforms` (val is
+    None: the official validation set is the test set). `batch_size` is per process; evaluation
+    loaders are not sharded, so every rank computes the same figures.
+    info = {"classes", "mean", "std", "in_channels", "image_size", "sizes": (train, val, test)}."""
+    check_task(name, "classification")
+    if name == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        train_set = classification_dataset(name, "train", data_dir, download, quick=quick,
+                                           transform=classification_transforms(name, augment, mean,
+                                                                               std, size))
+        test_set = classification_dataset(name, "test", data_dir, download, quick=quick,
+                                          transform=classification_transforms(name, False, mean,
+                                                                              std, size))
+        train = make_loader(train_set, batch_size, True, workers, device, seed=seed)
+        test = make_loader(test_set, eval_batch_size, False, workers, device, shard=False)
+        classes = getattr(train_set, "names", None) or getattr(train_set.dataset, "names")
+        info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
+                "image_size": size or 224, "sizes": (len(train_set), 0, len(test_set))}
+        return train, None, test, info
+    kw = dict(data_dir=data_dir, download=download, quick=quick, seed=seed,
+              size=size or 32)
+    x, y, classes = classification_arrays(name, train_split, **kw)
+    x_val, y_val, _ = classification_arrays(name, "val", **kw)
+    x_test, y_test, _ = classification_arrays(name, "test", **kw)
+    mean, std = channel_stats(x)
+    train = DeviceLoader(x, y, batch_size, True, device, mean, std,
+                         augment_for(name) if augment else None, seed=seed)
+    val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std, shard=False)
+    test = DeviceLoader(x_test, y_test, eval_batch_size, False, device, mean, std, shard=False)
+    info = {"classes": classes, "mean": mean, "std": std, "in_channels": x.shape[1],
+            "image_size": x.shape[-1], "sizes": (len(y), len(y_val), len(y_test))}
+    return train, val, test, info
 
 
 def augment_for(name):

@@ -262,19 +262,13 @@ def main(argv=None):
                              f"{args.world} processes")
 
     # Data: the whole set on the device, normalised with the training set's own statistics.
-    kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick)
-    x_train, y_train, classes = data.classification_arrays(args.data, "train", **kw)
-    x_val, y_val, _ = data.classification_arrays(args.data, "val", **kw)
-    x_test, y_test, _ = data.classification_arrays(args.data, "test", **kw)
-    mean, std = data.channel_stats(x_train)
-    per_rank = args.batch_size // args.world
-    aug = data.augment_for(args.data) if args.augment else None
-    train_loader = data.DeviceLoader(x_train, y_train, per_rank, True, device, mean, std, aug,
-                                     seed=args.seed)
-    val_loader = data.DeviceLoader(x_val, y_val, 1000, False, device, mean, std, shard=False)
-    test_loader = data.DeviceLoader(x_test, y_test, 1000, False, device, mean, std, shard=False)
+    train_loader, val_loader, test_loader, info = data.classification_loaders(
+        args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
+        args.quick, args.seed, augment=args.augment, eval_batch_size=1000)
+    classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
+    mean, std = info["mean"], info["std"]
 
-    model = lenet5(args.variant, len(classes), x_train.shape[1], x_train.shape[-1]).to(device)
+    model = lenet5(args.variant, len(classes), info["in_channels"], info["image_size"]).to(device)
     arch = f"lenet5-{args.variant}"
     if args.weights:
         data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
@@ -287,8 +281,8 @@ def main(argv=None):
     config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": mean, "std": std}, "departures": DEPARTURES}
     if is_main:
-        print(f"lenet5.py: {arch} on {args.data} ({len(y_train)} train / {len(y_val)} val / "
-              f"{len(y_test)} test), {config['parameters']:,} parameters, device {device}, "
+        print(f"lenet5.py: {arch} on {args.data} ({n_train} train / {n_val} val / "
+              f"{n_test} test), {config['parameters']:,} parameters, device {device}, "
               f"{args.world} process(es)")
         for d in DEPARTURES:
             print(f"  departure from the paper: {d}")

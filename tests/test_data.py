@@ -508,3 +508,15 @@ def test_checkpoints_are_atomic_and_mismatches_are_named(tmp_path):
         data.load_checkpoint(str(tmp_path / "junk.pt"))
     with pytest.raises(data.DataError, match="checkpoint .*nothere.pt not found"):
         data.load_checkpoint(str(tmp_path / "nothere.pt"))
+
+
+def test_classification_loaders_normalise_with_the_training_statistics(tmp_path):
+    write_mnist(tmp_path, n_train=120, n_test=20)
+    train, val, test, info = data.classification_loaders("mnist", 16, data_dir=tmp_path,
+                                                         download=False, augment=False)
+    assert info["sizes"] == (110, 10, 20) and info["in_channels"] == 1
+    assert info["image_size"] == 28 and len(info["classes"]) == 10
+    x = torch.cat([a for a, _ in train])  # drop_last: 6 full batches of 16
+    assert x.shape == (96, 1, 28, 28)
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+    assert sum(len(b) for _, b in test) == 20 and sum(len(b) for _, b in val) == 10
