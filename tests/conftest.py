@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
 
 
 def write_idx(path, array):
@@ -67,21 +68,6 @@ def voc_xml(filename, width, height, objects):
             f"<segmented>0</segmented>{objs}</annotation>")
 
 
-def voc_palette():
-    """VOC's colour map: class c gets the colour from the bits of c (as in the devkit)."""
-    pal = []
-    for c in range(256):
-        r = g = b = 0
-        cid = c
-        for j in range(8):
-            r |= ((cid >> 0) & 1) << (7 - j)
-            g |= ((cid >> 1) & 1) << (7 - j)
-            b |= ((cid >> 2) & 1) << (7 - j)
-            cid >>= 3
-        pal += [r, g, b]
-    return pal
-
-
 def write_voc(root, year="2007", image_set="test", images=None, seg=False):
     """A VOCdevkit/VOC<year> tree. images: {id: (w, h, objects)}; with seg, palette PNG masks
     (class index = rectangle of the first object, 255 border) and ImageSets/Segmentation."""
@@ -96,13 +82,12 @@ def write_voc(root, year="2007", image_set="test", images=None, seg=False):
         with open(os.path.join(base, "Annotations", f"{i}.xml"), "w") as f:
             f.write(voc_xml(f"{i}.jpg", w, h, objects))
         if seg:
-            from data import VOC_SEG_CLASSES
             mask = np.zeros((h, w), np.uint8)
             name, x0, y0, x1, y1, _ = objects[0]
-            mask[y0 - 1:y1, x0 - 1:x1] = VOC_SEG_CLASSES.index(name)
+            mask[y0 - 1:y1, x0 - 1:x1] = data.VOC_SEG_CLASSES.index(name)
             mask[0, :] = 255
             png = Image.frombytes("P", (w, h), mask.tobytes())
-            png.putpalette(voc_palette())
+            png.putpalette(data.voc_palette())
             png.save(os.path.join(base, "SegmentationClass", f"{i}.png"))
     sub = "Segmentation" if seg else "Main"
     with open(os.path.join(base, "ImageSets", sub, f"{image_set}.txt"), "w") as f:

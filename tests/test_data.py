@@ -12,7 +12,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data
-from conftest import voc_palette, write_cifar10, write_idx, write_mnist, write_voc
+from conftest import write_cifar10, write_idx, write_mnist, write_voc
 
 
 # ---------------------------------------------------------------------------- names and errors
@@ -219,7 +219,7 @@ def test_voc_segmentation_palette_png(tmp_path, voc_images):
 def test_segmentation_value_outside_classes_is_reported(tmp_path, voc_images):
     base = write_voc(tmp_path, "2012", "val", voc_images, seg=True)
     png = Image.frombytes("P", (50, 40), np.full((40, 50), 30, np.uint8).tobytes())
-    png.putpalette(voc_palette())
+    png.putpalette(data.voc_palette())
     png.save(os.path.join(base, "SegmentationClass", "000002.png"))
     ds = data.segmentation_dataset("voc-seg", "test", tmp_path, download=False)
     with pytest.raises(data.DataError, match=r"000002.png holds value 30"):
