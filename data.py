@@ -909,8 +909,8 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
         info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
                 "image_size": size or 224, "sizes": (len(train_set), 0, len(test_set))}
         return train, None, test, info
-    kw = dict(data_dir=data_dir, download=download, quick=quick, seed=seed,
-              size=size or 32)
+    # The data (shapes images, the held-out split) are fixed; `seed` only shuffles and augments.
+    kw = dict(data_dir=data_dir, download=download, quick=quick, size=size or 32)
     x, y, classes = classification_arrays(name, train_split, **kw)
     x_val, y_val, _ = classification_arrays(name, "val", **kw)
     x_test, y_test, _ = classification_arrays(name, "test", **kw)
