@@ -7,7 +7,7 @@ its formula. This module imports only torch, torchvision, numpy and the standard
     classification  error_rate, accuracy, topk_error, balanced_error_rate, confusion_matrix
     two classes     tp_fp_rates, roc_curve, auc
     detection       box_iou, voc_ap, detection_map  (the Pascal VOC protocol)
-    segmentation    segmentation_scores (pixel accuracy, mean accuracy, IoU/SA, mean IU, fw IU)
+    segmentation    segmentation_scores (pixel accuracy, mean accuracy, IoU = SA, mean IU, fw IU)
     records         Progress, write_results, read_results
 """
 import datetime
@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -24,9 +25,14 @@ import torchvision
 
 
 def _tensor(x, dtype=None):
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    t = t.detach().cpu()
-    return t.to(dtype) if dtype is not None else t
+    """A detached CPU tensor from a tensor, numpy array or (nested) list."""
+    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t if dtype is None else t.to(dtype)
+
+
+def _numpy(x, dtype=None):
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return a if dtype is None else a.astype(dtype, copy=False)
 
 
 def _predictions(output):
@@ -46,7 +52,7 @@ def _check_pair(pred, target):
 # Classification
 
 def error_rate(output, target):
-    """P^(f(X) != Y): the fraction of samples whose predicted class is not the target."""
+    """P^(f(X) != Y) = 1/N sum_n 1{f(x_n) != y_n}, f(x) = argmax of the scores (or the index)."""
     pred, target = _predictions(output), _tensor(target).long()
     _check_pair(pred, target)
     return (pred != target).double().mean().item()
@@ -58,8 +64,8 @@ def accuracy(output, target):
 
 
 def topk_error(output, target, k=5):
-    """The fraction of samples whose target is not among the k highest scores (ILSVRC's top-5
-    error). With (N,) predicted indices there is one guess: the top-1 error."""
+    """1/N sum_n 1{y_n not among the k highest scores of x_n} (ILSVRC's top-5 error). With (N,)
+    predicted indices there is one guess: the top-1 error."""
     output, target = _tensor(output), _tensor(target).long()
     if output.ndim == 1:
         return error_rate(output, target)
@@ -68,31 +74,10 @@ def topk_error(output, target, k=5):
     return 1.0 - (top == target[:, None]).any(1).double().mean().item()
 
 
-def confusion_matrix(pred, target, num_classes, ignore_index=None):
-    """(C, C) int64 counts, rows = truth, columns = prediction. `pred` is (N, C) scores or labels
-    of any shape (a segmentation map); targets equal to `ignore_index` are left out."""
-    pred = _tensor(pred)
-    if pred.ndim == 2 and pred.is_floating_point() and pred.shape[1] == num_classes \
-            and _tensor(target).ndim == 1:
-        pred = pred.argmax(1)
-    pred, target = pred.reshape(-1).long(), _tensor(target).reshape(-1).long()
-    if len(pred) != len(target):
-        raise ValueError(f"{len(pred)} predictions for {len(target)} targets")
-    if ignore_index is not None:
-        keep = target != ignore_index
-        pred, target = pred[keep], target[keep]
-    for name, v in (("target", target), ("prediction", pred)):
-        bad = (v < 0) | (v >= num_classes)
-        if bad.any():
-            raise ValueError(f"{name} value {v[bad][0].item()} is not a class in "
-                             f"0..{num_classes - 1}")
-    return torch.bincount(target * num_classes + pred,
-                          minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
 def balanced_error_rate(output, target, num_classes=None):
-    """BER = 1/C sum_y P^(f(X) != y | Y = y): the mean of the per-class error rates, over the C
-    classes present in `target` (a class with no sample has no conditional error rate)."""
+    """BER = 1/C sum_y P^(f(X) != y | Y = y): the mean of the per-class error rates. The mean runs
+    over the C classes present in `target`: a class without a sample has no conditional error
+    rate (it is not counted as 0). num_classes defaults to 1 + the largest label seen."""
     pred, target = _predictions(output), _tensor(target).long()
     _check_pair(pred, target)
     if num_classes is None:
@@ -103,31 +88,67 @@ def balanced_error_rate(output, target, num_classes=None):
     return (1 - cm.diagonal()[present] / support[present]).mean().item()
 
 
+def confusion_matrix(pred, target, num_classes, ignore_index=None):
+    """n_ij = #{samples of true class i predicted j}: (C, C) int64 counts, rows = truth.
+
+    `pred` is scores with the class on dim 1 ((N, C) for (N,) targets, (N, C, H, W) for (N, H, W)
+    maps: arg-max) or labels of the target's shape. Samples whose target is `ignore_index` are
+    dropped; any other target or prediction outside 0..C-1 is a ValueError. Counted by
+    torch.bincount of target * C + pred, in chunks (10^8 pixels in bounded memory), on the
+    target's device."""
+    target = torch.as_tensor(target)
+    pred = torch.as_tensor(pred, device=target.device)
+    if pred.ndim == target.ndim + 1:
+        pred = pred.argmax(1)
+    if pred.numel() != target.numel():
+        raise ValueError(f"{pred.numel()} predictions for {target.numel()} targets")
+    pred, target = pred.detach().reshape(-1), target.detach().reshape(-1)
+    C = num_classes
+    wide = torch.int32 if C * C < 2 ** 31 - 1 else torch.int64  # int32 bincount is ~2x faster
+    counts = torch.zeros(C * C + 1, dtype=torch.int64, device=target.device)
+    for s in range(0, target.numel(), 1 << 24):
+        t, p = target[s:s + (1 << 24)], pred[s:s + (1 << 24)]
+        ignored = t == ignore_index if ignore_index is not None else None
+        for name, v in (("target", t if ignored is None else t.masked_fill(ignored, 0)),
+                        ("prediction", p)):
+            if v.numel() and (v.min() < 0 or v.max() >= C):  # checked before any cast
+                raise ValueError(f"{name} value {v[(v < 0) | (v >= C)][0].item()} is not a class "
+                                 f"in 0..{C - 1}" + (f" nor the ignore index {ignore_index}"
+                                                     if ignore_index is not None else ""))
+        index = t.to(wide) * C + p.to(wide)
+        if ignored is not None:
+            index.masked_fill_(ignored, C * C)  # an extra bin, dropped: cheaper than t[keep]
+        counts += torch.bincount(index, minlength=C * C + 1)
+    return counts[:C * C].reshape(C, C).cpu()
+
+
 # ---------------------------------------------------------------------------------------------
 # Two-class scores: TP/FP rates, ROC, AUC
 
 def _binary(scores, labels):
-    scores = _tensor(scores).double().reshape(-1).numpy()
-    labels = _tensor(labels).reshape(-1).numpy().astype(bool)
-    if len(scores) != len(labels):
-        raise ValueError(f"{len(scores)} scores for {len(labels)} labels")
-    return scores, labels
+    s, y = _numpy(scores, np.float64).reshape(-1), _numpy(labels).reshape(-1)
+    if len(s) != len(y):
+        raise ValueError(f"{len(s)} scores for {len(y)} labels")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0/1, got {np.setdiff1d(y, (0, 1))[:5].tolist()}")
+    return s, y.astype(bool)
 
 
 def tp_fp_rates(scores, labels, threshold):
-    """TP rate P^(s >= t | Y = 1) and FP rate P^(s >= t | Y = 0) at threshold t (NaN for a class
-    without samples)."""
+    """TP rate P^(s >= t | Y = 1) and FP rate P^(s >= t | Y = 0) at threshold t; NaN for a class
+    without samples."""
     s, y = _binary(scores, labels)
     positive = s >= threshold
-    tp = positive[y].mean() if y.any() else float("nan")
-    fp = positive[~y].mean() if (~y).any() else float("nan")
+    tp = positive[y].mean() if y.any() else math.nan
+    fp = positive[~y].mean() if (~y).any() else math.nan
     return float(tp), float(fp)
 
 
 def roc_curve(scores, labels):
-    """The ROC curve: (fpr, tpr, thresholds), one point per distinct score taken as threshold
-    t (predict 1 when s >= t), in decreasing t, starting at (0, 0) with t = +inf and ending at
-    (1, 1). Samples with equal scores enter together, so ties give a diagonal segment."""
+    """The ROC curve (FP rate(t), TP rate(t)) for every distinct score t taken as the threshold
+    (predict 1 when s >= t): (fpr, tpr, thresholds), t strictly decreasing, starting at (0, 0)
+    with t = +inf and ending at (1, 1). Samples with equal scores enter together, so a tie
+    between classes gives a diagonal segment. ValueError without positives or negatives."""
     s, y = _binary(scores, labels)
     if y.all() or not y.any():
         raise ValueError("roc_curve needs both positive and negative samples: with one class the "
@@ -136,15 +157,16 @@ def roc_curve(scores, labels):
     s, y = s[order], y[order]
     last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each distinct score
     tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
-    tpr = np.r_[0.0, tps / y.sum()]
-    fpr = np.r_[0.0, fps / (~y).sum()]
-    return fpr, tpr, np.r_[np.inf, s[last]]
+    return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]], np.r_[np.inf, s[last]]
 
 
 def auc(fpr, tpr):
-    """Area under a curve by the trapezoidal rule (the ROC's AUC with roc_curve's points)."""
-    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    """Area under the curve by the trapezoidal rule, sum_i (x_{i+1} - x_i)(y_i + y_{i+1}) / 2.
+    On roc_curve's points it is P(s+ > s-) + P(s+ = s-) / 2, the Mann-Whitney U / (n+ n-)."""
+    x, y = _numpy(fpr, np.float64).reshape(-1), _numpy(tpr, np.float64).reshape(-1)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} x values for {len(y)} y values")
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,121 +174,121 @@ def auc(fpr, tpr):
 
 def box_iou(boxes1, boxes2):
     """IoU = area(B ∩ B^) / area(B ∪ B^) for every pair of (xmin, ymin, xmax, ymax) boxes in
-    continuous coordinates (torchvision.ops.box_iou): (N, 4), (M, 4) -> (N, M)."""
+    continuous coordinates (torchvision.ops.box_iou): (N, 4), (M, 4) -> (N, M) float64 tensor."""
     return torchvision.ops.box_iou(_tensor(boxes1, torch.float64).reshape(-1, 4),
                                    _tensor(boxes2, torch.float64).reshape(-1, 4))
 
 
 def voc_ap(recall, precision, use_07_metric=True):
-    """Average precision of a precision/recall curve, as the VOC devkit computes it.
+    """Average precision of a precision/recall curve, exactly as the VOC devkit computes it.
 
-    VOC2007 11-point: AP = 1/11 sum_{t in 0, 0.1, ..., 1} max{p(r) : r >= t} (0 if no r >= t).
-    VOC2010+ ("area", --voc12-ap): the area under the precision envelope, made monotone from the
-    right, AP = sum (r_{i+1} - r_i) p_env(r_{i+1}) over the points where recall changes."""
-    r, p = np.asarray(recall, dtype=np.float64), np.asarray(precision, dtype=np.float64)
+    VOC2007 11-point: AP = 1/11 sum_{t in 0, 0.1, ..., 1} max{p(r) : r >= t} (0 if no r >= t),
+    on the devkit's floating-point grid np.arange(0, 1.1, 0.1) (its "0.3" is 0.30000000000000004).
+    VOC2010+ (area): prepend (r, p) = (0, 0), append (1, 0), make p monotone decreasing from the
+    right (the envelope), AP = sum (r_{i+1} - r_i) p_{i+1} over the i where recall changes."""
+    r, p = _numpy(recall, np.float64).reshape(-1), _numpy(precision, np.float64).reshape(-1)
     if use_07_metric:
-        return float(np.mean([p[r >= t].max() if (r >= t).any() else 0.0
-                              for t in np.linspace(0, 1, 11)]))
+        return float(sum(p[r >= t].max() if (r >= t).any() else 0.0
+                         for t in np.arange(0.0, 1.1, 0.1)) / 11)
     r, p = np.r_[0.0, r, 1.0], np.r_[0.0, p, 0.0]
     p = np.maximum.accumulate(p[::-1])[::-1]
     i = np.nonzero(r[1:] != r[:-1])[0]
     return float(np.sum((r[i + 1] - r[i]) * p[i + 1]))
 
 
+def _boxes(x, where):
+    b = _numpy(x, np.float64)
+    if b.size == 0:
+        return b.reshape(0, 4)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"{where}: boxes of shape {tuple(b.shape)}, expected (K, 4)")
+    return b
+
+
 def detection_map(detections, ground_truths, num_classes, iou_threshold=0.5, use_07_metric=True):
-    """Per-class AP and mAP by the Pascal VOC protocol (devkit VOCevaldet).
+    """Per-class AP and mAP by the Pascal VOC protocol (devkit VOCevaldet, voc_eval.py).
 
     detections[i] = {"boxes": (K, 4), "scores": (K,), "labels": (K,)} and ground_truths[i] =
-    {"boxes": (M, 4), "labels": (M,), "difficult": (M,) bool, optional} for image i; boxes in
-    continuous coordinates (data.parse_voc_xml converts VOC's +1 corners), so plain IoU is the
-    devkit's. Per class, the detections of all images are taken by decreasing score (ties in
-    input order); each is matched to the ground-truth box of its class and image with the highest
-    IoU: IoU >= iou_threshold (the devkit's "ovmax >= minoverlap", the lecture's >= 1/2) on a
-    difficult box: ignored (neither true nor false positive); on a box not matched before: true
-    positive; on a box already matched: false positive (a duplicate); lower IoU: false positive.
-    Recall = TP / (non-difficult ground truths), precision = TP / (TP + FP), AP by `voc_ap`.
-    A class without non-difficult ground truth has AP NaN and is left out of the mean.
+    {"boxes": (M, 4), "labels": (M,), "difficult": (M,) bool, optional: all False} for image i.
+    Boxes are continuous (xmin, ymin, xmax, ymax) (data.parse_voc_xml turns VOC's 1-based
+    inclusive corners into (xmin - 1, ymin - 1, xmax, ymax)), so plain IoU is the devkit's "+1"
+    IoU. Per class, the detections of all images are taken by decreasing score (ties in input
+    order: image, then detection); each is matched to the ground-truth box of its class and
+    image with the highest IoU. IoU >= iou_threshold (the devkit's "ovmax >= minoverlap", the
+    lecture's ">= 1/2") on a difficult box: ignored, neither TP nor FP; on a box not matched
+    before: TP; on a box already matched: FP (a duplicate). Lower IoU, or no box: FP.
+    recall = cumsum(TP) / #non-difficult boxes, precision = cumsum(TP) / cumsum(TP + FP), AP by
+    voc_ap. A class without non-difficult box has AP NaN, left out of the mean; one with boxes
+    but no detection has AP 0.
 
-    Returns {"ap": [C floats], "map": float, "num_gt": [C ints]}."""
+    Returns {"ap": [C floats], "map": float, "num_gt": [C non-difficult counts]}."""
     if len(detections) != len(ground_truths):
         raise ValueError(f"{len(detections)} images of detections for {len(ground_truths)} "
                          f"images of ground truth")
-    det_rows, gts = [], []  # det_rows: (class, score, image, box); gts[i]: (labels, boxes, diff)
+    C = num_classes
+    det_img, det_lab, det_score, best_iou, best_gt = [], [], [], [], []
+    gt_img, gt_lab, gt_diff = [], [], []
+    n_gt = 0  # ground-truth boxes of the images before: global gt index = n_gt + local index
     for i, (d, g) in enumerate(zip(detections, ground_truths)):
-        boxes = _tensor(g["boxes"], torch.float64).reshape(-1, 4)
-        labels = _tensor(g["labels"]).long().reshape(-1)
-        diff = _tensor(g.get("difficult", torch.zeros(len(labels))), torch.bool).reshape(-1)
-        dboxes = _tensor(d["boxes"], torch.float64).reshape(-1, 4)
-        dlabels = _tensor(d["labels"]).long().reshape(-1)
-        dscores = _tensor(d["scores"], torch.float64).reshape(-1)
-        if not (len(boxes) == len(labels) == len(diff)) or not (len(dboxes) == len(dlabels) ==
-                                                                len(dscores)):
-            raise ValueError(f"image {i}: boxes, labels, scores/difficult differ in length")
-        for name, v in (("ground-truth", labels), ("detection", dlabels)):
-            if len(v) and (v.min() < 0 or v.max() >= num_classes):
-                raise ValueError(f"image {i}: {name} label {v[(v < 0) | (v >= num_classes)][0]} "
-                                 f"is not a class in 0..{num_classes - 1}")
-        gts.append((labels, boxes, diff))
-        det_rows.append((dlabels, dscores, dboxes))
-    ap, num_gt = [], []
-    for c in range(num_classes):
-        n_pos = sum(int(((lab == c) & ~dif).sum()) for lab, _, dif in gts)
-        num_gt.append(n_pos)
-        # All detections of class c: image index, score, box; sorted by score, stable.
-        img, score, boxes = [], [], []
-        for i, (dl, ds, db) in enumerate(det_rows):
-            k = dl == c
-            if k.any():
-                img.append(torch.full((int(k.sum()),), i))
-                score.append(ds[k])
-                boxes.append(db[k])
-        if n_pos == 0:
-            ap.append(float("nan"))
+        gb, db = _boxes(g["boxes"], f"image {i} ground truth"), _boxes(d["boxes"], f"image {i}")
+        gl, dl = _numpy(g["labels"], np.int64).ravel(), _numpy(d["labels"], np.int64).ravel()
+        gd = _numpy(g["difficult"], bool).ravel() if "difficult" in g else np.zeros(len(gl), bool)
+        ds = _numpy(d["scores"], np.float64).ravel()
+        if not (len(gb) == len(gl) == len(gd)) or not (len(db) == len(dl) == len(ds)):
+            raise ValueError(f"image {i}: {len(gb)}, {len(gl)}, {len(gd)} ground-truth boxes, "
+                             f"labels, difficult; {len(db)}, {len(dl)}, {len(ds)} detection "
+                             f"boxes, labels, scores")
+        # The best ground-truth box of each detection among those of its class (IoU -1: none).
+        j, best = np.zeros(len(db), np.int64), np.full(len(db), -1.0)
+        if len(db) and len(gb):
+            iou = np.nan_to_num(box_iou(db, gb).numpy())  # 0/0 of two empty boxes: 0
+            iou[dl[:, None] != gl[None, :]] = -1.0
+            j = iou.argmax(1)  # the first of equal IoUs, like the devkit
+            best = iou[np.arange(len(db)), j]
+        best_iou.append(best), best_gt.append(n_gt + j)
+        det_img.append(np.full(len(db), i)), det_lab.append(dl), det_score.append(ds)
+        gt_img.append(np.full(len(gb), i)), gt_lab.append(gl), gt_diff.append(gd)
+        n_gt += len(gb)
+    cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)
+    det_img, det_lab, det_score = cat(det_img, int), cat(det_lab, int), cat(det_score, float)
+    best_iou, best_gt = cat(best_iou, float), cat(best_gt, int)
+    gt_img, gt_lab, gt_diff = cat(gt_img, int), cat(gt_lab, int), cat(gt_diff, bool)
+    for name, lab, img in (("ground-truth", gt_lab, gt_img), ("detection", det_lab, det_img)):
+        bad = (lab < 0) | (lab >= C)
+        if bad.any():
+            raise ValueError(f"image {img[bad][0]}: {name} label {lab[bad][0]} is not a class in "
+                             f"0..{C - 1}")
+    num_gt = np.bincount(gt_lab[~gt_diff], minlength=C)
+    order = np.argsort(-det_score, kind="stable")  # one sort; each class keeps this order
+    sorted_lab = det_lab[order]
+    ap = []
+    for c in range(C):
+        k = order[sorted_lab == c]  # detections of class c by decreasing score
+        if num_gt[c] == 0 or len(k) == 0:
+            ap.append(math.nan if num_gt[c] == 0 else 0.0)
             continue
-        if not img:
-            ap.append(0.0)
-            continue
-        img, score, boxes = torch.cat(img), torch.cat(score), torch.cat(boxes)
-        order = torch.from_numpy(np.argsort(-score.numpy(), kind="stable"))
-        img, boxes = img[order].numpy(), boxes[order]
-        # Per image, the IoU of each of its detections with each of its gt boxes of class c.
-        best_iou = np.full(len(img), -1.0)
-        best_gt = np.full(len(img), -1)
-        for i in np.unique(img):
-            lab, gb, _ = gts[i]
-            gidx = torch.nonzero(lab == c).reshape(-1)
-            rows = np.nonzero(img == i)[0]
-            if len(gidx):
-                iou = box_iou(boxes[rows], gb[gidx])
-                v, j = iou.max(1)
-                best_iou[rows], best_gt[rows] = v.numpy(), gidx[j].numpy()
-        tp, fp = np.zeros(len(img)), np.zeros(len(img))
-        taken = set()
-        for k in range(len(img)):
-            if best_iou[k] >= iou_threshold:
-                i, j = img[k], best_gt[k]
-                if gts[i][2][j]:
-                    continue  # a difficult box: neither true nor false positive
-                if (i, j) in taken:
-                    fp[k] = 1  # the box was found already: a duplicate
-                else:
-                    tp[k] = 1
-                    taken.add((i, j))
-            else:
-                fp[k] = 1
+        hit, g = best_iou[k] >= iou_threshold, best_gt[k]
+        ignored = hit & gt_diff[np.where(hit, g, 0)]
+        # The devkit's loop marks a box on its first (highest-scored) hit: that one is the TP,
+        # any later hit of the same box is a duplicate FP.
+        cand = np.nonzero(hit & ~ignored)[0]
+        tp = np.zeros(len(k))
+        tp[cand[np.unique(g[cand], return_index=True)[1]]] = 1
+        fp = (~ignored).astype(float) - tp
         tp, fp = np.cumsum(tp), np.cumsum(fp)
-        recall = tp / n_pos
-        precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        recall, precision = tp / num_gt[c], tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
         ap.append(voc_ap(recall, precision, use_07_metric))
     valid = [a for a in ap if not math.isnan(a)]
-    return {"ap": ap, "map": float(np.mean(valid)) if valid else float("nan"), "num_gt": num_gt}
+    return {"ap": ap, "map": float(np.mean(valid)) if valid else math.nan,
+            "num_gt": num_gt.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------
 # Segmentation
 
 def segmentation_scores(confusion):
-    """The FCN paper's measures from a (C, C) confusion matrix n (rows = truth), t_i = sum_j n_ij:
+    """The FCN paper's measures (Long et al. 2015, its score.py) from a (C, C) confusion n_ij
+    (pixels of true class i predicted j), t_i = sum_j n_ij:
 
         pixel accuracy  sum_i n_ii / sum_i t_i
         mean accuracy   1/C sum_i n_ii / t_i
@@ -274,21 +296,22 @@ def segmentation_scores(confusion):
         mean IU         1/C sum_i IoU_i
         fw IU           (sum_k t_k)^-1 sum_i t_i IoU_i
 
-    The lecture's segmentation accuracy SA = n / (n + e), "n pixels of the right class predicted
-    as such, e pixels erroneously labelled", is in VOC's definition this IoU: e counts the false
-    positives and the false negatives of the class; "sa" equals "iou". A class absent from both
-    truth and prediction (0/0) is NaN and left out of the means."""
-    n = _tensor(confusion).double().numpy()
-    t = n.sum(1)
-    union = t + n.sum(0) - np.diag(n)
+    The lecture's segmentation accuracy SA = n / (n + e) (n pixels of the class predicted as such,
+    e pixels erroneously labelled) is, in VOC's definition, this IoU: n = true positives, e =
+    false positives + false negatives; "sa" equals "iou". A class absent from both truth and
+    prediction has IoU 0/0: NaN, left out of the means (nanmean); so is its accuracy (absent from
+    truth). An all-zero confusion (everything ignored) gives NaN everywhere."""
+    n = _numpy(confusion, np.float64)
+    t, diag = n.sum(1), np.diag(n)
+    union = t + n.sum(0) - diag
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, np.diag(n) / union, np.nan)
-        acc = np.where(t > 0, np.diag(n) / t, np.nan)
+        iou = np.where(union > 0, diag / union, np.nan)
+        acc = np.where(t > 0, diag / t, np.nan)
     total = t.sum()
-    nanmean = lambda v: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-    return {"pixel_acc": float(np.diag(n).sum() / total) if total else float("nan"),
+    nanmean = lambda v: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+    return {"pixel_acc": float(diag.sum() / total) if total else math.nan,
             "mean_acc": nanmean(acc), "mean_iou": nanmean(iou),
-            "fw_iou": float(np.nansum(t * iou) / total) if total else float("nan"),
+            "fw_iou": float(np.nansum(t * iou) / total) if total else math.nan,
             "iou": iou.tolist(), "sa": iou.tolist()}
 
 
@@ -350,9 +373,10 @@ def _plain(x):
 
 def write_results(path, script, data, metrics, paper=None, config=None, device=None,
                   seconds=None, history=None, **extra):
-    """Write results.json atomically (a temporary file renamed into place) and return the dict:
-    script, data, metrics (fractions), paper, config, device, seconds, history, versions, date.
-    NaN is written as null, so the file is strict JSON."""
+    """Write results.json atomically (a temporary file in the same folder, fsync, os.replace) and
+    return the dict written: script, data, metrics (fractions), paper, config, device, seconds,
+    history, the extra keys, torch/torchvision/python versions and the UTC date. Tensors and
+    numpy values become plain Python, NaN and infinities null: the file is strict JSON."""
     record = _plain({"script": script, "data": data, "metrics": metrics, "paper": paper or {},
                      "config": config or {}, "device": device, "seconds": seconds,
                      "history": history or [], **extra,
@@ -361,23 +385,30 @@ def write_results(path, script, data, metrics, paper=None, config=None, device=N
                      "python_version": platform.python_version(),
                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                          timespec="seconds")})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(record, indent=1, allow_nan=False)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return record
 
 
 def read_results(path):
-    """Load a results.json; ValueError naming the file when it is not one."""
+    """Load a results.json; a one-line ValueError naming the file when it is not one."""
     try:
         with open(path) as f:
             record = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a readable results.json ({e})")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable results.json ({e})".replace("\n", " "))
     if not isinstance(record, dict) or "script" not in record or "metrics" not in record:
         raise ValueError(f"{path} is not a results.json: it lacks 'script' or 'metrics'")
     return record

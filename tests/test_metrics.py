@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -20,13 +21,28 @@ def test_error_accuracy_topk_on_a_worked_example():
     assert metrics.error_rate(scores, target) == 0.5
     assert metrics.accuracy(scores, target) == 0.5
     assert metrics.error_rate(np.array([1, 0, 2, 0]), [1, 1, 2, 2]) == 0.5
+    assert metrics.error_rate(scores.numpy().tolist(), target.tolist()) == 0.5
     # top-2: {1,2}, {0,1}, {2,1}, {0,1}: the last one misses class 2
     assert metrics.topk_error(scores, target, k=2) == 0.25
     assert metrics.topk_error(scores, target, k=3) == 0.0
+    # (N,) predicted indices: one guess, k is irrelevant
+    assert metrics.topk_error(torch.tensor([1, 0, 2, 0]), target, k=5) == 0.5
     with pytest.raises(ValueError, match="3 predictions for 4 targets"):
         metrics.error_rate(scores[:3], target)
     with pytest.raises(ValueError, match="no samples"):
         metrics.error_rate(torch.zeros(0, 3), torch.zeros(0))
+
+
+def test_top5_error_with_distinct_scores():
+    # 7 classes, scores without ties; the top-5 of each row is everything but its 2 lowest
+    scores = torch.tensor([[7., 6, 5, 4, 3, 2, 1],    # top-5 {0..4}
+                           [1., 2, 3, 4, 5, 6, 7],    # top-5 {2..6}
+                           [3., 1, 7, 2, 6, 5, 4]])   # top-5 {2, 4, 5, 6, 0}; 1 and 3 are out
+    target = torch.tensor([4, 1, 3])
+    # row 0: 4 in -> right; row 1: 1 out -> wrong; row 2: 3 out -> wrong
+    assert metrics.topk_error(scores, target, k=5) == pytest.approx(2 / 3)
+    assert metrics.topk_error(scores, target, k=1) == pytest.approx(1.0)
+    assert metrics.topk_error(scores, [0, 6, 2], k=1) == 0.0
 
 
 def test_balanced_error_rate_differs_from_error_rate():
@@ -37,23 +53,66 @@ def test_balanced_error_rate_differs_from_error_rate():
     assert metrics.error_rate(pred, target) == pytest.approx(3 / 8)
     # a class that never occurs in the target is left out: (0 + 0.5 + 1) / 3 still
     assert metrics.balanced_error_rate(pred, target, num_classes=5) == pytest.approx(0.5)
+    # the same through (N, C) scores
+    scores = torch.nn.functional.one_hot(torch.tensor(pred), 3).float()
+    assert metrics.balanced_error_rate(scores, torch.tensor(target)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="8 predictions for 7 targets"):
+        metrics.balanced_error_rate(pred, target[:7])
 
 
-def test_confusion_matrix_by_a_double_loop_and_with_ignore():
+def test_confusion_matrix_by_a_double_loop():
     g = torch.Generator().manual_seed(0)
     target = torch.randint(0, 4, (500,), generator=g)
     pred = torch.randint(0, 4, (500,), generator=g)
     ref = np.zeros((4, 4), int)
     for t, p in zip(target.tolist(), pred.tolist()):
         ref[t, p] += 1
-    assert metrics.confusion_matrix(pred, target, 4).numpy().tolist() == ref.tolist()
-    # segmentation maps with 255 = ignore
+    cm = metrics.confusion_matrix(pred, target, 4)
+    assert cm.dtype == torch.int64 and cm.numpy().tolist() == ref.tolist()
+    # (N, C) scores: arg-max over dim 1 first
+    scores = torch.randn(500, 4, generator=g)
+    ref = np.zeros((4, 4), int)
+    for t, row in zip(target.tolist(), scores.tolist()):
+        ref[t, int(np.argmax(row))] += 1
+    assert metrics.confusion_matrix(scores, target, 4).tolist() == ref.tolist()
+    # segmentation: (N, C, H, W) scores against (N, H, W) maps with 255 = void
+    maps = torch.randint(0, 3, (2, 5, 6), generator=g, dtype=torch.uint8)
+    maps[:, 0, :] = 255
+    logits = torch.randn(2, 3, 5, 6, generator=g)
+    ref = np.zeros((3, 3), int)
+    for n in range(2):
+        for y in range(5):
+            for x in range(6):
+                if maps[n, y, x] != 255:
+                    ref[maps[n, y, x], logits[n, :, y, x].argmax()] += 1
+    assert metrics.confusion_matrix(logits, maps, 3, ignore_index=255).tolist() == ref.tolist()
+
+
+def test_confusion_matrix_with_ignore_and_bad_values():
     t = torch.tensor([[0, 1], [255, 2]])
     p = torch.tensor([[0, 2], [1, 2]])
-    cm = metrics.confusion_matrix(p, t, 3, ignore_index=255)
-    assert cm.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
+    # kept pixels (truth, pred): (0,0), (1,2), (2,2); the 255 pixel is dropped
+    assert metrics.confusion_matrix(p, t, 3, ignore_index=255).tolist() == \
+        [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="target value 7 is not a class"):
         metrics.confusion_matrix(p, torch.tensor([[0, 1], [7, 2]]), 3, ignore_index=255)
+    with pytest.raises(ValueError, match="target value 255 is not a class"):
+        metrics.confusion_matrix(p, t, 3)  # 255 without ignore_index
+    with pytest.raises(ValueError, match="prediction value 3 is not a class"):
+        metrics.confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
+    with pytest.raises(ValueError, match="3 predictions for 4 targets"):
+        metrics.confusion_matrix(p.reshape(-1)[:3], t, 3, ignore_index=255)
+
+
+def test_confusion_matrix_across_its_chunks():
+    # 2^24 + 4 pixels: the counting runs in chunks of 2^24; entries on both sides of the seam
+    n = (1 << 24) + 4
+    t, p = torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8)
+    t[(1 << 24) - 1] = 255            # last pixel of chunk 1: void
+    t[1 << 24], p[1 << 24] = 2, 1     # first pixel of chunk 2: truth 2 predicted 1
+    p[-1] = 2                         # last pixel: truth 0 predicted 2
+    cm = metrics.confusion_matrix(p, t, 3, ignore_index=255)
+    assert cm.tolist() == [[n - 3, 0, 1], [0, 0, 0], [0, 1, 0]]
 
 
 # ---------------------------------------------------------------------------- ROC
@@ -62,36 +121,75 @@ def test_roc_curve_with_ties_worked_by_hand():
     scores = [0.9, 0.8, 0.8, 0.3]
     labels = [1, 1, 0, 0]
     fpr, tpr, thr = metrics.roc_curve(scores, labels)
-    # t = inf: nothing positive; 0.9: one TP; 0.8: the tied pair enters together; 0.3: all
+    # t = inf: nothing positive; 0.9: one TP; 0.8: the tied pair enters together (diagonal);
+    # 0.3: all
     assert thr.tolist() == [math.inf, 0.9, 0.8, 0.3]
     assert tpr.tolist() == [0, 0.5, 1, 1] and fpr.tolist() == [0, 0, 0.5, 1]
     # area: 0.5 * (0.5 + 1) / 2 + 0.5 * 1 = 0.875 = P(s+ > s-) + P(s+ = s-) / 2 = 3.5 / 4
     assert metrics.auc(fpr, tpr) == pytest.approx(0.875)
-    assert metrics.tp_fp_rates(scores, labels, 0.8) == (1.0, 0.5)
-    assert metrics.tp_fp_rates(scores, labels, 0.85) == (0.5, 0.0)
 
 
-def test_roc_points_by_brute_force_and_auc_equals_mann_whitney():
+def test_tp_fp_rates_by_hand():
+    scores = torch.tensor([0.9, 0.8, 0.8, 0.3, 0.1])
+    labels = torch.tensor([True, True, False, False, True])
+    # positives 0.9, 0.8, 0.1; negatives 0.8, 0.3
+    assert metrics.tp_fp_rates(scores, labels, 0.8) == (pytest.approx(2 / 3), 0.5)
+    assert metrics.tp_fp_rates(scores, labels, 0.85) == (pytest.approx(1 / 3), 0.0)
+    assert metrics.tp_fp_rates(scores, labels, 0.0) == (1.0, 1.0)
+    assert metrics.tp_fp_rates(scores, labels, 1.0) == (0.0, 0.0)
+    tp, fp = metrics.tp_fp_rates([0.1, 0.2], [1, 1], 0.15)  # no negative: FP rate undefined
+    assert tp == 0.5 and math.isnan(fp)
+    with pytest.raises(ValueError, match="0/1"):
+        metrics.tp_fp_rates([0.1, 0.2], [1, 2], 0.15)
+
+
+def test_roc_points_by_brute_force_over_thresholds():
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 20, 300) / 20.0  # many ties
     labels = rng.random(300) < 0.3 + 0.4 * scores
     fpr, tpr, thr = metrics.roc_curve(scores, labels)
-    for f, t, th in zip(fpr[1:], tpr[1:], thr[1:]):
-        assert t == pytest.approx(np.mean(scores[labels] >= th))
-        assert f == pytest.approx(np.mean(scores[~labels] >= th))
-    assert len(thr) == len(np.unique(scores)) + 1 and np.all(np.diff(thr) < 0)
+    # every distinct score, in decreasing order, after +inf; rates counted directly
+    ts = np.r_[np.inf, np.sort(np.unique(scores))[::-1]]
+    assert thr.tolist() == ts.tolist()
+    for f, t, th in zip(fpr, tpr, ts):
+        n_tp = sum(1 for s, y in zip(scores, labels) if y and s >= th)
+        n_fp = sum(1 for s, y in zip(scores, labels) if not y and s >= th)
+        assert t == pytest.approx(n_tp / labels.sum())
+        assert f == pytest.approx(n_fp / (~labels).sum())
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auc_equals_mann_whitney_u(seed):
+    rng = np.random.default_rng(seed)
+    n = rng.integers(20, 400)
+    scores = rng.integers(0, 15, n) / 15.0  # ties within and across classes
+    labels = rng.random(n) < 0.2 + 0.6 * scores
+    fpr, tpr, _ = metrics.roc_curve(torch.tensor(scores), torch.tensor(labels))
+    # U = #{(i+, j-): s_i > s_j} + #{s_i = s_j} / 2
     u = scipy.stats.mannwhitneyu(scores[labels], scores[~labels]).statistic
     assert metrics.auc(fpr, tpr) == pytest.approx(u / (labels.sum() * (~labels).sum()))
 
 
-def test_roc_needs_both_classes():
+def test_auc_of_known_curves_and_roc_needs_both_classes():
+    assert metrics.auc([0, 1], [0, 1]) == pytest.approx(0.5)          # chance diagonal
+    assert metrics.auc([0, 0, 1], [0, 1, 1]) == pytest.approx(1.0)    # perfect ranking
+    # (0,0)-(0.5,1)-(1,1): 0.5 * (0 + 1) / 2 + 0.5 * (1 + 1) / 2 = 0.75
+    assert metrics.auc(np.array([0, 0.5, 1]), [0, 1, 1]) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="both positive and negative"):
         metrics.roc_curve([0.1, 0.2], [1, 1])
-    tp, fp = metrics.tp_fp_rates([0.1, 0.2], [1, 1], 0.15)
-    assert tp == 0.5 and math.isnan(fp)
+    with pytest.raises(ValueError, match="both positive and negative"):
+        metrics.roc_curve([0.1, 0.2], [0, 0])
 
 
 # ---------------------------------------------------------------------------- detection
+
+def test_box_iou_wraps_torchvision():
+    iou = metrics.box_iou([[0, 0, 2, 2]], np.array([[1, 1, 3, 3], [0, 0, 2, 2], [5, 5, 6, 6]]))
+    # [1,1,3,3]: intersection 1, union 4 + 4 - 1 = 7
+    assert isinstance(iou, torch.Tensor) and iou.shape == (1, 3)
+    assert iou.tolist() == [[pytest.approx(1 / 7), 1.0, 0.0]]
+
 
 def test_voc_ap_worked_examples():
     # recall 0.5 at precision 1, recall 1 at precision 0.5:
@@ -102,33 +200,62 @@ def test_voc_ap_worked_examples():
     # the envelope: a later higher precision lifts earlier points
     assert metrics.voc_ap([0.25, 0.25, 0.5], [1.0, 0.5, 2 / 3], False) == pytest.approx(
         0.25 * 1 + 0.25 * 2 / 3)
-    assert metrics.voc_ap([], [], True) == 0.0
+    # recall never reaching t: 0 for those t; area stops at the last recall
+    assert metrics.voc_ap([0.2, 0.4], [1.0, 1.0], True) == pytest.approx(5 / 11)  # t=0..0.4
+    assert metrics.voc_ap([0.2, 0.4], [1.0, 1.0], False) == pytest.approx(0.4)
+    # the devkit's grid np.arange(0, 1.1, 0.1): its t = 0.3 is 0.30000000000000004, so recall
+    # exactly 3/10 counts for t = 0, 0.1, 0.2 only
+    assert metrics.voc_ap([3 / 10], [1.0], True) == pytest.approx(3 / 11)
+    assert metrics.voc_ap([], [], True) == 0.0 and metrics.voc_ap([], [], False) == 0.0
 
 
 def test_detection_map_hand_case_with_difficult_and_duplicate():
     gts = [{"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": [0, 0],
             "difficult": [False, True]},
-           {"boxes": [[0, 0, 10, 10]], "labels": [1]}]
+           {"boxes": [[0, 0, 10, 10]], "labels": [1]}]       # no "difficult": all False
     dets = [{"boxes": [[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]],
              "scores": [0.9, 0.8, 0.7, 0.6], "labels": [0, 0, 0, 0]},
             {"boxes": [[0, 0, 10, 10]], "scores": [0.5], "labels": [0]}]
     r = metrics.detection_map(dets, gts, num_classes=3)
-    # class 0, one non-difficult gt. By score: 0.9 TP; 0.8 duplicate FP; 0.7 hits the difficult
-    # box: ignored; 0.6 FP; 0.5 (image 1, no class-0 gt) FP. Precision at recall 1 is 1 -> AP 1.
+    # class 0, one non-difficult gt. By score: 0.9 TP; 0.8 duplicate FP (IoU 81/100); 0.7 hits
+    # the difficult box: ignored; 0.6 FP; 0.5 (image 1, no class-0 gt) FP.
+    # precision 1/1, 1/2, (ignored: 1/2), 1/3, 1/4 at recall 1 throughout -> AP 1 (both metrics)
     assert r["ap"][0] == pytest.approx(1.0)
     assert r["ap"][1] == 0.0            # ground truth but no detection
     assert math.isnan(r["ap"][2])       # no ground truth: left out of the mean
     assert r["map"] == pytest.approx(0.5) and r["num_gt"] == [1, 1, 0]
-    # The difficult box's detection ranked first instead: still neither TP nor FP.
-    dets[0]["scores"] = [0.8, 0.7, 0.95, 0.6]
+    # the duplicate ranked first: it is the TP (IoU 0.81), the exact box is the duplicate
+    dets[0]["scores"] = [0.8, 0.9, 0.7, 0.6]
     assert metrics.detection_map(dets, gts, 3)["ap"][0] == pytest.approx(1.0)
+    # the false positive 0.6 ranked first: precision 1/2 at recall 1 -> AP 0.5
+    dets[0]["scores"] = [0.9, 0.8, 0.7, 0.95]
+    assert metrics.detection_map(dets, gts, 3, use_07_metric=False)["ap"][0] == pytest.approx(0.5)
+    # IoU exactly 1/2 is a hit (>=): [0,0,10,10] vs [0,0,10,5]: 50 / 100
+    half = [{"boxes": [[0, 0, 10, 5]], "scores": [1.0], "labels": [0]}]
+    gt1 = [{"boxes": [[0, 0, 10, 10]], "labels": [0]}]
+    assert metrics.detection_map(half, gt1, 1)["ap"] == [1.0]
+    assert metrics.detection_map(half, gt1, 1, iou_threshold=0.51)["ap"] == [0.0]
+
+
+def test_detection_map_input_validation():
+    gt = [{"boxes": [[0, 0, 1, 1]], "labels": [0]}]
+    det = [{"boxes": [[0, 0, 1, 1]], "scores": [1.0], "labels": [0]}]
     with pytest.raises(ValueError, match="detection label 5 is not a class"):
-        metrics.detection_map([{"boxes": [[0, 0, 1, 1]], "scores": [1], "labels": [5]}],
-                              gts[:1], 3)
+        metrics.detection_map([{"boxes": [[0, 0, 1, 1]], "scores": [1], "labels": [5]}], gt, 3)
+    with pytest.raises(ValueError, match="ground-truth label -1 is not a class"):
+        metrics.detection_map(det, [{"boxes": [[0, 0, 1, 1]], "labels": [-1]}], 3)
+    with pytest.raises(ValueError, match="1 images of detections for 2 images"):
+        metrics.detection_map(det, gt * 2, 3)
+    with pytest.raises(ValueError, match=r"shape \(1, 3\), expected \(K, 4\)"):
+        metrics.detection_map([{"boxes": [[0, 0, 1]], "scores": [1.0], "labels": [0]}], gt, 3)
+    with pytest.raises(ValueError, match="image 0"):
+        metrics.detection_map([{"boxes": [[0, 0, 1, 1]], "scores": [1.0, 0.5], "labels": [0]}],
+                              gt, 3)
 
 
 def reference_voc_eval(dets, gts, cls, thr, use_07):
-    """The VOC devkit's algorithm (as in py-faster-rcnn's voc_eval.py), continuous coordinates."""
+    """The VOC devkit's algorithm (as in py-faster-rcnn's voc_eval.py), continuous coordinates:
+    one Python loop over the detections of the class by decreasing score, IoU by np.maximum."""
     recs = {}
     npos = 0
     for i, g in enumerate(gts):
@@ -180,45 +307,63 @@ def reference_voc_eval(dets, gts, cls, thr, use_07):
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-@pytest.mark.parametrize("use_07", [True, False])
-def test_detection_map_equals_the_devkit_algorithm_on_random_scenes(use_07):
-    rng = np.random.default_rng(2)
-    C = 4
+def random_scenes(seed, n_images=40, C=5):
+    """Ground truth of classes 0..C-3 (class C-1 never has any: NaN; class C-2 has ground truth
+    but its detections are removed: AP 0), 20 % difficult; detections jittered from the boxes
+    (sampled with replacement: duplicates), exact copies, wrong classes, scores with ties,
+    images without detections or without ground truth."""
+    rng = np.random.default_rng(seed)
     gts, dets = [], []
-    for i in range(40):
+    for i in range(n_images):
         m = rng.integers(0, 5)
         xy = rng.uniform(0, 80, (m, 2))
         boxes = np.c_[xy, xy + rng.uniform(5, 30, (m, 2))]
-        labels = rng.integers(0, C - 1, m)  # class C-1 never has ground truth
+        labels = rng.integers(0, C - 1, m)
         gts.append({"boxes": boxes, "labels": labels, "difficult": rng.random(m) < 0.2})
-        # detections: jittered copies (some duplicated), and random boxes of any class
-        k = rng.integers(0, 7)
+        k = rng.integers(0, 8)
         src = rng.integers(0, max(m, 1), k)
         jit = boxes[src] + rng.normal(0, 3, (k, 4)) if m else rng.uniform(0, 100, (k, 4))
         jit[:, 2:] = np.maximum(jit[:, 2:], jit[:, :2] + 1)
         lab = labels[src] if m else rng.integers(0, C, k)
-        lab = np.where(rng.random(k) < 0.15, rng.integers(0, C, k), lab)
+        if m:
+            jit, lab = np.r_[jit, boxes[:1]], np.r_[lab, labels[:1]]  # an exact copy
+        lab = np.where(rng.random(len(lab)) < 0.15, rng.integers(0, C, len(lab)), lab)
+        keep = lab != C - 2
+        jit, lab = jit[keep], lab[keep]
         if i % 7 == 0:
             jit, lab = np.zeros((0, 4)), np.zeros(0, int)  # an image without detections
-        dets.append({"boxes": jit, "scores": rng.random(len(lab)), "labels": lab})
-    r = metrics.detection_map(dets, gts, C, use_07_metric=use_07)
-    ref = [reference_voc_eval(dets, gts, c, 0.5, use_07) for c in range(C)]
+        dets.append({"boxes": torch.tensor(jit), "scores": np.round(rng.random(len(lab)), 1),
+                     "labels": lab.tolist()})
+    return dets, gts
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+@pytest.mark.parametrize("use_07", [True, False])
+@pytest.mark.parametrize("thr", [0.5, 0.7])
+def test_detection_map_equals_the_devkit_algorithm_on_random_scenes(seed, use_07, thr):
+    C = 5
+    dets, gts = random_scenes(seed, C=C)
+    r = metrics.detection_map(dets, gts, C, iou_threshold=thr, use_07_metric=use_07)
+    ref = [reference_voc_eval(dets, gts, c, thr, use_07) for c in range(C)]
     assert math.isnan(r["ap"][C - 1]) and math.isnan(ref[C - 1])
-    assert np.allclose(r["ap"][:C - 1], ref[:C - 1])
+    assert r["ap"][C - 2] == 0.0 and ref[C - 2] == 0.0
+    assert np.allclose(r["ap"][:C - 1], ref[:C - 1], rtol=0, atol=1e-12)
     assert r["map"] == pytest.approx(np.nanmean(ref))
-    assert 0 < r["map"] < 1
+    assert r["num_gt"] == [int(sum(((np.asarray(g["labels"]) == c) & ~g["difficult"]).sum()
+                                   for g in gts)) for c in range(C)]
+    assert 0 < r["map"] < 1 and any(0 < a < 1 for a in r["ap"][:C - 2])
 
 
 def test_detection_map_with_no_detections_at_all():
-    gts = [{"boxes": [[0, 0, 5, 5]], "labels": [1], "difficult": [False]}]
-    dets = [{"boxes": np.zeros((0, 4)), "scores": [], "labels": []}]
-    r = metrics.detection_map(dets, gts, 2)
-    assert math.isnan(r["ap"][0]) and r["ap"][1] == 0.0 and r["map"] == 0.0
-
-
-def test_box_iou_wraps_torchvision():
-    iou = metrics.box_iou([[0, 0, 2, 2]], np.array([[1, 1, 3, 3], [0, 0, 2, 2], [5, 5, 6, 6]]))
-    assert iou.tolist() == [[pytest.approx(1 / 7), 1.0, 0.0]]
+    gts = [{"boxes": [[0, 0, 5, 5]], "labels": [1], "difficult": [False]},
+           {"boxes": np.zeros((0, 4)), "labels": []}]
+    dets = [{"boxes": np.zeros((0, 4)), "scores": [], "labels": []},
+            {"boxes": [], "scores": [], "labels": []}]
+    for use_07 in (True, False):
+        r = metrics.detection_map(dets, gts, 2, use_07_metric=use_07)
+        assert math.isnan(r["ap"][0]) and r["ap"][1] == 0.0 and r["map"] == 0.0
+    r = metrics.detection_map([], [], 2)
+    assert all(math.isnan(a) for a in r["ap"]) and math.isnan(r["map"]) and r["num_gt"] == [0, 0]
 
 
 # ---------------------------------------------------------------------------- segmentation
@@ -229,6 +374,7 @@ def test_segmentation_scores_worked_by_hand():
                   [10, 20, 0],
                   [0, 0, 10]])
     s = metrics.segmentation_scores(n)
+    # t = (60, 30, 10), diagonal (50, 20, 10), column sums (60, 25, 15)
     assert s["pixel_acc"] == pytest.approx(80 / 100)
     assert s["mean_acc"] == pytest.approx((50 / 60 + 20 / 30 + 10 / 10) / 3)
     # IoU_i = n_ii / (t_i + column sum - n_ii): 50/(60+60-50), 20/(30+25-20), 10/(10+15-10)
@@ -239,36 +385,82 @@ def test_segmentation_scores_worked_by_hand():
 
 
 def test_segmentation_scores_absent_class_and_all_ignored():
-    s = metrics.segmentation_scores(np.array([[4, 0, 0], [0, 0, 0], [1, 0, 5]]))
+    # class 1 in neither truth nor prediction: NaN, left out of the means
+    s = metrics.segmentation_scores(torch.tensor([[4, 0, 0], [0, 0, 0], [1, 0, 5]]))
     assert math.isnan(s["iou"][1]) and s["mean_iou"] == pytest.approx((4 / 5 + 5 / 6) / 2)
+    assert s["mean_acc"] == pytest.approx((1 + 5 / 6) / 2)
+    assert s["fw_iou"] == pytest.approx((4 * 4 / 5 + 6 * 5 / 6) / 10)
+    # class 2 predicted but never true: IoU 0 (counted), accuracy 0/0 (left out)
+    s = metrics.segmentation_scores(np.array([[3, 1, 1], [0, 2, 0], [0, 0, 0]]))
+    assert s["iou"] == pytest.approx([3 / 5, 2 / 3, 0.0])
+    assert s["mean_acc"] == pytest.approx((3 / 5 + 1) / 2)
     empty = metrics.segmentation_scores(np.zeros((3, 3)))
     assert all(math.isnan(empty[k]) for k in ("pixel_acc", "mean_acc", "mean_iou", "fw_iou"))
+    assert all(math.isnan(v) for v in empty["iou"])
     # end to end: a label map with ignored pixels through confusion_matrix
     t = torch.tensor([[0, 0, 255], [1, 1, 255]])
     p = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    # kept: (0,0), (0,1), (1,1), (1,1) -> IoU 0: 1/(2+1-1), 1: 2/(2+3-2)
     s = metrics.segmentation_scores(metrics.confusion_matrix(p, t, 2, ignore_index=255))
-    assert s["iou"] == pytest.approx([1 / 2, 2 / 3])
+    assert s["iou"] == pytest.approx([1 / 2, 2 / 3]) and s["pixel_acc"] == pytest.approx(3 / 4)
 
 
 # ---------------------------------------------------------------------------- records
 
+def _strict(text):
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_write_results_is_strict_json_and_round_trips(tmp_path):
-    path = tmp_path / "out" / "results.json"
+    path = tmp_path / "out" / "deeper" / "results.json"
     rec = metrics.write_results(str(path), "x.py", "shapes",
                                 {"test_error": torch.tensor(0.25), "ap": [float("nan"), 0.5],
-                                 "count": np.int64(3)},
-                                paper={"test_error": 0.2}, config={"lr": 0.1, "dev": torch.device("cpu")},
-                                seconds=1.5, history=[{"epoch": 1}])
-    text = path.read_text()
-    json.loads(text)  # strict: no NaN literal
-    assert "NaN" not in text
-    back = metrics.read_results(str(path))
-    assert back == rec and back["metrics"] == {"test_error": 0.25, "ap": [None, 0.5], "count": 3}
-    assert back["config"]["dev"] == "cpu" and "torch_version" in back
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.json"]
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json is not a readable results.json"):
-        metrics.read_results(str(tmp_path / "bad.json"))
+                                 "iou": torch.tensor([0.5, float("nan")]),
+                                 "count": np.int64(3), "mean": np.float32(0.5)},
+                                paper={"test_error": 0.2},
+                                config={"lr": 0.1, "dev": torch.device("cpu")},
+                                seconds=1.5, history=[{"epoch": 1, "loss": np.float64("inf")}],
+                                note="extra key")
+    back = _strict(path.read_text())
+    assert back == rec == metrics.read_results(str(path))
+    assert back["metrics"] == {"test_error": 0.25, "ap": [None, 0.5], "iou": [0.5, None],
+                               "count": 3, "mean": 0.5}
+    assert back["history"] == [{"epoch": 1, "loss": None}] and back["note"] == "extra key"
+    assert back["config"]["dev"] == "cpu" and back["device"] is None
+    assert {"script", "data", "metrics", "paper", "config", "device", "seconds", "history",
+            "torch_version", "torchvision_version", "python_version", "date"} <= set(back)
+    assert back["date"].endswith("+00:00") and back["torch_version"] == torch.__version__
+    assert os.listdir(path.parent) == ["results.json"]  # no temporary file left
+
+
+def test_write_results_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    metrics.write_results(str(path), "a.py", "d", {"e": 0.1})
+
+    def fail(src, dst):
+        raise OSError("disk gone")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        metrics.write_results(str(path), "b.py", "d", {"e": 0.2})
+    # the previous file is whole and the temporary file is gone
+    assert metrics.read_results(str(path))["script"] == "a.py"
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_read_results_rejects_what_is_not_a_results_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not a readable results.json") as e:
+        metrics.read_results(str(bad))
+    assert "\n" not in str(e.value)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"script": "x.py"}))
+    with pytest.raises(ValueError, match="other.json is not a results.json"):
+        metrics.read_results(str(other))
+    with pytest.raises(ValueError, match="missing.json"):
+        metrics.read_results(str(tmp_path / "missing.json"))
 
 
 def test_progress_prints_throughput_and_eta():

@@ -1,0 +1,533 @@
+"""AlexNet: A. Krizhevsky, I. Sutskever, G. E. Hinton, "ImageNet classification with deep
+convolutional neural networks", NIPS 2012 (no arXiv version; proceedings paper 4824).
+
+    python alexnet.py --data imagenet                        # torchvision's layout, paper recipe
+    python alexnet.py --data imagenet --variant paper        # 96-256-384-384-256, LRN, two towers
+    python alexnet.py --data shapes --quick                  # offline, under a minute on a CPU
+    python alexnet.py --classify dog.jpg --pretrained        # the lecture's top-15 printout
+    torchrun --nproc_per_node=2 alexnet.py --data imagenet   # data-parallel, same global batch
+
+Paper: ILSVRC-2012 validation top-1 / top-5 error 40.7 % / 18.2 % (one CNN, Table 2), ILSVRC-2010
+test 37.5 % / 17.0 % (Table 1), both with the ten-crop test of §4.1.
+Ours: see the README's results table (the command and hardware of every figure are there).
+
+Two variants. "torchvision" (default) is the lecture's and torchvision's network: 64-192-384-256-256
+channels, no LRN, AdaptiveAvgPool2d(6), dropout before fc6/fc7; its state_dict is
+torchvision.models.alexnet's. "paper" is §3's: 96-256-384-384-256 channels, LRN after conv1/conv2
+(§3.3), overlapping 3x3/2 max-pooling (§3.4), conv2/conv4/conv5 split in two towers (groups=2,
+§3.5, Fig. 2), 4096-4096 FC with dropout 0.5 (§4.2), N(0, 0.01) weights and biases of 1 in conv2,
+conv4, conv5, fc6, fc7 (§5): 60,965,224 parameters ("60 million", §1).
+
+224 vs 227: §3.5 says 224x224x3 inputs and 55x55 conv1 maps, but (224 - 11) / 4 + 1 = 54.25;
+the arithmetic needs 227 (the size Caffe's reference uses). We keep the 224 crops of the paper and
+pad conv1 by 2 pixels as torchvision does: (224 + 4 - 11) // 4 + 1 = 55, then 27, 13, 6 as in Fig. 2.
+
+Recipe (§5): SGD, momentum 0.9, weight decay 5e-4, batch 128, lr 0.01 divided by 10 three times
+over ~90 epochs. Augmentation (§4.1): random 224 crops of the 256x256 image, mirror images, PCA
+colour noise (alpha std 0.1). Test (§4.1): the softmax averaged over the 4 corner and centre 224
+crops and their mirror images (--ten-crop, default for ImageNet); the single centre crop is
+reported as well. Departures are listed in DEPARTURES and printed at start.
+"""
+import argparse
+import os
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import data
+import metrics
+
+# ---------------------------------------------------------------------------------------------
+# Paper facts and defaults
+
+PAPER = {"reference": "Krizhevsky et al. 2012, NIPS, Tables 1-2", "data": "imagenet",
+         "test_error": 0.407, "top5_error": 0.182,  # ILSVRC-2012 val, one CNN, ten-crop
+         "ilsvrc2010_test_error": 0.375, "ilsvrc2010_top5_error": 0.170,
+         "parameters": 60965224}
+EPOCHS = 90               # "roughly 90 cycles through the training set" (§5)
+LR_STEPS = (30, 60, 80)   # lr / 10 three times (§5), at fixed epochs: see DEPARTURES
+LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # §3.3: n = 5, alpha = 1e-4, beta = 0.75, k = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+def _scale(c, width, even=False):
+    """Channel count c times the --width multiplier; even for the two-tower layers (groups=2)."""
+    return max(2, 2 * round(c * width / 2)) if even else max(1, round(c * width))
+
+
+class AlexNet(nn.Module):
+    """torchvision's AlexNet (the lecture's printout), same module names and indices, so that
+    torchvision.models.alexnet's state_dict loads strictly. `width` scales channels and FC sizes."""
+
+    def __init__(self, num_classes=1000, in_channels=3, width=1.0, dropout=0.5):
+        super().__init__()
+        c = [_scale(n, width) for n in (64, 192, 384, 256, 256)]
+        h = _scale(4096, width)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c[0], kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(c[0], c[1], kernel_size=5, padding=2),
+            nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(c[1], c[2], kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c[2], c[3], kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c[3], c[4], kernel_size=3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2))
+        # 6x6 on 224 inputs (identity there); on small inputs it replicates the last map.
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=dropout), nn.Linear(c[4] * 36, h), nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout), nn.Linear(h, h), nn.ReLU(inplace=True),
+            nn.Linear(h, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+class AlexNetPaper(nn.Module):
+    """The network of §3 and Fig. 2 on one device. The two GPUs become groups=2 convolutions:
+    conv2, conv4, conv5 see only the maps of their own tower (channels [0, C/2) or [C/2, C)),
+    conv3 and the FC layers see both towers, as in Fig. 2."""
+
+    def __init__(self, num_classes=1000, in_channels=3, width=1.0, dropout=0.5):
+        super().__init__()
+        c = [_scale(n, width, even=True) for n in (96, 256, 384, 384, 256)]
+        h = _scale(4096, width)
+        lrn = lambda: nn.LocalResponseNorm(**LRN)  # noqa: E731
+        self.features = nn.Sequential(OrderedDict([
+            # padding 2 turns the 224 crop into 55x55 maps (the 224 vs 227 note above)
+            ("conv1", nn.Conv2d(in_channels, c[0], 11, stride=4, padding=2)),
+            ("relu1", nn.ReLU(inplace=True)), ("norm1", lrn()),         # §3.3: LRN after ReLU
+            ("pool1", nn.MaxPool2d(3, stride=2)),                         # §3.4: z = 3, s = 2
+            ("conv2", nn.Conv2d(c[0], c[1], 5, padding=2, groups=2)),     # §3.5: own tower only
+            ("relu2", nn.ReLU(inplace=True)), ("norm2", lrn()),
+            ("pool2", nn.MaxPool2d(3, stride=2)),
+            ("conv3", nn.Conv2d(c[1], c[2], 3, padding=1)),               # both towers
+            ("relu3", nn.ReLU(inplace=True)),
+            ("conv4", nn.Conv2d(c[2], c[3], 3, padding=1, groups=2)),
+            ("relu4", nn.ReLU(inplace=True)),
+            ("conv5", nn.Conv2d(c[3], c[4], 3, padding=1, groups=2)),
+            ("relu5", nn.ReLU(inplace=True)),
+            ("pool5", nn.MaxPool2d(3, stride=2))]))
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))  # identity at 224; lets small inputs run
+        # §4.2: dropout on the outputs of the first two FC layers (Caffe's fc6-relu6-drop6 order).
+        self.classifier = nn.Sequential(OrderedDict([
+            ("fc6", nn.Linear(c[4] * 36, h)), ("relu6", nn.ReLU(inplace=True)),
+            ("drop6", nn.Dropout(dropout)),
+            ("fc7", nn.Linear(h, h)), ("relu7", nn.ReLU(inplace=True)),
+            ("drop7", nn.Dropout(dropout)),
+            ("fc8", nn.Linear(h, num_classes))]))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """§5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers
+        ("accelerates the early stages of learning by providing the ReLUs with positive
+        inputs"), 0 in the others."""
+        ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+        for name, m in list(self.features.named_children()) + \
+                list(self.classifier.named_children()):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.constant_(m.bias, 1.0 if name in ones else 0.0)
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+def alexnet(num_classes=1000, variant="torchvision", in_channels=3, width=1.0):
+    """The model factory: "torchvision" (default, the lecture's) or "paper"."""
+    if variant == "torchvision":
+        return AlexNet(num_classes, in_channels, width)
+    if variant == "paper":
+        return AlexNetPaper(num_classes, in_channels, width)
+    raise ValueError(f"unknown AlexNet variant '{variant}'; use 'torchvision' or 'paper'")
+
+
+def kaiming_init(model):
+    """He et al.'s init (normal, fan_in, ReLU gain; zero biases): the small-set recipe. With
+    PyTorch's default init (var 1/(3 fan_in)) or §5's N(0, 0.01), the signal of this net without
+    normalisation layers shrinks several-fold per layer and 2,000 images stay at chance for tens of
+    epochs; ImageNet's 1.2M images and 90 epochs get through that phase, a quick run does not."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in layers:
+        nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        nn.init.zeros_(m.bias)
+    nn.init.normal_(layers[-1].weight, 0.0, 0.01)  # small logits: a first loss of ~ln(classes)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_pretrained(model, variant, width):
+    """torchvision's ImageNet weights (IMAGENET1K_V1) into the torchvision variant; with another
+    number of classes, every layer but the last (fine-tuning)."""
+    if variant != "torchvision" or width != 1.0:
+        raise data.DataError("--pretrained needs --variant torchvision --width 1 (the published "
+                             "weights are of torchvision's layout)")
+    try:
+        state = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception as e:
+        raise data.DataError(f"could not download torchvision's AlexNet weights "
+                             f"({type(e).__name__}); put alexnet-owt-7be5be79.pth in "
+                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    if model.classifier[6].out_features != 1000:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.6.")})
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe, training, evaluation
+
+def lr_factor(epoch, steps=LR_STEPS):
+    """lr / 10 at each step epoch already reached (§5: three times over ~90 epochs)."""
+    return 0.1 ** sum(epoch >= s for s in steps)
+
+
+def autocast(device, enabled):
+    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def to_size(x, size):
+    """Bilinear upsampling of small (32x32) images to the size the stride-4 stem needs; larger
+    images are centre-cropped to `size` (the single-crop test of a 256 image)."""
+    if x.shape[-1] < size:
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    if x.shape[-1] > size:
+        return v2.functional.center_crop(x, [size, size])
+    return x
+
+
+def pca_colour_batch(x, colour):
+    """§4.1 on already-normalised device batches: add eigvec @ (alpha * eigval), alpha ~
+    N(0, 0.1) per image, divided by the normalisation's std (the shift is in [0, 1] units)."""
+    eigval, eigvec, std = colour
+    alpha = torch.randn(x.shape[0], 3, device=x.device) * 0.1
+    return data.pca_colour(x * std, eigval, eigvec, alpha) / std
+
+
+def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progress, colour=None):
+    model.train()
+    total, n = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if colour is not None:  # in-memory sets: PCA colour on the device (ImageNet: transforms)
+            x = pca_colour_batch(x, colour)
+        x = to_size(x, args.img_size)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total, n = total + loss.item() * len(y), n + len(y)
+        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
+    if args.world > 1:  # the mean over every rank's samples, as one process would report it
+        t = torch.tensor([total, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total, n = t.tolist()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def predict(model, x, size, ten_crop=False, channels_last=False):
+    """Softmax probabilities: of the single (centre or upsampled) `size` image, or averaged over
+    the ten crops of §4.1 (data.ten_crop_predict) taken from the image at 256/224 of `size`."""
+    if ten_crop:
+        big = round(size * 256 / 224)
+        x = x if x.shape[-1] == big else F.interpolate(x, size=(big, big), mode="bilinear",
+                                                        align_corners=False)
+        return data.ten_crop_predict(model, x, size).float()
+    x = to_size(x, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model(x).float().softmax(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, ten_crop=False):
+    """Single-crop error (and ten-crop error with ten_crop, then test_error is the ten-crop one),
+    accuracy, balanced error, and top-5 error when there are >= 100 classes."""
+    model.eval()
+    single, tens, targets = [], [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        with autocast(device, args.amp):
+            single.append(predict(model, x, args.img_size, False, args.channels_last).cpu())
+            if ten_crop:
+                tens.append(predict(model, x, args.img_size, True).cpu())
+        targets.append(y.cpu())
+    y, p1 = torch.cat(targets), torch.cat(single)
+    out = torch.cat(tens) if ten_crop else p1
+    num_classes = out.shape[1]
+    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
+         "balanced_error": metrics.balanced_error_rate(out, y, num_classes),
+         "single_crop_error": metrics.error_rate(p1, y),
+         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+    if ten_crop:
+        r["ten_crop_error"] = r["test_error"]
+    if num_classes >= 100:
+        r["top5_error"] = metrics.topk_error(out, y, 5)
+        r["single_crop_top5_error"] = metrics.topk_error(p1, y, 5)
+    return r
+
+
+def classify(args, device):
+    """The lecture's demo: the 15 highest scores (logits) and class names of one image."""
+    if not (args.weights or args.pretrained):
+        raise data.DataError("--classify needs --weights PATH or --pretrained")
+    state = data.load_checkpoint(args.weights, arch_name(args)) if args.weights else None
+    if state is not None:
+        weights = state.get("model", state)
+        last = [k for k in weights if k.endswith(".weight")][-1]
+        num_classes, names = weights[last].shape[0], state.get("classes")
+    else:
+        num_classes, names = 1000, None
+    names = names or (data.imagenet_class_names() if num_classes == 1000 else
+                      [str(i) for i in range(num_classes)])
+    model = alexnet(num_classes, args.variant, 3, args.width)
+    if state is not None:
+        data.load_weights(model, state, args.weights)
+    else:
+        load_pretrained(model, args.variant, args.width)
+    model.to(device).eval()
+    # As torchvision's weights expect: short side to 256, centre 224 crop, ImageNet mean/std.
+    pre = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224),
+                      v2.ToDtype(torch.float32, scale=True),
+                      v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    x = pre(data.load_image(args.classify))[None].to(device)
+    with torch.no_grad():
+        scores, idx = model(x)[0].float().sort(descending=True)
+    top = [(float(s), names[i]) for s, i in zip(scores[:15], idx[:15].tolist())]
+    for k, (s, name) in enumerate(top):
+        print(f"#{k + 1} ({s:.2f}) {name}")
+    return top
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def arch_name(args):
+    return f"alexnet-{args.variant}" + ("" if args.width == 1.0 else f"-w{args.width:g}")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="AlexNet (Krizhevsky et al. 2012) on ImageNet, CIFAR, "
+                                "MNIST or the synthetic shapes set; --classify IMAGE for the "
+                                "lecture's top-15 demo.")
+    p.add_argument("--data", default="imagenet",
+                   help="imagenet | cifar10 | cifar100 | mnist | fashion-mnist | shapes")
+    p.add_argument("--data-dir", default=data.default_data_dir(),
+                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper"],
+                   help="torchvision's/the lecture's layout or the paper's (default: torchvision)")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel and FC-size multiplier, a CPU-test convenience (default: 1 = the "
+                   "paper; 0.25 with --quick)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="network input size: 224 for ImageNet; small sets are upsampled on the "
+                   "device to this (default: 96, 64 with --quick)")
+    p.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="§4.1 ten-crop test (default: on for ImageNet, off otherwise)")
+    p.add_argument("--init", default=None, choices=["variant", "kaiming"],
+                   help="'variant': torchvision's default init or the paper's §5 init; 'kaiming': "
+                   "He init (default: variant for ImageNet, kaiming for the small sets)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the training set (default: the paper's {EPOCHS}; 2 with --quick)")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=list(LR_STEPS),
+                   help="epochs at which the lr is divided by 10 (default: 30 60 80)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
+    p.add_argument("--lr", type=float, default=0.01, help="base learning rate (default: 0.01)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §5)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default="runs/alexnet", help="results.json and checkpoints go here")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
+    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's ImageNet weights (IMAGENET1K_V1)")
+    p.add_argument("--classify", default=None, metavar="IMAGE",
+                   help="print the 15 best classes of IMAGE (needs --weights or --pretrained)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny subset, 2 epochs, width 0.25, 64x64: a smoke run on a CPU")
+    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    t0 = time.time()
+    if args.width is None:
+        args.width = 0.25 if args.quick else 1.0
+    device = data.select_device(args.device, args.cuda)
+    if args.classify:
+        return classify(args, device)
+    data.check_task(args.data, "classification")
+    imagenet = args.data == "imagenet"
+    if args.img_size is None:
+        args.img_size = 224 if imagenet else (64 if args.quick else 96)
+    if args.ten_crop is None:
+        args.ten_crop = imagenet
+    if args.init is None:
+        args.init = "variant" if imagenet else "kaiming"
+    rank, args.world = data.init_distributed(device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed + rank)
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else EPOCHS
+    if args.batch_size % args.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
+                             f"{args.world} processes")
+
+    # Data. ImageNet: data.classification_transforms (256 resize, random 224 crop, flip, PCA
+    # colour); the test loader keeps the 256x256 centre so that both tests can be cut from it.
+    # In-memory sets: the whole set on the device, pad-4 crops and flips, upsampled on the fly.
+    train_loader, val_loader, test_loader, info = data.classification_loaders(
+        args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
+        args.quick, args.seed, augment=True, workers=args.workers,
+        eval_batch_size=100 if imagenet else 250, size=args.img_size if imagenet else None)
+    classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
+    colour = None
+    if imagenet and args.ten_crop:
+        big = round(args.img_size * 256 / 224)
+        test_set = data.classification_dataset("imagenet", "test", args.data_dir, quick=args.quick,
+                                               transform=v2.Compose([
+                                                   v2.ToImage(), v2.Resize(big, antialias=True),
+                                                   v2.CenterCrop(big),
+                                                   v2.ToDtype(torch.float32, scale=True),
+                                                   v2.Normalize(info["mean"], info["std"])]))
+        test_loader = data.make_loader(test_set, 100, False, args.workers, device, shard=False)
+    elif not imagenet and info["in_channels"] == 3:
+        eigval, eigvec = data.colour_pca(train_loader.images.cpu())
+        colour = (eigval.to(device), eigvec.to(device),
+                  torch.tensor(info["std"], device=device).view(1, 3, 1, 1))
+
+    model = alexnet(len(classes), args.variant, info["in_channels"], args.width).to(device)
+    arch = arch_name(args)
+    if args.init == "kaiming":
+        kaiming_init(model)
+    if args.pretrained:
+        load_pretrained(model, args.variant, args.width)
+    if args.weights:
+        data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # §5: v <- 0.9 v - 0.0005 eps w - eps grad, the same for every layer (PyTorch's SGD puts the
+    # lr outside the momentum buffer; with a constant lr between steps the two are equal).
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda e: lr_factor(e, args.lr_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+              "normalisation": {"mean": info["mean"], "std": info["std"]},
+              "departures": DEPARTURES}
+    if is_main:
+        print(f"alexnet.py: {arch} on {args.data} ({n_train} train / {n_val} val / {n_test} test) "
+              f"at {args.img_size}x{args.img_size}, {config['parameters']:,} parameters, "
+              f"device {device}, {args.world} process(es)")
+        for d in DEPARTURES:
+            print(f"  departure from the paper: {d}")
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    start_epoch, history = 0, []
+    if args.resume:
+        state = data.load_checkpoint(ckpt_path, arch)
+        data.load_weights(model, state, ckpt_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if is_main:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
+
+    net = model
+    if args.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        net = torch.compile(net)
+
+    if not args.eval_only:
+        progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
+                                    start_epoch=start_epoch, enabled=is_main)
+        for epoch in range(start_epoch, args.epochs):
+            data.set_epoch(train_loader, epoch)
+            loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
+                                   progress, colour)
+            scheduler.step()
+            row = {"epoch": epoch + 1, "train_loss": loss}
+            if val_loader is not None:  # ImageNet has none: its official val set is the test set
+                row["val_error"] = evaluate(net, val_loader, args, device)["test_error"]
+            history.append(row)
+            if is_main:
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
+                      (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
+                data.save_checkpoint(ckpt_path, {
+                    "arch": arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "args": vars(args), "rng": torch.get_rng_state(),
+                    "history": history, "classes": list(classes)})
+
+    test = evaluate(net, test_loader, args, device, ten_crop=args.ten_crop)
+    keys = ["test_error", "test_accuracy", "balanced_error", "single_crop_error",
+            "ten_crop_error", "top5_error", "single_crop_top5_error"]
+    if is_main:
+        print(f"test_error {100 * test['test_error']:.2f}% ({test['errors']}/{test['samples']}, "
+              f"{'ten-crop' if args.ten_crop else 'single crop'}) single_crop_error "
+              f"{100 * test['single_crop_error']:.2f}% balanced_error "
+              f"{100 * test['balanced_error']:.2f}%" +
+              (f" top5_error {100 * test['top5_error']:.2f}%" if "top5_error" in test else ""))
+    results = metrics.write_results(
+        os.path.join(args.out, "results.json"), "alexnet.py", args.data,
+        {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
+        seconds=time.time() - t0, history=history) if is_main else None
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+DEPARTURES = [
+    "one device: the two GPUs of §3.2 become groups=2 in conv2/conv4/conv5 (paper variant); "
+    "LRN runs over all 96/256 maps of both towers (as Caffe's reference), not within each tower",
+    "conv1 padding 2 on 224 crops (the paper's 224 gives 54x54 maps without it; 227 is needed)",
+    "LRN in PyTorch's convention b = a / (k + alpha/n sum a^2)^beta with alpha = 1e-4, n = 5 "
+    "(cuda-convnet's and Caffe's); the paper's formula read literally is alpha = 5e-4 here",
+    "AdaptiveAvgPool2d(6) before fc6 (identity at 224) so that small inputs run",
+    "lr / 10 at fixed epochs 30, 60, 80 of 90 instead of 'when the validation error stopped "
+    "improving': the ILSVRC val set is our test set, and fixed steps make resume exact",
+    "torchvision variant: torchvision's layout and PyTorch's default init (64-192-384-256-256, "
+    "no LRN, dropout before fc6/fc7); the paper's N(0, 0.01)/bias-1 init is the paper variant's",
+    "small sets (shapes, CIFAR, MNIST): 32x32 images upsampled bilinearly on the device to "
+    "--img-size (96; 64 with --quick), pad-4 random crops + flips before upsampling instead of "
+    "224-of-256 crops, PCA colour from the training set's own RGB covariance",
+]
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"alexnet.py: error: {str(e).strip().splitlines()[-1]}")

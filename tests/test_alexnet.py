@@ -1,0 +1,209 @@
+"""alexnet.py: parameter counts, torchvision compatibility, the two towers, LRN, the ten-crop test,
+--classify, and main() end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import alexnet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parameter_counts_match_torchvision_and_the_paper():
+    ours = alexnet.count_parameters(alexnet.alexnet())
+    assert ours == sum(p.numel() for p in torchvision.models.alexnet(weights=None).parameters())
+    assert ours == 61_100_840
+    # Paper: conv1 96*3*121+96 = 34,944; conv2 256*48*25+256 = 307,456 (two towers);
+    # conv3 384*256*9+384 = 885,120; conv4 384*192*9+384 = 663,936; conv5 256*192*9+256 =
+    # 442,624; fc6 9216*4096+4096 = 37,752,832; fc7 16,781,312; fc8 4,097,000.
+    paper = alexnet.alexnet(variant="paper")
+    per_layer = [alexnet.count_parameters(m) for m in
+                 list(paper.features.children()) + list(paper.classifier.children())
+                 if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert per_layer == [34944, 307456, 885120, 663936, 442624, 37752832, 16781312, 4097000]
+    n = alexnet.count_parameters(paper)
+    assert n == 60_965_224 == alexnet.PAPER["parameters"] and 60e6 <= n <= 62e6
+
+
+def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs():
+    torch.manual_seed(0)
+    ref = torchvision.models.alexnet(weights=None).eval()
+    ours = alexnet.alexnet().eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_output_shapes_of_both_variants():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    for variant in ("torchvision", "paper"):
+        m = alexnet.alexnet(variant=variant).eval()
+        with torch.no_grad():
+            assert m(x).shape == (2, 1000)
+            assert m.features(x).shape[-2:] == (6, 6)  # Fig. 2: 55, 27, 13, 6 on 224 + pad 2
+            assert m.features[0](x).shape[-2:] == (55, 55)
+        small = alexnet.alexnet(6, variant, 3, width=0.25).eval()
+        with torch.no_grad():  # upsampled small sets (64, 96) and a 1-channel input
+            assert small(torch.randn(3, 3, 64, 64)).shape == (3, 6)
+            assert small(torch.randn(3, 3, 96, 96)).shape == (3, 6)
+        assert alexnet.alexnet(10, variant, 1, 0.25)(torch.randn(1, 1, 64, 64)).shape == (1, 10)
+    m = alexnet.alexnet(variant="paper")
+    assert [getattr(m.features, k).out_channels for k in ("conv1", "conv2", "conv3", "conv4",
+                                                           "conv5")] \
+        == [96, 256, 384, 384, 256]
+
+
+def test_paper_init_and_two_towers():
+    torch.manual_seed(0)
+    m = alexnet.alexnet(variant="paper", width=0.25)
+    f, c = m.features, m.classifier
+    # §5: biases 1 in conv2, conv4, conv5, fc6, fc7; 0 in conv1, conv3, fc8; weights N(0, 0.01)
+    assert all((getattr(f, k).bias == 1).all() for k in ("conv2", "conv4", "conv5"))
+    assert (c.fc6.bias == 1).all() and (c.fc7.bias == 1).all()
+    assert (f.conv1.bias == 0).all() and (f.conv3.bias == 0).all() and (c.fc8.bias == 0).all()
+    assert c.fc6.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    assert [getattr(f, k).groups for k in ("conv2", "conv3", "conv4", "conv5")] == [2, 1, 2, 2]
+    # Full width: conv2's tower 0 (output maps 0..127) must not see conv1's maps 48..95.
+    conv2 = alexnet.alexnet(variant="paper").features.conv2
+    x = torch.randn(1, 96, 13, 13)
+    x2 = x.clone()
+    x2[:, 48:] += torch.randn(1, 48, 13, 13)
+    with torch.no_grad():
+        a, b = conv2(x), conv2(x2)
+    assert torch.equal(a[:, :128], b[:, :128])
+    assert not torch.allclose(a[:, 128:], b[:, 128:])
+    # conv3 connects to all: every output map changes
+    conv3 = alexnet.alexnet(variant="paper").features.conv3
+    y = torch.randn(1, 256, 5, 5)
+    y2 = y.clone()
+    y2[:, 128:] += 1
+    with torch.no_grad():
+        assert ((conv3(y) - conv3(y2)).abs().amax(dim=(0, 2, 3)) > 0).all()
+
+
+def test_lrn_matches_the_formula_by_hand():
+    # b_i = a_i / (k + alpha/n * sum_{j=max(0,i-2)}^{min(N-1,i+2)} a_j^2)^beta, n = 5, k = 2,
+    # alpha = 1e-4, beta = 0.75: PyTorch's alpha/n convention (= cuda-convnet's and Caffe's).
+    a = [3.0, -10.0, 20.0, 1.0, 50.0, 7.0]
+    x = torch.tensor(a).view(1, 6, 1, 1)
+    lrn = alexnet.alexnet(variant="paper").features.norm1
+    got = lrn(x).view(-1).tolist()
+    for i in range(6):
+        s = sum(a[j] ** 2 for j in range(max(0, i - 2), min(5, i + 2) + 1))
+        assert got[i] == pytest.approx(a[i] / (2 + 1e-4 / 5 * s) ** 0.75, rel=1e-6)
+    # e.g. channel 2: sum = 9 + 100 + 400 + 1 + 2500 = 3010; 20 / (2 + 0.0602)^0.75
+    assert got[2] == pytest.approx(20 / 2.0602 ** 0.75, rel=1e-6)
+
+
+def test_ten_crop_equals_the_softmax_average_over_hand_sliced_crops():
+    torch.manual_seed(0)
+    model = alexnet.alexnet(5, width=0.25).eval()
+    size = 224
+    x = torch.randn(2, 3, 256, 256)
+    got = alexnet.predict(model, x, size, ten_crop=True)
+    crops = [x[..., :224, :224], x[..., :224, 32:], x[..., 32:, :224], x[..., 32:, 32:],
+             x[..., 16:240, 16:240]]
+    crops += [c.flip(-1) for c in crops]
+    with torch.no_grad():
+        want = torch.stack([model(c).softmax(1) for c in crops]).mean(0)
+    assert torch.allclose(got, want, atol=1e-6)
+    # the single-crop test is the centre crop
+    with torch.no_grad():
+        assert torch.allclose(alexnet.predict(model, x, size), model(crops[4]).softmax(1),
+                              atol=1e-6)
+
+
+def test_lr_schedule_divides_by_ten_three_times():
+    assert [alexnet.lr_factor(e) for e in (0, 29, 30, 59, 60, 79, 80, 89)] == \
+        pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_classify_prints_fifteen_named_lines(tmp_path):
+    from PIL import Image
+    torch.manual_seed(0)
+    ckpt = tmp_path / "random.pt"
+    torch.save({"arch": "alexnet-torchvision-w0.25",
+                "model": alexnet.alexnet(1000, width=0.25).state_dict()}, ckpt)
+    img = tmp_path / "img.png"
+    Image.fromarray((torch.rand(300, 260, 3) * 255).byte().numpy()).save(img)
+    r = subprocess.run([sys.executable, "alexnet.py", "--classify", str(img), "--weights",
+                        str(ckpt), "--width", "0.25", "--device", "cpu"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 15
+    import re
+    names = set(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.meta["categories"])
+    scores = []
+    for k, line in enumerate(lines):
+        m = re.fullmatch(r"#(\d+) \((-?\d+\.\d\d)\) (.+)", line)
+        assert m and int(m.group(1)) == k + 1 and m.group(3) in names, line
+        scores.append(float(m.group(2)))
+    assert scores == sorted(scores, reverse=True)
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    return alexnet.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+                         "--log-every", "1000", *extra]), out
+
+
+@pytest.mark.slow
+def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
+    # ~20 s. With the paper's lr 0.01 at batch 128 this narrow network stays at chance on
+    # shapes; at lr 0.001, batch 16 it reaches ~0.71 error (chance: 5/6 = 0.83).
+    results, out = run(tmp_path, "a", "--epochs", "12", "--lr", "0.001", "--batch-size", "16")
+    assert results["metrics"]["test_error"] < 0.78
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["metrics"] == results["metrics"] and saved["script"] == "alexnet.py"
+    assert saved["paper"]["top5_error"] == 0.182 and len(saved["history"]) == 12
+    assert "top5_error" not in saved["metrics"]  # 6 classes: no top-5 figure
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    tiny = ["--width", "0.125", "--variant", "paper", "--init", "variant"]
+    full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
+    run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
+    resumed, out_cut = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
+    assert resumed["history"] == full["history"]
+    assert resumed["metrics"] == full["metrics"]
+    a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"arch": "lenet5-lecture", "model": {}}, other)
+    for argv, message in ((["--data", "nope"], "unknown data set 'nope'"),
+                          (["--data", "shapes", "--weights", "/nonexistent.pt", "--quick"],
+                           "checkpoint /nonexistent.pt not found"),
+                          (["--data", "shapes", "--weights", str(other), "--quick"],
+                           "is of 'lenet5-lecture', not 'alexnet-torchvision-w0.25'"),
+                          (["--classify", "/nonexistent.jpg"], "needs --weights PATH or"),
+                          (["--classify", "/nonexistent.jpg", "--weights", str(other)],
+                           "is of 'lenet5-lecture'")):
+        r = subprocess.run([sys.executable, "alexnet.py", "--device", "cpu", *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode != 0
+        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_classify_bad_image_is_a_one_line_error(tmp_path):
+    ckpt = tmp_path / "w.pt"
+    torch.save({"arch": "alexnet-paper-w0.125",
+                "model": alexnet.alexnet(1000, "paper", width=0.125).state_dict()}, ckpt)
+    r = subprocess.run([sys.executable, "alexnet.py", "--classify", "/nonexistent.jpg",
+                        "--weights", str(ckpt), "--variant", "paper", "--width", "0.125"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "image file not found: /nonexistent.jpg" in r.stderr, r.stderr
