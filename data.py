@@ -996,6 +996,28 @@ def load_checkpoint(path, arch=None):
     return state
 
 
+def save_training_state(path, arch, model, optimizer, scheduler, scaler, epoch, args, history,
+                        **extra):
+    """The end-of-epoch checkpoint: everything `resume_training_state` needs to continue a killed
+    run to the same weights (state_dicts of the unwrapped model, optimiser, scheduler and scaler,
+    the epoch just finished, the arguments, the CPU RNG state, the history so far)."""
+    save_checkpoint(path, {"arch": arch, "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "scaler": scaler.state_dict(), "epoch": epoch, "args": args,
+                           "rng": torch.get_rng_state(), "history": history, **extra})
+
+
+def resume_training_state(path, arch, model, optimizer, scheduler, scaler):
+    """Restore what `save_training_state` wrote; returns (first epoch to run, history)."""
+    state = load_checkpoint(path, arch)
+    load_weights(model, state, path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    return state["epoch"] + 1, state["history"]
+
+
 def load_weights(model, state, path="checkpoint"):
     """load_state_dict with a one-line error naming the first mismatching tensor (e.g. a
     checkpoint trained with another number of classes) instead of a page of traceback."""

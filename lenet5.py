@@ -290,13 +290,8 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     start_epoch, history = 0, []
     if args.resume:
-        state = data.load_checkpoint(ckpt_path, arch)
-        data.load_weights(model, state, ckpt_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        start_epoch, history = data.resume_training_state(ckpt_path, arch, model, optimizer,
+                                                          scheduler, scaler)
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
@@ -319,11 +314,8 @@ def main(argv=None):
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f} "
                       f"val_error {100 * val['test_error']:.2f}%")
-                data.save_checkpoint(ckpt_path, {
-                    "arch": arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "args": vars(args), "rng": torch.get_rng_state(),
-                    "history": history})
+                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
+                                         epoch, vars(args), history)
 
     test = evaluate(net, test_loader, args, device)
     if is_main:
