@@ -1,0 +1,241 @@
+"""vgg19.py: parameter counts, torchvision compatibility, the fully convolutional conversion and
+dense test of §3.2, the scale jitter of §3.1, and main() end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torchvision.transforms import v2
+
+import vgg19
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = 0.125  # --width for CPU tests: channels 8-16-32-64-64, FC 512
+
+
+def tv_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_count_matches_torchvision_and_table_2():
+    # Table 1 E by hand: convs 3->64, 64->64, 64->128, 128->128, 128->256, 3x 256->256,
+    # 256->512, 7x 512->512 (9 c_in c_out + c_out each); fc6 25088*4096+4096, fc7 4096^2+4096,
+    # fc8 4096*1000+1000.
+    pairs = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256)] + [(256, 256)] * 3 + \
+        [(256, 512)] + [(512, 512)] * 7
+    by_hand = sum(9 * a * b + b for a, b in pairs) + 25088 * 4096 + 4096 + 4096 * 4096 + 4096 \
+        + 4096 * 1000 + 1000
+    ours = vgg19.count_parameters(vgg19.vgg19())
+    assert ours == by_hand == vgg19.TORCHVISION_PARAMETERS == 143_667_240
+    assert ours == tv_count(torchvision.models.vgg19(weights=None))
+    assert round(ours / 1e6) == vgg19.PAPER["parameters"] / 1e6 == 144  # Table 2: "144" (M)
+    bn = vgg19.vgg19(batch_norm=True)
+    assert vgg19.count_parameters(bn) == tv_count(torchvision.models.vgg19_bn(weights=None))
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in bn.modules()) == 16
+    assert sum(isinstance(m, torch.nn.Linear) for m in bn.modules()) == 3
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs(bn):
+    torch.manual_seed(0)
+    ref = (torchvision.models.vgg19_bn if bn else torchvision.models.vgg19)(weights=None).eval()
+    ours = vgg19.vgg19(batch_norm=bn).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-6, rtol=0)
+
+
+def test_output_shapes_of_every_variant():
+    torch.manual_seed(0)
+    for bn in (False, True):
+        m = vgg19.vgg19(6, bn, width=TINY).eval()
+        with torch.no_grad():
+            assert m(torch.randn(2, 3, 224, 224)).shape == (2, 6)
+            assert m.features(torch.randn(1, 3, 224, 224)).shape == (1, 64, 7, 7)  # 224 / 32
+            assert m(torch.randn(3, 3, 32, 32)).shape == (3, 6)  # 32x32 sets: 1x1 -> 7x7
+        assert vgg19.vgg19(10, bn, 1, TINY)(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    assert [m.out_channels for m in vgg19.vgg19().features if isinstance(m, torch.nn.Conv2d)] \
+        == [64] * 2 + [128] * 2 + [256] * 4 + [512] * 8
+
+
+def test_fully_convolutional_on_224_equals_the_original_logits():
+    torch.manual_seed(0)
+    for bn in (False, True):
+        m = vgg19.vgg19(10, bn, width=TINY).eval()
+        fc = vgg19.fully_convolutional(m)
+        convs = [c for c in fc.classifier if isinstance(c, torch.nn.Conv2d)]
+        assert [c.kernel_size for c in convs] == [(7, 7), (1, 1), (1, 1)]  # fc6, fc7, fc8
+        assert not any(isinstance(c, torch.nn.Linear) for c in fc.modules())
+        x = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            s = fc(x)
+            assert s.shape == (2, 10, 1, 1)
+            assert torch.allclose(s[:, :, 0, 0], m(x), atol=1e-5)
+            # maps <= 7x7 (32x32 images: 1x1) go through the same 7x7 adaptive pooling
+            y = torch.randn(2, 3, 32, 32)
+            assert torch.allclose(fc(y)[:, :, 0, 0], m(y), atol=1e-5)
+        # weights are copies: changing the model does not change the converted net
+        with torch.no_grad():
+            m.classifier[0].weight.add_(1)
+        assert not torch.allclose(convs[0].weight.flatten(1), m.classifier[0].weight)
+
+
+def test_fc_head_slides_exactly_over_a_large_feature_map():
+    # On a C x 9 x 10 map, score cell (i, j) = the original classifier on the 7x7 window at
+    # (i, j): exact, no padding involved (the full-network equality holds only up to borders).
+    torch.manual_seed(0)
+    m = vgg19.vgg19(5, width=TINY).eval()
+    fc = vgg19.fully_convolutional(m).eval()
+    f = torch.randn(2, 64, 9, 10)
+    with torch.no_grad():
+        s = fc.classifier(f)
+        assert s.shape == (2, 5, 3, 4)
+        for i in range(3):
+            for j in range(4):
+                want = m.classifier(f[:, :, i:i + 7, j:j + 7].flatten(1))
+                assert torch.allclose(s[:, :, i, j], want, atol=1e-5)
+
+
+def test_full_network_score_map_size():
+    torch.manual_seed(0)
+    fc = vgg19.fully_convolutional(vgg19.vgg19(7, width=TINY).eval())
+    with torch.no_grad():
+        for h, w in ((256, 288), (224, 320), (384, 512)):
+            assert fc(torch.randn(1, 3, h, w)).shape == (1, 7, (h - 224) // 32 + 1,
+                                                         (w - 224) // 32 + 1)
+
+
+def test_dense_evaluate_is_the_softmax_of_the_spatially_averaged_score_map():
+    torch.manual_seed(0)
+    m = vgg19.vgg19(4, width=TINY).eval()
+    with torch.no_grad():  # spread the scores (init gives ~0.01) so softmax is far from linear
+        m.classifier[6].weight.mul_(300)
+    fc = vgg19.fully_convolutional(m).eval()
+    x = torch.randn(2, 3, 256, 320)
+    with torch.no_grad():
+        # one scale equal to the smallest side (no rescaling), no mirror:
+        # softmax_k(mean_ij S[:, k, i, j]); the map here is 2 x 4
+        s = fc(x)
+        assert s.shape[-2:] == (2, 4)
+        want = s.mean(dim=(2, 3)).softmax(1)
+        got = vgg19.dense_evaluate(fc, x, [256], flip=False)
+        assert torch.allclose(got, want, atol=1e-6)
+        assert torch.allclose(got.sum(1), torch.ones(2))
+        # not the mean of per-cell softmaxes (a different, rejected definition)
+        assert not torch.allclose(got, s.softmax(1).mean(dim=(2, 3)), atol=1e-6)
+        # two scales and the mirror: the mean of four posteriors, by hand
+        posts = []
+        for q in (224, 288):
+            xq = torch.nn.functional.interpolate(x, size=(q, q * 320 // 256), mode="bilinear",
+                                                 align_corners=False, antialias=True)
+            for view in (xq, xq.flip(-1)):
+                posts.append(fc(view).mean(dim=(2, 3)).softmax(1))
+        got = vgg19.dense_evaluate(m, x, [224, 288])  # a plain VGG is converted on the fly
+        assert torch.allclose(got, torch.stack(posts).mean(0), atol=1e-5)
+        # a list of differently sized images gives the same rows as one at a time
+        imgs = [torch.randn(3, 40, 32), torch.randn(3, 32, 48)]
+        rows = vgg19.dense_evaluate(fc, imgs, [32, 48])
+        assert torch.allclose(rows[1], vgg19.dense_evaluate(fc, imgs[1][None], [32, 48])[0])
+
+
+def test_scale_jitter_batch_and_imagenet_transform():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
+    out = vgg19.scale_jitter_batch(x, 32, 32, 24)  # S = 32: crops of the image itself
+    assert out.shape == (2, 3, 24, 24)
+    for k in range(2):  # every output is a 24x24 window of the input (possibly mirrored)
+        found = any(torch.equal(c, out[k]) or torch.equal(c.flip(-1), out[k])
+                    for c in (x[k, :, i:i + 24, j:j + 24] for i in range(9) for j in range(9)))
+        assert found
+    # S = crop = 48: the whole batch rescaled to 48x48, each image possibly mirrored
+    big = vgg19.scale_jitter_batch(x, 48, 48, 48)
+    up = torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False,
+                                         antialias=True)
+    assert all(torch.equal(big[k], up[k]) or torch.equal(big[k], up[k].flip(-1)) for k in range(2))
+    t = vgg19.imagenet_train_transform(256, 512, 224)
+    shortest = [type(p).__name__ for p in t.transforms]
+    assert "RandomShortestSize" in shortest and "PCAColour" in shortest
+    rs = t.transforms[shortest.index("RandomShortestSize")]
+    assert min(rs.min_size) == 256 and max(rs.min_size) == 512
+    img = v2.functional.to_image(torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8))
+    assert t(img).shape == (3, 224, 224)
+
+
+def test_lr_schedule_and_defaults():
+    args = vgg19.get_args_parser().parse_args(["--data", "imagenet"])
+    vgg19.resolve_defaults(args)
+    assert (args.scale_min, args.scale_max, args.crop_size) == (256, 512, 224)
+    assert args.test_scales == [256, 384, 512] and args.single_scale == 384
+    assert (args.epochs, args.batch_size, args.lr, args.weight_decay, args.momentum) == \
+        (74, 256, 0.01, 5e-4, 0.9)
+    assert args.lr_schedule == "steps" and args.width == 1.0
+    # plateau: lr / 10 after `patience` epochs without improvement, three times at most
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    args = vgg19.get_args_parser().parse_args(["--data", "shapes", "--patience", "1"])
+    vgg19.resolve_defaults(args)
+    sched = vgg19.make_scheduler(opt, args)
+    lrs = []
+    for err in [0.5, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4]:
+        sched.step(err)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5])
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    return vgg19.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+                       "--log-every", "100000", *extra]), out
+
+
+@pytest.mark.slow
+def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
+    # ~25 s. The plain 19-layer net at width 0.125 stays at chance on 2,000 images without the
+    # paper's initialisation from net A; with BatchNorm (vgg19_bn) it learns.
+    results, out = run(tmp_path, "a", "--bn", "--epochs", "12", "--batch-size", "32",
+                       "--scale-max", "40")
+    assert results["metrics"]["test_error"] < 0.75
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["metrics"] == results["metrics"] and saved["script"] == "vgg19.py"
+    assert set(saved["metrics"]) == {"test_error", "test_accuracy", "balanced_error",
+                                     "single_scale_error"}  # 6 classes: no top-5
+    assert saved["paper"]["top5_error"] == 0.075 and len(saved["history"]) == 12
+    assert saved["config"]["test_scales"] == [32, 36, 40]
+    # --eval-only with the checkpoint gives back the same test figures
+    again, _ = run(tmp_path, "b", "--bn", "--scale-max", "40", "--eval-only", "--weights",
+                   os.path.join(out, "checkpoint.pt"))
+    assert again["metrics"] == results["metrics"]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    tiny = ["--batch-size", "128", "--patience", "0"]  # patience 0: the lr changes every epoch
+    full, out_full = run(tmp_path, "full", "--epochs", "3", *tiny)
+    run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
+    resumed, out_cut = run(tmp_path, "cut", "--epochs", "3", "--resume", *tiny)
+    assert resumed["history"] == full["history"]
+    assert resumed["metrics"] == full["metrics"]
+    a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"arch": "lenet5-lecture", "model": {}}, other)
+    for argv, message in ((["--data", "nope"], "unknown data set 'nope'"),
+                          (["--data", "voc"], "'voc' is a detection data set"),
+                          (["--data", "shapes", "--weights", "/nonexistent.pt", "--quick"],
+                           "checkpoint /nonexistent.pt not found"),
+                          (["--data", "shapes", "--weights", str(other), "--quick"],
+                           "is of 'lenet5-lecture', not 'vgg19-w0.125'"),
+                          (["--data", "shapes", "--quick", "--crop-size", "64"],
+                           "need --crop-size <= --scale-min")):
+        r = subprocess.run([sys.executable, "vgg19.py", "--device", "cpu", *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode != 0
+        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr

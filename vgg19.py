@@ -1,0 +1,572 @@
+"""VGG-19: K. Simonyan, A. Zisserman, "Very deep convolutional networks for large-scale image
+recognition", ICLR 2015, arXiv:1409.1556 (configuration E of Table 1).
+
+    python vgg19.py --data imagenet                            # §3.1 recipe, §3.2 dense test
+    python vgg19.py --data imagenet --bn                       # torchvision's vgg19_bn layout
+    python vgg19.py --data imagenet --pretrained --eval-only   # torchvision's weights, dense test
+    python vgg19.py --data shapes --quick                      # offline, under a minute on a CPU
+    torchrun --nproc_per_node=2 vgg19.py --data imagenet       # data-parallel, same global batch
+
+Paper (ILSVRC-2012 val, E trained with scale jittering S in [256, 512]): top-1 / top-5 error
+25.5 / 8.0 % single-scale test Q = 384 (Table 3), 24.8 / 7.5 % multi-scale dense test
+Q in {256, 384, 512} (Table 4), 24.4 / 7.1 % dense + multi-crop (Table 5). 144M parameters
+(Table 2; torchvision's vgg19: 143,667,240).
+Ours: see the README's results table (the command and hardware of every figure are there).
+
+Model (Table 1, E): 16 conv 3x3 / stride 1 / pad 1 layers, 64x2, 128x2, 256x4, 512x4, 512x4, a
+2x2/2 max-pool after each group, then FC 4096 - 4096 - classes, ReLU everywhere, dropout 0.5 after
+fc6 and fc7. Module indices are torchvision's (features.N, avgpool = AdaptiveAvgPool2d(7),
+classifier.N), so torchvision's vgg19 / vgg19_bn (--bn) state_dicts load strictly.
+
+Recipe (§3.1): SGD, momentum 0.9, batch 256, weight decay 5e-4, lr 0.01 divided by 10 when the
+validation accuracy stops improving (three times, 74 epochs). Scale jittering: the smallest side
+of each training image is rescaled to S ~ U[256, 512], then a random 224 crop, a random mirror and
+AlexNet's PCA colour shift. Test (§3.2): fc6/fc7/fc8 become 7x7/1x1/1x1 convolutions
+(`fully_convolutional`), applied to the whole image rescaled to Q; the class score map is spatially
+averaged, soft-maxed, and the posteriors averaged over Q and the mirror image (`dense_evaluate`).
+Departures are listed in DEPARTURES and printed at start.
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import data
+import metrics
+
+# ---------------------------------------------------------------------------------------------
+# Paper facts and defaults
+
+PAPER = {"reference": "Simonyan & Zisserman 2014, arXiv:1409.1556, Tables 2-5", "data": "imagenet",
+         "test_error": 0.248, "top5_error": 0.075,              # Table 4: E, multi-scale dense
+         "single_scale_error": 0.255, "single_scale_top5_error": 0.080,   # Table 3: E, Q = 384
+         "dense_multicrop_error": 0.244, "dense_multicrop_top5_error": 0.071,  # Table 5
+         "parameters": 144e6}                                   # Table 2: "144" million for E
+TORCHVISION_PARAMETERS = 143_667_240
+CFG_E = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+         512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]      # Table 1, column E
+EPOCHS = 74               # §3.1: "stopped after 370K iterations (74 epochs)"
+LR_STEPS = (30, 50, 65)   # fixed-step fallback for ImageNet (no held-out val): see DEPARTURES
+POOL = 7                  # 224 / 2^5: the size of the last feature map, fc6's window
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+def _scale(c, width):
+    """Channel count c times the --width multiplier (a CPU-test convenience; 1 = the paper)."""
+    return max(1, round(c * width))
+
+
+class VGG(nn.Module):
+    """Configuration E with torchvision's module indices; `width` scales channels and FC sizes."""
+
+    def __init__(self, num_classes=1000, batch_norm=False, in_channels=3, width=1.0, dropout=0.5):
+        super().__init__()
+        layers, c_in = [], in_channels
+        for v in CFG_E:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))       # §2.1: 2x2, stride 2
+                continue
+            c = _scale(v, width)
+            layers.append(nn.Conv2d(c_in, c, kernel_size=3, padding=1))   # §2.1: 3x3, pad 1
+            if batch_norm:  # not in the paper (2014 predates BN): torchvision's vgg19_bn
+                layers.append(nn.BatchNorm2d(c))
+            layers.append(nn.ReLU(inplace=True))
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        # Identity on 224 inputs (7x7 maps); on 32x32 images it replicates the 1x1 map.
+        self.avgpool = nn.AdaptiveAvgPool2d((POOL, POOL))
+        h = _scale(4096, width)
+        self.classifier = nn.Sequential(                                   # fc6, fc7, fc8
+            nn.Linear(c_in * POOL * POOL, h), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(h, h), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(h, num_classes))
+        init_weights(self, "kaiming")
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)).flatten(1))
+
+
+def vgg19(num_classes=1000, batch_norm=False, in_channels=3, width=1.0):
+    """The model factory: VGG-19 (configuration E), with BatchNorm for torchvision's vgg19_bn."""
+    return VGG(num_classes, batch_norm, in_channels, width)
+
+
+def init_weights(model, scheme="kaiming"):
+    """§3.1 initialised E from the trained net A; its footnote notes that Glorot & Bengio's init
+    works without pre-training. 'glorot': uniform Xavier, zero biases. 'kaiming' (default):
+    torchvision's (He normal, fan_out, for conv; N(0, 0.01) for FC; zero biases), which lets the
+    19 layers train from scratch without the A stage."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if scheme == "glorot":
+                nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class MinSize(nn.Module):
+    """Maps smaller than fc6's 7x7 window are brought to 7 in that dimension by adaptive average
+    pooling, as the original network's AdaptiveAvgPool2d(7) does; larger maps pass unchanged (the
+    window then slides over them). So the converted net equals the original whenever the last
+    feature map is at most 7x7, and is the paper's dense net on large images."""
+
+    def __init__(self, size=POOL):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if h >= self.size and w >= self.size:
+            return x
+        return F.adaptive_avg_pool2d(x, (max(h, self.size), max(w, self.size)))
+
+
+class FullyConvVGG(nn.Module):
+    """§3.2: the net with its FC layers as convolutions; forward returns the class score map
+    (N, classes, (H - 224) / 32 + 1, (W - 224) / 32 + 1) for H, W >= 224 multiples of 32."""
+
+    def __init__(self, features, classifier):
+        super().__init__()
+        self.features, self.classifier = features, classifier
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def fully_convolutional(model):
+    """Convert a VGG into a FullyConvVGG: fc6 -> 7x7 conv (its weight (out, C*49) reshaped to
+    (out, C, 7, 7): flatten(1) of the (C, 7, 7) map is channel-major, as the conv's kernel), fc7,
+    fc8 -> 1x1 convs. Weights are copied: the result does not change when `model` trains."""
+    head, c = [MinSize(POOL)], None
+    for m in model.classifier:
+        if isinstance(m, nn.Linear):
+            if c is None:  # fc6 sees the C x 7 x 7 map
+                c, k = m.in_features // (POOL * POOL), POOL
+            else:
+                c, k = m.in_features, 1
+            conv = nn.Conv2d(c, m.out_features, kernel_size=k).to(m.weight.device, m.weight.dtype)
+            with torch.no_grad():
+                conv.weight.copy_(m.weight.view(m.out_features, c, k, k))
+                conv.bias.copy_(m.bias)
+            head.append(conv)
+        else:
+            head.append(copy.deepcopy(m))
+    fc = FullyConvVGG(copy.deepcopy(model.features), nn.Sequential(*head))
+    return fc.train(model.training)
+
+
+@torch.no_grad()
+def dense_evaluate(model, images, scales, flip=True):
+    """§3.2 dense test. For each Q in `scales` the images are rescaled (bilinear, antialiased) so
+    that their smallest side is Q; the fully convolutional net gives a score map S (N, K, h, w);
+    the image's posterior is softmax_k(1/(h w) sum_ij S[:, k, i, j]) (spatial average of the
+    scores, then the soft-max). The returned (N, K) posteriors are the mean over every Q and, with
+    `flip`, over the image and its mirror image. `images`: a (N, C, H, W) tensor, or a list of
+    (C, H, W) images of different sizes (ImageNet's whole images, done one at a time)."""
+    fc = model if isinstance(model, FullyConvVGG) else fully_convolutional(model).eval()
+    if isinstance(images, (list, tuple)):
+        return torch.cat([dense_evaluate(fc, im[None], scales, flip) for im in images])
+    posteriors = []
+    for q in scales:
+        x = v2.functional.resize(images, [q], antialias=True)
+        for view in ([x, x.flip(-1)] if flip else [x]):
+            scores = fc(view).float().mean(dim=(2, 3))
+            posteriors.append(scores.softmax(1))
+    return torch.stack(posteriors).mean(0)
+
+
+def load_pretrained(model, batch_norm, width):
+    """torchvision's ImageNet weights (IMAGENET1K_V1 of vgg19 / vgg19_bn); with another number of
+    classes, every layer but fc8 (fine-tuning)."""
+    if width != 1.0:
+        raise data.DataError("--pretrained needs --width 1 (the published weights are full size)")
+    weights = (torchvision.models.VGG19_BN_Weights if batch_norm
+               else torchvision.models.VGG19_Weights).IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as e:
+        raise data.DataError(f"could not download torchvision's {'vgg19_bn' if batch_norm else 'vgg19'}"
+                             f" weights ({type(e).__name__}); put {os.path.basename(weights.url)} in "
+                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    if model.classifier[6].out_features != 1000:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.6.")})
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe: scale jittering (§3.1), learning-rate schedule
+
+def imagenet_train_transform(scale_min, scale_max, crop):
+    """§3.1 for ImageNet: smallest side S ~ U{scale_min..scale_max}, random crop, mirror, PCA
+    colour shift (AlexNet's), ImageNet mean/std."""
+    return v2.Compose([v2.ToImage(),
+                       v2.RandomShortestSize(min_size=list(range(scale_min, scale_max + 1)),
+                                             antialias=True),
+                       v2.RandomCrop(crop), v2.RandomHorizontalFlip(),
+                       v2.ToDtype(torch.float32, scale=True), data.PCAColour(),
+                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+def scale_jitter_batch(x, scale_min, scale_max, crop, colour=None):
+    """§3.1 on in-memory device batches of square images: the batch is rescaled to S x S with
+    S ~ U{scale_min..scale_max} (one S per batch: see DEPARTURES), then a random `crop` window, a
+    random mirror and the PCA colour shift per image. x is already normalised: bilinear resizing
+    commutes with the per-channel affine normalisation; the colour shift is divided by std."""
+    n = x.shape[0]
+    s = int(torch.randint(scale_min, scale_max + 1, ()).item())
+    if s != x.shape[-1]:
+        x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+    oy = torch.randint(0, s - crop + 1, (n,), device=x.device)
+    ox = torch.randint(0, s - crop + 1, (n,), device=x.device)
+    r = torch.arange(crop, device=x.device)
+    rows, cols = (oy[:, None] + r)[:, :, None], (ox[:, None] + r)[:, None, :]
+    x = x.permute(0, 2, 3, 1)[torch.arange(n, device=x.device)[:, None, None], rows, cols]
+    x = x.permute(0, 3, 1, 2)
+    mirror = torch.rand(n, device=x.device) < 0.5
+    x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    if colour is not None:
+        eigval, eigvec, std = colour
+        alpha = torch.randn(n, 3, device=x.device) * 0.1
+        x = data.pca_colour(x * std, eigval, eigvec, alpha) / std
+    return x.contiguous()
+
+
+def lr_factor(epoch, steps=LR_STEPS):
+    return 0.1 ** sum(epoch >= s for s in steps)
+
+
+def make_scheduler(optimizer, args):
+    """§3.1: lr / 10 when the validation accuracy stops improving, three times at most
+    ('plateau': ReduceLROnPlateau on the val error, min_lr = lr / 1000); 'steps': fixed epochs."""
+    if args.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.1, patience=args.patience, min_lr=args.lr * 1e-3)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, args.lr_steps))
+
+
+def autocast(device, enabled):
+    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def list_collate(batch):
+    """Whole test images of different sizes: a list of images and a label tensor."""
+    return [im for im, _ in batch], torch.tensor([y for _, y in batch])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progress, colour=None):
+    model.train()
+    total, n = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if args.data != "imagenet":  # in-memory sets: the jitter on the device (ImageNet: v2)
+            x = scale_jitter_batch(x, args.scale_min, args.scale_max, args.crop_size, colour)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total, n = total + loss.item() * len(y), n + len(y)
+        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
+    if args.world > 1:  # the mean over every rank's samples, as one process would report it
+        t = torch.tensor([total, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total, n = t.tolist()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, dense=True):
+    """dense=False: the plain network on the loader's images (the val error that drives the lr).
+    dense=True: §3.2, test_error = multi-scale dense (Q in --test-scales, with mirror images),
+    single_scale_error = dense at Q = (S_min + S_max) / 2 without mirror (Table 3's protocol)."""
+    model.eval()
+    fc = fully_convolutional(model).eval() if dense else None
+    multi, single, targets = [], [], []
+    for x, y in loader:
+        x = [im.to(device) for im in x] if isinstance(x, list) else x.to(device)
+        with autocast(device, args.amp):
+            if dense:
+                multi.append(dense_evaluate(fc, x, args.test_scales, flip=True).cpu())
+                single.append(dense_evaluate(fc, x, [args.single_scale], flip=False).cpu())
+            else:  # 28x28 digits: brought to the crop size (5 pools need >= 32)
+                if x.shape[-1] != args.crop_size:
+                    x = v2.functional.resize(x, [args.crop_size], antialias=True)
+                multi.append(model(x).float().softmax(1).cpu())
+        targets.append(y.cpu())
+    y, out = torch.cat(targets), torch.cat(multi)
+    num_classes = out.shape[1]
+    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
+         "balanced_error": metrics.balanced_error_rate(out, y, num_classes),
+         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+    if dense:
+        r["single_scale_error"] = metrics.error_rate(torch.cat(single), y)
+    if num_classes >= 100:
+        r["top5_error"] = metrics.topk_error(out, y, 5)
+        if dense:
+            r["single_scale_top5_error"] = metrics.topk_error(torch.cat(single), y, 5)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def arch_name(args):
+    return "vgg19" + ("_bn" if args.bn else "") + ("" if args.width == 1.0 else f"-w{args.width:g}")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="VGG-19 (Simonyan & Zisserman 2014) on ImageNet, "
+                                "CIFAR, MNIST or the synthetic shapes set, with the paper's scale "
+                                "jittering and dense multi-scale test.")
+    p.add_argument("--data", default="imagenet",
+                   help="imagenet | cifar10 | cifar100 | mnist | fashion-mnist | shapes")
+    p.add_argument("--data-dir", default=data.default_data_dir(),
+                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    p.add_argument("--bn", action="store_true",
+                   help="BatchNorm after every conv (torchvision's vgg19_bn; not in the paper)")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel and FC-size multiplier, a CPU-test convenience (default: 1 = the "
+                   "paper; 0.125 with --quick)")
+    p.add_argument("--init", default="kaiming", choices=["kaiming", "glorot"],
+                   help="weight init (default: kaiming, torchvision's; glorot: the paper's note)")
+    p.add_argument("--scale-min", type=int, default=None,
+                   help="S_min of the training scale jitter (default: 256; 32 on 32x32 sets)")
+    p.add_argument("--scale-max", type=int, default=None,
+                   help="S_max of the training scale jitter (default: 512; 48 on 32x32 sets)")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help="training crop (default: 224; 32 on 32x32 sets)")
+    p.add_argument("--test-scales", type=int, nargs="+", default=None,
+                   help="dense-test scales Q (default: S_min, (S_min+S_max)/2, S_max: 256 384 512)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the training set (default: the paper's {EPOCHS}; 2 with --quick)")
+    p.add_argument("--lr-schedule", default=None, choices=["plateau", "steps"],
+                   help="lr / 10 on a val-error plateau or at --lr-steps (default: plateau where "
+                   "there is a val split, steps on ImageNet)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="epochs without val improvement before lr / 10 (default: 3)")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=list(LR_STEPS),
+                   help="epochs at which the lr is divided by 10 with --lr-schedule steps")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size (default: 256)")
+    p.add_argument("--lr", type=float, default=0.01, help="base learning rate (default: 0.01)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §3.1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default="runs/vgg19", help="results.json and checkpoints go here")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
+    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's ImageNet weights (IMAGENET1K_V1)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny subset, 2 epochs, width 0.125: a smoke run on a CPU")
+    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    return p
+
+
+def resolve_defaults(args):
+    imagenet = args.data == "imagenet"
+    if args.width is None:
+        args.width = 0.125 if args.quick else 1.0
+    if args.epochs is None:
+        args.epochs = 2 if args.quick else EPOCHS
+    args.scale_min = args.scale_min or (256 if imagenet else 32)
+    args.scale_max = args.scale_max or (512 if imagenet else 48)
+    args.crop_size = args.crop_size or (224 if imagenet else 32)
+    if not args.crop_size <= args.scale_min <= args.scale_max:
+        raise data.DataError(f"need --crop-size <= --scale-min <= --scale-max, got "
+                             f"{args.crop_size}, {args.scale_min}, {args.scale_max}")
+    # §4.2: with jittered training, Q = {S_min, 0.5 (S_min + S_max), S_max}; §4.1: Q = the middle.
+    args.single_scale = (args.scale_min + args.scale_max) // 2
+    args.test_scales = args.test_scales or [args.scale_min, args.single_scale, args.scale_max]
+    args.lr_schedule = args.lr_schedule or ("steps" if imagenet else "plateau")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    t0 = time.time()
+    data.check_task(args.data, "classification")
+    resolve_defaults(args)
+    imagenet = args.data == "imagenet"
+    device = data.select_device(args.device, args.cuda)
+    rank, args.world = data.init_distributed(device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed + rank)
+    if args.batch_size % args.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
+                             f"{args.world} processes")
+
+    # Data. ImageNet: §3.1's jitter as v2 transforms; the test set as whole images (normalised,
+    # not resized: dense_evaluate rescales each to every Q). In-memory sets: the whole set on the
+    # device, no loader augmentation: scale_jitter_batch does §3.1 there.
+    colour = None
+    if imagenet:
+        bs = args.batch_size // args.world
+        train_set = data.classification_dataset(
+            "imagenet", "train", args.data_dir, quick=args.quick,
+            transform=imagenet_train_transform(args.scale_min, args.scale_max, args.crop_size))
+        test_set = data.classification_dataset(
+            "imagenet", "test", args.data_dir, quick=args.quick,
+            transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                                  v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
+        train_loader = data.make_loader(train_set, bs, True, args.workers, device, seed=args.seed)
+        test_loader = data.make_loader(test_set, 16, False, args.workers, device,
+                                       collate_fn=list_collate, shard=False)
+        val_loader = None
+        classes = getattr(train_set, "names", None) or train_set.dataset.names
+        info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
+                "sizes": (len(train_set), 0, len(test_set))}
+    else:
+        train_loader, val_loader, test_loader, info = data.classification_loaders(
+            args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
+            args.quick, args.seed, augment=False, eval_batch_size=250)
+        classes = info["classes"]
+        if info["in_channels"] == 3:  # PCA colour from the training set's own RGB covariance
+            eigval, eigvec = data.colour_pca(train_loader.images.cpu())
+            colour = (eigval.to(device), eigvec.to(device),
+                      torch.tensor(info["std"], device=device).view(1, 3, 1, 1))
+    if args.lr_schedule == "plateau" and val_loader is None:
+        raise data.DataError(f"--lr-schedule plateau needs a val split, which {args.data} lacks; "
+                             f"use --lr-schedule steps")
+    n_train, n_val, n_test = info["sizes"]
+
+    model = vgg19(len(classes), args.bn, info["in_channels"], args.width)
+    init_weights(model, args.init)
+    model.to(device)
+    arch = arch_name(args)
+    if args.pretrained:
+        load_pretrained(model, args.bn, args.width)
+    if args.weights:
+        data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # §3.1: the L2 penalty 5e-4 on every weight (PyTorch's weight_decay), momentum 0.9.
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = make_scheduler(optimizer, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+              "normalisation": {"mean": info["mean"], "std": info["std"]},
+              "departures": DEPARTURES}
+    if is_main:
+        print(f"vgg19.py: {arch} on {args.data} ({n_train} train / {n_val} val / {n_test} test), "
+              f"S in [{args.scale_min}, {args.scale_max}], crop {args.crop_size}, test Q "
+              f"{args.test_scales}, {config['parameters']:,} parameters, device {device}, "
+              f"{args.world} process(es)")
+        for d in DEPARTURES:
+            print(f"  departure from the paper: {d}")
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    start_epoch, history = 0, []
+    if args.resume:
+        start_epoch, history = data.resume_training_state(ckpt_path, arch, model, optimizer,
+                                                          scheduler, scaler)
+        if is_main:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
+
+    net = model
+    if args.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        net = torch.compile(net)
+
+    if not args.eval_only:
+        progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
+                                    start_epoch=start_epoch, enabled=is_main)
+        for epoch in range(start_epoch, args.epochs):
+            data.set_epoch(train_loader, epoch)
+            loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
+                                   progress, colour)
+            row = {"epoch": epoch + 1, "train_loss": loss}
+            if val_loader is not None:  # ImageNet has none: its official val set is the test set
+                row["val_error"] = evaluate(model, val_loader, args, device, dense=False)["test_error"]
+            if args.lr_schedule == "plateau":
+                scheduler.step(row["val_error"])
+            else:
+                scheduler.step()
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            history.append(row)
+            if is_main:
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
+                      (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else "") +
+                      f" lr {row['lr']:.2g}")
+                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
+                                         epoch, vars(args), history, classes=list(classes))
+
+    test = evaluate(model, test_loader, args, device, dense=True)
+    keys = ["test_error", "test_accuracy", "balanced_error", "single_scale_error", "top5_error",
+            "single_scale_top5_error"]
+    if is_main:
+        print(f"test_error {100 * test['test_error']:.2f}% ({test['errors']}/{test['samples']}, "
+              f"dense, Q {args.test_scales} + mirror) single_scale_error (Q {args.single_scale}) "
+              f"{100 * test['single_scale_error']:.2f}% balanced_error "
+              f"{100 * test['balanced_error']:.2f}%" +
+              (f" top5_error {100 * test['top5_error']:.2f}%" if "top5_error" in test else ""))
+    results = metrics.write_results(
+        os.path.join(args.out, "results.json"), "vgg19.py", args.data,
+        {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
+        seconds=time.time() - t0, history=history) if is_main else None
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+DEPARTURES = [
+    "initialisation: the paper initialised E from the trained shallower net A (§3.1); we train "
+    "from scratch with torchvision's He (Kaiming) init (--init kaiming) or Glorot's (--init "
+    "glorot), which the paper notes works without pre-training",
+    "lr schedule: ReduceLROnPlateau (factor 0.1, --patience 3, at most 3 times) on the held-out "
+    "val error for sets with a val split; on ImageNet (whose official val set is our test set) "
+    "fixed steps at epochs 30, 50, 65 of 74",
+    "AdaptiveAvgPool2d(7) before fc6 (identity at 224, torchvision's layout) so that 32x32 inputs "
+    "run; the dense net pools maps smaller than 7x7 up to 7 in the same way",
+    "--bn (vgg19_bn) adds BatchNorm, which the 2014 paper does not have",
+    "dense test: rescaling is bilinear with antialiasing (the paper does not say which filter); "
+    "the multi-crop test of §3.2 / Table 5 is not implemented",
+    "32x32 sets (shapes, CIFAR, MNIST): S ~ U{32..48}, 32 crops, test Q in {32, 40, 48}, one S "
+    "per batch (rescaled on the device) instead of per image; PCA colour from the training set's "
+    "own RGB covariance; --width < 1 narrows every layer (CPU tests only)",
+]
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"vgg19.py: error: {str(e).strip().splitlines()[-1]}")
