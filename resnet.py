@@ -1,0 +1,615 @@
+"""ResNet: K. He, X. Zhang, S. Ren, J. Sun, "Deep residual learning for image recognition",
+CVPR 2016, arXiv:1512.03385.
+
+    python resnet.py --depth 20                              # CIFAR-10, the paper's §4.2 recipe
+    python resnet.py --depth 110                             # the same, with the 400-step warm-up
+    python resnet.py --depth 50 --data imagenet              # §3.4 recipe, 10-crop test
+    python resnet.py --depth 50 --eval-only --pretrained     # torchvision's weights on ImageNet val
+    python resnet.py --data shapes --quick                   # offline, seconds on a CPU
+    torchrun --nproc_per_node=2 resnet.py --depth 110        # data-parallel, same global batch
+
+Paper: CIFAR-10 test error (Table 6) ResNet-20/32/44/56/110: 8.75 / 7.51 / 7.17 / 6.97 / 6.43 %
+(110: best of 5 runs, mean 6.61 %). ImageNet val, 10-crop (Table 3): ResNet-50 22.85 % top-1 /
+6.71 % top-5, ResNet-101 21.75 / 6.05, ResNet-152 21.43 / 5.71.
+Ours: see the README's results table (the command and hardware of every figure are there).
+
+Two families, chosen by --depth. ImageNet depths 18/34/50/101/152 (Table 1): 7x7/2 stem, max-pool,
+four stages of basic (18, 34) or bottleneck (50+) blocks, projection shortcuts where the shape
+changes (option B, §3.3); the module names (conv1, bn1, layer1..4, downsample, fc) and therefore
+the state_dict are torchvision.models.resnet18..152's. CIFAR depths 20/32/44/56/110/1202 (§4.2):
+6n+2 layers, a 3x3 stem with 16 maps, three stages of n basic blocks on 32x32/16x16/8x8 maps with
+16/32/64 filters, global average pooling, a 10-way fc, and the paper's option-A shortcuts (identity;
+stride-2 subsampling and zero-padded extra channels where the shape changes: no parameters).
+
+Recipe. CIFAR (§4.2): SGD momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k
+and 48k iterations, stop at 64k; 45k/5k train/val split; 4-pixel zero padding, random 32x32 crop,
+horizontal flip; test on the single 32x32 view. The schedule is counted in iterations (a per-step
+scheduler); --epochs sets another total length and the milestones keep their fractions (1/2, 3/4).
+ImageNet (§3.4): SGD momentum 0.9, weight decay 1e-4, batch 256, lr 0.1 divided by 10 every 30
+epochs for 90 (torchvision's reference; see DEPARTURES), random-size crops, flips, PCA colour;
+10-crop test (data.ten_crop_predict), the single centre crop reported as well.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import data
+import metrics
+
+# ---------------------------------------------------------------------------------------------
+# Paper facts and defaults
+
+# CIFAR-10 test error and parameter counts, Table 6 (110: best of 5 runs; the mean is 6.61 %).
+CIFAR_ERROR = {20: 0.0875, 32: 0.0751, 44: 0.0717, 56: 0.0697, 110: 0.0643, 1202: 0.0793}
+CIFAR_PARAMS = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6, 1202: 19.4e6}
+# ImageNet val, 10-crop top-1 / top-5 error: Table 3 (option B shortcuts, as here) for 34-152;
+# ResNet-18's 27.88 % is Table 2's (option A shortcuts; no top-5 figure is given).
+IMAGENET_ERROR = {18: (0.2788, None), 34: (0.2452, 0.0746), 50: (0.2285, 0.0671),
+                  101: (0.2175, 0.0605), 152: (0.2143, 0.0571)}
+CIFAR_DEPTHS = tuple(CIFAR_ERROR)
+IMAGENET_DEPTHS = tuple(IMAGENET_ERROR)
+# §4.2: "lr 0.1, divided by 10 at 32k and 48k iterations, terminate training at 64k"
+CIFAR_RECIPE = dict(iterations=64000, milestones=(32000, 48000), batch_size=128, lr=0.1,
+                    weight_decay=1e-4, warmup=400)
+# §3.4: batch 256, lr 0.1, wd 1e-4; ÷10 every 30 epochs of 90 as torchvision's reference
+IMAGENET_RECIPE = dict(epochs=90, milestones=(30, 60), batch_size=256, lr=0.1, weight_decay=1e-4)
+
+
+def is_cifar_depth(depth):
+    """The CIFAR family is every 6n+2 (§4.2) that is not an ImageNet depth (50 = 6*8+2 is)."""
+    return depth not in IMAGENET_DEPTHS and depth >= 8 and (depth - 2) % 6 == 0
+
+
+def paper_figures(depth):
+    if is_cifar_depth(depth) and depth not in CIFAR_ERROR:
+        return {"reference": "He et al. 2015, arXiv:1512.03385, §4.2 (6n+2 layers)",
+                "data": "cifar10", "note": f"Table 6 has no ResNet-{depth}"}
+    if depth in CIFAR_ERROR:
+        return {"reference": "He et al. 2015, arXiv:1512.03385, Table 6", "data": "cifar10",
+                "test_error": CIFAR_ERROR[depth], "parameters": CIFAR_PARAMS[depth],
+                **({"test_error_mean_of_5": 0.0661} if depth == 110 else {})}
+    top1, top5 = IMAGENET_ERROR[depth]
+    return {"reference": f"He et al. 2015, arXiv:1512.03385, Table {2 if depth == 18 else 3} "
+            "(10-crop)", "data": "imagenet", "test_error": top1, "top5_error": top5}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)  # BN follows: no bias
+
+
+class BasicBlock(nn.Module):
+    """Fig. 2 / Fig. 5 left: two 3x3 convolutions, F(x) + x, ReLU after the addition."""
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(inplanes, planes, stride), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.downsample = downsample  # None: the identity shortcut
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    """Fig. 5 right: 1x1 reduce, 3x3, 1x1 restore (x4). The stride is on the 3x3 convolution, as
+    in torchvision ("ResNet v1.5"); the paper strides the first 1x1 (see DEPARTURES)."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ShortcutA(nn.Module):
+    """Option (A) of §3.3, used for every CIFAR network (§4.2): the identity, subsampled by taking
+    every `stride`-th pixel (what a stride-2 1x1 identity convolution does), with the extra
+    channels filled with zeros (appended after the input's, as fb.resnet.torch). No parameters."""
+
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        self.stride, self.extra = stride, planes - inplanes
+
+    def forward(self, x):
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra))  # (W, H, C) pairs: zeros after channel C-1
+
+
+def _init(model):
+    """He et al.'s init [13] for convolutions (normal, fan_out, ReLU gain, as torchvision and
+    fb.resnet.torch), BN scale 1 and shift 0; the fc keeps PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ResNet(nn.Module):
+    """The ImageNet networks of Table 1 with torchvision's module names."""
+
+    def __init__(self, block, layers, num_classes=1000, in_channels=3):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        # conv2_x .. conv5_x; "down-sampling is performed by conv3_1, conv4_1, conv5_1" (Table 1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        _init(self)
+
+    def _make_layer(self, block, planes, blocks, stride=1):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            # option (B): a 1x1 projection (+ BN) where the shape changes, identity elsewhere
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+class CifarResNet(nn.Module):
+    """§4.2: 3x3 conv with 16 maps, then 3 stages of n basic blocks with 16, 32, 64 filters on
+    32x32, 16x16, 8x8 maps (stride 2 at the first 3x3 of stages 2 and 3), global average
+    pooling, fc: 6n + 2 weighted layers. Option-A shortcuts throughout."""
+
+    def __init__(self, depth=20, num_classes=10, in_channels=3):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has 6n+2 layers, not {depth}")
+        n = (depth - 2) // 6
+        self.conv1, self.bn1 = conv3x3(in_channels, 16), nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.inplanes = 16
+        self.layer1 = self._make_layer(16, n)
+        self.layer2 = self._make_layer(32, n, stride=2)
+        self.layer3 = self._make_layer(64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        _init(self)
+
+    def _make_layer(self, planes, blocks, stride=1):
+        shortcut = ShortcutA(self.inplanes, planes, stride) if stride != 1 else None
+        layers = [BasicBlock(self.inplanes, planes, stride, shortcut)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+IMAGENET_LAYERS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+                   50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
+                   152: (Bottleneck, (3, 8, 36, 3))}
+
+
+def resnet(depth=50, num_classes=1000, in_channels=3):
+    """The model factory: CIFAR depths 6n+2 (Table 6: 20, 32, 44, 56, 110, 1202) give the §4.2
+    network, ImageNet depths (18, 34, 50, 101, 152) the torchvision-compatible Table 1 network."""
+    if is_cifar_depth(depth):
+        return CifarResNet(depth, num_classes, in_channels)
+    if depth in IMAGENET_LAYERS:
+        return ResNet(*IMAGENET_LAYERS[depth], num_classes=num_classes, in_channels=in_channels)
+    raise ValueError(f"unknown ResNet depth {depth}; use 6n+2 (CIFAR, e.g. {CIFAR_DEPTHS}) or "
+                     f"one of {IMAGENET_DEPTHS} (ImageNet)")
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_pretrained(model, depth):
+    """torchvision's ImageNet weights (IMAGENET1K_V1, trained with torchvision's reference
+    recipe); with another number of classes, every layer but the fc (fine-tuning)."""
+    if depth not in IMAGENET_DEPTHS:
+        raise data.DataError(f"--pretrained needs an ImageNet depth {IMAGENET_DEPTHS}; there are "
+                             f"no published weights of the CIFAR ResNet-{depth}")
+    weights = getattr(torchvision.models, f"ResNet{depth}_Weights").IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as e:
+        name = os.path.basename(weights.url)
+        raise data.DataError(f"could not download torchvision's ResNet-{depth} weights "
+                             f"({type(e).__name__}); put {name} in "
+                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    if model.fc.out_features != 1000:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("fc.")})
+    data.load_weights(model, state, f"torchvision's ResNet-{depth} weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe: the iteration schedule
+
+def lr_factor(iteration, milestones, warmup=0):
+    """The lr multiplier at a 0-based iteration: / 10 per milestone reached; x 0.1 during the
+    warm-up (§4.2, ResNet-110: "0.01 to warm up the training ... then go back to 0.1")."""
+    if iteration < warmup:
+        return 0.1
+    return 0.1 ** sum(iteration >= m for m in milestones)
+
+
+def schedule(recipe, steps_per_epoch, epochs=None):
+    """(total iterations, milestones in iterations). CIFAR: the paper's 64k iterations unless
+    `epochs` is given; ImageNet: 90 epochs. Another length keeps the milestones' fractions."""
+    if recipe == "cifar":
+        r = CIFAR_RECIPE
+        total = r["iterations"] if epochs is None else epochs * steps_per_epoch
+        return total, [round(m * total / r["iterations"]) for m in r["milestones"]]
+    r = IMAGENET_RECIPE
+    total = (epochs or r["epochs"]) * steps_per_epoch
+    return total, [round(m * total / r["epochs"]) for m in r["milestones"]]
+
+
+def autocast(device, enabled):
+    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data glue: ImageNet's transforms (the in-memory sets come from data.classification_loaders)
+
+def imagenet_loaders(args, device):
+    """§3.4 training pipeline with RandomResizedCrop as the scale augmentation, flips and PCA
+    colour; the test loader yields the central (256/224 x size)^2 square of the image resized to
+    256/224 x size, from which both the centre crop and the ten crops are cut."""
+    mean, std, size = data.IMAGENET_MEAN, data.IMAGENET_STD, args.img_size
+    big = round(size * 256 / 224)
+    train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
+                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                           data.PCAColour(), v2.Normalize(mean, std)])
+    test_tf = v2.Compose([v2.ToImage(), v2.Resize(big, antialias=True), v2.CenterCrop(big),
+                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
+    train_set = data.classification_dataset("imagenet", "train", transform=train_tf, **kw)
+    test_set = data.classification_dataset("imagenet", "test", transform=test_tf, **kw)
+    train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
+                             seed=args.seed)
+    test = data.make_loader(test_set, 50, False, args.workers, device, shard=False)
+    classes = getattr(train_set, "names", None) or train_set.dataset.names
+    info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3, "image_size": size,
+            "sizes": (len(train_set), 0, len(test_set))}
+    return train, None, test, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, epoch, progress,
+                    steps):
+    """At most `steps` iterations (the last epoch of an iteration budget is cut short); the
+    scheduler steps after every iteration."""
+    model.train()
+    total, n = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        if i >= steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        total, n = total + loss.item() * len(y), n + len(y)
+        progress.step(len(y) * args.world, loss.item(), lr, epoch)
+    if args.world > 1:  # the mean over every rank's samples, as one process would report it
+        t = torch.tensor([total, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total, n = t.tolist()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def predict(model, x, size, ten_crop=False, channels_last=False):
+    """Softmax probabilities of the single view (the centre `size` crop when x is larger; CIFAR:
+    the original 32x32 image, §4.2) or averaged over the ten crops (§3.4, data.ten_crop_predict)."""
+    if ten_crop:
+        return data.ten_crop_predict(model, x, size).float()
+    if x.shape[-1] > size:
+        x = v2.functional.center_crop(x, [size, size])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model(x).float().softmax(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, ten_crop=False):
+    """Single-crop error (and ten-crop error with ten_crop, then test_error is the ten-crop one),
+    accuracy, balanced error, and top-5 error when there are >= 100 classes."""
+    model.eval()
+    single, tens, targets = [], [], []
+    size = args.img_size or 10 ** 9  # small sets: the image as it is
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        with autocast(device, args.amp):
+            single.append(predict(model, x, size, False, args.channels_last).cpu())
+            if ten_crop:
+                tens.append(predict(model, x, size, True).cpu())
+        targets.append(y.cpu())
+    y, p1 = torch.cat(targets), torch.cat(single)
+    out = torch.cat(tens) if ten_crop else p1
+    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
+         "balanced_error": metrics.balanced_error_rate(out, y, out.shape[1]),
+         "single_crop_error": metrics.error_rate(p1, y),
+         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+    if ten_crop:
+        r["ten_crop_error"] = r["test_error"]
+    if out.shape[1] >= 100:
+        r["top5_error"] = metrics.topk_error(out, y, 5)
+        r["single_crop_top5_error"] = metrics.topk_error(p1, y, 5)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="ResNet (He et al. 2015): the CIFAR networks of §4.2 "
+                                "and the ImageNet networks of Table 1 (torchvision-compatible).")
+    p.add_argument("--depth", type=int, default=20,
+                   help=f"CIFAR 6n+2 (the paper's {CIFAR_DEPTHS}) or ImageNet {IMAGENET_DEPTHS} "
+                   "(default: 20)")
+    p.add_argument("--data", default=None, help="cifar10 | cifar100 | imagenet | mnist | "
+                   "fashion-mnist | shapes (default: cifar10 for CIFAR depths, imagenet otherwise)")
+    p.add_argument("--data-dir", default=data.default_data_dir(),
+                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    p.add_argument("--trainval", action="store_true",
+                   help="train on train+val (the whole training set); default: the paper's "
+                   "45k/5k split, the 5k for validation")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="ImageNet crop size (default: 224); shapes: the size the images are "
+                   "drawn at (default: 32, 16 with --quick); the other sets keep their own size")
+    p.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
+                   help="10-crop test (default: on for ImageNet, as Table 3; off otherwise)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training length in passes; the lr milestones keep their fractions "
+                   "(default: the paper's 64k iterations on small sets, 90 epochs on ImageNet; "
+                   "2 with --quick)")
+    p.add_argument("--warmup-iters", type=int, default=None,
+                   help="iterations at lr/10 before the schedule (default: 400 for ResNet-110 "
+                   "and -1202 on small sets, §4.2; else 0)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size (default: 128 on small sets, 256 on ImageNet)")
+    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default=None, help="results.json and checkpoints go here "
+                   "(default: runs/resnetDEPTH)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
+    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's ImageNet weights (ImageNet depths only)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny subset and 2 epochs: a smoke run on a CPU")
+    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many epochs as if killed, without testing (the "
+                   "schedule is still that of --epochs; used to test --resume)")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    t0 = time.time()
+    if not (is_cifar_depth(args.depth) or args.depth in IMAGENET_DEPTHS):
+        raise data.DataError(f"unknown ResNet depth {args.depth}; use 6n+2 (CIFAR, e.g. "
+                             f"{CIFAR_DEPTHS}) or one of {IMAGENET_DEPTHS} (ImageNet)")
+    cifar_net = is_cifar_depth(args.depth)
+    args.data = args.data or ("cifar10" if cifar_net else "imagenet")
+    data.check_task(args.data, "classification")
+    imagenet = args.data == "imagenet"
+    recipe = "imagenet" if imagenet else "cifar"  # the recipe follows the data, the net the depth
+    args.out = args.out or f"runs/resnet{args.depth}"
+    args.batch_size = args.batch_size or (256 if imagenet else 128)
+    if args.img_size is not None and args.data not in ("imagenet", "shapes"):
+        raise data.DataError(f"--img-size applies to imagenet and shapes; {args.data} is used at "
+                             f"its own size")
+    if args.img_size is None:
+        args.img_size = 224 if imagenet else (16 if args.quick else 32) if args.data == "shapes" \
+            else None
+    args.ten_crop = imagenet if args.ten_crop is None else args.ten_crop
+    if args.ten_crop and not imagenet:
+        raise data.DataError("--ten-crop is the ImageNet test (crops of 224 from 256 images); "
+                             "the small sets are tested on the single original view (§4.2)")
+    if args.warmup_iters is None:
+        args.warmup_iters = CIFAR_RECIPE["warmup"] if recipe == "cifar" and args.depth >= 110 \
+            else 0
+    if args.epochs is None and args.quick:
+        args.epochs = 2
+    if args.trainval and imagenet:
+        raise data.DataError("--trainval: ImageNet has no held-out split here (val is the test "
+                             "set); drop the flag")
+    device = data.select_device(args.device, args.cuda)
+    rank, args.world = data.init_distributed(device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed + rank)
+    if args.batch_size % args.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
+                             f"{args.world} processes")
+
+    # Data. Small sets: the whole set on the device, 4-pixel padding + random crop + flip there
+    # (§4.2), normalised with the training set's statistics. ImageNet: the §3.4 transforms.
+    if imagenet:
+        train_loader, val_loader, test_loader, info = imagenet_loaders(args, device)
+    else:
+        train_loader, val_loader, test_loader, info = data.classification_loaders(
+            args.data, args.batch_size // args.world, device, args.data_dir,
+            not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
+            train_split="trainval" if args.trainval else "train", size=args.img_size)
+        if args.trainval:
+            val_loader = None  # the held-out images are in the training set now
+    classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
+
+    model = resnet(args.depth, len(classes), info["in_channels"]).to(device)
+    arch = f"resnet{args.depth}"
+    if args.pretrained:
+        load_pretrained(model, args.depth)
+    if args.weights:
+        data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    steps_per_epoch = len(train_loader)
+    total_iters, milestones = schedule(recipe, steps_per_epoch, args.epochs)
+    epochs = math.ceil(total_iters / steps_per_epoch)  # the last one may be cut short
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, milestones, args.warmup_iters))  # per iteration
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+    departures = DEPARTURES_IMAGENET if imagenet else DEPARTURES_CIFAR
+    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+              "recipe": recipe, "iterations": total_iters, "milestones": milestones,
+              "steps_per_epoch": steps_per_epoch, "normalisation": {"mean": info["mean"],
+                                                                     "std": info["std"]},
+              "departures": departures}
+    if is_main:
+        print(f"resnet.py: ResNet-{args.depth} on {args.data} ({n_train} train / {n_val} val / "
+              f"{n_test} test), {config['parameters']:,} parameters, device {device}, "
+              f"{args.world} process(es); {total_iters} iterations ({epochs} epochs of "
+              f"{steps_per_epoch}), lr {args.lr} / 10 at {milestones}" +
+              (f", warm-up {args.warmup_iters}" if args.warmup_iters else ""))
+        for d in departures:
+            print(f"  departure from the paper: {d}")
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    start_epoch, history = 0, []
+    if args.resume:
+        start_epoch, history = data.resume_training_state(ckpt_path, arch, model, optimizer,
+                                                          scheduler, scaler)
+        if is_main:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
+
+    net = model
+    if args.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        net = torch.compile(net)
+
+    if not args.eval_only:
+        progress = metrics.Progress(steps_per_epoch, epochs, args.log_every,
+                                    start_epoch=start_epoch, enabled=is_main)
+        progress.remaining = total_iters - scheduler.last_epoch  # for the ETA of a cut epoch
+        for epoch in range(start_epoch, epochs):
+            data.set_epoch(train_loader, epoch)
+            steps = min(steps_per_epoch, total_iters - scheduler.last_epoch)
+            loss = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, args, device,
+                                   epoch, progress, steps)
+            row = {"epoch": epoch + 1, "iteration": scheduler.last_epoch, "train_loss": loss}
+            if val_loader is not None:
+                row["val_error"] = evaluate(net, val_loader, args, device)["test_error"]
+            history.append(row)
+            if is_main:
+                print(f"epoch {epoch + 1}/{epochs} iteration {row['iteration']} train_loss "
+                      f"{loss:.4f}" + (f" val_error {100 * row['val_error']:.2f}%"
+                                       if "val_error" in row else ""))
+                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
+                                         epoch, vars(args), history, classes=list(classes))
+            if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                return None
+
+    test = evaluate(net, test_loader, args, device, ten_crop=args.ten_crop)
+    keys = ["test_error", "test_accuracy", "balanced_error", "single_crop_error",
+            "ten_crop_error", "top5_error", "single_crop_top5_error"]
+    if is_main:
+        print(f"test_error {100 * test['test_error']:.2f}% ({test['errors']}/{test['samples']}"
+              f"{', ten-crop' if args.ten_crop else ''}) balanced_error "
+              f"{100 * test['balanced_error']:.2f}%" +
+              (f" single_crop_error {100 * test['single_crop_error']:.2f}%"
+               if args.ten_crop else "") +
+              (f" top5_error {100 * test['top5_error']:.2f}%" if "top5_error" in test else ""))
+    results = metrics.write_results(
+        os.path.join(args.out, "results.json"), "resnet.py", args.data,
+        {k: test[k] for k in keys if k in test}, paper=paper_figures(args.depth), config=config,
+        device=str(device), seconds=time.time() - t0, history=history) if is_main else None
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+DEPARTURES_CIFAR = [
+    "inputs normalised with the training set's per-channel mean and deviation (the paper "
+    "subtracts the per-pixel mean)",
+    "ResNet-110/1202 warm-up: a fixed 400 iterations at lr 0.01, not 'until the training error "
+    "is below 80 %' (about 400 iterations in the paper), so that resume is exact",
+    "one process holds the whole batch of 128 (the paper: two GPUs, BN statistics per GPU); "
+    "under torchrun BN statistics are per process, as in the paper",
+]
+DEPARTURES_IMAGENET = [
+    "bottleneck stride on the 3x3 convolution (torchvision's 'v1.5'); the paper strides the "
+    "first 1x1 of conv3_1, conv4_1, conv5_1",
+    "lr / 10 every 30 epochs for 90 epochs (torchvision's reference recipe) instead of 'when the "
+    "error plateaus' for up to 60e4 iterations (= 120 epochs at batch 256)",
+    "scale augmentation by RandomResizedCrop (8-100 % of the area, aspect 3/4-4/3) instead of "
+    "the short side resized to a random size in [256, 480] and a random 224 crop",
+    "per-channel mean/std normalisation (the paper subtracts the per-pixel mean)",
+    "10-crop test on the central 256x256 square of the image resized to 256 (not on the whole "
+    "resized image); single-crop figures are the 224 centre crop",
+]
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"resnet.py: error: {str(e).strip().splitlines()[-1]}")

@@ -1,0 +1,195 @@
+"""resnet.py: parameter counts (Table 6, torchvision), option-A shortcuts, the iteration schedule
+of §4.2, torchvision compatibility, and main() end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import data
+import resnet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cifar_parameters_by_hand(depth, classes=10):
+    """§4.2: a 3x3 stem with 16 maps, 3 stages of n basic blocks (16, 32, 64 filters), fc.
+    Convolutions have no bias (BN follows); each BN has 2 parameters per channel; option-A
+    shortcuts have none."""
+    n = (depth - 2) // 6
+    total = 9 * 3 * 16 + 2 * 16
+    c_in = 16
+    for c in (16, 32, 64):
+        for _ in range(n):
+            total += 9 * c_in * c + 9 * c * c + 4 * c
+            c_in = c
+    return total + 64 * classes + classes
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_cifar_parameter_counts_match_table_6(depth):
+    m = resnet.resnet(depth, 10)
+    n = resnet.count_parameters(m)
+    assert n == cifar_parameters_by_hand(depth)
+    # Table 6 gives 0.27M, 0.46M, 0.66M, 0.85M, 1.7M
+    assert round(n / 1e6, 2 if depth < 100 else 1) == resnet.CIFAR_PARAMS[depth] / 1e6
+    # 6n + 2 weighted layers: convolutions plus the fc
+    layers = sum(isinstance(x, (torch.nn.Conv2d, torch.nn.Linear)) for x in m.modules())
+    assert layers == depth
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+def test_imagenet_networks_have_torchvisions_parameters_and_names(depth):
+    ours = resnet.resnet(depth)
+    ref = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    assert resnet.count_parameters(ours) == sum(p.numel() for p in ref.parameters())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_torchvision_state_dict_gives_identical_outputs(depth):
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    with torch.no_grad():  # non-trivial BN statistics, so that eval mode uses them
+        for mod in ref.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    ref.eval()
+    ours = resnet.resnet(depth).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5, rtol=0)
+
+
+def test_output_and_stage_shapes():
+    m = resnet.resnet(20, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert m(x).shape == (2, 10)
+        h = m.relu(m.bn1(m.conv1(x)))
+        sizes = []
+        for stage in (m.layer1, m.layer2, m.layer3):
+            h = stage(h)
+            sizes.append(tuple(h.shape[1:]))
+    assert sizes == [(16, 32, 32), (32, 16, 16), (64, 8, 8)]  # §4.2: maps 32, 16, 8
+    assert resnet.resnet(8, 6, in_channels=1)(torch.randn(1, 1, 28, 28)).shape == (1, 6)
+    with torch.no_grad():
+        assert resnet.resnet(50, 7).eval()(torch.randn(1, 3, 224, 224)).shape == (1, 7)
+    with pytest.raises(ValueError, match="unknown ResNet depth 17"):
+        resnet.resnet(17)
+    assert resnet.is_cifar_depth(8) and resnet.is_cifar_depth(1202)
+    assert not resnet.is_cifar_depth(50) and not resnet.is_cifar_depth(21)
+
+
+def test_option_a_shortcut_subsamples_and_pads_with_zeros():
+    sc = resnet.ShortcutA(16, 32, 2)
+    assert sum(p.numel() for p in sc.parameters()) == 0
+    x = torch.arange(2 * 16 * 4 * 4, dtype=torch.float32).view(2, 16, 4, 4)
+    y = sc(x)
+    assert y.shape == (2, 32, 2, 2)
+    assert torch.equal(y[:, :16], x[:, :, ::2, ::2])  # every other pixel of each input map
+    assert torch.equal(y[:, 16:], torch.zeros(2, 16, 2, 2))  # the extra channels are zero
+    # no ResNet-20 block has a projection: the only downsampling shortcuts are option A
+    m = resnet.resnet(20)
+    shortcuts = [b.downsample for b in m.modules() if isinstance(b, resnet.BasicBlock)
+                 and b.downsample is not None]
+    assert len(shortcuts) == 2 and all(isinstance(s, resnet.ShortcutA) for s in shortcuts)
+
+
+def test_iteration_schedule_of_section_4_2():
+    # 45k images at batch 128: 352 steps per epoch (the last batch is dropped: 351)
+    total, milestones = resnet.schedule("cifar", 351)
+    assert (total, milestones) == (64000, [32000, 48000])
+    f = [resnet.lr_factor(i, milestones) for i in (0, 31999, 32000, 47999, 48000, 63999)]
+    assert f == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    # ResNet-110: lr 0.01 for the first 400 iterations, then back to 0.1 (§4.2)
+    assert [resnet.lr_factor(i, milestones, 400) for i in (0, 399, 400)] == \
+        pytest.approx([0.1, 0.1, 1])
+    # a shorter run keeps the milestones at 1/2 and 3/4
+    assert resnet.schedule("cifar", 10, epochs=8) == (80, [40, 60])
+    assert resnet.schedule("imagenet", 100) == (9000, [3000, 6000])  # 90 epochs, / 10 at 30, 60
+    args = resnet.get_args_parser().parse_args([])
+    assert (args.depth, args.lr, args.momentum, args.weight_decay) == (20, 0.1, 0.9, 1e-4)
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    return resnet.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+                        "--log-every", "100000", *extra]), out
+
+
+@pytest.mark.slow
+def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
+    # ~20 s: ResNet-8 (n = 1 of the 6n+2 family) on 2,000 32x32 images for 10 epochs. Chance is
+    # 5/6 = 0.833 error; this reaches ~0.71 (global-average-pooled networks learn which shape
+    # is the largest slowly on so few images).
+    results, out = run(tmp_path, "a", "--depth", "8", "--img-size", "32", "--epochs", "10",
+                       "--batch-size", "32", "--lr", "0.02")
+    assert results["metrics"]["test_error"] < 0.77
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["metrics"] == results["metrics"] and saved["script"] == "resnet.py"
+    assert saved["config"]["iterations"] == 10 * 62 and saved["config"]["milestones"] == [310, 465]
+    assert saved["history"][-1]["train_loss"] < saved["history"][0]["train_loss"]
+    assert "top5_error" not in saved["metrics"]  # 6 classes
+    again, _ = run(tmp_path, "b", "--depth", "8", "--img-size", "32", "--eval-only",
+                   "--weights", os.path.join(out, "checkpoint.pt"))
+    assert again["metrics"] == results["metrics"]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    # 3 epochs of 15 iterations; the lr drops at iterations 22 and 34, inside epochs 2 and 3,
+    # so the resumed run must restore the per-iteration scheduler exactly.
+    full, out_full = run(tmp_path, "full", "--depth", "8", "--epochs", "3")
+    run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--stop-after", "1")  # "killed"
+    resumed, out_cut = run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--resume")
+    assert full["config"]["milestones"] == [22, 34]
+    assert resumed["history"] == full["history"]
+    assert resumed["metrics"] == full["metrics"]
+    a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"arch": "resnet20", "model": {}}, other)
+    for argv, message in ((["--depth", "17"], "unknown ResNet depth 17"),
+                          (["--data", "voc"], "'voc' is a detection data set"),
+                          (["--data", "shapes", "--ten-crop"], "--ten-crop is the ImageNet test"),
+                          (["--data", "cifar10", "--img-size", "64"], "--img-size applies to"),
+                          (["--depth", "32", "--data", "shapes", "--quick", "--weights",
+                            str(other)], "is of 'resnet20', not 'resnet32'"),
+                          (["--depth", "20", "--pretrained", "--data", "shapes", "--quick"],
+                           "--pretrained needs an ImageNet depth")):
+        with pytest.raises(data.DataError, match=message.replace("(", r"\(")):
+            resnet.main([*argv, "--device", "cpu", "--out", str(tmp_path / "x")])
+    # as a command: one line on stderr, non-zero exit, no traceback
+    r = subprocess.run([sys.executable, "resnet.py", "--data", "shapes", "--quick", "--weights",
+                        "/nonexistent.pt", "--device", "cpu"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "checkpoint /nonexistent.pt not found" in r.stderr, r.stderr
+
+
+def test_two_gloo_processes_agree_with_one_process(tmp_path):
+    # BatchNorm statistics are per process under DDP (as on the paper's two GPUs; SyncBatchNorm
+    # needs a GPU), so the two runs see the same data and the same averaged gradients but not
+    # bit-identical normalisation: their losses agree closely, not exactly.
+    single, _ = run(tmp_path, "one", "--depth", "8", "--epochs", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "resnet.py", "--depth", "8", "--data", "shapes", "--quick", "--device", "cpu",
+           "--epochs", "1", "--out", str(tmp_path / "two"), "--log-every", "100000"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "two" / "results.json") as f:
+        double = json.load(f)
+    assert double["config"]["world"] == 2
+    assert double["config"]["steps_per_epoch"] == single["config"]["steps_per_epoch"]
+    assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
+                                                               rel=0.03)
