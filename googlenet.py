@@ -1,0 +1,693 @@
+"""GoogLeNet: C. Szegedy, W. Liu, Y. Jia, P. Sermanet, S. Reed, D. Anguelov, D. Erhan, V. Vanhoucke,
+A. Rabinovich, "Going deeper with convolutions", CVPR 2015, arXiv:1409.4842. And its ancestor NIN:
+M. Lin, Q. Chen, S. Yan, "Network in network", ICLR 2014, arXiv:1312.4400 (--variant nin).
+
+    python googlenet.py --data imagenet                            # §6 recipe, §7 144-crop test
+    python googlenet.py --data imagenet --variant paper            # Table 1 as printed (no BN, LRN)
+    python googlenet.py --data imagenet --pretrained --eval-only   # torchvision's weights, 144 crops
+    python googlenet.py --variant nin                              # NIN on CIFAR-10
+    python googlenet.py --data shapes --quick                      # offline, seconds on a CPU
+    torchrun --nproc_per_node=2 googlenet.py --data imagenet       # data-parallel, same global batch
+
+Paper (Table 5, ILSVRC 2014 val, top-5 error): one model 10.07 % with 1 crop, 9.15 % with 10
+crops, 7.89 % with 144 crops; 7 models x 144 crops 6.67 %. About 6.8M parameters (Table 1, without
+the auxiliary classifiers). NIN (its Table 1): CIFAR-10 test error 10.41 % without augmentation,
+8.81 % with. Ours: see the README's results table (the command and hardware of every figure).
+
+Model (Table 1): 7x7/2 conv, max-pool, 1x1 and 3x3 convs, max-pool, inception 3a-3b, max-pool,
+4a-4e, max-pool, 5a-5b, global average pool, dropout, linear; auxiliary classifiers on 4a and 4d
+(§5). --variant torchvision (default): torchvision.models.googlenet's module names and state_dict
+(BN after every conv, the known 3x3-for-5x5 quirk in the third branch). --variant paper: Table 1
+as printed (biases, no BN, 5x5 convs, LocalRespNorm). --naive: the modules of Fig. 2(a).
+
+Recipe (§6): SGD momentum 0.9, lr x 0.96 every 8 epochs, Polyak averaging for the final model
+(--polyak), random crops of 8-100 % of the area with aspect 3/4-4/3, photometric distortions.
+Test (§7): 144 crops per image (`crops_144`), softmax averaged; the centre crop is reported too.
+Departures are listed in DEPARTURES and printed at start.
+"""
+import argparse
+import os
+import sys
+import time
+from collections import OrderedDict, namedtuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import data
+import metrics
+
+# ---------------------------------------------------------------------------------------------
+# Paper facts and defaults
+
+PAPER = {"reference": "Szegedy et al. 2014, arXiv:1409.4842, Table 5", "data": "imagenet",
+         "top5_error": 0.0789,                        # 1 model, 144 crops
+         "single_crop_top5_error": 0.1007, "ten_crop_top5_error": 0.0915,
+         "ensemble_7_models_144_crops_top5_error": 0.0667, "parameters": 6.8e6}
+NIN_PAPER = {"reference": "Lin et al. 2013, arXiv:1312.4400, Table 1", "data": "cifar10",
+             "test_error": 0.0881, "test_error_no_augmentation": 0.1041}
+TORCHVISION_PARAMETERS = {True: 13_004_888, False: 6_624_904}  # with / without aux
+# Table 1 rows: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj ("in" follows from the sum).
+INCEPTION = OrderedDict([
+    ("3a", (64, 96, 128, 16, 32, 32)), ("3b", (128, 128, 192, 32, 96, 64)),
+    ("4a", (192, 96, 208, 16, 48, 64)), ("4b", (160, 112, 224, 24, 64, 64)),
+    ("4c", (128, 128, 256, 24, 64, 64)), ("4d", (112, 144, 288, 32, 64, 64)),
+    ("4e", (256, 160, 320, 32, 128, 128)), ("5a", (256, 160, 320, 32, 128, 128)),
+    ("5b", (384, 192, 384, 48, 128, 128))])
+AUX_WEIGHT = 0.3                  # §5: "their loss is added to the total loss with weight 0.3"
+LR_GAMMA, LR_EVERY = 0.96, 8      # §6: "decreasing the learning rate by 4% every 8 epochs"
+TEST_SCALES = (256, 288, 320, 352)  # §7: shorter side of the four scales
+EPOCHS = {"googlenet": 90, "nin": 300}
+NIN_LR_STEPS = (150, 225)         # NIN §4.1: lr / 10 twice, ending at 1 % of the initial value
+
+GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux_logits2", "aux_logits1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+def _scale(c, width):
+    """Channel count c times the --width multiplier (a CPU-test convenience; 1 = the paper)."""
+    return max(1, round(c * width))
+
+
+class BasicConv2d(nn.Module):
+    """conv + ReLU (Table 1: "all convolutions use rectified linear activation"); with bn, a
+    bias-free conv + BatchNorm2d(eps=0.001) + ReLU, torchvision's BasicConv2d."""
+
+    def __init__(self, cin, cout, bn=True, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=not bn, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001) if bn else None
+
+    def forward(self, x):
+        x = self.conv(x)
+        return F.relu(x if self.bn is None else self.bn(x), inplace=True)
+
+
+class Inception(nn.Module):
+    """Fig. 2(b): 1x1 | 1x1 reduce -> 3x3 | 1x1 reduce -> 5x5 | 3x3/1 max-pool -> 1x1 projection,
+    concatenated along channels. k5 is the third branch's kernel: 5 in the paper, 3 in torchvision
+    (pytorch/vision#906). naive: Fig. 2(a), 1x1 | 3x3 | 5x5 | 3x3 max-pool on the input itself, so
+    the output has c1 + c3 + c5 + cin channels (why §4 adds the 1x1 reductions)."""
+
+    def __init__(self, cin, c1, c3r, c3, c5r, c5, pp, bn=True, k5=5, naive=False):
+        super().__init__()
+        self.naive = naive
+        pool = nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
+        self.branch1 = BasicConv2d(cin, c1, bn, kernel_size=1)
+        if naive:
+            self.branch2 = BasicConv2d(cin, c3, bn, kernel_size=3, padding=1)
+            self.branch3 = BasicConv2d(cin, c5, bn, kernel_size=5, padding=2)
+            self.branch4 = pool
+            self.out_channels = c1 + c3 + c5 + cin
+            return
+        self.branch2 = nn.Sequential(BasicConv2d(cin, c3r, bn, kernel_size=1),
+                                     BasicConv2d(c3r, c3, bn, kernel_size=3, padding=1))
+        self.branch3 = nn.Sequential(BasicConv2d(cin, c5r, bn, kernel_size=1),
+                                     BasicConv2d(c5r, c5, bn, kernel_size=k5, padding=k5 // 2))
+        self.branch4 = nn.Sequential(pool, BasicConv2d(cin, pp, bn, kernel_size=1))
+        self.out_channels = c1 + c3 + c5 + pp
+
+    def forward(self, x):
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+
+
+class InceptionAux(nn.Module):
+    """§5: average pool 5x5/3 (14x14 -> 4x4 on 4a / 4d), 1x1 conv with 128 filters + ReLU, fc 1024
+    + ReLU, dropout 0.7, linear to the classes. torchvision pools adaptively to 4x4 instead (the
+    same at 224, not at other sizes); the paper variant falls back to it where 5x5/3 gives no 4x4."""
+
+    def __init__(self, cin, num_classes, bn=True, paper_pool=False, width=1.0, dropout=0.7):
+        super().__init__()
+        self.paper_pool = paper_pool
+        self.conv = BasicConv2d(cin, _scale(128, width), bn, kernel_size=1)
+        self.fc1 = nn.Linear(_scale(128, width) * 16, _scale(1024, width))
+        self.fc2 = nn.Linear(_scale(1024, width), num_classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        if self.paper_pool and min(x.shape[-2:]) >= 5:
+            x = F.avg_pool2d(x, 5, stride=3)
+        x = self.conv(F.adaptive_avg_pool2d(x, (4, 4)))  # identity when the map is already 4x4
+        x = F.relu(self.fc1(x.flatten(1)), inplace=True)
+        return self.fc2(self.dropout(x))
+
+
+class GoogLeNet(nn.Module):
+    """Table 1 with torchvision's module names. Training mode with aux returns GoogLeNetOutputs
+    (logits, aux_logits2, aux_logits1), as torchvision; eval mode the main logits only (§5: "at
+    inference time, these auxiliary networks are discarded"). small_input: conv1 at stride 1 and
+    no maxpool1/maxpool2 (32x32 images give 32/16/8 maps where 224 gives 28/14/7); the state_dict
+    is unchanged."""
+
+    def __init__(self, num_classes=1000, aux_logits=True, variant="torchvision", in_channels=3,
+                 naive=False, width=1.0, small_input=False, transform_input=False):
+        super().__init__()
+        if variant not in ("torchvision", "paper"):
+            raise ValueError(f"unknown GoogLeNet variant '{variant}'; use torchvision or paper")
+        paper, bn = variant == "paper", variant == "torchvision"
+        self.aux_logits, self.transform_input = aux_logits, transform_input
+        w = lambda c: _scale(c, width)  # noqa: E731
+        pool = lambda k: nn.MaxPool2d(k, stride=2, ceil_mode=True)  # noqa: E731  (Caffe: ceil)
+        # Table 1 / Fig. 3: LocalRespNorm after the first pool and after conv 3x3 (size 5,
+        # alpha 1e-4, beta 0.75 as BVLC's Caffe model); torchvision has BN instead.
+        lrn = lambda: nn.LocalResponseNorm(5, 1e-4, 0.75, 1.0) if paper else nn.Identity()  # noqa
+        self.conv1 = BasicConv2d(in_channels, w(64), bn, kernel_size=7,
+                                 stride=1 if small_input else 2, padding=3)
+        self.maxpool1 = nn.Identity() if small_input else pool(3)
+        self.norm1 = lrn()
+        self.conv2 = BasicConv2d(w(64), w(64), bn, kernel_size=1)  # Table 1's "3x3 reduce" 64
+        self.conv3 = BasicConv2d(w(64), w(192), bn, kernel_size=3, padding=1)
+        self.norm2 = lrn()
+        self.maxpool2 = nn.Identity() if small_input else pool(3)
+        c = w(192)
+        for name, widths in INCEPTION.items():
+            block = Inception(c, *map(w, widths), bn=bn, k5=5 if paper else 3, naive=naive)
+            setattr(self, f"inception{name}", block)
+            c = block.out_channels
+            if name == "4a":
+                c_aux1 = c
+            if name == "4d":
+                c_aux2 = c
+        self.maxpool3 = pool(3)
+        self.maxpool4 = pool(3 if paper else 2)  # Table 1: 3x3/2; torchvision: 2x2/2 (same 7x7)
+        self.aux1 = InceptionAux(c_aux1, num_classes, bn, paper, width) if aux_logits else None
+        self.aux2 = InceptionAux(c_aux2, num_classes, bn, paper, width) if aux_logits else None
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.dropout = nn.Dropout(0.4 if paper else 0.2)  # Table 1 / §5: 40 %; torchvision 20 %
+        self.fc = nn.Linear(c, num_classes)
+        self.out_channels = c
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if paper:  # Glorot init, as BVLC's Caffe reproduction ("xavier", biases 0.2/0)
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.constant_(m.bias, 0.2 if isinstance(m, nn.Conv2d) else 0.0)
+                else:      # torchvision's init_weights=True
+                    nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _transform_input(self, x):
+        """torchvision's transform_input: inputs normalised with the ImageNet mean/std become
+        (x - 0.5) / 0.5, the normalisation the ported IMAGENET1K_V1 weights expect."""
+        if not self.transform_input:
+            return x
+        mean = torch.tensor(data.IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(data.IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return x * (std / 0.5) + (mean - 0.5) / 0.5
+
+    def forward(self, x):
+        x = self._transform_input(x)
+        x = self.maxpool2(self.norm2(self.conv3(self.conv2(self.norm1(self.maxpool1(
+            self.conv1(x)))))))
+        x = self.maxpool3(self.inception3b(self.inception3a(x)))
+        x = self.inception4a(x)
+        train_aux = self.training and self.aux_logits
+        aux1 = self.aux1(x) if train_aux else None  # §5: on the output of 4a
+        x = self.inception4d(self.inception4c(self.inception4b(x)))
+        aux2 = self.aux2(x) if train_aux else None  # and of 4d
+        x = self.maxpool4(self.inception4e(x))
+        x = self.inception5b(self.inception5a(x))
+        x = self.fc(self.dropout(self.avgpool(x).flatten(1)))
+        return GoogLeNetOutputs(x, aux2, aux1) if train_aux else x
+
+
+class NIN(nn.Module):
+    """NIN §3-4 for CIFAR-10 (the authors' Caffe model, names conv/cccp as there): three mlpconv
+    layers, each a conv followed by two 1x1 convs ("cascaded cross channel parametric pooling"),
+    max / average 3x3/2 pooling and dropout 0.5 between them, the last 1x1 giving one map per
+    class, global average pooling as the classifier (§3.2: no fully connected layer). ReLU after
+    every conv, the last 1x1 included, as in the original model."""
+
+    def __init__(self, num_classes=10, in_channels=3, width=1.0):
+        super().__init__()
+        w = lambda c: _scale(c, width)  # noqa: E731
+        spec = [("conv1", in_channels, w(192), 5), ("cccp1", w(192), w(160), 1),
+                ("cccp2", w(160), w(96), 1), "pool1", ("conv2", w(96), w(192), 5),
+                ("cccp3", w(192), w(192), 1), ("cccp4", w(192), w(192), 1), "pool2",
+                ("conv3", w(192), w(192), 3), ("cccp5", w(192), w(192), 1),
+                ("cccp6", w(192), num_classes, 1)]
+        layers = []
+        for s in spec:
+            if s == "pool1":
+                layers += [("pool1", nn.MaxPool2d(3, 2, ceil_mode=True)), ("drop1", nn.Dropout(0.5))]
+            elif s == "pool2":
+                layers += [("pool2", nn.AvgPool2d(3, 2, ceil_mode=True)), ("drop2", nn.Dropout(0.5))]
+            else:
+                name, cin, cout, k = s
+                layers += [(name, nn.Conv2d(cin, cout, k, padding=k // 2)),
+                           (f"relu_{name}", nn.ReLU(inplace=True))]
+        self.features = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x):
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)  # §3.2: global avg pool
+
+
+def googlenet(num_classes=1000, aux_logits=True, variant="torchvision", in_channels=3,
+              naive=False, width=1.0, small_input=False):
+    """The model factory: GoogLeNet (variant torchvision / paper) or NIN (variant nin)."""
+    if variant == "nin":
+        return NIN(num_classes, in_channels, width)
+    return GoogLeNet(num_classes, aux_logits, variant, in_channels, naive, width, small_input)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_pretrained(model, args):
+    """torchvision's IMAGENET1K_V1 (ported from the original Caffe weights, trained on inputs
+    normalised to [-1, 1]: transform_input is switched on); its aux heads are untrained. With
+    another number of classes, every layer but the classifiers (fine-tuning)."""
+    if args.variant != "torchvision" or args.naive or args.width != 1.0:
+        raise data.DataError("--pretrained needs --variant torchvision, no --naive and --width 1 "
+                             "(the published weights are torchvision's full-size network)")
+    weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as e:
+        raise data.DataError(f"could not download torchvision's googlenet weights "
+                             f"({type(e).__name__}); put {os.path.basename(weights.url)} in "
+                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own}  # drops aux1/aux2 with --no-aux
+    if model.fc.out_features != 1000:
+        state.update({k: v for k, v in own.items() if k.startswith(("fc.", "aux1.fc2", "aux2.fc2"))})
+    data.load_weights(model, state, "torchvision's googlenet weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and recipe
+
+def googlenet_loss(out, y, aux_weight=AUX_WEIGHT):
+    """§5: the main cross-entropy plus aux_weight x each auxiliary classifier's; a plain tensor
+    (eval mode, --no-aux, NIN) is the plain cross-entropy."""
+    if isinstance(out, tuple):
+        main, aux2, aux1 = out
+        return F.cross_entropy(main, y) + aux_weight * (F.cross_entropy(aux1, y) +
+                                                        F.cross_entropy(aux2, y))
+    return F.cross_entropy(out, y)
+
+
+def lr_factor(epoch, every=LR_EVERY, steps=None):
+    """The lr multiplier for a 0-based epoch: §6, x 0.96 every `every` epochs; NIN (steps given):
+    / 10 at each step."""
+    if steps is not None:
+        return 0.1 ** sum(epoch >= s for s in steps)
+    return LR_GAMMA ** (epoch // every)
+
+
+def autocast(device, enabled):
+    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data glue: ImageNet's transforms and the §7 test (the small sets come from data.py)
+
+def imagenet_train_transform(size=224):
+    """§6: "sampling of various sized patches of the image whose size is distributed evenly
+    between 8% and 100% of the image area with aspect ratio constrained to [3/4, 4/3]", mirror,
+    and Howard's photometric distortions (contrast, brightness, colour in [0.5, 1.5], then
+    AlexNet's lighting noise)."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.08, 1.0),
+                                                          ratio=(3 / 4, 4 / 3), antialias=True),
+                       v2.RandomHorizontalFlip(), v2.ColorJitter(0.5, 0.5, 0.5),
+                       v2.ToDtype(torch.float32, scale=True), data.PCAColour(),
+                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+def list_collate(batch):
+    """Whole test images of different sizes: a list of images and a label tensor."""
+    return [im for im, _ in batch], torch.tensor([y for _, y in batch])
+
+
+def crops_144(image, size=224, scales=TEST_SCALES):
+    """§7: the image (C, H, W) resized to 4 scales (shorter side 256, 288, 320, 352); from each,
+    the left, centre and right squares (top, centre, bottom for portrait images); from each
+    square the 4 corner and the centre size x size crops and the square resized to size; plus the
+    mirror images: 4 x 3 x 6 x 2 = 144 crops, returned as (144, C, size, size), the 72 mirror
+    images last (crop i + 72 is crop i mirrored)."""
+    views = []
+    for s in scales:
+        x = v2.functional.resize(image, [s], antialias=True)
+        h, w = x.shape[-2:]
+        long = max(h, w)
+        for o in (0, (long - s) // 2, long - s):
+            sq = x[..., :, o:o + s] if w >= h else x[..., o:o + s, :]
+            views += list(v2.functional.five_crop(sq, [size, size]))  # tl, tr, bl, br, centre
+            views.append(v2.functional.resize(sq, [size, size], antialias=True))
+    views = torch.stack(views)
+    return torch.cat([views, views.flip(-1)])
+
+
+def centre_crop(image, size=224, resize=256):
+    """The single-crop view: shorter side to 256, the centre 224 square (torchvision's protocol;
+    Table 5 does not say which crop its "1 crop" is)."""
+    return v2.functional.center_crop(v2.functional.resize(image, [resize], antialias=True),
+                                     [size, size])
+
+
+def imagenet_loaders(args, device):
+    kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
+    train_set = data.classification_dataset("imagenet", "train", **kw,
+                                            transform=imagenet_train_transform(args.img_size))
+    test_set = data.classification_dataset(  # whole images, normalised: §7 crops them itself
+        "imagenet", "test", **kw, transform=v2.Compose([
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
+    train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
+                             seed=args.seed)
+    test = data.make_loader(test_set, 8, False, args.workers, device, collate_fn=list_collate,
+                            shard=False)
+    classes = getattr(train_set, "names", None) or train_set.dataset.names
+    info = {"classes": classes, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
+            "in_channels": 3, "sizes": (len(train_set), 0, len(test_set))}
+    return train, None, test, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progress, ema=None,
+                    model=None):
+    net.train()
+    total, n = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            loss = googlenet_loss(net(x), y, args.aux_weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:  # §6: Polyak averaging, an exponential moving average here
+            ema.update_parameters(model)
+        total, n = total + loss.item() * len(y), n + len(y)
+        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
+    if args.world > 1:  # the mean over every rank's samples, as one process would report it
+        t = torch.tensor([total, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total, n = t.tolist()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, crops=1):
+    """Small sets: the single view. ImageNet (whole images): the centre crop, and with crops=10 /
+    144 the ten-crop (AlexNet's, on the image resized to 256) or the §7 144-crop test, whose
+    averaged softmax gives test_error / top5_error; single_crop_* are the centre crop's."""
+    model.eval()
+    multi, single, targets = [], [], []
+    for x, y in loader:
+        with autocast(device, args.amp):
+            if isinstance(x, list):  # ImageNet: one image at a time
+                for im in x:
+                    im = im.to(device)
+                    single.append(model(centre_crop(im, args.img_size)[None]).float().softmax(1))
+                    if crops == 144:
+                        multi.append(model(crops_144(im, args.img_size)).float().softmax(1)
+                                     .mean(0, keepdim=True))
+                    elif crops == 10:
+                        big = v2.functional.resize(im, [256], antialias=True)[None]
+                        multi.append(data.ten_crop_predict(model, big, args.img_size).float())
+            else:
+                single.append(model(x.to(device)).float().softmax(1))
+        targets.append(y.cpu())
+    y, p1 = torch.cat(targets), torch.cat(single).cpu()
+    out = torch.cat(multi).cpu() if multi else p1
+    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
+         "balanced_error": metrics.balanced_error_rate(out, y, out.shape[1]),
+         "single_crop_error": metrics.error_rate(p1, y),
+         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+    if out.shape[1] >= 100:
+        r["top5_error"] = metrics.topk_error(out, y, 5)
+        r["single_crop_top5_error"] = metrics.topk_error(p1, y, 5)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def arch_name(args):
+    if args.variant == "nin":
+        name = "nin"
+    else:
+        name = "googlenet" + ("-paper" if args.variant == "paper" else "") + \
+            ("-naive" if args.naive else "") + ("-noaux" if args.no_aux else "")
+    return name + ("" if args.width == 1.0 else f"-w{args.width:g}")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="GoogLeNet (Szegedy et al. 2014) and NIN (Lin et al. "
+                                "2013) on ImageNet, CIFAR, MNIST or the synthetic shapes set.")
+    p.add_argument("--data", default=None, help="imagenet | cifar10 | cifar100 | mnist | "
+                   "fashion-mnist | shapes (default: imagenet; cifar10 for --variant nin)")
+    p.add_argument("--data-dir", default=data.default_data_dir(),
+                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper", "nin"],
+                   help="torchvision: torchvision's googlenet (BN; default); paper: Table 1 as "
+                   "printed (no BN, LRN, 5x5); nin: Network in Network for CIFAR")
+    p.add_argument("--naive", action="store_true", help="the naive inception modules of Fig. 2(a)")
+    p.add_argument("--no-aux", action="store_true", help="no auxiliary classifiers (§5)")
+    p.add_argument("--aux-weight", type=float, default=AUX_WEIGHT,
+                   help=f"weight of each auxiliary loss (default: {AUX_WEIGHT}, §5)")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel multiplier, a CPU-test convenience (default: 1 = the paper; "
+                   "0.25 with --quick)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="ImageNet crop size (default: 224); shapes: the size the images are drawn "
+                   "at (default: 32, 16 with --quick); the other sets keep their own size")
+    p.add_argument("--test-crops", type=int, default=None, choices=[1, 10, 144],
+                   help="ImageNet test views per image (default: 144, §7); small sets: 1")
+    p.add_argument("--transform-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="torchvision's re-normalisation to [-1, 1] (default: on with --pretrained)")
+    p.add_argument("--polyak", type=float, default=None, metavar="DECAY",
+                   help="evaluate an exponential moving average of the weights with this decay "
+                   "(e.g. 0.999; §6's Polyak averaging); default: off")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the training set (default: {EPOCHS['googlenet']}, NIN "
+                   f"{EPOCHS['nin']}; 2 with --quick)")
+    p.add_argument("--lr-every", type=int, default=LR_EVERY,
+                   help="GoogLeNet: epochs between the x 0.96 lr decays (default: 8, §6)")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=None,
+                   help=f"NIN: epochs at which the lr is divided by 10 (default: {NIN_LR_STEPS})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size (default: 256; NIN 128)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="base learning rate (default: 0.1; 0.01 for --variant paper)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9, §6)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="(default: 2e-4 for GoogLeNet, 1e-4 for NIN: neither paper states one)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default=None, help="results.json and checkpoints go here "
+                   "(default: runs/googlenet or runs/nin)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
+    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's ImageNet weights (IMAGENET1K_V1)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny subset, 2 epochs, width 0.25: a smoke run on a CPU")
+    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    return p
+
+
+def resolve_defaults(args):
+    nin = args.variant == "nin"
+    args.data = args.data or ("cifar10" if nin else "imagenet")
+    data.check_task(args.data, "classification")
+    imagenet = args.data == "imagenet"
+    if nin and (args.naive or args.pretrained):
+        raise data.DataError("--naive and --pretrained are GoogLeNet options; drop them with "
+                             "--variant nin")
+    args.no_aux = args.no_aux or nin
+    args.out = args.out or f"runs/{'nin' if nin else 'googlenet'}"
+    args.width = args.width or (0.25 if args.quick else 1.0)
+    args.epochs = args.epochs or (2 if args.quick else EPOCHS["nin" if nin else "googlenet"])
+    args.batch_size = args.batch_size or (128 if nin else 256)
+    args.lr = args.lr or (0.01 if args.variant == "paper" else 0.1)
+    args.weight_decay = 1e-4 if nin and args.weight_decay is None else args.weight_decay
+    args.weight_decay = 2e-4 if args.weight_decay is None else args.weight_decay
+    args.lr_steps = (list(NIN_LR_STEPS) if args.lr_steps is None else args.lr_steps) if nin \
+        else None
+    if args.img_size is not None and args.data not in ("imagenet", "shapes"):
+        raise data.DataError(f"--img-size applies to imagenet and shapes; {args.data} is used at "
+                             f"its own size")
+    if args.img_size is None and args.data in ("imagenet", "shapes"):
+        args.img_size = 224 if imagenet else (16 if args.quick else 32)
+    args.test_crops = args.test_crops or (144 if imagenet else 1)
+    if args.test_crops != 1 and not imagenet:
+        raise data.DataError("--test-crops 10/144 is the ImageNet test; the small sets are tested "
+                             "on their single view")
+    if args.transform_input is None:
+        args.transform_input = args.pretrained
+    if args.batch_size % args.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
+                             f"{args.world} processes")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    t0 = time.time()
+    device = data.select_device(args.device, args.cuda)
+    rank, args.world = data.init_distributed(device)
+    is_main = rank == 0
+    resolve_defaults(args)
+    imagenet, nin = args.data == "imagenet", args.variant == "nin"
+    torch.manual_seed(args.seed + rank)
+
+    # Data. ImageNet: §6 crops and distortions, whole test images for §7. Small sets: the whole
+    # set on the device with data.py's padding + random crop + flip.
+    if imagenet:
+        train_loader, val_loader, test_loader, info = imagenet_loaders(args, device)
+    else:
+        train_loader, val_loader, test_loader, info = data.classification_loaders(
+            args.data, args.batch_size // args.world, device, args.data_dir,
+            not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=250,
+            size=args.img_size)
+    classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
+
+    model = googlenet(len(classes), not args.no_aux, args.variant, info["in_channels"],
+                      args.naive, args.width, small_input=not imagenet)
+    model.transform_input = args.transform_input
+    model.to(device)
+    arch = arch_name(args)
+    if args.pretrained:
+        load_pretrained(model, args)
+    if args.weights:
+        data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per epoch
+        optimizer, lambda e: lr_factor(e, args.lr_every, args.lr_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+    ema = None
+    if args.polyak:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.polyak),
+            use_buffers=True)
+    departures = DEPARTURES_NIN if nin else DEPARTURES
+    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+              "normalisation": {"mean": info["mean"], "std": info["std"]},
+              "departures": departures}
+    if is_main:
+        print(f"googlenet.py: {arch} on {args.data} ({n_train} train / {n_val} val / {n_test} "
+              f"test), {config['parameters']:,} parameters, device {device}, {args.world} "
+              f"process(es), {args.epochs} epochs, lr {args.lr}, test crops {args.test_crops}")
+        for d in departures:
+            print(f"  departure from the paper: {d}")
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    start_epoch, history = 0, []
+    if args.resume:
+        start_epoch, history = data.resume_training_state(ckpt_path, arch, model, optimizer,
+                                                          scheduler, scaler)
+        if ema is not None:
+            ema.load_state_dict(data.load_checkpoint(ckpt_path, arch)["ema"])
+        if is_main:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
+    elif args.weights and ema is not None and "ema" in data.load_checkpoint(args.weights, arch):
+        ema.load_state_dict(data.load_checkpoint(args.weights, arch)["ema"])
+
+    net = model
+    if args.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        net = torch.compile(net)
+    final = ema.module if ema is not None else model  # §6: the averaged weights are tested
+
+    if not args.eval_only:
+        progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
+                                    start_epoch=start_epoch, enabled=is_main)
+        for epoch in range(start_epoch, args.epochs):
+            data.set_epoch(train_loader, epoch)
+            loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
+                                   progress, ema, model)
+            scheduler.step()
+            row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+            if val_loader is not None:  # ImageNet has none: its official val set is the test set
+                row["val_error"] = evaluate(final, val_loader, args, device)["test_error"]
+            history.append(row)
+            if is_main:
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
+                      (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else "") +
+                      f" lr {row['lr']:.3g}")
+                extra = {"ema": ema.state_dict()} if ema is not None else {}
+                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
+                                         epoch, vars(args), history, classes=list(classes),
+                                         **extra)
+
+    test = evaluate(final, test_loader, args, device, crops=args.test_crops)
+    keys = ["test_error", "test_accuracy", "balanced_error", "single_crop_error", "top5_error",
+            "single_crop_top5_error"]
+    if is_main:
+        print(f"test_error {100 * test['test_error']:.2f}% ({test['errors']}/{test['samples']}, "
+              f"{args.test_crops} crop(s)) single_crop_error {100 * test['single_crop_error']:.2f}%"
+              f" balanced_error {100 * test['balanced_error']:.2f}%" +
+              (f" top5_error {100 * test['top5_error']:.2f}%" if "top5_error" in test else ""))
+    results = metrics.write_results(
+        os.path.join(args.out, "results.json"), "googlenet.py", args.data,
+        {k: test[k] for k in keys if k in test}, paper=NIN_PAPER if nin else PAPER,
+        config=config, device=str(device), seconds=time.time() - t0,
+        history=history) if is_main else None
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+DEPARTURES = [
+    "--variant torchvision (default): BatchNorm after every conv instead of LocalRespNorm, a 3x3 "
+    "kernel in the third inception branch where Table 1 has 5x5 (torchvision's known quirk, "
+    "pytorch/vision#906), a 2x2/2 last max-pool, adaptive 4x4 aux pooling, main dropout 0.2 (the "
+    "paper: 40 %); --variant paper follows Table 1 (with Glorot init, which the paper does not "
+    "state)",
+    "lr schedule of §6 (x 0.96 every 8 epochs) for 90 epochs (the paper gives no length) from lr "
+    "0.1 (0.01 for --variant paper), weight decay 2e-4 (BVLC's Caffe solver; the paper states "
+    "none), batch 256 (not stated; the paper used asynchronous SGD on a CPU cluster)",
+    "Polyak averaging only with --polyak, as an exponential moving average of weights and BN "
+    "buffers (the paper does not give its averaging)",
+    "photometric distortions as ColorJitter(0.5, 0.5, 0.5) plus AlexNet's PCA lighting noise (the "
+    "paper cites Howard's distortions without their parameters); per-channel normalisation",
+    "single-crop figure: the centre 224 crop of the image resized to 256 (Table 5's crop is not "
+    "stated); the 10-crop test (--test-crops 10) is AlexNet's on the image resized to 256",
+    "small sets (shapes, CIFAR, MNIST): conv1 at stride 1 and no maxpool1/maxpool2, so 32x32 "
+    "images give 32/16/8 maps (224 gives 28/14/7); data.py's pad-and-crop + flip augmentation, "
+    "single-view test; --width < 1 narrows every layer (CPU tests only)",
+]
+DEPARTURES_NIN = [
+    "lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at epochs 150 and 225 of 300 "
+    "(fixed steps; NIN §4.1 lowers the lr when the training accuracy stops improving, twice; the "
+    "decay is that of public reproductions, the paper states none)",
+    "PyTorch's default init (the paper does not give one); ReLU kept after the last 1x1 conv "
+    "before global average pooling, as the authors' Caffe model",
+    "augmentation: data.py's 4-pixel pad-and-crop + flip (the paper's 8.81 % used translation and "
+    "flipping; its 10.41 % none); per-channel normalisation instead of global contrast "
+    "normalisation and ZCA whitening",
+]
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"googlenet.py: error: {str(e).strip().splitlines()[-1]}")

@@ -1,0 +1,508 @@
+"""ResNeXt: S. Xie, R. Girshick, P. Dollár, Z. Tu, K. He, "Aggregated residual transformations
+for deep neural networks", CVPR 2017, arXiv:1611.05431.
+
+    python resnext.py                                          # ResNeXt-29 8x64d on CIFAR-10 (§5.3)
+    python resnext.py --cardinality 16 --data cifar100         # ResNeXt-29 16x64d on CIFAR-100
+    python resnext.py --depth 50 --data imagenet               # ResNeXt-50 32x4d (§5.1)
+    python resnext.py --depth 101 --width 8 --eval-only --pretrained   # torchvision's 101 32x8d
+    python resnext.py --data shapes --quick                    # offline, seconds on a CPU
+    torchrun --nproc_per_node=2 resnext.py                     # data-parallel, same global batch
+
+Paper: CIFAR-10 / CIFAR-100 test error (Table 7) ResNeXt-29 8x64d 3.65 / 17.77 %, 16x64d
+3.58 / 17.31 % (34.4M and 68.1M parameters). ImageNet val, 224 single crop (Table 3): ResNeXt-50
+32x4d 22.2 % top-1 (25.0M parameters, Table 1), ResNeXt-101 32x4d 21.2 %; (Table 4) ResNeXt-101
+64x4d 20.4 / 5.3 % top-1 / top-5.
+Ours: see the README's results table (the command and hardware of every figure are there).
+
+The block (Fig. 3): the ResNet bottleneck whose 3x3 convolution is split into C groups ("paths")
+of d channels each: 1x1 to C*d, grouped 3x3 (C groups), 1x1 to the output. Fig. 3(a) (C separate
+1x1-3x3-1x1 paths, summed), (b) and (c) are the same function (§3.3); this file uses (c), the
+grouped convolution, and the tests check the equivalence with (a) on shared weights.
+ImageNet depths 50/101/152 (Table 1): the ResNet-50/101/152 layout with d = width * (stage
+width / 64), torchvision's module names (resnext50_32x4d, resnext101_32x8d, resnext101_64x4d
+load strictly). CIFAR depth 9n+2 (29 = the paper's): a 3x3 stem with 64 maps, 3 stages of n
+blocks with output widths 256, 512, 1024 on 32, 16, 8 maps (§5.3, as the authors' code: stage
+widths 64, 128, 256 times 4), projection shortcuts where the shape changes, global average
+pooling, fc.
+
+Recipe. CIFAR (§5.3): SGD momentum 0.9, batch 128, weight decay 5e-4, lr 0.1 divided by 10 at
+epochs 150 and 225 of 300; 4-pixel padding, random crop, flip (as ResNet). ImageNet (§4): SGD
+momentum 0.9, batch 256, weight decay 1e-4, lr 0.1 divided by 10 three times (fb.resnet.torch's
+schedule, every 30 epochs: here at 30, 60, 90 of 100), scale augmentation, 224 single-crop test
+of the 256-resized image.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import data
+import metrics
+
+# ---------------------------------------------------------------------------------------------
+# Paper facts and defaults
+
+# Table 7: CIFAR test error of ResNeXt-29 by cardinality (width 64), CIFAR-10 and CIFAR-100.
+CIFAR_ERROR = {(8, 64): {"cifar10": 0.0365, "cifar100": 0.1777},
+               (16, 64): {"cifar10": 0.0358, "cifar100": 0.1731}}
+CIFAR_PARAMS = {(8, 64): 34.4e6, (16, 64): 68.1e6}
+# ImageNet val, 224 single crop: Table 3 (50 and 101 32x4d top-1), Table 4 (101 64x4d).
+IMAGENET_ERROR = {(50, 32, 4): (0.222, None), (101, 32, 4): (0.212, None),
+                  (101, 64, 4): (0.204, 0.053)}
+IMAGENET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+CIFAR_RECIPE = dict(epochs=300, milestones=(150, 225), batch_size=128, lr=0.1, weight_decay=5e-4)
+IMAGENET_RECIPE = dict(epochs=100, milestones=(30, 60, 90), batch_size=256, lr=0.1,
+                       weight_decay=1e-4)
+TORCHVISION = {(50, 32, 4): "resnext50_32x4d", (101, 32, 8): "resnext101_32x8d",
+               (101, 64, 4): "resnext101_64x4d"}
+
+
+def paper_figures(depth, cardinality, width, data_name):
+    if depth in IMAGENET_LAYERS:
+        top1, top5 = IMAGENET_ERROR.get((depth, cardinality, width), (None, None))
+        return {"reference": "Xie et al. 2016, arXiv:1611.05431, Tables 3-4 (224 single crop)",
+                "data": "imagenet", "test_error": top1, "top5_error": top5}
+    figures = CIFAR_ERROR.get((cardinality, width), {}) if depth == 29 else {}
+    return {"reference": "Xie et al. 2016, arXiv:1611.05431, Table 7", "data": "cifar10",
+            "test_error": figures.get(data_name if data_name in figures else "cifar10"),
+            "parameters": CIFAR_PARAMS.get((cardinality, width)) if depth == 29 else None}
+
+
+def is_cifar_depth(depth):
+    """The CIFAR family: 9n+2 layers (3 stages of n three-layer blocks, the stem and the fc)."""
+    return depth not in IMAGENET_LAYERS and depth >= 11 and (depth - 2) % 9 == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+class Block(nn.Module):
+    """Fig. 3(c): 1x1 conv to C*d, 3x3 conv in C groups (stride here: torchvision's layout),
+    1x1 conv to `out`, each followed by BN; ReLU after the first two and after the addition."""
+
+    def __init__(self, inplanes, group_width, out, cardinality, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, group_width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(group_width)
+        self.conv2 = nn.Conv2d(group_width, group_width, 3, stride=stride, padding=1,
+                               groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm2d(group_width)
+        self.conv3 = nn.Conv2d(group_width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample  # a projection (1x1 conv + BN) where the shape changes
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNeXt(nn.Module):
+    """ImageNet (stem 7x7/2 + max-pool, 4 stages of widths 64..512 x 4) or CIFAR (stem 3x3 with
+    64 maps, 3 stages of widths 64..256 x 4). d = floor(width * stage / 64) channels per group."""
+
+    def __init__(self, layers, cardinality, width, num_classes, in_channels=3, cifar=False,
+                 base=64):
+        super().__init__()
+        self.cardinality, self.width, self.inplanes = cardinality, width, base
+        if cifar:
+            self.conv1 = nn.Conv2d(in_channels, base, 3, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, base, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        stages = []
+        for i, blocks in enumerate(layers):  # stride 2 at the first block of every later stage
+            stages.append(self._make_layer(base * 2 ** i, blocks, stride=1 if i == 0 else 2))
+        self.layer1, self.layer2, self.layer3 = stages[:3]
+        if len(stages) == 4:
+            self.layer4 = stages[3]
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(self.inplanes, num_classes)
+        for m in self.modules():  # He init for convolutions, BN scale 1 and shift 0
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, planes, blocks, stride):
+        group_width = (planes * self.width // 64) * self.cardinality  # C * d
+        out = planes * 4
+        downsample = None
+        if stride != 1 or self.inplanes != out:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(out))
+        layers = [Block(self.inplanes, group_width, out, self.cardinality, stride, downsample)]
+        self.inplanes = out
+        layers += [Block(out, group_width, out, self.cardinality) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        if hasattr(self, "layer4"):
+            x = self.layer4(x)
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def resnext(depth=50, cardinality=32, width=4, num_classes=1000, in_channels=3, base=64):
+    """The model factory: ImageNet depths 50/101/152 (torchvision-compatible), CIFAR depths 9n+2
+    (29: ResNeXt-29 of §5.3; use cardinality 8 or 16 and width 64 for the paper's). `base`, the
+    stem's channels and the first stage's width (the paper's 64), thins the net for CPU tests."""
+    if depth in IMAGENET_LAYERS:
+        return ResNeXt(IMAGENET_LAYERS[depth], cardinality, width, num_classes, in_channels,
+                       base=base)
+    if is_cifar_depth(depth):
+        n = (depth - 2) // 9
+        return ResNeXt((n, n, n), cardinality, width, num_classes, in_channels, cifar=True,
+                       base=base)
+    raise ValueError(f"unknown ResNeXt depth {depth}; use 9n+2 (CIFAR, the paper's 29) or one of "
+                     f"{tuple(IMAGENET_LAYERS)} (ImageNet)")
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_pretrained(model, depth, cardinality, width):
+    """torchvision's ImageNet weights where they exist (50 32x4d, 101 32x8d, 101 64x4d); with
+    another number of classes, every layer but the fc (fine-tuning)."""
+    name = TORCHVISION.get((depth, cardinality, width))
+    if name is None:
+        raise data.DataError(f"--pretrained: torchvision has no ResNeXt-{depth} {cardinality}x"
+                             f"{width}d weights; use one of " +
+                             ", ".join(f"--depth {d} --cardinality {c} --width {w}"
+                                       for d, c, w in TORCHVISION))
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as e:
+        raise data.DataError(f"could not download torchvision's {name} weights "
+                             f"({type(e).__name__}); put {os.path.basename(weights.url)} in "
+                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    if model.fc.out_features != 1000:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("fc.")})
+    data.load_weights(model, state, f"torchvision's {name} weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe: step schedule in epochs
+
+def lr_factor(epoch, milestones):
+    return 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def schedule(recipe, epochs=None):
+    """(epochs, milestones): the paper's, or another length with the milestones at the same
+    fractions (CIFAR 1/2, 3/4; ImageNet 3/10, 6/10, 9/10)."""
+    r = CIFAR_RECIPE if recipe == "cifar" else IMAGENET_RECIPE
+    total = epochs or r["epochs"]
+    return total, [round(m * total / r["epochs"]) for m in r["milestones"]]
+
+
+def autocast(device, enabled):
+    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data glue: ImageNet's transforms (the in-memory sets come from data.classification_loaders)
+
+def imagenet_loaders(args, device):
+    """§4: scale augmentation (RandomResizedCrop, as fb.resnet.torch which the paper follows),
+    flips and PCA colour for training; the 224 centre crop of the 256-resized image for testing."""
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224, antialias=True),
+                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                           data.PCAColour(), v2.Normalize(mean, std)])
+    test_tf = v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
+                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
+    train_set = data.classification_dataset("imagenet", "train", transform=train_tf, **kw)
+    test_set = data.classification_dataset("imagenet", "test", transform=test_tf, **kw)
+    train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
+                             seed=args.seed)
+    test = data.make_loader(test_set, 50, False, args.workers, device, shard=False)
+    classes = getattr(train_set, "names", None) or train_set.dataset.names
+    info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
+            "sizes": (len(train_set), 0, len(test_set))}
+    return train, None, test, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progress):
+    model.train()
+    total, n = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total, n = total + loss.item() * len(y), n + len(y)
+        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
+    if args.world > 1:  # the mean over every rank's samples, as one process would report it
+        t = torch.tensor([total, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total, n = t.tolist()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device):
+    """Single-view error (the 224 centre crop on ImageNet, the 32x32 image on CIFAR), accuracy,
+    balanced error, and top-5 error when there are >= 100 classes."""
+    model.eval()
+    probs, targets = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            probs.append(model(x).float().softmax(1).cpu())
+        targets.append(y.cpu())
+    y, out = torch.cat(targets), torch.cat(probs)
+    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
+         "balanced_error": metrics.balanced_error_rate(out, y, out.shape[1]),
+         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+    if out.shape[1] >= 100:
+        r["top5_error"] = metrics.topk_error(out, y, 5)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="ResNeXt (Xie et al. 2016): ResNeXt-29 on CIFAR "
+                                "(§5.3) and ResNeXt-50/101/152 on ImageNet (torchvision-compatible).")
+    p.add_argument("--depth", type=int, default=None,
+                   help="CIFAR 9n+2 (the paper's 29) or ImageNet 50, 101, 152 (default: 29; 11 "
+                   "with --quick)")
+    p.add_argument("--cardinality", type=int, default=None,
+                   help="C, the number of paths (default: 8 for CIFAR, 32 for ImageNet)")
+    p.add_argument("--width", type=int, default=None,
+                   help="d, the channels per path in the first stage (default: 64 for CIFAR, "
+                   "4 for ImageNet)")
+    p.add_argument("--base", type=int, default=None,
+                   help="stem channels and first-stage width, doubled per stage (default: the "
+                   "paper's 64; 16 with --quick on small sets: a CPU-test convenience)")
+    p.add_argument("--data", default=None, help="cifar10 | cifar100 | imagenet | mnist | "
+                   "fashion-mnist | shapes (default: cifar10 for depth 29, imagenet otherwise)")
+    p.add_argument("--data-dir", default=data.default_data_dir(),
+                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    p.add_argument("--trainval", action="store_true",
+                   help="train on train+val (the whole training set, as the paper); default: "
+                   "hold out the validation split (5k images on CIFAR) to report val error")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training set; the lr milestones keep their fractions "
+                   "(default: 300 on small sets, 100 on ImageNet; 2 with --quick)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch size (default: 128 on small sets, 256 on ImageNet)")
+    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="(default: 5e-4 on small sets, 1e-4 on ImageNet)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default=None, help="results.json and checkpoints go here "
+                   "(default: runs/resnextDEPTH_CxDd)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
+    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's ImageNet weights (50 32x4d, 101 32x8d, 101 64x4d)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format (default: on; PyTorch's channels-first CPU "
+                   "kernels for grouped convolutions are up to 100x slower: bench/bench_classifiers.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny subset, 2 epochs, and on small sets ResNeXt-11 2x4d with base 16: "
+                   "a smoke run on a CPU")
+    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many epochs as if killed, without testing (the "
+                   "schedule is still that of --epochs; used to test --resume)")
+    return p
+
+
+def resolve_defaults(args):
+    small = args.data not in (None, "imagenet")
+    if args.depth is None:
+        args.depth = 11 if args.quick and small else 29
+    if not (is_cifar_depth(args.depth) or args.depth in IMAGENET_LAYERS):
+        raise data.DataError(f"unknown ResNeXt depth {args.depth}; use 9n+2 (CIFAR, the paper's "
+                             f"29) or one of {tuple(IMAGENET_LAYERS)} (ImageNet)")
+    cifar_net = is_cifar_depth(args.depth)
+    args.data = args.data or ("cifar10" if cifar_net else "imagenet")
+    imagenet = args.data == "imagenet"
+    if args.quick and cifar_net and not imagenet:  # smoke runs: a thin net of the family
+        args.cardinality, args.width = args.cardinality or 2, args.width or 4
+        args.base = args.base or 16
+    args.base = args.base or 64
+    args.cardinality = args.cardinality or (8 if cifar_net else 32)
+    args.width = args.width or (64 if cifar_net else 4)
+    args.batch_size = args.batch_size or (256 if imagenet else 128)
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else \
+        (1e-4 if imagenet else 5e-4)
+    if args.epochs is None and args.quick:
+        args.epochs = 2
+    args.arch = f"resnext{args.depth}_{args.cardinality}x{args.width}d" + \
+        ("" if args.base == 64 else f"_base{args.base}")
+    args.out = args.out or f"runs/{args.arch}"
+    if args.trainval and imagenet:
+        raise data.DataError("--trainval: ImageNet has no held-out split here (val is the test "
+                             "set); drop the flag")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    t0 = time.time()
+    resolve_defaults(args)
+    data.check_task(args.data, "classification")
+    imagenet = args.data == "imagenet"
+    recipe = "imagenet" if imagenet else "cifar"  # the recipe follows the data, the net the depth
+    device = data.select_device(args.device, args.cuda)
+    rank, args.world = data.init_distributed(device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed + rank)
+    if args.batch_size % args.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
+                             f"{args.world} processes")
+
+    # Data. Small sets: the whole set on the device with ResNet's padding, crop and flip there;
+    # ImageNet: the §4 transforms through a DataLoader.
+    if imagenet:
+        train_loader, val_loader, test_loader, info = imagenet_loaders(args, device)
+    else:
+        train_loader, val_loader, test_loader, info = data.classification_loaders(
+            args.data, args.batch_size // args.world, device, args.data_dir,
+            not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
+            train_split="trainval" if args.trainval else "train")
+        if args.trainval:
+            val_loader = None
+    classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
+
+    model = resnext(args.depth, args.cardinality, args.width, len(classes),
+                    info["in_channels"], args.base).to(device)
+    if args.pretrained:
+        if args.base != 64:
+            raise data.DataError("--pretrained needs --base 64 (the published weights)")
+        load_pretrained(model, args.depth, args.cardinality, args.width)
+    if args.weights:
+        data.load_weights(model, data.load_checkpoint(args.weights, args.arch), args.weights)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    epochs, milestones = schedule(recipe, args.epochs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, milestones))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+    config = {**vars(args), "parameters": count_parameters(model), "recipe": recipe,
+              "epochs": epochs, "milestones": milestones,
+              "normalisation": {"mean": info["mean"], "std": info["std"]},
+              "departures": DEPARTURES}
+    if is_main:
+        print(f"resnext.py: ResNeXt-{args.depth} ({args.cardinality}x{args.width}d) on {args.data} "
+              f"({n_train} train / {n_val} val / {n_test} test), {config['parameters']:,} "
+              f"parameters, device {device}, {args.world} process(es); {epochs} epochs, lr "
+              f"{args.lr} / 10 at {milestones}, weight decay {args.weight_decay}")
+        for d in DEPARTURES:
+            print(f"  departure from the paper: {d}")
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    start_epoch, history = 0, []
+    if args.resume:
+        start_epoch, history = data.resume_training_state(ckpt_path, args.arch, model, optimizer,
+                                                          scheduler, scaler)
+        if is_main:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
+
+    net = model
+    if args.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        net = torch.compile(net)
+
+    if not args.eval_only:
+        progress = metrics.Progress(len(train_loader), epochs, args.log_every,
+                                    start_epoch=start_epoch, enabled=is_main)
+        for epoch in range(start_epoch, epochs):
+            data.set_epoch(train_loader, epoch)
+            loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
+                                   progress)
+            row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+            scheduler.step()
+            if val_loader is not None:
+                row["val_error"] = evaluate(net, val_loader, args, device)["test_error"]
+            history.append(row)
+            if is_main:
+                print(f"epoch {epoch + 1}/{epochs} train_loss {loss:.4f}" +
+                      (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
+                data.save_training_state(ckpt_path, args.arch, model, optimizer, scheduler, scaler,
+                                         epoch, vars(args), history, classes=list(classes))
+            if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                return None
+
+    test = evaluate(net, test_loader, args, device)
+    if is_main:
+        print(f"test_error {100 * test['test_error']:.2f}% ({test['errors']}/{test['samples']}) "
+              f"balanced_error {100 * test['balanced_error']:.2f}%" +
+              (f" top5_error {100 * test['top5_error']:.2f}%" if "top5_error" in test else ""))
+    keys = ["test_error", "test_accuracy", "balanced_error", "top5_error"]
+    results = metrics.write_results(
+        os.path.join(args.out, "results.json"), "resnext.py", args.data,
+        {k: test[k] for k in keys if k in test},
+        paper=paper_figures(args.depth, args.cardinality, args.width, args.data), config=config,
+        device=str(device), seconds=time.time() - t0, history=history) if is_main else None
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+DEPARTURES = [
+    "stride of a down-sampling block on its grouped 3x3 convolution (torchvision's layout, whose "
+    "weights load here; the paper's Fig. 3 does not say, its code strides the 3x3 as well)",
+    "by default the last 5k CIFAR training images are held out for validation (the paper trains "
+    "on all 50k: --trainval)",
+    "inputs normalised with the training set's per-channel mean and deviation",
+    "plain SGD momentum (the authors' fb.resnet.torch code uses Nesterov momentum; the paper "
+    "does not mention it)",
+    "ImageNet: lr / 10 at epochs 30, 60, 90 of 100 is our reading of 'divided by 10 three times "
+    "using the schedule in [11]'; RandomResizedCrop as the scale augmentation; single 224 "
+    "centre-crop test (the paper's protocol for Tables 3-4)",
+    "under torchrun BatchNorm statistics are per process (as on the paper's 8 GPUs)",
+]
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"resnext.py: error: {str(e).strip().splitlines()[-1]}")

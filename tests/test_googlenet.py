@@ -1,0 +1,262 @@
+"""googlenet.py: parameter counts (torchvision, Table 1 by hand, NIN by hand), torchvision
+compatibility, output shapes of every variant, the §5 auxiliary loss, the §6 lr schedule, the §7
+144-crop test, and main() end to end (learning, --eval-only, kill-and-resume, one-line errors)."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+
+import data
+import googlenet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Table 1: name, input depth, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj, output depth,
+# params (K = 1024 weights, biases not counted, as the table's column)
+TABLE_1 = [("3a", 192, 64, 96, 128, 16, 32, 32, 256, 159), ("3b", 256, 128, 128, 192, 32, 96, 64, 480, 380),
+           ("4a", 480, 192, 96, 208, 16, 48, 64, 512, 364), ("4b", 512, 160, 112, 224, 24, 64, 64, 512, 437),
+           ("4c", 512, 128, 128, 256, 24, 64, 64, 512, 463), ("4d", 512, 112, 144, 288, 32, 64, 64, 528, 580),
+           ("4e", 528, 256, 160, 320, 32, 128, 128, 832, 840), ("5a", 832, 256, 160, 320, 32, 128, 128, 832, 1072),
+           ("5b", 832, 384, 192, 384, 48, 128, 128, 1024, 1388)]
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def tv_googlenet(aux=True):
+    return torchvision.models.googlenet(weights=None, aux_logits=aux, init_weights=True)
+
+
+def test_parameter_counts_match_torchvision_with_and_without_aux():
+    for aux in (True, False):
+        ours = googlenet.googlenet(aux_logits=aux)
+        assert count(ours) == count(tv_googlenet(aux)) == googlenet.TORCHVISION_PARAMETERS[aux]
+    assert googlenet.TORCHVISION_PARAMETERS[False] == \
+        torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.meta["num_params"] == 6_624_904
+
+
+def test_paper_variant_parameter_count_from_table_1():
+    conv = lambda k, a, b: k * k * a * b  # noqa: E731  weights of a k x k conv, a -> b maps
+    weights = {"conv1": conv(7, 3, 64), "conv2": conv(1, 64, 64) + conv(3, 64, 192)}
+    biases = 64 + 64 + 192
+    for name, cin, c1, c3r, c3, c5r, c5, pp, out, _ in TABLE_1:
+        weights[name] = conv(1, cin, c1) + conv(1, cin, c3r) + conv(3, c3r, c3) + \
+            conv(1, cin, c5r) + conv(5, c5r, c5) + conv(1, cin, pp)
+        biases += c1 + c3r + c3 + c5r + c5 + pp
+        assert c1 + c3 + c5 + pp == out  # the filter concatenation
+    weights["linear"], biases = 1024 * 1000, biases + 1000
+    # Table 1's params column (K = 1024 weights) sums to the "6.8M" of the text; several of its
+    # rows disagree with the layer sizes of the same table (4c: 463K printed, 497.5K computed; 5a:
+    # 1072K vs 1018K; conv1: 2.7K vs 9.2K), so the exact count is the one from the layer sizes,
+    # within 3 % of the column's total.
+    column = [2.7, 112] + [row[-1] for row in TABLE_1] + [1000]
+    assert round(sum(column)) == 6798  # the text's "6.8M"
+    total = sum(weights.values())
+    assert abs(total / 1024 - sum(column)) / sum(column) < 0.03
+    ours = googlenet.googlenet(variant="paper", aux_logits=False)
+    assert count(ours) == sum(weights.values()) + biases == 6_998_552
+    # §5 aux heads: 1x1 conv 128, fc 128*4*4 -> 1024, linear 1024 -> 1000, with biases
+    aux = sum(cin * 128 + 128 + 2048 * 1024 + 1024 + 1024 * 1000 + 1000 for cin in (512, 528))
+    assert count(googlenet.googlenet(variant="paper")) == count(ours) + aux
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
+    assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in ours.modules()) == 2
+    k5 = [b.branch3[1].conv.kernel_size for n, b in ours.named_children() if n.startswith("incep")]
+    assert set(k5) == {(5, 5)}
+    assert set(b.branch3[1].conv.kernel_size for n, b in googlenet.googlenet().named_children()
+               if n.startswith("incep")) == {(3, 3)}  # torchvision's quirk, reproduced
+
+
+def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs():
+    torch.manual_seed(0)
+    ref, ours = tv_googlenet(), googlenet.googlenet()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), ref.eval()(x))
+        ref.train(), ours.train()  # batch statistics and the three dropouts, same RNG order
+        torch.manual_seed(1)
+        a = ref(x)
+        torch.manual_seed(1)
+        b = ours(x)
+        assert all(torch.equal(u, v) for u, v in zip(a, b)) and b._fields == a._fields
+        ours.eval(), ref.eval()
+        ref.transform_input = ours.transform_input = True  # what --pretrained switches on
+        assert torch.allclose(ours(x), ref(x), atol=1e-6, rtol=0)
+
+
+def test_output_shapes_of_every_variant():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    for variant in ("torchvision", "paper"):
+        m = googlenet.googlenet(7, variant=variant, width=0.25).train()
+        out = m(x)
+        assert isinstance(out, googlenet.GoogLeNetOutputs) and [o.shape for o in out] == [(2, 7)] * 3
+        with torch.no_grad():
+            assert m.eval()(x).shape == (2, 7)
+            small = googlenet.googlenet(6, variant=variant, in_channels=1, width=0.25,
+                                        small_input=True).eval()
+            assert small(torch.randn(3, 1, 32, 32)).shape == (3, 6)
+            assert small.train()(torch.randn(3, 1, 28, 28)).logits.shape == (3, 6)
+        noaux = googlenet.googlenet(7, aux_logits=False, variant=variant, width=0.25).train()
+        assert noaux(x).shape == (2, 7)  # --no-aux: a plain tensor in training too
+    nin = googlenet.googlenet(10, variant="nin")
+    assert nin(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    naive = googlenet.googlenet(5, naive=True, width=0.125).train()
+    assert [o.shape for o in naive(torch.randn(1, 3, 224, 224))] == [(1, 5)] * 3
+
+
+def test_paper_aux_pool_is_5x5_stride_3():
+    aux = googlenet.InceptionAux(512, 10, bn=False, paper_pool=True)
+    f = torch.randn(2, 512, 14, 14)
+    seen = {}
+    aux.conv.register_forward_hook(lambda mod, i, o: seen.update(x=i[0]))  # returns None
+    aux(f)
+    assert torch.allclose(seen["x"], F.avg_pool2d(f, 5, 3))  # 14x14 -> 4x4
+
+
+def test_naive_inception_module():
+    naive = googlenet.Inception(192, 64, 96, 128, 16, 32, 32, naive=True)
+    reduced = googlenet.Inception(192, 64, 96, 128, 16, 32, 32)
+    x = torch.randn(1, 192, 28, 28)
+    assert naive(x).shape == (1, 64 + 128 + 32 + 192, 28, 28)  # the pool passes all 192 maps
+    assert reduced(x).shape == (1, 256, 28, 28)
+    assert count(naive) > count(reduced)
+    # no 1x1 reductions and no pool projection
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in naive.modules()) == 3
+    assert count(googlenet.googlenet(naive=True)) > count(googlenet.googlenet())
+
+
+def test_nin_has_no_linear_layer_and_its_parameters_by_hand():
+    m = googlenet.googlenet(10, variant="nin")
+    assert not any(isinstance(x, torch.nn.Linear) for x in m.modules())
+    convs = [(5, 3, 192), (1, 192, 160), (1, 160, 96), (5, 96, 192), (1, 192, 192),
+             (1, 192, 192), (3, 192, 192), (1, 192, 192), (1, 192, 10)]
+    assert count(m) == sum(k * k * a * b + b for k, a, b in convs) == 966_986
+    assert isinstance(m.features.relu_cccp6, torch.nn.ReLU)  # as the authors' Caffe model
+
+
+def test_aux_loss_weighting_known_answer():
+    y = torch.tensor([0])
+    main = torch.tensor([[2.0, 0.0, 0.0]])   # CE = log(e^2 + 2) - 2
+    aux2 = torch.tensor([[0.0, 1.0, 0.0]])   # CE = log(2 + e)
+    aux1 = torch.zeros(1, 3)                 # CE = log 3
+    want = math.log(math.e ** 2 + 2) - 2 + 0.3 * (math.log(2 + math.e) + math.log(3))
+    out = googlenet.GoogLeNetOutputs(main, aux2, aux1)
+    assert googlenet.googlenet_loss(out, y).item() == pytest.approx(want, rel=1e-6)
+    assert googlenet.googlenet_loss(main, y).item() == pytest.approx(math.log(math.e ** 2 + 2) - 2)
+    assert googlenet.googlenet_loss(out, y, 0.0).item() == pytest.approx(math.log(math.e ** 2 + 2) - 2)
+
+
+def test_crops_144_on_a_known_image():
+    torch.manual_seed(0)
+    for h, w in ((60, 90), (90, 60)):  # landscape and portrait
+        img = torch.rand(3, h, w)
+        crops = googlenet.crops_144(img)
+        assert crops.shape == (144, 3, 224, 224)
+        assert torch.equal(crops[72:], crops[:72].flip(-1))  # the mirror images
+        for si, s in enumerate(googlenet.TEST_SCALES):
+            x = v2.functional.resize(img, [s], antialias=True)
+            long = max(x.shape[-2:])
+            assert min(x.shape[-2:]) == s
+            for qi, o in enumerate((0, (long - s) // 2, long - s)):
+                sq = x[:, :, o:o + s] if w > h else x[:, o:o + s, :]
+                i = (si * 3 + qi) * 6
+                assert torch.equal(crops[i], sq[:, :224, :224])            # top-left
+                assert torch.equal(crops[i + 3], sq[:, s - 224:, s - 224:])  # bottom-right
+                c = (s - 224) // 2
+                assert torch.allclose(crops[i + 4], sq[:, c:c + 224, c:c + 224])  # centre
+                assert torch.allclose(crops[i + 5], v2.functional.resize(sq, [224, 224],
+                                                                         antialias=True))
+    # a single-colour image gives 144 single-colour crops; the centre crop is 224 x 224
+    assert torch.allclose(googlenet.crops_144(torch.full((3, 80, 100), 0.5)), torch.tensor(0.5))
+    assert googlenet.centre_crop(torch.rand(3, 300, 400)).shape == (3, 224, 224)
+
+
+def test_lr_schedule_is_4_percent_every_8_epochs():
+    assert [googlenet.lr_factor(e) for e in (0, 7, 8, 15, 16, 40)] == \
+        pytest.approx([1, 1, 0.96, 0.96, 0.96 ** 2, 0.96 ** 5])
+    assert [googlenet.lr_factor(e, steps=(150, 225)) for e in (0, 149, 150, 225)] == \
+        pytest.approx([1, 1, 0.1, 0.01])
+    args = googlenet.get_args_parser().parse_args([])
+    args.world = 1
+    googlenet.resolve_defaults(args)
+    assert (args.data, args.batch_size, args.lr, args.momentum, args.test_crops) == \
+        ("imagenet", 256, 0.1, 0.9, 144)
+    args = googlenet.get_args_parser().parse_args(["--variant", "nin"])
+    args.world = 1
+    googlenet.resolve_defaults(args)
+    assert (args.data, args.batch_size, args.lr_steps, args.weight_decay, args.no_aux) == \
+        ("cifar10", 128, [150, 225], 1e-4, True)
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    return googlenet.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+                           "--log-every", "100000", *extra]), out
+
+
+def test_overfits_one_fixed_batch_with_the_auxiliary_losses():
+    # The learning check that fits in CPU-test time: 40 SGD steps on one batch of 16 shapes
+    # images bring the §5 loss (main + 0.3 x two auxiliaries) down by a factor of 3. (A --quick
+    # run on the shapes set stays at chance in the few epochs a test can afford: see the README.)
+    torch.manual_seed(0)
+    x, y, _ = data.classification_arrays("shapes", "train", quick=True, size=32)
+    x = (x[:16].float() / 255 - 0.5) / 0.25
+    y = y[:16]
+    m = googlenet.googlenet(6, variant="torchvision", width=0.125, small_input=True).train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(40):
+        loss = googlenet.googlenet_loss(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 3, losses[::5]
+
+
+def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path):
+    results, out = run(tmp_path, "a", "--epochs", "1", "--width", "0.125")
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["metrics"] == results["metrics"] and saved["script"] == "googlenet.py"
+    assert set(saved["metrics"]) == {"test_error", "test_accuracy", "balanced_error",
+                                     "single_crop_error"}  # 6 classes: no top-5
+    assert saved["paper"]["top5_error"] == 0.0789 and len(saved["history"]) == 1
+    assert saved["history"][0]["train_loss"] > 0 and saved["config"]["aux_weight"] == 0.3
+    again, _ = run(tmp_path, "b", "--width", "0.125", "--eval-only", "--weights",
+                   os.path.join(out, "checkpoint.pt"))
+    assert again["metrics"] == results["metrics"]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    # NIN (same checkpoint code path, a fraction of the time); --polyak: the EMA is resumed too
+    tiny = ["--variant", "nin", "--data", "shapes", "--width", "0.125", "--batch-size", "500", "--lr-steps", "2", "--polyak", "0.9"]
+    full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
+    run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
+    resumed, out_cut = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
+    assert resumed["history"] == full["history"] and [r["lr"] for r in full["history"]] == \
+        pytest.approx([0.1, 0.01])  # the lr moves between the two epochs
+    assert resumed["metrics"] == full["metrics"]
+    a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)
+    for k in ("model", "ema"):
+        assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])
+
+
+def test_bad_input_is_a_one_line_error():
+    for argv, message in ((["--data", "voc"], "'voc' is a detection data set"),
+                          (["--data", "shapes", "--weights", "/nonexistent.pt", "--quick"],
+                           "checkpoint /nonexistent.pt not found")):
+        r = subprocess.run([sys.executable, "googlenet.py", "--device", "cpu", *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode != 0
+        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr

@@ -1,0 +1,208 @@
+"""resnext.py: parameter counts (Table 7, torchvision), the equivalence of Fig. 3's forms, the
+schedules, torchvision compatibility, and main() end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import data
+import resnext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("key", sorted(resnext.TORCHVISION))
+def test_imagenet_networks_have_torchvisions_parameters_and_names(key):
+    ours = resnext.resnext(*key)
+    ref = getattr(torchvision.models, resnext.TORCHVISION[key])(weights=None)
+    assert resnext.count_parameters(ours) == sum(p.numel() for p in ref.parameters())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    if key == (50, 32, 4):  # Table 1: ResNeXt-50 32x4d has 25.0M parameters
+        assert round(resnext.count_parameters(ours) / 1e6, 1) == 25.0
+
+
+def test_torchvision_state_dict_gives_identical_outputs():
+    torch.manual_seed(0)
+    ref = torchvision.models.resnext50_32x4d(weights=None)
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    ref.eval()
+    ours = resnext.resnext(50, 32, 4).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5, rtol=0)
+
+
+def cifar_parameters_by_hand(cardinality, width, classes=10, n=3):
+    """ResNeXt-29 (§5.3): 3x3 stem 3 -> 64; stages of output 256, 512, 1024 with C*d = C *
+    width * 2^i channels inside; grouped 3x3 weights (C*d)^2 * 9 / C; projection shortcuts at
+    the first block of each stage; BN 2 per channel; fc."""
+    total = 27 * 64 + 128
+    c_in = 64
+    for i in range(3):
+        g, out = cardinality * width * 2 ** i, 256 * 2 ** i
+        for b in range(n):
+            total += c_in * g + 2 * g + g * g * 9 // cardinality + 2 * g + g * out + 2 * out
+            if b == 0:
+                total += c_in * out + 2 * out
+            c_in = out
+    return total + 1024 * classes + classes
+
+
+@pytest.mark.parametrize("cardinality", [8, 16])
+def test_cifar_resnext29_parameters_match_table_7(cardinality):
+    m = resnext.resnext(29, cardinality, 64, 10)
+    n = resnext.count_parameters(m)
+    assert n == cifar_parameters_by_hand(cardinality, 64)
+    # Table 7: 34.4M and 68.1M (the paper truncates: 34,426,698 and 68,155,210)
+    assert math.floor(n / 1e5) / 10 == resnext.CIFAR_PARAMS[(cardinality, 64)] / 1e6
+    # 29 weighted layers: 9 blocks of 3 convolutions, the stem and the fc (shortcuts aside)
+    blocks = [b for b in m.modules() if isinstance(b, resnext.Block)]
+    convs3 = [x for x in m.modules() if isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3)]
+    assert 3 * len(blocks) + 2 == 29 and len(convs3) == 1 + 9  # the stem and one per block
+    # the bottleneck widths C*d of §5.3: 512, 1024, 2048 for 8x64d
+    assert [m.layer1[0].conv2.out_channels, m.layer2[0].conv2.out_channels,
+            m.layer3[0].conv2.out_channels] == [cardinality * 64 * k for k in (1, 2, 4)]
+    assert m.layer1[0].conv2.groups == cardinality
+
+
+def test_grouped_block_equals_the_sum_of_c_separate_paths():
+    # Fig. 3(a) vs (c): C paths (1x1 to d, 3x3 d -> d, 1x1 d -> out) whose outputs are summed
+    # equal the grouped-convolution block on the same weights (§3.3: "equivalent").
+    torch.manual_seed(0)
+    C, d, cin, out = 4, 3, 8, 16
+    blk = resnext.Block(cin, C * d, out, C, downsample=None if cin == out else
+                        torch.nn.Sequential(torch.nn.Conv2d(cin, out, 1, bias=False),
+                                            torch.nn.BatchNorm2d(out)))
+    with torch.no_grad():
+        for bn in (blk.bn1, blk.bn2, blk.bn3):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    blk.eval()
+    x = torch.randn(2, cin, 7, 7)
+
+    def bn(t, layer, sl):  # eval-mode BN on a slice of channels
+        return F.batch_norm(t, layer.running_mean[sl], layer.running_var[sl], layer.weight[sl],
+                            layer.bias[sl], False, 0.0, layer.eps)
+
+    with torch.no_grad():
+        total = 0
+        for k in range(C):
+            sl = slice(k * d, (k + 1) * d)
+            h = F.relu(bn(F.conv2d(x, blk.conv1.weight[sl]), blk.bn1, sl))
+            h = F.relu(bn(F.conv2d(h, blk.conv2.weight[sl], padding=1), blk.bn2, sl))
+            total = total + F.conv2d(h, blk.conv3.weight[:, sl])  # aggregated before BN3
+        want = F.relu(blk.bn3(total) + blk.downsample(x))
+        assert torch.allclose(blk(x), want, atol=1e-5)
+
+
+def test_output_and_stage_shapes():
+    m = resnext.resnext(11, 2, 4, 6, base=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert m(x).shape == (2, 6)
+        h = m.relu(m.bn1(m.conv1(x)))
+        sizes = [tuple((h := stage(h)).shape[1:]) for stage in (m.layer1, m.layer2, m.layer3)]
+    assert sizes == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]  # base 16: 4x16, 8x16, 16x16
+    assert not hasattr(m, "layer4")
+    with torch.no_grad():
+        assert resnext.resnext(29, 8, 64, 10).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="unknown ResNeXt depth 30"):
+        resnext.resnext(30)
+
+
+def test_schedules():
+    assert resnext.schedule("cifar") == (300, [150, 225])  # §5.3
+    assert resnext.schedule("imagenet") == (100, [30, 60, 90])
+    assert resnext.schedule("cifar", 8) == (8, [4, 6])
+    assert [resnext.lr_factor(e, [150, 225]) for e in (0, 149, 150, 224, 225)] == \
+        pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    args = resnext.get_args_parser().parse_args([])
+    resnext.resolve_defaults(args)
+    assert (args.depth, args.cardinality, args.width, args.base, args.data) == \
+        (29, 8, 64, 64, "cifar10")
+    assert (args.batch_size, args.lr, args.weight_decay, args.momentum) == (128, 0.1, 5e-4, 0.9)
+    args = resnext.get_args_parser().parse_args(["--depth", "50"])
+    resnext.resolve_defaults(args)
+    assert (args.cardinality, args.width, args.data, args.batch_size, args.weight_decay) == \
+        (32, 4, "imagenet", 256, 1e-4)
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    return resnext.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+                         "--log-every", "100000", *extra]), out
+
+
+@pytest.mark.slow
+def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
+    # ~30 s: ResNeXt-11 4x4d, base 16, on 2,000 32x32 images. Chance is 5/6 = 0.833 error (a
+    # 95 % band of 0.80-0.87 on 500 images); this reaches 0.764: global-average-pooled networks
+    # learn slowly which shape is the largest (LeNet's fully connected layers learn it faster).
+    results, out = run(tmp_path, "a", "--epochs", "10", "--batch-size", "32", "--lr", "0.02",
+                       "--cardinality", "4")
+    assert results["metrics"]["test_error"] < 0.79
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["metrics"] == results["metrics"] and saved["script"] == "resnext.py"
+    assert saved["config"]["milestones"] == [5, 8] and len(saved["history"]) == 10
+    assert saved["history"][-1]["train_loss"] < saved["history"][0]["train_loss"]
+    again, _ = run(tmp_path, "b", "--cardinality", "4", "--eval-only", "--weights",
+                   os.path.join(out, "checkpoint.pt"))
+    assert again["metrics"] == results["metrics"]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    full, out_full = run(tmp_path, "full", "--epochs", "3")  # lr / 10 after epochs 1 and 2
+    run(tmp_path, "cut", "--epochs", "3", "--stop-after", "1")  # "killed" after epoch 1
+    resumed, out_cut = run(tmp_path, "cut", "--epochs", "3", "--resume")
+    assert resumed["history"] == full["history"]
+    assert resumed["metrics"] == full["metrics"]
+    a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"arch": "resnet20", "model": {}}, other)
+    for argv, message in ((["--depth", "30"], "unknown ResNeXt depth 30"),
+                          (["--data", "voc"], "'voc' is a detection data set"),
+                          (["--data", "shapes", "--quick", "--weights", str(other)],
+                           "is of 'resnet20', not 'resnext11_2x4d_base16'"),
+                          (["--depth", "29", "--pretrained", "--data", "shapes"],
+                           "torchvision has no ResNeXt-29 8x64d weights")):
+        with pytest.raises(data.DataError, match=message):
+            resnext.main([*argv, "--device", "cpu", "--out", str(tmp_path / "x")])
+    r = subprocess.run([sys.executable, "resnext.py", "--data", "shapes", "--quick", "--weights",
+                        "/nonexistent.pt", "--device", "cpu"], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "checkpoint /nonexistent.pt not found" in r.stderr, r.stderr
+
+
+def test_two_gloo_processes_agree_with_one_process(tmp_path):
+    # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
+    single, _ = run(tmp_path, "one", "--epochs", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "resnext.py", "--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1",
+           "--out", str(tmp_path / "two"), "--log-every", "100000"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "two" / "results.json") as f:
+        double = json.load(f)
+    assert double["config"]["world"] == 2
+    assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
+                                                               rel=0.03)
