@@ -207,3 +207,23 @@ def test_classify_bad_image_is_a_one_line_error(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
     assert "image file not found: /nonexistent.jpg" in r.stderr, r.stderr
+
+
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    # No BatchNorm: two processes with half the batch each and DDP's averaged gradients follow
+    # the single-process run step for step; dropout masks differ (seed + rank), hence eval mode
+    # comparisons with a tolerance rather than bit equality.
+    common = ["--epochs", "1", "--batch-size", "32"]
+    single, _ = run(tmp_path, "one", *common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "alexnet.py", "--data", "shapes", "--quick", "--device", "cpu", *common,
+           "--out", str(tmp_path / "two"), "--log-every", "1000"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "two" / "results.json") as f:
+        double = json.load(f)
+    assert double["config"]["world"] == 2
+    assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
+                                                               rel=0.02)
+    assert double["metrics"]["test_error"] == pytest.approx(single["metrics"]["test_error"],
+                                                            abs=0.05)
