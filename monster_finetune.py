@@ -1,0 +1,350 @@
+"""The lecture's fine-tuning example ("Monster"): the first layer of a trained AlexNet, a converter,
+16 residual blocks, channel-wise average pooling and one linear layer, on CIFAR-10; the AlexNet
+layer is frozen for the first half of training and fine-tuned after.
+
+    python monster_finetune.py --pretrained                       # torchvision's AlexNet layer
+    python monster_finetune.py --alexnet-weights runs/alexnet/checkpoint.pt   # alexnet.py's
+    python monster_finetune.py --pretrained --compare             # + never frozen + from scratch
+    python monster_finetune.py --data shapes --quick --scratch    # offline smoke run
+    torchrun --nproc_per_node=2 monster_finetune.py --pretrained  # data-parallel, same global batch
+
+No paper figure: the lecture prints `test_error X% (errors/samples)` without a number to compare
+with. Ours: see the README's results table (the command and hardware of every figure are there).
+
+How a 32x32 image reaches the lecture's 7x7 final map: AlexNet's first layer is an 11x11
+convolution with stride 4 and padding 2, so (32 + 2*2 - 11) // 4 + 1 = 7; no upscaling is needed,
+and the rest of the network keeps 7x7 (3x3 convolutions with padding 1). The average pooling
+window is computed from the input size, so other sizes work too.
+
+Freezing (the lecture's freeze_features): the AlexNet layer's parameters get requires_grad=False
+for the first --frozen-epochs epochs. They then have no gradient, so SGD leaves them untouched
+(no weight decay or momentum moves a parameter without a gradient), and no memory or time is spent
+on their gradients. After the frozen epochs they are trained with everything else.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import data
+import metrics
+
+# ---------------------------------------------------------------------------------------------
+# The lecture's defaults
+
+EPOCHS, BATCH_SIZE, LR = 100, 64, 1e-2        # nb_epochs, batch_size, optim.SGD(lr=1e-2)
+NB_RESIDUAL_BLOCKS, NB_CHANNELS = 16, 64
+PAPER = {"reference": "EE-559 lecture, fine-tuning example (Monster)", "data": "cifar10",
+         "test_error": None, "note": "the lecture gives no figure"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+def make_resnet_block(nb_channels, kernel_size=3):
+    """conv-BN-ReLU-conv-BN; the identity is added in Monster.forward (x + block(x))."""
+    pad = (kernel_size - 1) // 2
+    return nn.Sequential(nn.Conv2d(nb_channels, nb_channels, kernel_size, padding=pad),
+                         nn.BatchNorm2d(nb_channels), nn.ReLU(inplace=True),
+                         nn.Conv2d(nb_channels, nb_channels, kernel_size, padding=pad),
+                         nn.BatchNorm2d(nb_channels))
+
+
+class Monster(nn.Module):
+    """features (AlexNet's conv1 + ReLU) -> converter (3x3 to nb_channels + ReLU) -> residual
+    blocks in an nn.ModuleList -> average over the final map -> fc to the classes."""
+
+    def __init__(self, nb_residual_blocks=NB_RESIDUAL_BLOCKS, nb_channels=NB_CHANNELS,
+                 num_classes=10, alexnet_channels=64, image_size=32):
+        super().__init__()
+        # torchvision's AlexNet features[0]: Conv2d(3, 64, kernel_size=11, stride=4, padding=2)
+        self.features = nn.Sequential(nn.Conv2d(3, alexnet_channels, 11, stride=4, padding=2),
+                                      nn.ReLU(inplace=True))
+        self.converter = nn.Sequential(nn.Conv2d(alexnet_channels, nb_channels, 3, padding=1),
+                                       nn.ReLU(inplace=True))
+        self.resnet_blocks = nn.ModuleList(make_resnet_block(nb_channels, 3)
+                                           for _ in range(nb_residual_blocks))
+        self.feature_map_size = (image_size + 2 * 2 - 11) // 4 + 1  # 7 for 32x32 (CIFAR)
+        self.final_average = nn.AvgPool2d(self.feature_map_size)
+        self.fc = nn.Linear(nb_channels, num_classes)
+
+    def freeze_features(self, q):
+        for p in self.features.parameters():
+            p.requires_grad = not q  # frozen (q True): no gradient is needed
+
+    def forward(self, x):
+        x = self.converter(self.features(x))
+        for b in self.resnet_blocks:
+            x = x + b(x)
+        return self.fc(self.final_average(x).flatten(1))
+
+
+def alexnet_first_layer(args):
+    """(weight, bias) of a trained AlexNet's first convolution: torchvision's weights
+    (--pretrained) or a checkpoint (--alexnet-weights: torchvision's state_dict, or one written by
+    alexnet.py, either variant). None with --scratch."""
+    if args.pretrained:
+        weights = torchvision.models.AlexNet_Weights.IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as e:
+            raise data.DataError(f"could not download torchvision's AlexNet weights "
+                                 f"({type(e).__name__}); put {os.path.basename(weights.url)} in "
+                                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use "
+                                 f"--alexnet-weights PATH")
+    elif args.alexnet_weights:
+        state = data.load_checkpoint(args.alexnet_weights)
+        state = state.get("model", state)
+    else:
+        return None
+    for prefix in ("features.0.", "features.conv1."):  # torchvision layout, alexnet.py paper
+        w, b = state.get(prefix + "weight"), state.get(prefix + "bias")
+        if w is not None and b is not None:
+            break
+    else:
+        raise data.DataError(f"{args.alexnet_weights or 'the weights'} hold no AlexNet first "
+                             f"layer (features.0 or features.conv1); give an AlexNet checkpoint")
+    if w.dim() != 4 or tuple(w.shape[1:]) != (3, 11, 11):
+        raise data.DataError(f"the first layer in {args.alexnet_weights} is {tuple(w.shape)}, not "
+                             f"AlexNet's (C, 3, 11, 11)")
+    return w, b
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def train_one_epoch(net, loader, optimizer, args, device, epoch, progress):
+    net.train()
+    total, n = 0.0, 0
+    for x, y in loader:
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()  # parameters without a gradient (frozen) are skipped
+        total, n = total + loss.item() * len(y), n + len(y)
+        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
+    if args.world > 1:
+        t = torch.tensor([total, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total, n = t.tolist()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader):
+    model.eval()
+    probs, targets = [], []
+    for x, y in loader:
+        probs.append(model(x).float().softmax(1).cpu())
+        targets.append(y.cpu())
+    y, out = torch.cat(targets), torch.cat(probs)
+    return {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
+            "balanced_error": metrics.balanced_error_rate(out, y, out.shape[1]),
+            "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="The lecture's fine-tuning example: a trained AlexNet's "
+                                "first layer, frozen then fine-tuned, under residual blocks.")
+    p.add_argument("--data", default="cifar10",
+                   help="cifar10 | cifar100 | shapes (RGB sets; default: cifar10)")
+    p.add_argument("--data-dir", default=data.default_data_dir(),
+                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    p.add_argument("--alexnet-weights", default=None, metavar="PATH",
+                   help="a trained AlexNet: torchvision's state_dict or an alexnet.py checkpoint")
+    p.add_argument("--pretrained", action="store_true",
+                   help="torchvision's ImageNet AlexNet (IMAGENET1K_V1) for the first layer")
+    p.add_argument("--scratch", action="store_true",
+                   help="no trained AlexNet: the first layer starts from a random init")
+    p.add_argument("--frozen-epochs", type=int, default=None,
+                   help="epochs with the AlexNet layer frozen (default: half of --epochs; 0: "
+                   "never frozen)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the same recipe never frozen and from scratch, each in "
+                   "OUT/<name>, and write OUT/comparison.json")
+    p.add_argument("--blocks", type=int, default=None,
+                   help=f"nb_residual_blocks (default: {NB_RESIDUAL_BLOCKS}; 4 with --quick)")
+    p.add_argument("--channels", type=int, default=None,
+                   help=f"nb_channels (default: {NB_CHANNELS}; 16 with --quick)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"(default: the lecture's {EPOCHS}; 2 with --quick)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"global batch size (default: {BATCH_SIZE})")
+    p.add_argument("--lr", type=float, default=LR, help=f"SGD learning rate (default: {LR})")
+    p.add_argument("--momentum", type=float, default=0.0, help="(default: 0, as the lecture)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0, as the lecture)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default="runs/monster_finetune",
+                   help="results.json and checkpoints go here")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
+    p.add_argument("--weights", default=None, help="a monster_finetune.py checkpoint to start from")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny subset, 2 epochs, 4 blocks of 16 channels: a smoke run on a CPU")
+    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many epochs as if killed (to test --resume)")
+    return p
+
+
+def run(args):
+    """One training run of the recipe in `args`; returns the results dict."""
+    t0 = time.time()
+    device = data.select_device(args.device, args.cuda)
+    rank, args.world = data.init_distributed(device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed + rank)
+    if args.batch_size % args.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
+                             f"{args.world} processes")
+    first = alexnet_first_layer(args)
+    if first is None and not (args.scratch or args.weights):
+        raise data.DataError("no trained AlexNet given: pass --alexnet-weights PATH (torchvision's "
+                             "or alexnet.py's checkpoint) or --pretrained, or --scratch to train "
+                             "the first layer from scratch")
+
+    # Data: the whole set on the device. A trained AlexNet layer expects ImageNet's normalisation,
+    # so its statistics are used (the lecture feeds ToTensor's [0, 1] images unnormalised).
+    kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick, size=32)
+    x, y, classes = data.classification_arrays(args.data, "train", **kw)
+    x_test, y_test, _ = data.classification_arrays(args.data, "test", **kw)
+    if x.shape[1] != 3:
+        raise data.DataError(f"{args.data} has {x.shape[1]} channel(s); AlexNet's first layer "
+                             f"takes RGB images (use cifar10, cifar100 or shapes)")
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    train_loader = data.DeviceLoader(x, y, args.batch_size // args.world, True, device, mean, std,
+                                     seed=args.seed)
+    test_loader = data.DeviceLoader(x_test, y_test, 500, False, device, mean, std, shard=False)
+
+    model = Monster(args.blocks, args.channels, len(classes),
+                    first[0].shape[0] if first is not None else 64, x.shape[-1])
+    if first is not None:
+        with torch.no_grad():
+            model.features[0].weight.copy_(first[0])
+            model.features[0].bias.copy_(first[1])
+    if args.weights:
+        data.load_weights(model, data.load_checkpoint(args.weights, "monster"), args.weights)
+    model.to(device)
+    # Every parameter is in the optimizer from the start; while frozen the AlexNet layer has no
+    # gradient, and SGD skips parameters whose .grad is None.
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)  # constant, as lecture
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    source = ("torchvision's ImageNet AlexNet" if args.pretrained else args.alexnet_weights
+              if args.alexnet_weights else "random init (--scratch)")
+    config = {**vars(args), "parameters": count_parameters(model), "alexnet_layer": source,
+              "feature_map_size": model.feature_map_size, "departures": DEPARTURES}
+    if is_main:
+        print(f"monster_finetune.py: {args.blocks} blocks x {args.channels} channels on "
+              f"{args.data} ({len(y)} train / {len(y_test)} test), first layer from {source}, "
+              f"frozen for {args.frozen_epochs} of {args.epochs} epochs, "
+              f"{config['parameters']:,} parameters, device {device}, {args.world} process(es)")
+        for d in DEPARTURES:
+            print(f"  departure from the lecture: {d}")
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    start_epoch, history = 0, []
+    if args.resume:
+        start_epoch, history = data.resume_training_state(ckpt_path, "monster", model, optimizer,
+                                                          scheduler, scaler)
+    net = model
+
+    if not args.eval_only:
+        progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
+                                    start_epoch=start_epoch, enabled=is_main)
+        for epoch in range(start_epoch, args.epochs):
+            frozen = epoch < args.frozen_epochs
+            if args.world > 1 and (epoch == start_epoch or epoch == args.frozen_epochs):
+                model.freeze_features(frozen)  # DDP registers the parameters that get gradients
+                net = torch.nn.parallel.DistributedDataParallel(model)
+            model.freeze_features(frozen)
+            train_loader.set_epoch(epoch)
+            loss = train_one_epoch(net, train_loader, optimizer, args, device, epoch, progress)
+            scheduler.step()
+            history.append({"epoch": epoch + 1, "train_loss": loss, "frozen": frozen})
+            if is_main:
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}"
+                      f"{' (AlexNet layer frozen)' if frozen else ''}")
+                data.save_training_state(ckpt_path, "monster", model, optimizer, scheduler,
+                                         scaler, epoch, vars(args), history,
+                                         classes=list(classes))
+            if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                return None
+
+    test = evaluate(model, test_loader)
+    if is_main:  # the lecture's line
+        print(f"test_error {100 * test['test_error']:.02f}% ({test['errors']}/{test['samples']})")
+    results = metrics.write_results(
+        os.path.join(args.out, "results.json"), "monster_finetune.py", args.data,
+        {k: test[k] for k in ("test_error", "test_accuracy", "balanced_error")}, paper=PAPER,
+        config=config, device=str(device), seconds=time.time() - t0,
+        history=history) if is_main else None
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    data.check_task(args.data, "classification")
+    if args.data in ("mnist", "fashion-mnist", "imagenet"):
+        raise data.DataError(f"{args.data}: the lecture's network takes 32x32 RGB images (AlexNet's "
+                             f"first layer has 3 input channels); use cifar10, cifar100 or shapes")
+    args.blocks = args.blocks or (4 if args.quick else NB_RESIDUAL_BLOCKS)
+    args.channels = args.channels or (16 if args.quick else NB_CHANNELS)
+    args.epochs = args.epochs or (2 if args.quick else EPOCHS)
+    if args.frozen_epochs is None:  # nb_epochs_frozen_features = nb_epochs // 2; nothing to
+        args.frozen_epochs = 0 if args.scratch else args.epochs // 2  # keep from a random layer
+    if args.pretrained and args.alexnet_weights:
+        raise data.DataError("give either --pretrained or --alexnet-weights, not both")
+    if not args.compare:
+        return run(args)
+    # The comparison: the same recipe frozen-then-fine-tuned, never frozen, and from scratch.
+    base, out = vars(args).copy(), args.out
+    results = {}
+    for name, change in (("finetune", {}), ("never_frozen", {"frozen_epochs": 0}),
+                         ("scratch", {"scratch": True, "pretrained": False,
+                                      "alexnet_weights": None, "frozen_epochs": 0})):
+        a = argparse.Namespace(**{**base, **change, "out": os.path.join(out, name),
+                                  "compare": False})
+        r = run(a)
+        if r is not None:
+            results[name] = r["metrics"]["test_error"]
+    if results:
+        print("comparison (test error): " + ", ".join(f"{k} {100 * v:.2f}%"
+                                                      for k, v in results.items()))
+        metrics.write_results(os.path.join(out, "comparison.json"), "monster_finetune.py",
+                              args.data, {f"{k}_test_error": v for k, v in results.items()},
+                              paper=PAPER, config=base)
+    return results
+
+
+DEPARTURES = [
+    "inputs normalised with ImageNet's mean and deviation, which the trained AlexNet layer "
+    "expects (the lecture feeds [0, 1] images)",
+    "no AlexNet download at import: the layer comes from --pretrained or --alexnet-weights, and "
+    "without either the script stops unless --scratch asks for a random first layer",
+    "with --quick: 4 blocks of 16 channels on a small subset (CPU smoke runs only)",
+]
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"monster_finetune.py: error: {str(e).strip().splitlines()[-1]}")

@@ -1,0 +1,133 @@
+"""monster_finetune.py: the lecture's network, where its first layer comes from, freezing, the
+comparison runs, and main() end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import alexnet
+import monster_finetune as mf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_lectures_network():
+    m = mf.Monster()
+    assert len(m.resnet_blocks) == 16 and isinstance(m.resnet_blocks, torch.nn.ModuleList)
+    kinds = [type(x).__name__ for x in m.resnet_blocks[0]]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d"]
+    # 32x32 -> AlexNet's 11x11/4, padding 2 -> (32 + 4 - 11) // 4 + 1 = 7: the lecture's 7x7
+    assert m.feature_map_size == 7 and m.final_average.kernel_size == 7
+    x = torch.randn(2, 3, 32, 32)
+    assert m.features(x).shape == (2, 64, 7, 7) and m(x).shape == (2, 10)
+    # parameters by hand: conv1 64*3*121+64, converter 64*64*9+64, 16 blocks of two
+    # (64*64*9+64) convolutions and two BN (2*64), fc 64*10+10
+    by_hand = 64 * 363 + 64 + 64 * 576 + 64 + 16 * (2 * (64 * 576 + 64) + 2 * 128) + 650
+    assert mf.count_parameters(m) == by_hand
+    # the identity is added around every block: zeroing a block's last BN makes it the identity
+    m.eval()
+    with torch.no_grad():
+        h = m.converter(m.features(x))
+        for bn in (b[4] for b in m.resnet_blocks):
+            bn.weight.zero_()
+            bn.bias.zero_()
+        assert torch.allclose(m(x), m.fc(h.mean(dim=(2, 3))), atol=1e-5)
+
+
+def save_alexnets(tmp_path):
+    torch.manual_seed(0)
+    tv = torchvision.models.alexnet(weights=None)
+    tv_path = tmp_path / "tv_alexnet.pth"
+    torch.save(tv.state_dict(), tv_path)  # as torchvision's downloaded weights are stored
+    paper = alexnet.alexnet(10, variant="paper")
+    paper_path = tmp_path / "paper.pt"
+    torch.save({"arch": "alexnet-paper", "model": paper.state_dict()}, paper_path)
+    return tv, str(tv_path), paper, str(paper_path)
+
+
+def test_first_layer_from_torchvision_and_alexnet_py_checkpoints(tmp_path):
+    tv, tv_path, paper, paper_path = save_alexnets(tmp_path)
+    args = mf.get_args_parser().parse_args(["--alexnet-weights", tv_path])
+    w, b = mf.alexnet_first_layer(args)
+    assert torch.equal(w, tv.features[0].weight) and torch.equal(b, tv.features[0].bias)
+    args = mf.get_args_parser().parse_args(["--alexnet-weights", paper_path])
+    w, _ = mf.alexnet_first_layer(args)
+    assert torch.equal(w, paper.features.conv1.weight) and w.shape[0] == 96
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    return mf.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+                    "--log-every", "100000", *extra]), out
+
+
+def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path):
+    tv, tv_path, _, _ = save_alexnets(tmp_path)
+    source = tv.features[0].weight.detach().clone()
+    # weight decay and momentum on: still nothing may move the frozen layer
+    common = ["--alexnet-weights", tv_path, "--epochs", "4", "--frozen-epochs", "2",
+              "--weight-decay", "0.01", "--momentum", "0.9"]
+    run(tmp_path, "a", *common, "--stop-after", "2")  # the end of the frozen epochs
+    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(ck["model"]["features.0.weight"], source)
+    assert torch.equal(ck["model"]["features.0.bias"], tv.features[0].bias)
+    assert [h["frozen"] for h in ck["history"]] == [True, True]
+    torch.manual_seed(0)  # the run's initial weights (same seed, same construction order)
+    fresh = mf.Monster(4, 16, 6)
+    assert not torch.equal(ck["model"]["converter.0.weight"], fresh.converter[0].weight)
+    resumed, _ = run(tmp_path, "a", *common, "--resume")  # fine-tuning epochs 3 and 4
+    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert not torch.equal(ck["model"]["features.0.weight"], source)
+    assert [h["frozen"] for h in resumed["history"]] == [True, True, False, False]
+    # the resumed run equals an uninterrupted one
+    full, _ = run(tmp_path, "b", *common)
+    assert full["history"] == resumed["history"] and full["metrics"] == resumed["metrics"]
+
+
+@pytest.mark.slow
+def test_quick_run_learns_and_prints_the_lectures_line(tmp_path, capsys):
+    # ~12 s: 20 epochs on 2,000 shapes images from a random first layer; chance is 0.833 error,
+    # this reaches ~0.64.
+    results, out = run(tmp_path, "a", "--scratch", "--epochs", "20")
+    assert results["metrics"]["test_error"] < 0.72
+    err = results["metrics"]["test_error"]
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("test_error")][-1]
+    assert line == f"test_error {100 * err:.02f}% ({round(err * 500)}/500)"
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["metrics"]["test_error"] == err
+
+
+def test_compare_runs_the_three_recipes(tmp_path):
+    _, tv_path, _, _ = save_alexnets(tmp_path)
+    results, out = run(tmp_path, "c", "--alexnet-weights", tv_path, "--epochs", "2",
+                       "--compare", "--blocks", "1", "--channels", "8")
+    assert set(results) == {"finetune", "never_frozen", "scratch"}
+    with open(os.path.join(out, "comparison.json")) as f:
+        saved = json.load(f)
+    assert set(saved["metrics"]) == {"finetune_test_error", "never_frozen_test_error",
+                                     "scratch_test_error"}
+    frozen = {}
+    for name in results:
+        with open(os.path.join(out, name, "results.json")) as f:
+            frozen[name] = [h["frozen"] for h in json.load(f)["history"]]
+    assert frozen == {"finetune": [True, False], "never_frozen": [False, False],
+                      "scratch": [False, False]}
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "resnet.pt"
+    torch.save({"arch": "resnet20", "model": {"conv1.weight": torch.zeros(16, 3, 3, 3)}}, bad)
+    for argv, message in ((["--data", "shapes", "--quick"], "no trained AlexNet given"),
+                          (["--data", "mnist", "--scratch"], "takes 32x32 RGB images"),
+                          (["--data", "shapes", "--quick", "--alexnet-weights", str(bad)],
+                           "hold no AlexNet first layer"),
+                          (["--data", "voc"], "'voc' is a detection data set")):
+        r = subprocess.run([sys.executable, "monster_finetune.py", "--device", "cpu",
+                            "--no-download", "--out", str(tmp_path / "x"), *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode != 0
+        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
