@@ -260,3 +260,19 @@ def test_bad_input_is_a_one_line_error():
                            capture_output=True, text=True)
         assert r.returncode != 0
         assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_two_gloo_processes_agree_with_one_process(tmp_path):
+    # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
+    common = ["--epochs", "1", "--width", "0.125", "--batch-size", "64"]
+    single, _ = run(tmp_path, "one", *common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "googlenet.py", "--data", "shapes", "--quick", "--device", "cpu", *common,
+           "--out", str(tmp_path / "two"), "--log-every", "100000"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "two" / "results.json") as f:
+        double = json.load(f)
+    assert double["config"]["world"] == 2
+    assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
+                                                               rel=0.03)
