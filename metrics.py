@@ -8,8 +8,9 @@ its formula. This module imports only torch, torchvision, numpy and the standard
     two classes     tp_fp_rates, roc_curve, auc
     detection       box_iou, voc_ap, detection_map  (the Pascal VOC protocol)
     segmentation    segmentation_scores (pixel accuracy, mean accuracy, IoU = SA, mean IU, fw IU)
-    records         Progress, write_results, read_results
+    records         Progress, write_results, read_results, summarise_runs (run_all.sh's table)
 """
+import csv
 import datetime
 import json
 import math
@@ -371,15 +372,28 @@ def _plain(x):
     return str(x)  # devices, paths, dtypes
 
 
+def hardware(device=None):
+    """What ran it, for the results table: the GPU's name on CUDA, else the CPU model and cores."""
+    if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(torch.device(device))}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
 def write_results(path, script, data, metrics, paper=None, config=None, device=None,
                   seconds=None, history=None, **extra):
     """Write results.json atomically (a temporary file in the same folder, fsync, os.replace) and
     return the dict written: script, data, metrics (fractions), paper, config, device, seconds,
-    history, the extra keys, torch/torchvision/python versions and the UTC date. Tensors and
+    history, the extra keys, the hardware, torch/torchvision/python versions and the UTC date. Tensors and
     numpy values become plain Python, NaN and infinities null: the file is strict JSON."""
     record = _plain({"script": script, "data": data, "metrics": metrics, "paper": paper or {},
                      "config": config or {}, "device": device, "seconds": seconds,
-                     "history": history or [], **extra,
+                     "history": history or [], **extra, "hardware": hardware(device),
                      "torch_version": torch.__version__,
                      "torchvision_version": torchvision.__version__,
                      "python_version": platform.python_version(),
@@ -412,3 +426,100 @@ def read_results(path):
     if not isinstance(record, dict) or "script" not in record or "metrics" not in record:
         raise ValueError(f"{path} is not a results.json: it lacks 'script' or 'metrics'")
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary of many runs (run_all.sh): one row per run, from its results.json only
+
+# The headline measure of each kind of run, first found wins: detection mAP, segmentation mean
+# IU, localisation IoU>=0.5 rate, then top-5 error where the paper reports one (ImageNet), else
+# the test error.
+HEADLINE = ("map", "mean_iou", "iou50_rate", "top5_error", "test_error")
+SUMMARY_COLUMNS = ("run", "script", "data", "metric", "ours", "paper", "epochs", "device",
+                   "seconds", "status", "command")
+
+
+def summary_row(run, record=None, command="", status="ok", error=None, seconds=None):
+    """One summary row. `record` is the run's results.json (None when the run failed); the paper's
+    figure is shown only when the run used the paper's data set (a shapes figure has none)."""
+    row = dict.fromkeys(SUMMARY_COLUMNS, "")
+    row.update(run=run, command=command, status=status if record else f"failed: {error or '?'}")
+    row["seconds"] = seconds
+    if record:
+        m, paper = record.get("metrics", {}), record.get("paper") or {}
+        key = next((k for k in HEADLINE if m.get(k) is not None
+                    and (k != "top5_error" or paper.get(k) is not None)), None)
+        row.update(script=record.get("script", ""), data=record.get("data", ""), metric=key or "",
+                   ours=m.get(key) if key else None,
+                   device=", ".join(x for x in (record.get("device"), record.get("hardware")) if x),
+                   epochs=(record.get("config") or {}).get("epochs", ""),
+                   seconds=record.get("seconds") if record.get("seconds") is not None else seconds)
+        if key and paper.get("data") == record.get("data"):
+            row["paper"] = paper.get(key)
+    return row
+
+
+def _cell(x, percent=False):
+    if x is None or x == "":
+        return "—" if percent else ""
+    if percent and isinstance(x, (int, float)):
+        return f"{100 * x:.2f} %"
+    if isinstance(x, float):
+        return f"{x:.0f}"
+    return str(x).replace("|", "\\|")
+
+
+def write_summary(rows, md_path, csv_path=None, title="Results"):
+    """results/summary.md (a Markdown table, figures in percent) and .csv (raw fractions)."""
+    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+    head = ("run", "script", "data", "metric", "ours", "paper", "epochs", "device", "time (s)",
+            "status", "command")
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [_cell(r["run"]), _cell(r["script"]), _cell(r["data"]), _cell(r["metric"]),
+                 _cell(r["ours"], True), _cell(r["paper"], True), _cell(r["epochs"]),
+                 _cell(r["device"]), _cell(r["seconds"]), _cell(r["status"]),
+                 f"`{r['command']}`" if r["command"] else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, SUMMARY_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def summarise_runs(root, md_path=None, csv_path=None):
+    """Rows for every run folder of `root` written by run_all.sh: root/<run>/command.txt,
+    status.txt ("<exit code> <seconds>"), error.txt (the failing run's error line) and
+    results.json. Writes the summary files when paths are given; returns the rows."""
+    rows = []
+    for run in sorted(os.listdir(root)):
+        folder = os.path.join(root, run)
+        if not os.path.isfile(os.path.join(folder, "status.txt")):
+            continue
+        read = lambda name: open(os.path.join(folder, name)).read().strip() \
+            if os.path.isfile(os.path.join(folder, name)) else ""
+        code, seconds = (read("status.txt").split() + ["1", ""])[:2]
+        record, error = None, read("error.txt") or f"exit code {code}"
+        if code == "0":
+            try:
+                record = read_results(os.path.join(folder, "results.json"))
+            except ValueError as e:
+                error = str(e)
+        rows.append(summary_row(run, record, read("command.txt"), error=error,
+                                seconds=float(seconds) if seconds else None))
+    if md_path:
+        write_summary(rows, md_path, csv_path)
+    return rows
+
+
+if __name__ == "__main__":
+    # python metrics.py RUNS_DIR SUMMARY.md [SUMMARY.csv]: what run_all.sh calls at the end.
+    if len(sys.argv) not in (3, 4) or not os.path.isdir(sys.argv[1]):
+        sys.exit("usage: python metrics.py RUNS_DIR SUMMARY.md [SUMMARY.csv]")
+    rows = summarise_runs(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+    failed = [r["run"] for r in rows if r["status"] != "ok"]
+    print(f"{len(rows)} run(s), {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+          f"summary in {sys.argv[2]}")

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Train and evaluate every script of this repository in turn, then write the results table.
+#
+#   bash run_all.sh                      # paper data sets and schedules (a GPU box; torchrun when
+#                                        # there are several GPUs)
+#   bash run_all.sh --quick              # the synthetic shapes sets, minutes on a CPU, offline
+#   bash run_all.sh --only resnet yolo   # some runs only (a script name selects all its runs)
+#   bash run_all.sh --skip alexnet vgg19 --out /scratch/results -- --amp --workers 8
+#
+# Everything after `--` is passed to every script. Each run writes OUT/runs/NAME/ (results.json,
+# checkpoints, log.txt, command.txt, status.txt, error.txt on failure); a failing run does not stop
+# the others. At the end OUT/summary.md and OUT/summary.csv are built from the results.json files
+# only (by metrics.py), and the exit code is 1 if any run failed.
+set -uo pipefail
+cd "$(dirname "$0")"
+
+QUICK=0 OUT=results ONLY=() SKIP=() EXTRA=() MODE="" FAILED=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1; MODE="" ;;
+        --only) MODE=only ;;
+        --skip) MODE=skip ;;
+        --out) [ $# -ge 2 ] || { echo "run_all.sh: error: --out needs a folder" >&2; exit 2; }
+               OUT=$2; shift; MODE="" ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "run_all.sh: error: unknown flag $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
+        *) case "$MODE" in
+               only) ONLY+=("$1") ;;
+               skip) SKIP+=("$1") ;;
+               *) echo "run_all.sh: error: unexpected '$1'; names go after --only or --skip" >&2
+                  exit 2 ;;
+           esac ;;
+    esac
+    shift
+done
+
+# The runs: NAME SCRIPT ARGS... Paper mode: each paper's data set and default (paper) recipe;
+# ResNet: the CIFAR-10 table's depths; FCN: the paper's staged training 32s -> 16s -> 8s
+# (@RUN stands for that run's final checkpoint).
+if [ "$QUICK" = 1 ]; then
+    RUNS=(
+        "lenet5 lenet5.py --data shapes --quick"
+        "alexnet alexnet.py --data shapes --quick"
+        "vgg19 vgg19.py --data shapes --quick --bn"
+        "resnet resnet.py --data shapes --quick --depth 8"
+        "resnext resnext.py --data shapes --quick"
+        "googlenet googlenet.py --data shapes --quick"
+        "nin googlenet.py --variant nin --data shapes --quick"
+        "overfeat overfeat.py --data shapes --quick"
+        "overfeat-loc overfeat.py --data shapes-det --quick"
+        "monster_finetune monster_finetune.py --data shapes --quick --scratch"
+        "yolo yolo.py --data shapes-det --quick"
+        "ssd ssd.py --data shapes-det --quick"
+        "fcn fcn.py --data shapes-seg --quick"
+    )
+else
+    RUNS=(
+        "lenet5 lenet5.py --data mnist"
+        "alexnet alexnet.py --data imagenet"
+        "vgg19 vgg19.py --data imagenet"
+        "resnet-20 resnet.py --data cifar10 --depth 20"
+        "resnet-32 resnet.py --data cifar10 --depth 32"
+        "resnet-44 resnet.py --data cifar10 --depth 44"
+        "resnet-56 resnet.py --data cifar10 --depth 56"
+        "resnet-110 resnet.py --data cifar10 --depth 110"
+        "resnext resnext.py --data cifar10 --depth 29 --cardinality 16 --width 64"
+        "googlenet googlenet.py --data imagenet"
+        "nin googlenet.py --variant nin --data cifar10"
+        "overfeat overfeat.py --data imagenet --variant accurate"
+        "monster_finetune monster_finetune.py --data cifar10 --pretrained"
+        "yolo yolo.py --data voc"
+        "ssd ssd.py --data voc"
+        "fcn-32s fcn.py --data voc-seg --arch 32s"
+        "fcn-16s fcn.py --data voc-seg --arch 16s --init-from @fcn-32s"
+        "fcn-8s fcn.py --data voc-seg --arch 8s --init-from @fcn-16s"
+    )
+fi
+
+known=" "
+for r in "${RUNS[@]}"; do
+    set -- $r
+    for x in "$1" "${2%.py}"; do [[ $known == *" $x "* ]] || known+="$x "; done
+done
+for x in "${ONLY[@]+"${ONLY[@]}"}" "${SKIP[@]+"${SKIP[@]}"}"; do
+    [[ $known == *" $x "* ]] || { echo "run_all.sh: error: no run named '$x'; runs:$known" >&2; exit 2; }
+done
+selected() {  # a run is selected by its name or its script's (resnet selects resnet-20 ...)
+    local name=$1 script=${2%.py} x
+    for x in "${SKIP[@]+"${SKIP[@]}"}"; do [[ $x == "$name" || $x == "$script" ]] && return 1; done
+    [ ${#ONLY[@]} -eq 0 ] && return 0
+    for x in "${ONLY[@]}"; do [[ $x == "$name" || $x == "$script" ]] && return 0; done
+    return 1
+}
+
+# Several GPUs: every script runs under torchrun (DDP, one process per GPU, the same global batch).
+NGPU=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$QUICK" = 0 ] && [ "${NGPU:-0}" -gt 1 ]; then
+    LAUNCH=(torchrun --standalone "--nproc_per_node=$NGPU")
+else
+    LAUNCH=(python)
+fi
+echo "run_all.sh: $NGPU GPU(s), launcher: ${LAUNCH[*]}, out: $OUT"
+
+mkdir -p "$OUT/runs"
+for r in "${RUNS[@]}"; do
+    set -- $r
+    name=$1; script=$2; shift 2
+    selected "$name" "$script" || continue
+    dir="$OUT/runs/$name"
+    mkdir -p "$dir"
+    rm -f "$dir/status.txt" "$dir/error.txt" "$dir/results.json"
+    args=()
+    for a in "$@"; do
+        [[ $a == @* ]] && a="$OUT/runs/${a#@}/checkpoint.pt"
+        args+=("$a")
+    done
+    cmd=("${LAUNCH[@]}" "$script" "${args[@]}" --out "$dir" "${EXTRA[@]+"${EXTRA[@]}"}")
+    echo "${cmd[*]}" > "$dir/command.txt"
+    echo "=== $name: ${cmd[*]}"
+    start=$(date +%s.%N)
+    PYTHONUNBUFFERED=1 "${cmd[@]}" 2>&1 | tee "$dir/log.txt"
+    code=${PIPESTATUS[0]}
+    end=$(date +%s.%N)
+    echo "$code $(python -c "print(round($end - $start, 1))")" > "$dir/status.txt"
+    if [ "$code" != 0 ]; then
+        # The script's one-line error, else the last line it wrote (a traceback's exception).
+        line=$(grep -E "^[a-z0-9_]+\.py: error:" "$dir/log.txt" | tail -1)
+        [ -n "$line" ] || line=$(grep -v '^[[:space:]]*$' "$dir/log.txt" | tail -1)
+        echo "${line:-exit code $code}" > "$dir/error.txt"
+        echo "=== $name FAILED: ${line:-exit code $code}"
+        FAILED+=("$name")
+    fi
+done
+
+python metrics.py "$OUT/runs" "$OUT/summary.md" "$OUT/summary.csv"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "run_all.sh: ${#FAILED[@]} run(s) failed: ${FAILED[*]}" >&2
+    exit 1
+fi

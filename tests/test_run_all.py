@@ -1,0 +1,60 @@
+"""run_all.sh: runs the selected scripts, keeps going past a failure, summarises from results.json."""
+import csv
+import json
+import os
+import subprocess
+
+import pytest
+
+import metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_summary_row_headline_and_paper_figure():
+    paper = {"data": "imagenet", "test_error": 0.4, "top5_error": 0.18}
+    rec = {"script": "a.py", "data": "imagenet", "metrics": {"test_error": 0.5, "top5_error": 0.3},
+           "paper": paper, "config": {"epochs": 3}, "device": "cuda:0", "seconds": 12.0}
+    row = metrics.summary_row("a", rec, "python a.py")
+    assert (row["metric"], row["ours"], row["paper"], row["epochs"]) == ("top5_error", 0.3, 0.18, 3)
+    # Another data set than the paper's: our figure, no paper figure beside it.
+    row = metrics.summary_row("a", {**rec, "data": "shapes"})
+    assert row["ours"] == 0.3 and row["paper"] == ""
+    # Without a paper top-5 figure the test error is the headline; detection's mAP comes first.
+    row = metrics.summary_row("b", {**rec, "paper": {"data": "imagenet", "test_error": 0.4}})
+    assert (row["metric"], row["ours"], row["paper"]) == ("test_error", 0.5, 0.4)
+    row = metrics.summary_row("c", {**rec, "metrics": {"map": 0.6, "test_error": 0.1}})
+    assert (row["metric"], row["ours"]) == ("map", 0.6)
+    row = metrics.summary_row("d", None, "python d.py", error="d.py: error: no data")
+    assert row["status"] == "failed: d.py: error: no data" and row["ours"] == ""
+
+
+@pytest.mark.slow
+def test_run_all_keeps_going_and_summarises(tmp_path):
+    # lenet5 runs; monster_finetune fails on a flag it does not have; the summary has both.
+    out = tmp_path / "res"
+    p = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--quick", "--only",
+                        "monster_finetune", "lenet5", "--out", str(out), "--", "--epochs", "1",
+                        "--variant", "1998"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "1 run(s) failed: monster_finetune" in p.stderr
+    rows = {r["run"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert set(rows) == {"lenet5", "monster_finetune"}
+    res = json.load(open(out / "runs" / "lenet5" / "results.json"))
+    assert res["config"]["variant"] == "1998" and res["config"]["epochs"] == 1
+    assert rows["lenet5"]["status"] == "ok"
+    assert float(rows["lenet5"]["ours"]) == res["metrics"]["test_error"]
+    assert rows["lenet5"]["command"].startswith("python lenet5.py --data shapes --quick")
+    bad = rows["monster_finetune"]["status"]
+    assert bad.startswith("failed: monster_finetune.py: error:") and "--variant" in bad
+    md = open(out / "summary.md").read()
+    assert md.count("\n| lenet5 |") == 1 and "failed: monster_finetune.py" in md
+
+
+def test_run_all_rejects_unknown_names_and_flags(tmp_path):
+    for args in (["--only", "lenet6"], ["--frobnicate"]):
+        p = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--quick", *args,
+                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and p.stderr.startswith("run_all.sh: error:"), p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "runs").exists()
