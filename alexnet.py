@@ -326,7 +326,7 @@ def arch_name(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="AlexNet (Krizhevsky et al. 2012) on ImageNet, CIFAR, "
+    p = data.ArgumentParser(description="AlexNet (Krizhevsky et al. 2012) on ImageNet, CIFAR, "
                                 "MNIST or the synthetic shapes set; --classify IMAGE for the "
                                 "lecture's top-15 demo.")
     p.add_argument("--data", default="imagenet",
@@ -378,6 +378,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     if args.width is None:
         args.width = 0.25 if args.quick else 1.0

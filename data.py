@@ -733,11 +733,11 @@ def detection_transforms(train, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     ops += [v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std)]
     if train:
-        ops.append(v2.SanitizeBoundingBoxes(labels_getter=_box_fields))
+        ops.append(v2.SanitizeBoundingBoxes(labels_getter=box_fields))
     return v2.Compose(ops)
 
 
-def _box_fields(sample):
+def box_fields(sample):
     """For SanitizeBoundingBoxes: the per-box tensors to drop along with degenerate boxes."""
     target = sample[1]
     return tuple(target[k] for k in ("labels", "difficult") if k in target)
@@ -788,19 +788,25 @@ def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=train,
                                                       seed=seed, drop_last=train)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
-                      sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=torch.device(device).type == "cuda",
-                      drop_last=train if drop_last is None else drop_last,
-                      persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
+                        sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                        pin_memory=torch.device(device).type == "cuda",
+                        drop_last=train if drop_last is None else drop_last,
+                        persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
+    loader.seed = seed
+    return loader
 
 
 def set_epoch(loader, epoch):
-    """Re-seed the shuffling of either kind of loader for `epoch` (needed for sharding)."""
+    """Re-seed the shuffling (and the workers' seeds) of either kind of loader for `epoch`: the
+    order of an epoch depends on (seed, epoch) only, so a resumed run sees the same batches as an
+    uninterrupted one, and under torchrun the shards change every epoch."""
     target = loader if isinstance(loader, DeviceLoader) else getattr(loader, "sampler", None)
     if hasattr(target, "set_epoch"):
         target.set_epoch(epoch)
+    elif getattr(loader, "generator", None) is not None and hasattr(loader, "seed"):
+        loader.generator.manual_seed(loader.seed * 1_000_003 + epoch)
 
 
 def random_crop_flip(x, padding, flip=True, generator=None):
@@ -933,6 +939,25 @@ def augment_for(name):
 
 # ----------------------------------------------------------------------------------------------
 # Devices, torchrun and checkpoints: what every script does before and around its data
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `SCRIPT.py: error: MESSAGE (see --help)`, exit code 2,
+    instead of the usage block followed by the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def check_positive(args, *names):
+    """A DataError for a numeric flag that is set but not > 0 (`--batch-size 0`, `--epochs -1`):
+    checked before any default is filled in, so a 0 is never silently replaced by the default."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            flag = "--" + name.replace("_", "-")
+            hint = "; to evaluate without training use --eval-only" if name == "epochs" else ""
+            raise DataError(f"{flag} {value}: must be a positive number{hint}")
+
 
 def select_device(device=None, cuda=False):
     """`--device` as given, `--cuda` (an error without a GPU: never a silent CPU run), else the

@@ -449,7 +449,7 @@ def arch_name(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="GoogLeNet (Szegedy et al. 2014) and NIN (Lin et al. "
+    p = data.ArgumentParser(description="GoogLeNet (Szegedy et al. 2014) and NIN (Lin et al. "
                                 "2013) on ImageNet, CIFAR, MNIST or the synthetic shapes set.")
     p.add_argument("--data", default=None, help="imagenet | cifar10 | cifar100 | mnist | "
                    "fashion-mnist | shapes (default: imagenet; cifar10 for --variant nin)")
@@ -546,6 +546,7 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     device = data.select_device(args.device, args.cuda)
     rank, args.world = data.init_distributed(device)

@@ -22,8 +22,6 @@ C5 as a 5x5 convolution to 120 maps, F6 with 84 units. Departures, also printed 
 - inputs are normalised with the training set's mean and deviation (the paper maps background to
   -0.1 and ink to 1.175, which has mean ~0 and variance ~1 as well).
 """
-import argparse
-import math
 import os
 import sys
 import time
@@ -209,7 +207,7 @@ def evaluate(model, loader, args, device):
 # Command line
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="LeNet-5 (LeCun et al. 1998) on MNIST, Fashion-MNIST "
+    p = data.ArgumentParser(description="LeNet-5 (LeCun et al. 1998) on MNIST, Fashion-MNIST "
                                 "or the synthetic shapes set.")
     p.add_argument("--data", default="mnist", help="mnist | fashion-mnist | shapes (default: mnist)")
     p.add_argument("--data-dir", default=data.default_data_dir(),
@@ -245,6 +243,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     data.check_task(args.data, "classification")
     if args.data not in ("mnist", "fashion-mnist", "shapes"):

@@ -156,7 +156,7 @@ def evaluate(model, loader):
 # Command line
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="The lecture's fine-tuning example: a trained AlexNet's "
+    p = data.ArgumentParser(description="The lecture's fine-tuning example: a trained AlexNet's "
                                 "first layer, frozen then fine-tuned, under residual blocks.")
     p.add_argument("--data", default="cifar10",
                    help="cifar10 | cifar100 | shapes (RGB sets; default: cifar10)")
@@ -302,6 +302,7 @@ def run(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     data.check_task(args.data, "classification")
     if args.data in ("mnist", "fashion-mnist", "imagenet"):
         raise data.DataError(f"{args.data}: the lecture's network takes 32x32 RGB images (AlexNet's "

@@ -396,7 +396,7 @@ def evaluate(model, loader, args, device, ten_crop=False):
 # Command line
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="ResNet (He et al. 2015): the CIFAR networks of §4.2 "
+    p = data.ArgumentParser(description="ResNet (He et al. 2015): the CIFAR networks of §4.2 "
                                 "and the ImageNet networks of Table 1 (torchvision-compatible).")
     p.add_argument("--depth", type=int, default=20,
                    help=f"CIFAR 6n+2 (the paper's {CIFAR_DEPTHS}) or ImageNet {IMAGENET_DEPTHS} "
@@ -451,6 +451,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     if not (is_cifar_depth(args.depth) or args.depth in IMAGENET_DEPTHS):
         raise data.DataError(f"unknown ResNet depth {args.depth}; use 6n+2 (CIFAR, e.g. "

@@ -32,7 +32,6 @@ schedule, every 30 epochs: here at 30, 60, 90 of 100), scale augmentation, 224 s
 of the 256-resized image.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -296,7 +295,7 @@ def evaluate(model, loader, args, device):
 # Command line
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="ResNeXt (Xie et al. 2016): ResNeXt-29 on CIFAR "
+    p = data.ArgumentParser(description="ResNeXt (Xie et al. 2016): ResNeXt-29 on CIFAR "
                                 "(§5.3) and ResNeXt-50/101/152 on ImageNet (torchvision-compatible).")
     p.add_argument("--depth", type=int, default=None,
                    help="CIFAR 9n+2 (the paper's 29) or ImageNet 50, 101, 152 (default: 29; 11 "
@@ -383,6 +382,7 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     resolve_defaults(args)
     data.check_task(args.data, "classification")

@@ -26,7 +26,6 @@ AlexNet's PCA colour shift. Test (§3.2): fc6/fc7/fc8 become 7x7/1x1/1x1 convolu
 averaged, soft-maxed, and the posteriors averaged over Q and the mirror image (`dense_evaluate`).
 Departures are listed in DEPARTURES and printed at start.
 """
-import argparse
 import copy
 import os
 import sys
@@ -345,7 +344,7 @@ def arch_name(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="VGG-19 (Simonyan & Zisserman 2014) on ImageNet, "
+    p = data.ArgumentParser(description="VGG-19 (Simonyan & Zisserman 2014) on ImageNet, "
                                 "CIFAR, MNIST or the synthetic shapes set, with the paper's scale "
                                 "jittering and dense multi-scale test.")
     p.add_argument("--data", default="imagenet",
@@ -420,6 +419,7 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     data.check_task(args.data, "classification")
     resolve_defaults(args)

@@ -2,14 +2,15 @@
 --classify, and main() end to end."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
+import data
 import alexnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,10 +193,14 @@ def test_bad_input_is_a_one_line_error(tmp_path):
                           (["--classify", "/nonexistent.jpg"], "needs --weights PATH or"),
                           (["--classify", "/nonexistent.jpg", "--weights", str(other)],
                            "is of 'lenet5-lecture'")):
-        r = subprocess.run([sys.executable, "alexnet.py", "--device", "cpu", *argv], cwd=ROOT,
-                           capture_output=True, text=True)
-        assert r.returncode != 0
-        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+        with pytest.raises(data.DataError, match=re.escape(message)) as e:
+            alexnet.main(["--device", "cpu", *argv])
+        assert "\n" not in str(e.value)
+    # The script's own guard: the same error as one line on stderr, a non-zero exit.
+    r = subprocess.run([sys.executable, "alexnet.py", "--device", "cpu", "--data", "nope"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("alexnet.py: error: ") and "unknown data set 'nope'" in r.stderr
 
 
 def test_classify_bad_image_is_a_one_line_error(tmp_path):

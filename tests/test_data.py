@@ -1,6 +1,5 @@
 """data.py on small files in the real formats, the shapes generator, transforms and loaders."""
 import os
-import pickle
 import urllib.error
 
 import numpy as np
@@ -520,3 +519,30 @@ def test_classification_loaders_normalise_with_the_training_statistics(tmp_path)
     assert x.shape == (96, 1, 28, 28)
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
     assert sum(len(b) for _, b in test) == 20 and sum(len(b) for _, b in val) == 10
+
+
+def test_argument_parser_errors_in_one_line_and_positive_flags(capsys):
+    p = data.ArgumentParser(prog="x.py")
+    p.add_argument("--epochs", type=int, default=None)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--epochs", "two"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("x.py: error: argument --epochs")
+    data.check_positive(p.parse_args([]), "epochs", "batch_size")  # unset or absent: no error
+    for value in (0, -3):
+        with pytest.raises(data.DataError, match=f"--epochs {value}: must be a positive"):
+            data.check_positive(p.parse_args(["--epochs", str(value)]), "epochs")
+
+
+def test_set_epoch_makes_the_order_a_function_of_seed_and_epoch():
+    ds = torch.utils.data.TensorDataset(torch.arange(50))
+    order = lambda loader: torch.cat([b[0] for b in loader]).tolist()  # noqa: E731
+    a = data.make_loader(ds, 10, True, workers=0, seed=3)
+    data.set_epoch(a, 0), order(a)
+    data.set_epoch(a, 1)
+    second = order(a)
+    b = data.make_loader(ds, 10, True, workers=0, seed=3)  # a resumed run starts at epoch 1
+    data.set_epoch(b, 1)
+    assert order(b) == second
+    data.set_epoch(b, 2)
+    assert order(b) != second and sorted(order(b)) == list(range(50))

@@ -4,6 +4,7 @@ compatibility, output shapes of every variant, the §5 auxiliary loss, the §6 l
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -256,10 +257,14 @@ def test_bad_input_is_a_one_line_error():
     for argv, message in ((["--data", "voc"], "'voc' is a detection data set"),
                           (["--data", "shapes", "--weights", "/nonexistent.pt", "--quick"],
                            "checkpoint /nonexistent.pt not found")):
-        r = subprocess.run([sys.executable, "googlenet.py", "--device", "cpu", *argv], cwd=ROOT,
-                           capture_output=True, text=True)
-        assert r.returncode != 0
-        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+        with pytest.raises((data.DataError, ValueError), match=re.escape(message)) as e:
+            googlenet.main(["--device", "cpu", *argv])
+        assert "\n" not in str(e.value)
+    # The script's own guard: the same error as one line on stderr, a non-zero exit.
+    r = subprocess.run([sys.executable, "googlenet.py", "--device", "cpu", "--data", "nope"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("googlenet.py: error: ") and "unknown data set 'nope'" in r.stderr
 
 
 def test_two_gloo_processes_agree_with_one_process(tmp_path):

@@ -1,12 +1,14 @@
 """lenet5.py: the paper's parameter counts, the C3 table, the recipe, and main() end to end."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import data
 import lenet5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,10 +90,13 @@ def test_bad_input_is_a_one_line_error():
                           (["--data", "cifar10"], "lenet5.py trains on mnist"),
                           (["--data", "shapes", "--weights", "/nonexistent.pt", "--quick"],
                            "checkpoint /nonexistent.pt not found")):
-        r = subprocess.run([sys.executable, "lenet5.py", "--device", "cpu", *argv], cwd=ROOT,
-                           capture_output=True, text=True)
-        assert r.returncode != 0
-        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+        with pytest.raises(data.DataError, match=re.escape(message)) as e:
+            lenet5.main(["--device", "cpu", *argv])
+        assert "\n" not in str(e.value)
+    r = subprocess.run([sys.executable, "lenet5.py", "--device", "cpu", "--data", "voc"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("lenet5.py: error: ") and "is a detection data set" in r.stderr
 
 
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):

@@ -2,6 +2,7 @@
 dense test of §3.2, the scale jitter of §3.1, and main() end to end."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
+import data
 import vgg19
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,10 +237,14 @@ def test_bad_input_is_a_one_line_error(tmp_path):
                            "is of 'lenet5-lecture', not 'vgg19-w0.125'"),
                           (["--data", "shapes", "--quick", "--crop-size", "64"],
                            "need --crop-size <= --scale-min")):
-        r = subprocess.run([sys.executable, "vgg19.py", "--device", "cpu", *argv], cwd=ROOT,
-                           capture_output=True, text=True)
-        assert r.returncode != 0
-        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+        with pytest.raises((data.DataError, ValueError), match=re.escape(message)) as e:
+            vgg19.main(["--device", "cpu", *argv])
+        assert "\n" not in str(e.value)
+    # The script's own guard: the same error as one line on stderr, a non-zero exit.
+    r = subprocess.run([sys.executable, "vgg19.py", "--device", "cpu", "--data", "nope"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("vgg19.py: error: ") and "unknown data set 'nope'" in r.stderr
 
 
 def test_two_gloo_processes_agree_with_one_process(tmp_path):
