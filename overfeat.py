@@ -7,7 +7,12 @@ arXiv:1312.6229.
     python overfeat.py --data imagenet --variant alexnet --pretrained --eval-only  # torchvision's
     python overfeat.py --data shapes --quick                    # offline classification, CPU
     python overfeat.py --data shapes-det --quick                # offline localisation (§4), CPU
+    python overfeat.py --data imagenet --task localisation      # §4 with the ILSVRC box XML
+    python overfeat.py --data voc                               # detection (§5), background class
+    python overfeat.py --data shapes-det --task detection --quick --batch-size 64 --lr 0.02
+    python overfeat.py --detect street.jpg --weights runs/overfeat/checkpoint.pt --out drawn
     torchrun --nproc_per_node=2 overfeat.py --data imagenet     # data-parallel, same global batch
+    python bench/bench_overfeat_dense.py                        # dense vs crop-by-crop images/s
 
 Paper (ILSVRC-2012 val, Table 2): top-1 / top-5 error 38.12 / 16.27 % for one fast model at 6
 scales, 35.74 / 14.18 % for one accurate model at 6 scales (dense evaluation, fine stride);
@@ -30,9 +35,13 @@ at 6 scales; the last max-pooling is done at every offset (dx, dy) in {0..k-1}^2
 over space and averaged over scales and mirrors (`dense_evaluate`).
 Localisation (§4): features frozen, a regression head (2 hidden layers, 4 outputs: the box edges
 relative to each location) trained with an l2 loss at several scales; the boxes of all locations
-and scales are merged greedily (§4.3, `greedy_merge`). Departures: DEPARTURES, printed at start.
+and scales are merged greedily (§4.3, `greedy_merge`). ImageNet boxes: `ImageNetBoxes` (layout
+in its docstring). Detection (§5): the same net with C + 1 outputs (the last is background),
+trained on windows cut from the scenes, one positive and one random or "most offending" negative
+per scene (`window_batches`); tested densely at 5 scales, a box per location from the regressor,
+per-class NMS, VOC07 AP over all objects (`detect`, `evaluate_detection`).
+Departures: DEPARTURES, printed at start.
 """
-import argparse
 import copy
 import os
 import sys
@@ -43,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data
@@ -121,10 +131,11 @@ class OverFeat(nn.Module):
     """The fast (Table 1) or accurate (Table 3) network, or torchvision's AlexNet layout
     ('alexnet': features.N / avgpool / classifier.N, so torchvision.models.alexnet's state_dict
     loads strictly). fc6's window is the conv map for `input_size`; `regressor` is §4's
-    localisation head, a convolution over the same window (class-agnostic: 4 outputs)."""
+    localisation head, a convolution over the same window (4 outputs, or 4 per class with
+    `box_classes` = C: --class-specific)."""
 
     def __init__(self, variant="fast", num_classes=1000, in_channels=3, width=1.0,
-                 input_size=None, dropout=0.5, regressor=False):
+                 input_size=None, dropout=0.5, regressor=False, box_classes=1):
         super().__init__()
         self.variant = variant
         self.input_size = input_size or INPUT[variant]
@@ -162,23 +173,28 @@ class OverFeat(nn.Module):
         r1, r2 = _scale(4096, width), _scale(1024, width)
         self.regressor = None if not regressor else nn.Sequential(
             nn.Conv2d(c_out, r1, (h, w)), nn.ReLU(inplace=True),
-            nn.Conv2d(r1, r2, 1), nn.ReLU(inplace=True), nn.Conv2d(r2, 4, 1))
+            nn.Conv2d(r1, r2, 1), nn.ReLU(inplace=True), nn.Conv2d(r2, 4 * box_classes, 1))
 
     def layers(self):
         """The classification net as one flat nn.Sequential (for `convolutionize`)."""
         return nn.Sequential(*self.features, self.avgpool, nn.Flatten(), *self.classifier)
 
-    def forward(self, x):
+    def forward(self, x, regress=False):
+        if regress:  # §4.2: the regressor on frozen features (a forward, so DDP syncs it)
+            with torch.no_grad():
+                f = self.features(x)
+            return self.regressor(f)
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
 def overfeat(variant="fast", num_classes=1000, in_channels=3, width=1.0, input_size=None,
-             regressor=False):
+             regressor=False, dropout=0.5, box_classes=1):
     """The model factory: 'fast' (Table 1), 'accurate' (Table 3) or 'alexnet' (torchvision's);
     with `regressor`, §4's localisation head (absent otherwise: torchvision's state_dict)."""
     if variant not in INPUT:
         raise ValueError(f"unknown variant '{variant}'; use fast, accurate or alexnet")
-    return OverFeat(variant, num_classes, in_channels, width, input_size, regressor=regressor)
+    return OverFeat(variant, num_classes, in_channels, width, input_size, dropout, regressor,
+                    box_classes)
 
 
 def init_weights(model, scheme):
@@ -335,12 +351,7 @@ def load_pretrained(model, width):
     if model.variant != "alexnet" or width != 1.0 or model.input_size != 224:
         raise data.DataError("--pretrained needs --variant alexnet --width 1 --img-size 224 "
                              "(torchvision's AlexNet is the only published layout)")
-    try:
-        state = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception as e:
-        raise data.DataError(f"could not download torchvision's AlexNet weights "
-                             f"({type(e).__name__}); put alexnet-owt-7be5be79.pth in "
-                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    state = data.torchvision_weights(torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
     own = model.state_dict()
     if model.classifier[6].out_features != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
@@ -428,6 +439,174 @@ def localise(model, dense, x, scales, threshold):
 
 
 # ---------------------------------------------------------------------------------------------
+# Detection (§5): a background class, windows of the scenes, hard negatives, dense boxes
+
+# Test scales as multiples of the training window: the scene's side / img-size, so a window
+# covers the whole scene down to a quarter of it (§5 runs the net at 6 scales of the image).
+DET_SCALES = (1.0, 2 ** 0.5, 2.0, 2 ** 1.5, 4.0)
+NEG_IOU = 0.3       # a window is background when its IoU with every object is below this
+CANDIDATES = 4      # negative windows drawn per scene; "hard" keeps the most offending one
+
+
+def scene_arrays(split, args):
+    """The detection scenes in memory: uint8 images (N, 3, S, S) (shapes-det: S = 64, as
+    rendered; voc: resized to S = 2 x img-size, boxes following through tv_tensors), their boxes
+    and labels in those S-pixels, and the ground truths in the original pixels (difficult kept)
+    with each image's (W, H), to map detections back before metrics.detection_map."""
+    ds = data.detection_dataset(args.data, split, args.data_dir, not args.no_download,
+                                quick=args.quick, seed=0)
+    S = 64 if args.data == "shapes-det" else 2 * args.img_size
+    resize = v2.Resize((S, S), antialias=True)
+    xs, scene, gts, sizes = [], [], [], []
+    for i in range(len(ds)):
+        image, target = ds[i]
+        sizes.append((image.shape[-1], image.shape[-2]))
+        gts.append({"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+                    "labels": target["labels"], "difficult": target["difficult"]})
+        image, target = resize(image, target)
+        xs.append(image.as_subclass(torch.Tensor))
+        scene.append({"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+                      "labels": target["labels"]})
+    if not xs:
+        raise data.DataError(f"the {args.data} {split} split has no images; check --data-dir")
+    return torch.stack(xs), scene, gts, sizes, tuple(ds.classes)
+
+
+def square_windows(cx, cy, side):
+    return torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], -1)
+
+
+def window_batches(x, scene, batch_size, seed, epoch, mean, std, args, scorer, rank=0, world=1,
+                   positives_only=False):
+    """§5's training windows, drawn for the whole global batch from a (seed, epoch) generator
+    (each rank then keeps its 1/world slice of the scenes: the same windows as one process).
+    Per scene: one positive, a square around one of its objects (side 1.3-2 x the object's
+    longer side, centre moved by up to 0.2 x the side) labelled with the object's class; one
+    negative among CANDIDATES random squares in the scene (side S/4..S, log-uniform) overlapping
+    every object by IoU < NEG_IOU, labelled background (index C): the first ('random') or the one
+    the current net scores highest on any object class ('hard', §5's "most offending ones"),
+    all candidates scored in one batch. Windows are cut
+    and resized to img-size with roi_align, mirrored at random with their boxes. Yields (windows,
+    labels, object boxes in window pixels)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    S, n, B, C = x.shape[-1], len(scene), batch_size // 2, args.num_classes
+    idx = torch.randperm(n, generator=g)
+    size = args.img_size
+    for b in range(n // B):
+        scenes = idx[b * B:(b + 1) * B].tolist()
+        u = torch.rand(B, 8 + 3 * CANDIDATES, generator=g)  # every draw for the global batch
+        mine = list(range(rank, B, world))
+        wins, labels, obj, neg_sets = [], [], [], []
+        for k in mine:
+            gt = scene[scenes[k]]
+            j = min(int(u[k, 0] * len(gt["labels"])), len(gt["labels"]) - 1)
+            box = gt["boxes"][j]
+            side = (box[2:] - box[:2]).max() * (1.3 + 0.7 * u[k, 1])
+            c = (box[:2] + box[2:]) / 2 + (u[k, 2:4] - 0.5) * 0.4 * side
+            wins.append(square_windows(c[0], c[1], side))
+            labels.append(int(gt["labels"][j]))
+            obj.append(box)
+            r = u[k, 8:].view(3, CANDIDATES)
+            side = S / 4 * 4 ** r[2]  # inside the scene: no black border to give it away
+            cand = square_windows(side / 2 + r[0] * (S - side), side / 2 + r[1] * (S - side), side)
+            iou = torchvision.ops.box_iou(cand, gt["boxes"]).amax(1) if len(gt["boxes"]) \
+                else torch.zeros(CANDIDATES)
+            # no candidate clear of the objects: the least overlapping one (rare on shapes-det)
+            ok = iou < NEG_IOU
+            neg_sets.append(cand[ok] if ok.any() else cand[iou.argmin()][None])
+        xb = ((x[[scenes[k] for k in mine]].float() / 255) - mean) / std
+        pos = cut_windows(xb, torch.stack(wins), size)
+        if positives_only:
+            windows, y, boxes, w_all = pos, torch.tensor(labels), torch.stack(obj), \
+                torch.stack(wins)
+        else:
+            negs = [cand[0] for cand in neg_sets]
+            if args.negatives == "hard":  # every candidate of the batch through the net at once
+                owner = torch.cat([torch.full((len(c),), k) for k, c in enumerate(neg_sets)])
+                crops = cut_windows(xb[owner], torch.cat(neg_sets), size)
+                with torch.no_grad():
+                    was = scorer.training
+                    p = scorer.eval()(crops).float().softmax(1)[:, :C].amax(1).cpu()
+                    scorer.train(was)
+                for k, cand in enumerate(neg_sets):
+                    negs[k] = cand[int(p[owner == k].argmax())]
+            neg = cut_windows(xb, torch.stack(negs), size)
+            windows = torch.cat([pos, neg])
+            y = torch.tensor(labels + [C] * len(negs))
+            w_all = torch.cat([torch.stack(wins), torch.stack(negs)])
+            boxes = torch.cat([torch.stack(obj), torch.stack(negs)])  # negatives: unused
+        # the object's box in the window's pixels (img-size x img-size)
+        wb = (boxes - w_all[:, :2].repeat(1, 2)) * (size / (w_all[:, 2:3] - w_all[:, 0:1]))
+        m = torch.rand(2 * B, generator=g) < 0.5  # mirrors, drawn for the global batch too
+        m = m[mine] if positives_only else torch.cat([m[mine], m[[B + k for k in mine]]])
+        windows = torch.where(m[:, None, None, None].to(x.device), windows.flip(3), windows)
+        wb = torch.where(m[:, None], torch.stack([size - wb[:, 2], wb[:, 1], size - wb[:, 0],
+                                                  wb[:, 3]], 1), wb)
+        yield windows, y.to(x.device), wb.to(x.device)
+
+
+def cut_windows(images, windows, size):
+    """One size x size crop per image of the (K, 4) XYXY windows (continuous pixels, zero =
+    the mean colour outside the image), bilinear, by torchvision.ops.roi_align."""
+    rois = torch.cat([torch.arange(len(windows), dtype=windows.dtype)[:, None], windows], 1)
+    return torchvision.ops.roi_align(images, rois.to(images.device, images.dtype), size,
+                                     sampling_ratio=2, aligned=True)
+
+
+@torch.no_grad()
+def detect(model, dense, x, scales, num_classes, score_threshold=0.01, nms_iou=0.3,
+           max_dets=100):
+    """§5 at test time: the convolutionized net over the whole (N, 3, S, S) scenes at each scale;
+    every location gives C + 1 posteriors (softmax) and, from the regressor, a box (one for all
+    classes, or one per class with --class-specific) mapped to the scene's pixels. Per image and
+    class, the boxes scoring above `score_threshold` over all scales are merged by NMS (IoU
+    `nms_iou`; see DEPARTURES). Returns [{"boxes" (S-pixels), "scores", "labels"}] per image."""
+    model.eval()
+    n, S, C, size = x.shape[0], x.shape[-1], num_classes, model.input_size
+    boxes, scores = [], []
+    for s in scales:
+        xs = v2.functional.resize(x, [s], antialias=True)
+        f = F.max_pool2d(dense.body(xs), dense.kernel, dense.stride)
+        p = dense.head(f).float().softmax(1)[:, :C]                     # (N, C, h, w)
+        t = model.regressor(f).float()                                  # (N, 4 or 4C, h, w)
+        h, w = t.shape[-2:]
+        c = location_centres(h, w, dense.total_stride, size, x.device).float()
+        t = t.view(n, -1, 4, h * w).transpose(2, 3)                     # (N, 1 or C, hw, 4)
+        b = ((t * size + c.repeat(1, 2)) * (S / s)).clamp(0, S).expand(n, C, h * w, 4)
+        boxes.append(b), scores.append(p.flatten(2))
+    boxes, scores = torch.cat(boxes, 2), torch.cat(scores, 2)           # (N, C, L, 4), (N, C, L)
+    labels = torch.arange(C, device=x.device)[:, None].expand(C, scores.shape[-1])
+    out = []
+    for i in range(n):
+        keep = (scores[i] > score_threshold) & (boxes[i, ..., 2] > boxes[i, ..., 0]) & \
+            (boxes[i, ..., 3] > boxes[i, ..., 1])
+        bi, si, li = boxes[i][keep], scores[i][keep], labels[keep]
+        top = si.argsort(descending=True)[:2000]
+        bi, si, li = bi[top], si[top], li[top]
+        k = torchvision.ops.batched_nms(bi, si, li, nms_iou)[:max_dets]
+        out.append({"boxes": bi[k], "scores": si[k], "labels": li[k]})
+    return out
+
+
+@torch.no_grad()
+def evaluate_detection(model, x, gts, sizes, classes, args):
+    """VOC07 11-point AP per class and mAP of `detect` over ALL objects of every test scene,
+    the boxes mapped from the S x S scene back to each image's own pixels."""
+    dense = DenseNet(model).eval()
+    S, dets = x.shape[-1], []
+    scales = args.det_scales
+    for i in range(0, len(x), 50):
+        for d, (W, H) in zip(detect(model, dense, x[i:i + 50], scales, len(classes),
+                                    nms_iou=args.nms_iou), sizes[i:i + 50]):
+            d["boxes"] = d["boxes"] * torch.tensor([W / S, H / S, W / S, H / S],
+                                                   device=d["boxes"].device)
+            dets.append({k: v.cpu() for k, v in d.items()})
+    dm = metrics.detection_map(dets, gts, len(classes))
+    return {"map": dm["map"], "ap": dict(zip(classes, dm["ap"])),
+            "detections_per_image": sum(len(d["scores"]) for d in dets) / len(dets)}, dets
+
+
+# ---------------------------------------------------------------------------------------------
 # Recipe and data glue
 
 def lr_factor(epoch, steps=LR_STEPS):
@@ -465,17 +644,72 @@ def list_collate(batch):
     return [im for im, _ in batch], torch.tensor([y for _, y in batch])
 
 
+class ImageNetBoxes(torch.utils.data.Dataset):
+    """ILSVRC-2012 localisation: the images of data.imagenet_dataset (DIR/imagenet/{train,val}/
+    <wnid>/*.JPEG: torchvision's ImageNet layout, whose devkit step sorts val into class folders)
+    with the boxes of the ILSVRC XML files (VOC's format: annotation/size, object/name = a wnid,
+    object/bndbox/xmin ymin xmax ymax, read by data.parse_voc_xml as 1-based corners) found in
+    DIR/imagenet/bbox/{train,val}/, per class (<wnid>/<stem>.xml, as the train box archive
+    unpacks) or flat (<stem>.xml, as the val one). Names map to class indices in the order of
+    data.imagenet_dataset (sorted wnids). Train keeps the images that have boxes (ILSVRC boxes a
+    subset of them); in val every image must have its file."""
+
+    def __init__(self, split, data_dir=None, transforms=None):
+        base = data.imagenet_dataset(split, data_dir)
+        self.classes, self.transforms = list(base.classes), transforms
+        folder = "train" if split == "train" else "val"
+        root = os.path.join(data_dir or data.default_data_dir(), "imagenet", "bbox", folder)
+        if not os.path.isdir(root):
+            raise data.DataError(f"ImageNet bounding boxes not found: put the ILSVRC {folder} "
+                                 f"XML files in {root} (<wnid>/<image>.xml or <image>.xml)")
+        self.samples = []
+        for path, label in base.samples:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            found = [p for p in (os.path.join(root, self.classes[label], stem + ".xml"),
+                                 os.path.join(root, stem + ".xml")) if os.path.isfile(p)]
+            if found:
+                self.samples.append((path, found[0]))
+            elif split != "train":
+                raise data.DataError(f"no bounding-box file for {path} in {root}; every "
+                                     f"validation image needs {stem}.xml")
+        if not self.samples:
+            raise data.DataError(f"no bounding-box XML in {root} matches an image of "
+                                 f"{os.path.dirname(os.path.dirname(base.samples[0][0]))}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, xml = self.samples[i]
+        image = data.load_image(path)
+        ann = data.parse_voc_xml(xml, self.classes)
+        if not len(ann["labels"]):
+            raise data.DataError(f"{xml} holds no object box; fix or remove the file")
+        target = {"boxes": tv_tensors.BoundingBoxes(ann["boxes"], format="XYXY",
+                                                    canvas_size=image.shape[-2:]),
+                  "labels": ann["labels"], "difficult": ann["difficult"], "image_id": i}
+        return self.transforms(image, target) if self.transforms else (image, target)
+
+
 def detection_arrays(split, args):
-    """shapes-det in memory: images uint8 (N, 3, S, S), the largest shape's box (N, 4) and class
-    (N,) (the localisation target, as ILSVRC's one object per image), and all ground truths."""
-    ds = data.detection_dataset(args.data, split, args.data_dir, not args.no_download,
-                                quick=args.quick, seed=0)
+    """Localisation sets in memory: images uint8 (N, 3, S, S) (shapes-det as rendered, S = 64;
+    imagenet resized to S = 256 squares, boxes following), the largest object's box (N, 4) and
+    class (N,) (the localisation target, as ILSVRC's one object per image), all ground truths."""
+    if args.data == "imagenet":
+        ds = ImageNetBoxes(split, args.data_dir, v2.Resize((256, 256), antialias=True))
+        if args.quick:  # a fixed small subset, as data.classification_dataset's
+            keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:2000]
+            ds.samples = [ds.samples[i] for i in keep.sort().values.tolist()]
+    else:
+        ds = data.detection_dataset(args.data, split, args.data_dir, not args.no_download,
+                                    quick=args.quick, seed=0)
     rows = [ds[i] for i in range(len(ds))]
     x = torch.stack([im.as_subclass(torch.Tensor) for im, _ in rows])
     gts = [{"boxes": t["boxes"].as_subclass(torch.Tensor).float(), "labels": t["labels"]}
            for _, t in rows]
-    return x, torch.stack([g["boxes"][0] for g in gts]), \
-        torch.stack([g["labels"][0] for g in gts]), gts, tuple(ds.classes)
+    big = [int(torchvision.ops.box_area(g["boxes"]).argmax()) for g in gts]
+    return x, torch.stack([g["boxes"][j] for g, j in zip(gts, big)]), \
+        torch.stack([g["labels"][j] for g, j in zip(gts, big)]), gts, tuple(ds.classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,13 +727,16 @@ def train_one_epoch(model, batches, optimizer, scaler, args, device, epoch, prog
                     x = x.contiguous(memory_format=torch.channels_last)
                 loss = F.cross_entropy(model(x), y)
             else:
-                loss = 0.0
-                for s in (args.img_size, args.img_size + args.img_size // 2):
+                loss = 0.0  # detection: the windows are already at img-size (one scale)
+                sizes = [args.img_size] if args.task == "detection" else \
+                    [args.img_size, args.img_size + args.img_size // 2]
+                for s in sizes:
                     xs = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
-                    with torch.no_grad():  # §4.2: the feature extractor stays fixed
-                        f = model.features(xs)
-                    t = model.regressor(f).float()
-                    stride = total_stride(model)
+                    # through forward: under DDP the regressor's gradients are all-reduced
+                    t = model(xs, regress=True).float()
+                    if t.shape[1] > 4:  # --class-specific: the 4 outputs of the object's class
+                        t = t.view(len(y), -1, 4, *t.shape[-2:])[torch.arange(len(y)), y]
+                    stride = total_stride(unwrap(model))
                     want = regression_targets(boxes * (s / x.shape[-1]), *t.shape[-2:], stride,
                                               args.img_size)
                     loss = loss + F.mse_loss(t, want) / 2
@@ -510,6 +747,12 @@ def train_one_epoch(model, batches, optimizer, scaler, args, device, epoch, prog
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
     return total / max(n, 1)
+
+
+def unwrap(model):
+    """The plain OverFeat inside torch.compile / DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 def total_stride(model):
@@ -549,12 +792,12 @@ def evaluate(model, loader, args, device):
 
 
 @torch.no_grad()
-def evaluate_localisation(model, x, box0, label0, gts, args, mean_box):
+def evaluate_localisation(model, x, box0, label0, gts, args, mean_box, num_classes):
     """§4 on shapes-det: the top merged box of each image against the largest shape (iou50_rate:
     IoU >= 0.5, class-agnostic; loc_error: ILSVRC's, wrong class or IoU < 0.5), and the VOC07
     mAP of all merged boxes over all shapes. Baselines: the whole image, the mean training box."""
     dense = DenseNet(model).eval()
-    dets, ious, correct, probs = [], [], [], []
+    dets, ious, correct = [], [], []
     for i in range(0, len(x), 100):
         for boxes, scores, label in localise(model, dense, x[i:i + 100], args.scales,
                                              args.merge_threshold):
@@ -569,7 +812,7 @@ def evaluate_localisation(model, x, box0, label0, gts, args, mean_box):
     whole = torchvision.ops.box_iou(torch.tensor([[0.0, 0.0, size, size]]), box0.cpu())[0]
     mean = torchvision.ops.box_iou(mean_box[None].cpu(), box0.cpu())[0]
     dm = metrics.detection_map([{k: v.cpu() for k, v in d.items()} for d in dets], gts,
-                               len(data.SHAPES_CLASSES))
+                               num_classes)
     return {"iou50_rate": float((ious >= 0.5).float().mean()), "mean_iou": float(ious.mean()),
             "loc_error": 1 - sum(correct) / len(correct), "map": dm["map"],
             "baseline_whole_image_iou50": float((whole >= 0.5).float().mean()),
@@ -599,16 +842,19 @@ def device_batches(x, y, boxes, batch_size, seed, epoch, mean, std, img_size, fl
 
 def arch_name(args):
     return f"overfeat-{args.variant}" + ("" if args.width == 1.0 else f"-w{args.width:g}") + \
-        ("" if args.img_size == INPUT[args.variant] else f"-{args.img_size}")
+        ("" if args.img_size == INPUT[args.variant] else f"-{args.img_size}") + \
+        ("-det" if args.task == "detection" else "") + \
+        ("-cs" if getattr(args, "class_specific", False) else "")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="OverFeat (Sermanet et al. 2013): classification with "
-                                "dense multi-scale evaluation, and localisation by box regression "
-                                "with greedy merging, on ImageNet, CIFAR, MNIST or the shapes "
-                                "sets.")
+    p = data.ArgumentParser(description="OverFeat (Sermanet et al. 2013): classification with "
+                                "dense multi-scale evaluation, localisation by box regression "
+                                "with greedy merging and detection with a background class, on "
+                                "ImageNet, VOC, CIFAR, MNIST or the shapes sets.")
     p.add_argument("--data", default="imagenet", help="imagenet | cifar10 | cifar100 | mnist | "
-                   "fashion-mnist | shapes (classification) | shapes-det (localisation)")
+                   "fashion-mnist | shapes (classification) | shapes-det (localisation or "
+                   "detection) | voc (detection)")
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
@@ -629,6 +875,27 @@ def get_args_parser():
                    help=f"classification epochs (default: {EPOCHS}; 8 with --quick)")
     p.add_argument("--loc-epochs", type=int, default=None,
                    help="regression epochs after them on shapes-det (default: 10; 6 with --quick)")
+    p.add_argument("--task", default=None,
+                   choices=["classification", "localisation", "detection"],
+                   help="default: classification on classification sets, localisation (§4) on "
+                   "shapes-det, detection (§5) on voc; --task detection on shapes-det")
+    p.add_argument("--negatives", default="hard", choices=["random", "hard"],
+                   help="detection's background windows: random, or the most offending of "
+                   f"{CANDIDATES} random ones per scene (§5; default: hard)")
+    p.add_argument("--class-specific", action="store_true",
+                   help="detection: one box regressor per class (default: one for all, §4.2)")
+    p.add_argument("--det-scales", type=int, nargs="+", default=None,
+                   help="detection test scales, the scene's side in pixels (default: img-size x "
+                   "1, 1.41, 2, 2.83, 4)")
+    p.add_argument("--nms-iou", type=float, default=0.3,
+                   help="detection: per-class NMS IoU threshold (default 0.3)")
+    p.add_argument("--detect", default=None, metavar="IMAGE",
+                   help="draw the detections of --weights (a --task detection checkpoint) on "
+                   "IMAGE into OUT/<stem>_detections.png and print them")
+    p.add_argument("--min-score", type=float, default=0.5,
+                   help="--detect: the smallest class posterior drawn (default 0.5)")
+    p.add_argument("--dropout", type=float, default=0.5,
+                   help="dropout after the hidden FC layers (default: 0.5, §3.1)")
     p.add_argument("--merge-threshold", type=float, default=0.5,
                    help="§4.3: stop merging when the best match score exceeds this (default 0.5)")
     p.add_argument("--lr-steps", type=int, nargs="*", default=list(LR_STEPS),
@@ -663,11 +930,12 @@ def get_args_parser():
 
 def resolve_defaults(args):
     imagenet = args.data == "imagenet"
+    big = args.data in ("imagenet", "voc")  # the paper's input sizes
     args.width = args.width or (0.125 if args.quick else 1.0)
     if args.epochs is None:
         args.epochs = 8 if args.quick else EPOCHS
     args.loc_epochs = args.loc_epochs if args.loc_epochs is not None else (6 if args.quick else 10)
-    args.img_size = args.img_size or (INPUT if imagenet else SMALL_INPUT)[args.variant]
+    args.img_size = args.img_size or (INPUT if big else SMALL_INPUT)[args.variant]
     args.init = args.init or ("paper" if imagenet else "kaiming")
     # §3.1's lr 5e-2 diverges with He init on the small sets; momentum 0.6 barely moves them
     args.lr = args.lr if args.lr is not None else (5e-2 if imagenet else 1e-2)
@@ -679,32 +947,106 @@ def resolve_defaults(args):
         args.scales = args.scales or [args.img_size, round(1.25 * args.img_size),
                                       round(1.5 * args.img_size)]
         args.crop_scale = round(args.img_size * 256 / INPUT[args.variant])
+    if getattr(args, "task", None) == "detection" and not args.det_scales:
+        args.det_scales = [round(args.img_size * f) for f in DET_SCALES]
     if min(args.scales) < args.img_size:
         raise data.DataError(f"--scales must be >= --img-size {args.img_size} (the fc window "
                              f"needs a whole training window), got {min(args.scales)}")
 
 
+def detect_command(args):
+    """--detect IMAGE: the detection net of a --task detection checkpoint (--weights) over one
+    image, as at test time (the image resized to the training scenes' square, 5 scales, NMS);
+    the boxes scoring >= --min-score drawn with their class and score into
+    OUT/<stem>_detections.png and printed one per line, in the image's pixels."""
+    if not args.weights:
+        raise data.DataError("--detect needs --weights, a checkpoint of a --task detection run")
+    state = data.load_checkpoint(args.weights)
+    train = state.get("args", {})
+    if train.get("task") != "detection" or "normalisation" not in state:
+        raise data.DataError(f"{args.weights} is not a checkpoint of overfeat.py --task "
+                             f"detection; train one first (--data shapes-det --task detection)")
+    classes = state["classes"]
+    device = data.select_device(args.device, args.cuda)
+    model = overfeat(train["variant"], len(classes) + 1, 3, train["width"], train["img_size"],
+                     regressor=True, box_classes=len(classes) if train["class_specific"] else 1)
+    data.load_weights(model, state, args.weights)
+    model.to(device).eval()
+    image = data.load_image(args.detect)
+    H, W = image.shape[-2:]
+    S = 64 if train["data"] == "shapes-det" else 2 * train["img_size"]
+    norm = state["normalisation"]
+    x = v2.functional.resize(image.as_subclass(torch.Tensor), [S, S], antialias=True)
+    x = (x.float()[None].to(device) / 255 - torch.tensor(norm["mean"], device=device)[:, None,
+         None]) / torch.tensor(norm["std"], device=device)[:, None, None]
+    scales = train["det_scales"]
+    d = detect(model, DenseNet(model).eval(), x, scales, len(classes), nms_iou=train["nms_iou"])[0]
+    keep = d["scores"] >= args.min_score
+    boxes = d["boxes"][keep].cpu() * torch.tensor([W / S, H / S, W / S, H / S])
+    scores, labels = d["scores"][keep].cpu(), d["labels"][keep].cpu()
+    names = [f"{classes[int(c)]} {float(p):.2f}" for c, p in zip(labels, scores)]
+    for name, b in zip(names, boxes.tolist()):
+        print(f"{name} box {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}")
+    drawn = torchvision.utils.draw_bounding_boxes(image.as_subclass(torch.Tensor), boxes, names,
+                                                  colors="red", width=1)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, os.path.splitext(os.path.basename(args.detect))[0] +
+                        "_detections.png")
+    v2.functional.to_pil_image(drawn).save(path)
+    print(f"{len(names)} detection(s) written to {path}")
+    return {"path": path, "boxes": boxes, "scores": scores,
+            "labels": [classes[int(c)] for c in labels]}
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "lr", "width", "img_size")
+    if min(args.epochs or 0, args.loc_epochs or 0) < 0:  # 0 is allowed: regressor on fixed features
+        raise data.DataError("--epochs and --loc-epochs must be >= 0")
     t0 = time.time()
+    if args.detect:
+        return detect_command(args)
     task = data.task_of(args.data)
-    if task == "segmentation" or (task == "detection" and args.data != "shapes-det"):
+    if task == "segmentation":
         raise data.DataError(f"'{args.data}' is a {task} data set; overfeat.py needs "
-                             f"classification data or shapes-det (localisation)")
-    localisation = task == "detection"
+                             f"classification data, shapes-det or voc")
+    if args.task is None:
+        args.task = "classification" if task == "classification" else \
+            ("localisation" if args.data == "shapes-det" else "detection")
+    if not ((args.task == "classification" and task == "classification") or
+            (args.task == "localisation" and args.data in ("shapes-det", "imagenet")) or
+            (args.task == "detection" and task == "detection")):
+        raise data.DataError(f"--task {args.task} does not fit --data {args.data}: "
+                             f"classification on classification sets, localisation on "
+                             f"shapes-det or imagenet, detection on shapes-det or voc")
+    localisation, detection = args.task == "localisation", args.task == "detection"
     resolve_defaults(args)
     device = data.select_device(args.device, args.cuda)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)
-    if args.batch_size % args.world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
-                             f"{args.world} processes")
+    if args.batch_size <= 0 or args.batch_size % (args.world * (2 if detection else 1)):
+        raise data.DataError(f"--batch-size {args.batch_size} must be a positive multiple of "
+                             f"the {args.world} processes" + (" x 2 (a positive and a negative "
+                             "window per scene)" if detection else ""))
 
     # Data. ImageNet: §3.1's 256 resize, random crops and mirrors; whole normalised images for
-    # the dense test. In-memory sets: on the device, jittered by jitter_batch. shapes-det: the
-    # whole 64x64 images and the largest shape's box.
-    if localisation:
+    # the dense test. In-memory sets: on the device, jittered by jitter_batch. Localisation
+    # (shapes-det, imagenet boxes): whole images and the largest object's box. Detection
+    # (shapes-det, voc): whole scenes, training windows cut from them by window_batches.
+    if detection:  # §5: whole scenes in memory, windows cut from them on the fly
+        x_tr, scene_tr, _, _, classes = scene_arrays("train", args)
+        keep = [i for i, t in enumerate(scene_tr) if len(t["labels"])]  # scenes with objects
+        x_tr, scene_tr = x_tr[keep].to(device), [scene_tr[i] for i in keep]
+        x_te, _, gts_te, sizes_te, _ = scene_arrays("test", args)
+        mean, std = data.channel_stats(x_tr)
+        mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        args.num_classes = len(classes)
+        info = {"in_channels": 3, "mean": mean, "std": std,
+                "sizes": (len(scene_tr), 0, len(x_te))}
+        steps = len(scene_tr) // (args.batch_size // 2)
+    elif localisation:
         x_tr, box_tr, y_tr, _, classes = detection_arrays("train", args)
         x_te, box_te, y_te, gts_te, _ = detection_arrays("test", args)
         mean, std = data.channel_stats(x_tr)
@@ -713,8 +1055,8 @@ def main(argv=None):
         x_tr, box_tr, y_tr = x_tr.to(device), box_tr.to(device), y_tr.to(device)
         info = {"in_channels": 3, "mean": mean, "std": std,
                 "sizes": (len(y_tr), 0, len(y_te))}
-        steps = len(y_tr) // (args.batch_size // args.world)
-    elif args.data == "imagenet":
+        steps = len(y_tr) // args.batch_size  # global batches, sliced across the ranks
+    elif args.data == "imagenet":  # classification
         bs = args.batch_size // args.world
         norm = [v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
@@ -738,8 +1080,10 @@ def main(argv=None):
         classes, steps = info["classes"], len(train_loader)
     n_train, n_val, n_test = info["sizes"]
 
-    model = overfeat(args.variant, len(classes), info["in_channels"], args.width, args.img_size,
-                     regressor=localisation)
+    # detection: C + 1 outputs, the last one "background" (§5)
+    model = overfeat(args.variant, len(classes) + detection, info["in_channels"], args.width,
+                     args.img_size, regressor=localisation or detection, dropout=args.dropout,
+                     box_classes=len(classes) if args.class_specific else 1)
     init_weights(model, args.init)
     model.to(device)
     arch = arch_name(args)
@@ -762,7 +1106,8 @@ def main(argv=None):
               "departures": DEPARTURES}
     if is_main:
         print(f"overfeat.py: {arch} on {args.data} ({n_train} train / {n_val} val / {n_test} "
-              f"test) at {args.img_size}, dense scales {args.scales}, "
+              f"test) at {args.img_size}, dense scales "
+              f"{args.det_scales if detection else args.scales}, "
               f"{config['parameters']:,} parameters, device {device}, {args.world} process(es)")
         for d in DEPARTURES:
             print(f"  departure from the paper: {d}")
@@ -776,20 +1121,32 @@ def main(argv=None):
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
     net = model
     if args.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        # With a regressor, each phase leaves the other head unused on every rank: DDP must
+        # look for unused parameters (their gradients stay None, so SGD leaves them frozen).
+        net = torch.nn.parallel.DistributedDataParallel(model,
+                                                        find_unused_parameters=model.regressor
+                                                        is not None)
     if args.compile:
         net = torch.compile(net)
 
-    total_epochs = args.epochs + (args.loc_epochs if localisation else 0)
+    total_epochs = args.epochs + (args.loc_epochs if localisation or detection else 0)
     if not args.eval_only:
         progress = metrics.Progress(steps, total_epochs, args.log_every,
                                     start_epoch=start_epoch, enabled=is_main)
         for epoch in range(start_epoch, total_epochs):
             phase = "classify" if epoch < args.epochs else "regress"
-            if localisation:
-                batches = device_batches(x_tr, y_tr, box_tr, args.batch_size, args.seed, epoch,
-                                         mean_t, std_t, args.img_size)
-                loss = train_one_epoch(model, batches, optimizer, scaler, args, device, epoch,
+            if detection:  # the regressor learns from the positive windows only
+                batches = window_batches(x_tr, scene_tr, args.batch_size, args.seed, epoch,
+                                         mean_t, std_t, args, model, rank, args.world,
+                                         positives_only=phase == "regress")
+                loss = train_one_epoch(net, batches, optimizer, scaler, args, device, epoch,
+                                       progress, phase)
+            elif localisation:
+                # every rank draws the same global batch and keeps its 1/world slice
+                batches = (tuple(t[rank::args.world] for t in b) for b in device_batches(
+                    x_tr, y_tr, box_tr, args.batch_size, args.seed, epoch, mean_t, std_t,
+                    args.img_size))
+                loss = train_one_epoch(net, batches, optimizer, scaler, args, device, epoch,
                                        progress, phase)
             else:
                 data.set_epoch(train_loader, epoch)
@@ -804,17 +1161,27 @@ def main(argv=None):
             if is_main:
                 print(f"epoch {epoch + 1}/{total_epochs} ({phase}) train_loss {loss:.4f}")
                 data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes))
+                                         epoch, vars(args), history, classes=list(classes),
+                                         normalisation={"mean": info["mean"], "std": info["std"]})
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                if args.world > 1:  # every rank leaves the group together
+                    torch.distributed.destroy_process_group()
                 return None
 
-    if localisation:
+    if detection:
+        xt = ((x_te.to(device).float() / 255) - mean_t) / std_t
+        test, _ = evaluate_detection(model, xt, gts_te, sizes_te, classes, args)
+        keys = ["map", "detections_per_image", "ap"]
+        if is_main:
+            print("AP per class: " + ", ".join(f"{c} {100 * a:.1f}%"
+                                               for c, a in test["ap"].items()))
+    elif localisation:
         model.eval()
         xt = ((x_te.to(device).float() / 255) - mean_t) / std_t
         loader = [(xt[i:i + 250], y_te[i:i + 250]) for i in range(0, len(y_te), 250)]
         test = evaluate(model, loader, args, device)
         test.update(evaluate_localisation(model, xt, box_te.to(device), y_te, gts_te, args,
-                                          box_tr.float().mean(0)))
+                                          box_tr.float().mean(0), len(classes)))
         keys = ["test_error", "test_accuracy", "single_crop_error", "dense_error", "map",
                 "iou50_rate", "mean_iou", "loc_error", "baseline_whole_image_iou50",
                 "baseline_mean_box_iou50"]
@@ -823,7 +1190,8 @@ def main(argv=None):
         keys = ["test_error", "test_accuracy", "balanced_error", "single_crop_error",
                 "dense_error", "top5_error", "single_crop_top5_error"]
     if is_main:
-        print(" ".join(f"{k} {100 * test[k]:.2f}%" for k in keys if k in test))
+        print(" ".join(f"{k} {100 * test[k]:.2f}%" for k in keys
+                       if k in test and k not in ("ap", "detections_per_image")))
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "overfeat.py", args.data,
         {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
@@ -848,13 +1216,20 @@ DEPARTURES = [
     "localisation: the regressor is a convolution over the fc window on the (non-offset) pooled "
     "maps, trained at 2 scales (img-size and 1.5 x) on every location of the whole training "
     "image (the paper drops locations whose window overlaps the box by < 50 % and trains at 6 "
-    "scales); class-agnostic only",
+    "scales); class-agnostic (class-specific only for detection, --class-specific)",
     "§4.3 match score: centre distance / image size + (1 - IoU) (the paper: 'the sum of the "
     "distance between centers and the intersection area', units unspecified); merged box = mean "
     "of the two, confidence = the sum; top classes k = 1",
     "--variant alexnet (torchvision's layout) is not in the paper: it is the only published "
     "ImageNet weight set (--pretrained); OverFeat's own Lua weights are not loaded",
-    "detection (§5, with a background class) is not implemented",
+    "detection (§5): per step one positive window per scene (a square of 1.3-2 x the object "
+    "around it, jittered) and one background window (IoU < 0.3 with every object; with "
+    "--negatives hard the most offending of 4 random ones, scored by the current net); then "
+    "the regressor on the positive windows, features and classifier frozen; test: one pooling "
+    "offset, 5 scales (a window covers 1 to 1/4 of the scene), score = the class posterior, "
+    "per-class NMS (IoU 0.3) instead of §4.3's greedy merge (quadratic in thousands of boxes); "
+    "voc scenes are held in memory as 2 x img-size squares (fine for --quick; a full VOC run "
+    "needs ~20 GB), imagenet localisation images as 256 x 256 squares likewise",
 ]
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """overfeat.py: convolutionize (§3.3's FC layers as convolutions), parameter counts of Tables 1
 and 3, torchvision's AlexNet layout, offset max-pooling and dense evaluation, the regression
-targets and greedy merge of §4, and main() end to end."""
+targets and greedy merge of §4, and main() end to end; detection (§5): training windows and hard
+negatives, dense box decoding, the real VOC and ImageNet box files (tiny, written here), --detect,
+resume; and 2 torchrun processes against 1."""
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 
 import overfeat
 
@@ -336,3 +339,226 @@ def test_localisation_regressor_beats_the_mean_box(tmp_path):
     assert [h["phase"] for h in r["history"]] == ["regress"] * 2
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["metrics"] == m
+
+
+def test_torchrun_two_processes_equal_one_process_classifier_and_regressor(tmp_path):
+    # ImageNet localisation on 4 tiny files (write_imagenet_boxes): one classification epoch then
+    # one regression epoch (§4.2) of a tiny alexnet without dropout: 2 gloo processes, each on
+    # half of the same global batch of 2, must end with the weights of 1 process (the
+    # regressor's gradients are all-reduced through DDP's forward; without that each rank's
+    # regressor would follow its own half of the data).
+    write_imagenet_boxes(str(tmp_path))
+    tiny = ["--data", "imagenet", "--task", "localisation", "--data-dir", str(tmp_path),
+            "--device", "cpu", "--variant", "alexnet", "--width", "0.125", "--img-size", "63",
+            "--scales", "63", "--init", "kaiming", "--lr", "0.005", "--momentum", "0.9",
+            "--epochs", "1", "--loc-epochs", "1", "--dropout", "0", "--batch-size", "2",
+            "--lr-steps", "--stop-after", "2", "--log-every", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "overfeat.py", *tiny, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert overfeat.main([*tiny, "--out", str(tmp_path / "one")]) is None
+    one = torch.load(str(tmp_path / "one" / "checkpoint.pt"), weights_only=True)
+    two = torch.load(str(tmp_path / "two" / "checkpoint.pt"), weights_only=True)
+    assert [h["phase"] for h in two["history"]] == ["classify", "regress"]
+    for k in one["model"]:  # float round-off only
+        assert torch.allclose(one["model"][k], two["model"][k], atol=1e-5, rtol=0), k
+    torch.manual_seed(0)  # the initial weights (rank 0 and 1 process: seed 0): both heads moved
+    init = overfeat.overfeat("alexnet", 2, 3, 0.125, 63, regressor=True, dropout=0)
+    overfeat.init_weights(init, "kaiming")
+    for k in ("classifier.6.weight", "regressor.4.weight"):
+        assert (one["model"][k] - init.state_dict()[k]).abs().max() > 1e-3, k
+
+
+def detection_args(**kw):
+    args = overfeat.get_args_parser().parse_args(["--data", "shapes-det", "--task", "detection"])
+    args.__dict__.update(img_size=63, num_classes=6, **kw)
+    return args
+
+
+def test_detection_windows_known_answers_and_rank_slices():
+    # Two hand-built 64x64 scenes, one object each. Per scene a positive window around the
+    # object (label = its class) and a background window (label C = 6). The object's box in
+    # window pixels: a square 1.3-2 x the object's side, so the box spans 63 / 2 .. 63 / 1.3
+    # pixels, its centre within 0.2 x 63 of the window's centre (31.5). Rank slices under
+    # torchrun are exactly the rows of the global batch.
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    scene = [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0]]), "labels": torch.tensor([2])},
+             {"boxes": torch.tensor([[40.0, 40.0, 60.0, 56.0]]), "labels": torch.tensor([5])}]
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    args = detection_args(negatives="random")
+    w, y, b = next(overfeat.window_batches(x, scene, 4, 0, 0, mean, std, args, None))
+    assert w.shape == (4, 3, 63, 63) and sorted(y[:2].tolist()) == [2, 5]
+    assert y[2:].tolist() == [6, 6]
+    side = (b[:2, 2:] - b[:2, :2]).amax(1)
+    assert ((side >= 63 / 2 - 1e-4) & (side <= 63 / 1.3 + 1e-4)).all()
+    centre = (b[:2, :2] + b[:2, 2:]) / 2
+    assert ((centre - 31.5).abs() <= 0.2 * 63 + 1e-4).all()
+    parts = [next(overfeat.window_batches(x, scene, 4, 0, 0, mean, std, args, None, r, 2))
+             for r in (0, 1)]
+    for r, (wr, yr, br) in enumerate(parts):
+        assert torch.equal(wr, w[[r, 2 + r]]) and torch.equal(yr, y[[r, 2 + r]])
+        assert torch.equal(br[:1], b[r:r + 1])
+    # hard negatives: the candidate the scorer rates highest on an object class is kept; with
+    # a scorer whose object logit is 5 x the window's mean, the brightest candidate, which is
+    # at least as bright as the random pick (the first candidate)
+    class Bright(nn.Module):
+        def forward(self, v):
+            m = v.mean((1, 2, 3))
+            return torch.stack([5 * m] + [torch.zeros_like(m)] * 6, 1)
+    hard = next(overfeat.window_batches(x, scene, 4, 0, 0, mean, std,
+                                        detection_args(negatives="hard"), Bright()))
+    assert torch.equal(hard[0][:2], w[:2]) and hard[1][2:].tolist() == [6, 6]
+    gain = hard[0][2:].mean((1, 2, 3)) - w[2:].mean((1, 2, 3))
+    assert (gain >= -1e-6).all() and gain.max() > 1e-3
+
+
+def test_dense_detection_decodes_location_windows_at_every_scale():
+    # A net whose regressor outputs (-1/2, -1/2, 1/2, 1/2) everywhere (each location's box = its
+    # own 63-pixel window) and whose classifier says class 1 (posterior e^8 / (e^8 + 6)).
+    # Scene S = 63: at scale 63 one location, the whole scene; at scale 126 a 2x2 map at stride
+    # 32, windows [32 k, 32 k + 63] halved back into the scene.
+    torch.manual_seed(0)
+    m = overfeat.overfeat("alexnet", 7, 3, 0.125, 63, regressor=True).eval()
+    with torch.no_grad():
+        m.regressor[-1].weight.zero_()
+        m.regressor[-1].bias.copy_(torch.tensor([-0.5, -0.5, 0.5, 0.5]))
+        m.classifier[-1].weight.zero_()
+        m.classifier[-1].bias.copy_(torch.tensor([0.0, 8, 0, 0, 0, 0, 0]))
+    d = overfeat.detect(m, overfeat.DenseNet(m).eval(), torch.randn(1, 3, 63, 63), [63, 126], 6,
+                        nms_iou=0.99)[0]
+    assert d["labels"].tolist() == [1] * 5
+    e8 = 2.718281828459045 ** 8
+    assert d["scores"].tolist() == pytest.approx([e8 / (e8 + 6)] * 5, abs=1e-5)
+    want = {(0, 0, 63, 63)} | {(16 * i, 16 * j, 16 * i + 31.5, 16 * j + 31.5)
+                               for i in (0, 1) for j in (0, 1)}
+    assert {tuple(round(v, 3) for v in bx) for bx in d["boxes"].tolist()} == want
+
+
+@pytest.fixture
+def tiny_voc(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from conftest import write_voc
+    ims = {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 1)]),
+           "000002": (50, 40, [("car", 1, 1, 50, 40, 0)])}
+    write_voc(tmp_path / "voc", "2007", "test", ims)
+    write_voc(tmp_path / "voc", "2007", "trainval", {"000003": ims["000001"],
+                                                     "000004": ims["000002"]})
+    write_voc(tmp_path / "voc", "2012", "trainval", {"000005": ims["000002"]})
+    return str(tmp_path / "voc")
+
+
+def test_voc_detection_on_real_files_then_detect_draws_the_boxes(tmp_path, tiny_voc, capsys):
+    # The real VOC path (XML, JPEG): 3 training scenes, 2 test ones; per-class AP over all 20
+    # VOC classes (NaN -> None for the classes without objects), then --detect on a PNG with
+    # the checkpoint: the drawn file, one printed line per box, boxes in the image's pixels.
+    out = str(tmp_path / "det")
+    r = overfeat.main(["--data", "voc", "--data-dir", tiny_voc, "--no-download", "--device",
+                       "cpu", "--variant", "alexnet", "--img-size", "63", "--width", "0.125",
+                       "--epochs", "1", "--loc-epochs", "1", "--batch-size", "2", "--out", out,
+                       "--log-every", "100000"])
+    ap = r["metrics"]["ap"]
+    assert list(ap) == list(overfeat.data.VOC_CLASSES)
+    assert ap["aeroplane"] is None and ap["dog"] is not None and ap["car"] is not None
+    assert 0 <= r["metrics"]["map"] <= 1 and r["config"]["det_scales"] == [63, 89, 126, 178, 252]
+    png = str(tmp_path / "street.png")
+    Image.fromarray(torch.randint(0, 256, (40, 70, 3), dtype=torch.uint8).numpy()).save(png)
+    capsys.readouterr()
+    d = overfeat.main(["--detect", png, "--weights", os.path.join(out, "checkpoint.pt"),
+                       "--out", str(tmp_path / "drawn"), "--device", "cpu", "--min-score", "0"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert d["path"] == str(tmp_path / "drawn" / "street_detections.png")
+    assert Image.open(d["path"]).size == (70, 40)
+    assert len(lines) == len(d["boxes"]) + 1 and len(d["boxes"]) > 0
+    assert lines[0].split()[0] in overfeat.data.VOC_CLASSES and " box " in lines[0]
+    assert (d["boxes"][:, 2] <= 70 + 1e-4).all() and (d["boxes"][:, 3] <= 40 + 1e-4).all()
+    loc = str(tmp_path / "loc.pt")  # a localisation checkpoint: a one-line error naming it
+    torch.save({"model": {}, "args": {"task": "localisation"}}, loc)
+    with pytest.raises(overfeat.data.DataError, match="not a checkpoint of overfeat.py --task"):
+        overfeat.main(["--detect", png, "--weights", loc])
+
+
+def write_imagenet_boxes(root, flat_val=True):
+    """DIR/imagenet/{train,val}/<wnid>/*.JPEG and the ILSVRC box XML in DIR/imagenet/bbox/
+    {train/<wnid>,val}/<stem>.xml (VOC's format: 1-based corners, names are wnids)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from conftest import voc_xml
+    wnids = ["n01440764", "n01443537"]
+    for split in ("train", "val"):
+        for k, wnid in enumerate(wnids):
+            for j in range(2):
+                stem = f"{wnid}_{split}{j}"
+                folder = os.path.join(root, "imagenet", split, wnid)
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(torch.randint(0, 256, (40, 60, 3), dtype=torch.uint8).numpy()
+                                ).save(os.path.join(folder, stem + ".JPEG"))
+                box_dir = os.path.join(root, "imagenet", "bbox", split,
+                                       "" if split == "val" and flat_val else wnid)
+                os.makedirs(box_dir, exist_ok=True)
+                objs = [(wnid, 11, 5, 40, 30, 0), (wnid, 1, 1, 10, 10, 0)]
+                with open(os.path.join(box_dir, stem + ".xml"), "w") as f:
+                    f.write(voc_xml(stem + ".JPEG", 60, 40, objs[::-1]))
+    return wnids
+
+
+def test_imagenet_box_xml_loader_and_localisation_run(tmp_path):
+    # The XML boxes (1-based corners -> continuous: xmin - 1, ymin - 1), names -> the sorted-wnid
+    # class index of data.imagenet_dataset; the target of localisation = the LARGEST box (here
+    # written second); a quick localisation run over these files; corrupt / missing XML -> a
+    # one-line DataError.
+    wnids = write_imagenet_boxes(str(tmp_path))
+    ds = overfeat.ImageNetBoxes("test", str(tmp_path))
+    assert ds.classes == wnids and len(ds) == 4
+    image, target = ds[2]  # val, second class
+    assert image.shape == (3, 40, 60) and target["labels"].tolist() == [1, 1]
+    assert target["boxes"].tolist() == [[0.0, 0.0, 10.0, 10.0], [10.0, 4.0, 40.0, 30.0]]
+    args = overfeat.get_args_parser().parse_args(["--data", "imagenet", "--data-dir",
+                                                  str(tmp_path)])
+    x, box, y, gts, classes = overfeat.detection_arrays("train", args)
+    assert x.shape == (4, 3, 256, 256) and y.tolist() == [0, 0, 1, 1]
+    assert box[0].tolist() == pytest.approx([10 * 256 / 60, 4 * 256 / 40, 40 * 256 / 60,
+                                             30 * 256 / 40])
+    r = overfeat.main(["--data", "imagenet", "--task", "localisation", "--data-dir",
+                       str(tmp_path), "--device", "cpu", "--variant", "alexnet", "--width",
+                       "0.125", "--img-size", "63", "--scales", "63", "80", "--epochs", "1",
+                       "--loc-epochs", "1", "--batch-size", "2", "--workers", "0",
+                       "--out", str(tmp_path / "run"), "--log-every", "100000"])
+    assert {"loc_error", "iou50_rate", "map"} <= set(r["metrics"])
+    assert [h["phase"] for h in r["history"]] == ["classify", "regress"]
+    bad = os.path.join(str(tmp_path), "imagenet", "bbox", "val", f"{wnids[0]}_val0.xml")
+    with open(bad, "w") as f:
+        f.write("<annotation><size>")
+    with pytest.raises(overfeat.data.DataError, match="corrupt annotation"):
+        overfeat.ImageNetBoxes("test", str(tmp_path))[0]
+    os.remove(bad)
+    with pytest.raises(overfeat.data.DataError, match="no bounding-box file for .*val0.JPEG"):
+        overfeat.ImageNetBoxes("test", str(tmp_path))
+
+
+def test_detection_flags_bad_input_is_a_data_error():
+    for argv, message in ((["--data", "voc", "--task", "localisation"], "does not fit --data voc"),
+                          (["--data", "shapes", "--task", "detection"], "does not fit"),
+                          (["--data", "shapes-det", "--task", "detection", "--batch-size", "3"],
+                           "positive multiple of the 1 processes x 2"),
+                          (["--data", "shapes-det", "--batch-size", "0"], "must be a positive number"),
+                          (["--detect", "x.png"], "--detect needs --weights")):
+        with pytest.raises(overfeat.data.DataError, match=message):
+            overfeat.main([*argv, "--device", "cpu", "--out", "/nonexistent/out"])
+
+
+def test_detection_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_voc):
+    # hard negatives (scored by the restored net), dropout (the restored RNG), both phases
+    tiny = ["--data", "voc", "--data-dir", tiny_voc, "--no-download", "--device", "cpu",
+            "--variant", "alexnet", "--img-size", "63", "--width", "0.125", "--epochs", "2",
+            "--loc-epochs", "1", "--batch-size", "2", "--log-every", "100000", "--class-specific"]
+    assert overfeat.main([*tiny, "--out", str(tmp_path / "full"), "--stop-after", "3"]) is None
+    cut = ["--out", str(tmp_path / "cut")]
+    assert overfeat.main([*tiny, *cut, "--stop-after", "1"]) is None
+    assert overfeat.main([*tiny, *cut, "--resume", "--stop-after", "3"]) is None
+    a = torch.load(str(tmp_path / "full" / "checkpoint.pt"), weights_only=True)
+    b = torch.load(str(tmp_path / "cut" / "checkpoint.pt"), weights_only=True)
+    assert a["history"] == b["history"] and len(a["history"]) == 3
+    assert a["model"]["regressor.4.weight"].shape[0] == 4 * 20  # one box per VOC class
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
