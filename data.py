@@ -22,6 +22,8 @@ Run `python data.py --data NAME` to check that a data set is in place and to wri
 This module imports only torch, torchvision, numpy and the standard library, and no sibling file.
 """
 import argparse
+import contextlib
+import io
 import math
 import os
 import sys
@@ -999,6 +1001,24 @@ def save_checkpoint(path, state):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def torchvision_weights(weights):
+    """The state_dict of a torchvision weights enum member (e.g. VGG16_Weights.IMAGENET1K_V1),
+    downloaded once into the torch hub cache; offline, a one-line DataError naming the file and
+    where to put it (torch.hub's "Downloading ..." line is shown only when the download works)."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said):
+            state = weights.get_state_dict(progress=False)
+        print(said.getvalue(), end="")
+        return state
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:100]
+        where = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise DataError(f"could not download torchvision's {type(weights).__name__}."
+                        f"{weights.name} ({reason}); put {os.path.basename(weights.url)} in "
+                        f"{where}, or drop --pretrained")
 
 
 def load_checkpoint(path, arch=None):

@@ -546,3 +546,19 @@ def test_set_epoch_makes_the_order_a_function_of_seed_and_epoch():
     assert order(b) == second
     data.set_epoch(b, 2)
     assert order(b) != second and sorted(order(b)) == list(range(50))
+
+
+def test_torchvision_weights_offline_is_one_line_and_quiet(monkeypatch, capsys):
+    import urllib.error
+
+    def offline(url, *a, **k):
+        print(f'Downloading: "{url}" to /somewhere')  # what torch.hub prints, on stdout
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    w = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+    with pytest.raises(data.DataError) as e:
+        data.torchvision_weights(w)
+    msg = str(e.value)
+    assert "\n" not in msg and "VGG16_Weights.IMAGENET1K_V1" in msg and "name resolution" in msg
+    assert os.path.basename(w.url) in msg and "checkpoints" in msg
+    assert capsys.readouterr() == ("", "")  # nothing but the error itself

@@ -1,0 +1,355 @@
+"""ssd.py: the default boxes (counts and first cells by hand, against torchvision's generator),
+encoding, matching, hard negative mining and the MultiBox loss worked by hand, L2Norm, the
+SSD300/SSD512 shapes and parameter count against torchvision's ssd300_vgg16, fc6/fc7
+decimation, inference, resume, torchrun, the real VOC path, --detect and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import data
+import ssd
+from conftest import write_voc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device", "cpu", "--size", "32", "--width", "0.0625", "--log-every", "1000"]
+
+
+def test_ssd300_default_boxes_count_and_first_cells_by_hand():
+    m = ssd.SSD(20, 300, width=1 / 64)
+    assert m.map_sizes == [38, 19, 10, 5, 3, 1] and m.num_anchors == [4, 6, 6, 6, 4, 4]
+    assert len(m.anchors) == 38**2 * 4 + 19**2 * 6 + 10**2 * 6 + 5**2 * 6 + 9 * 4 + 4 == 8732
+    a, r2 = m.anchors, math.sqrt(2)
+    c = 0.5 / 38
+    want = [[c, c, 0.1, 0.1], [c, c, math.sqrt(0.1 * 0.2), math.sqrt(0.1 * 0.2)],
+            [c, c, 0.1 * r2, 0.1 / r2], [c, c, 0.1 / r2, 0.1 * r2]]
+    assert torch.allclose(a[:4], torch.tensor(want), atol=1e-6)
+    assert torch.allclose(a[4, :2], torch.tensor([1.5 / 38, c]))          # next cell: x moves
+    assert torch.allclose(a[38 * 4, :2], torch.tensor([c, 1.5 / 38]))     # next row
+    first19 = a[38 * 38 * 4]                                              # conv7's first box
+    assert torch.allclose(first19, torch.tensor([0.5 / 19, 0.5 / 19, 0.2, 0.2]))
+    r3 = math.sqrt(3)
+    c19 = 0.5 / 19
+    assert torch.allclose(a[38 * 38 * 4 + 4], torch.tensor([c19, c19, 0.2 * r3, 0.2 / r3]))
+    # the last map's 1x1 cell: s = 0.88, s' = sqrt(0.88 * 1.05), ratio 2 clipped to width 1
+    assert torch.allclose(a[-4], torch.tensor([0.5, 0.5, 0.88, 0.88]))
+    assert torch.allclose(a[-3, 2], torch.tensor(math.sqrt(0.88 * 1.05)))
+    assert torch.allclose(a[-2], torch.tensor([0.5, 0.5, 1.0, 0.88 / r2]))
+    # torchvision's generator with the same scales and ratios gives the same boxes in order
+    gen = torchvision.models.detection.anchor_utils.DefaultBoxGenerator(
+        ssd.RATIOS[300], scales=m.scales)
+    ref = gen._grid_default_boxes([[f, f] for f in m.map_sizes], [300, 300])
+    assert torch.allclose(a, ref, atol=1e-6)
+
+
+def test_box_scales_rules_and_ssd512_count():
+    assert [round(s, 4) for s in ssd.box_scales(6, 300, "caffe")] == \
+        [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05]
+    assert [round(s, 4) for s in ssd.box_scales(6, 300, "paper")] == \
+        [0.1, 0.2, 0.375, 0.55, 0.725, 0.9, 1.075]                 # eq. (4), m = 5 after conv4_3
+    assert [round(s, 4) for s in ssd.box_scales(7, 512)] == \
+        [0.07, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9, 1.05]
+    m = ssd.SSD(20, 512, width=1 / 64)
+    assert m.map_sizes == [64, 32, 16, 8, 4, 2, 1] and len(m.anchors) == 24564 == \
+        64**2 * 4 + 32**2 * 6 + 16**2 * 6 + 8**2 * 6 + 4**2 * 6 + 2**2 * 4 + 4
+
+
+def test_output_shapes_and_parameter_count_against_torchvision():
+    torch.manual_seed(0)
+    for size, d in ((300, 8732), (512, 24564)):
+        m = ssd.SSD(20, size, width=1 / 16).eval()
+        with torch.no_grad():
+            scores, offsets = m(torch.randn(1, 3, size, size))
+        assert scores.shape == (1, d, 21) and offsets.shape == (1, d, 4)
+    with torch.device("meta"):
+        ours = ssd.SSD(20, 300)
+        tv = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
+                                                       num_classes=21)
+        ours_bn = ssd.SSD(20, 300, bn=True)
+        vgg = torchvision.models.vgg16(weights=None).features
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    # The same layers: VGG-16 convs, conv6/7, conv8_2..conv11_2, L2 scale, the 3x3 heads.
+    assert count(ours) == count(tv) == 26_285_486
+    conv_by_hand = sum(ci * co * 9 + co for ci, co in (
+        (3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512),
+        (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)))
+    assert count(ours.features) == conv_by_hand
+    assert count(ours.conv6) == 512 * 1024 * 9 + 1024 and count(ours.conv7) == 1024**2 + 1024
+    # torchvision's vgg16 features layout: its state_dict loads into ours up to conv5_3
+    assert [k for k in ours.features.state_dict()] == [k for k in vgg.state_dict()][:26]
+    assert ours.features[16].ceil_mode and ours.conv4_3_index == 22
+    assert ours_bn.conv4_3_index == 32  # vgg16_bn's conv4_3 ReLU
+
+
+def test_l2norm_by_hand():
+    layer = ssd.L2Norm(2)
+    x = torch.tensor([3.0, 4.0]).view(1, 2, 1, 1).repeat(1, 1, 2, 2)
+    y = layer(x)
+    assert torch.allclose(y[0, :, 0, 0], torch.tensor([12.0, 16.0]))  # (0.6, 0.8) x 20
+    y.sum().backward()
+    assert torch.allclose(layer.weight.grad, torch.tensor([0.6, 0.8]) * 4)
+
+
+def test_encode_by_hand_and_round_trip():
+    anchors = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.4]])
+    boxes = torch.tensor([[0.32, 0.4, 0.72, 0.6], [0.2, 0.4, 0.4, 0.8]])   # cx 0.52, w 0.4, h 0.2
+    t = ssd.encode(boxes, anchors)
+    assert torch.allclose(t[0], torch.tensor([0.02 / 0.02, 0.0, math.log(2) / 0.2, 0.0]),
+                          atol=1e-5)
+    assert torch.allclose(t[1], torch.tensor([0.0, 0.0, math.log(2) / 0.2, 0.0]), atol=1e-5)
+    assert torch.allclose(ssd.decode(t, anchors), boxes, atol=1e-6)
+    torch.manual_seed(0)
+    anchors = ssd.SSD(3, 64, 0.0625).anchors
+    random = torch.randn(len(anchors), 4)
+    assert torch.allclose(ssd.encode(ssd.decode(random, anchors), anchors), random, atol=1e-4)
+
+
+def test_matching_on_a_hand_built_case():
+    # cxcywh anchors -> XYXY: A0 [0, 0, .2, .2], A1 [.5, .5, .7, .7], A2 [.1, .1, .3, .3],
+    # A3 [.8, .8, 1, 1]
+    anchors = torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.6, 0.6, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2],
+                            [0.9, 0.9, 0.2, 0.2]])
+    # gt0 [0, 0, .2, .3]: IoU .04 / .06 = .667 with A0, .02 / .08 = .25 with A2. gt1 [.52, .52,
+    # .92, .92]: IoU .0324 / .1676 = .193 with A1 (under 0.5, but its best), .0144 / .1856 = .078
+    # with A3: forced onto A1.
+    boxes = torch.tensor([[0.0, 0.0, 0.2, 0.3], [0.52, 0.52, 0.92, 0.92]])
+    labels = torch.tensor([4, 1])
+    cls, matched = ssd.match(boxes, labels, anchors)
+    assert cls.tolist() == [5, 2, 0, 0]
+    assert torch.equal(matched[0], boxes[0]) and torch.equal(matched[1], boxes[1])
+    # without the forced rule gt1 would be lost: its best IoU is 0.193
+    iou = torchvision.ops.box_iou(boxes, torchvision.ops.box_convert(anchors, "cxcywh", "xyxy"))
+    assert abs(float(iou[1, 1]) - 0.0324 / 0.1676) < 1e-5 and float(iou[0, 2]) == 0.25
+    cls, _ = ssd.match(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), anchors)
+    assert cls.tolist() == [0, 0, 0, 0]
+
+
+def test_hard_negatives_are_three_per_positive_or_all():
+    loss = torch.arange(20, dtype=torch.float32).repeat(2, 1)           # box k has loss k
+    pos = torch.zeros(2, 20, dtype=torch.bool)
+    pos[0, [19, 3]] = True                                              # 2 positives -> 6
+    pos[1, :10] = True                                                  # 10 positives, 10 left
+    neg = ssd.hard_negatives(loss, pos)
+    assert neg[0].sum() == 6 and neg[0].nonzero().flatten().tolist() == [13, 14, 15, 16, 17, 18]
+    assert neg[1].sum() == 10 and not (neg[1] & pos[1]).any()
+    assert ssd.hard_negatives(loss, torch.zeros(2, 20, dtype=torch.bool)).sum() == 0
+
+
+def test_multibox_loss_by_hand():
+    # one image, 4 default boxes, 2 classes + background; box 0 positive (class 1), boxes 1..3
+    # negatives with background losses ranked: 3 negatives allowed, all 3 taken.
+    scores = torch.tensor([[[0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [2.0, 0.0, 0.0]]])
+    offsets = torch.tensor([[[0.5, -2.0, 0.0, 0.0]] + [[9.0, 9.0, 9.0, 9.0]] * 3])
+    targets = torch.zeros(1, 4, 4)
+    classes = torch.tensor([[1, 0, 0, 0]])
+    lse = lambda v: math.log(sum(math.exp(a) for a in v))  # noqa: E731
+    conf = (lse([0, 2, 0]) - 2) + (lse([1, 0, 0]) - 1) + lse([0, 1, 1]) + (lse([2, 0, 0]) - 2)
+    loc = 0.5 * 0.5 ** 2 + (2.0 - 0.5)                                  # smooth L1, beta 1
+    loss, (l_conf, l_loc) = ssd.multibox_loss(scores, offsets, classes, targets)
+    assert math.isclose(loss.item(), conf + loc, rel_tol=1e-5)
+    assert math.isclose(l_conf.item(), conf, rel_tol=1e-5) and math.isclose(l_loc.item(), loc)
+    # two positives: N = 2 divides; 6 negatives allowed, only 2 exist
+    classes2 = torch.tensor([[1, 2, 0, 0]])
+    loss2, _ = ssd.multibox_loss(scores, offsets, classes2, targets)
+    conf2 = (lse([0, 2, 0]) - 2) + (lse([1, 0, 0]) - 0) + lse([0, 1, 1]) + (lse([2, 0, 0]) - 2)
+    loc2 = loc + 4 * (9 - 0.5)
+    assert math.isclose(loss2.item(), (conf2 + loc2) / 2, rel_tol=1e-5)
+    # only one negative mined when the ratio allows 3 but with N = 0: loss 0 (and a graph)
+    scores.requires_grad_(True)
+    zero, _ = ssd.multibox_loss(scores, offsets, torch.zeros(1, 4, dtype=torch.long), targets)
+    assert zero.item() == 0.0
+    zero.backward()
+    assert scores.grad.abs().sum() == 0
+
+
+def test_decimate_fc6_fc7():
+    # torchvision's fc6 is (4096, 512 * 7 * 7), fc7 (4096, 4096); here 64 units and 8 channels
+    fc6 = torch.arange(64 * 8 * 49, dtype=torch.float32).view(64, -1)
+    fc7 = torch.arange(64 * 64, dtype=torch.float32).view(64, 64)
+    state = {"classifier.0.weight": fc6, "classifier.0.bias": torch.arange(64.0),
+             "classifier.3.weight": fc7, "classifier.3.bias": torch.arange(64.0)}
+    (w6, b6), (w7, b7) = ssd.decimate_fc(state)
+    assert w6.shape == (16, 8, 3, 3) and w7.shape == (16, 16, 1, 1)   # 4096 -> 1024 at full size
+    # conv6[i, c, a, b] = fc6 viewed (units, channels, 7, 7)[4 i, c, 3 a, 3 b]
+    assert w6[5, 7, 2, 1] == fc6[20].view(8, 7, 7)[7, 6, 3]
+    assert w7[3, 2, 0, 0] == fc7[12, 8] and b6[10] == 40 and b7[1] == 4
+
+
+def test_postprocess_nms_threshold_and_top_k():
+    anchors = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.31, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])
+    logits = torch.tensor([[[0.0, 5.0, 0.0], [0.0, 4.5, -1.0], [5.0, 0.0, -9.0]]])
+    out = ssd.postprocess(logits, torch.zeros(1, 3, 4), anchors)[0]
+    # class 0 (logit column 1): boxes 0 and 1 overlap (IoU 0.9) -> one kept; box 2 scores
+    # softmax 1/(1 + e^5 + e^-9) ~ 0.0067 < 0.01 for class 0 and ~0 for class 1: dropped.
+    # class 1 on box 0: 1/(2 + e^5) = 0.0066, box 1: e^-1 / (1 + e^4.5 + e^-1) = 0.004: dropped
+    assert out["labels"].tolist() == [0]
+    assert torch.allclose(out["boxes"][0], torch.tensor([0.2, 0.2, 0.4, 0.4]))
+    assert math.isclose(out["scores"][0].item(), math.exp(5) / (math.exp(5) + 2), rel_tol=1e-5)
+    assert len(ssd.postprocess(logits, torch.zeros(1, 3, 4), anchors, score_min=0.0,
+                               top_k=2)[0]["scores"]) == 2
+
+
+def test_lr_schedule():
+    assert ssd.EPOCHS == 155
+    assert [ssd.lr_factor(e, 8) for e in range(8)] == [1] * 6 + [0.1, pytest.approx(0.01)]
+
+
+def run(tmp_path, name, *argv):
+    out = str(tmp_path / name)
+    return ssd.main(["--data", "shapes-det", "--out", out, *TINY, *argv]), out
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run_and_detect(tmp_path, capsys):
+    tiny = ["--limit", "24", "--batch-size", "8", "--epochs", "2", "--bn", "--lr", "0.01"]
+    assert run(tmp_path, "full", *tiny, "--stop-after", "2")[0] is None
+    assert run(tmp_path, "cut", *tiny, "--stop-after", "1")[0] is None
+    assert run(tmp_path, "cut", *tiny, "--resume", "--stop-after", "2")[0] is None
+    a = torch.load(str(tmp_path / "full" / "checkpoint.pt"), weights_only=True)
+    b = torch.load(str(tmp_path / "cut" / "checkpoint.pt"), weights_only=True)
+    assert a["history"] == b["history"] and len(a["history"]) == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # --detect with that checkpoint: the model settings come from it
+    image = data.render_shapes(0, 0, 48, split="test")[0]
+    path = str(tmp_path / "shapes.png")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    ckpt = str(tmp_path / "full" / "checkpoint.pt")
+    capsys.readouterr()
+    r = ssd.main(["--detect", path, "--weights", ckpt, "--out", str(tmp_path / "det"),
+                  "--device", "cpu", "--detect-threshold", "0"])
+    assert os.path.exists(str(tmp_path / "det" / "shapes_detections.png"))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(r["scores"]) + 1 and 0 < len(r["scores"]) <= 200
+    assert r["boxes"].max() <= 48 and lines[-1].endswith("shapes_detections.png")
+
+
+def test_real_voc_path_on_tiny_files(tmp_path):
+    boxes = {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 1)]),
+             "000002": (50, 40, [("car", 1, 1, 50, 40, 0)]),
+             "000003": (40, 60, [("person", 3, 3, 20, 20, 1)])}  # difficult only: no crop
+    write_voc(str(tmp_path), "2007", "trainval", boxes)
+    write_voc(str(tmp_path), "2012", "trainval", {"2012_000001": boxes["000001"]})
+    write_voc(str(tmp_path), "2007", "test", boxes)
+    out = str(tmp_path / "voc")
+    r = ssd.main(["--data", "voc", "--data-dir", str(tmp_path), "--no-download", "--out", out,
+                  "--epochs", "1", "--batch-size", "2", "--workers", "0", *TINY])
+    m = r["metrics"]
+    assert set(m) == {"map", "ap"} and list(m["ap"]) == list(data.VOC_CLASSES)
+    assert r["config"]["default_boxes"] == len(ssd.SSD(20, 32, 0.0625).anchors)
+    # AP only for classes with non-difficult boxes in the test set: dog and car
+    assert [c for c, a in m["ap"].items() if a is not None] == ["car", "dog"]
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["metrics"]["ap"]["dog"] == m["ap"]["dog"]
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    # one subprocess (a few seconds of imports): the one-line message and exit status
+    for argv, message in ((["--data", "voc", "--no-download", "--data-dir", str(tmp_path)],
+                           "VOC2007 trainval not found"),):
+        r = subprocess.run([sys.executable, "ssd.py", "--device", "cpu", *argv], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+        assert r.stderr.startswith("ssd.py: error: ")
+    with pytest.raises(data.DataError, match="--batch-size"):
+        ssd.main(["--data", "shapes-det", "--batch-size", "0", *TINY])
+    with pytest.raises(data.DataError, match="not found"):
+        ssd.main(["--data", "shapes-det", "--weights", "/nonexistent.pt", *TINY])
+    with pytest.raises(data.DataError, match="'voc-seg' is a segmentation data set"):
+        ssd.main(["--data", "voc-seg", *TINY])
+    with pytest.raises(data.DataError, match="unknown data set"):
+        ssd.main(["--data", "coco", *TINY])
+    with pytest.raises(data.DataError, match="--detect needs --weights"):
+        ssd.main(["--detect", "x.jpg", *TINY])
+    with pytest.raises(ValueError, match="too small"):
+        ssd.SSD(20, 8)
+    with pytest.raises(data.DataError, match="--pretrained needs --width 1"):
+        ssd.main(["--data", "shapes-det", "--pretrained", *TINY])
+
+
+@pytest.mark.slow
+def test_overfit_one_batch_and_learn_above_chance(tmp_path):
+    # One fixed batch of 16 shapes-det images, the 64-pixel quick SSD: 40 SGD steps cut the
+    # MultiBox loss by more than 3x and the batch's own mAP rises well above an untrained net's
+    # (measured: 0.0 -> 0.245).
+    torch.manual_seed(0)
+    ds = data.detection_dataset("shapes-det", "train", quick=True,
+                                transforms=ssd.EvalTransform(64, data.IMAGENET_MEAN,
+                                                             data.IMAGENET_STD))
+    x, gts = data.detection_collate([ds[i] for i in range(16)])
+    model = ssd.SSD(6, 64, 0.25, bn=True)
+    targets = [{"boxes": g["boxes"] / 64, "labels": g["labels"]} for g in gts]
+    cls, off = ssd.build_targets(targets, model.anchors)
+    args = type("A", (), {"amp": False})()
+
+    def batch_map():
+        model.eval()
+        dets = ssd.detect(model, x, [(64, 64)] * len(x), args)
+        return metrics_map(dets, gts)
+
+    before = batch_map()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(40):
+        model.train()
+        loss, _ = ssd.multibox_loss(*model(x), cls, off)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    after = batch_map()
+    assert losses[-1] < losses[0] / 3, losses
+    assert after > max(0.2, before + 0.15), (before, after)
+
+
+def metrics_map(dets, gts):
+    import metrics
+    return metrics.detection_map(dets, [{"boxes": g["boxes"], "labels": g["labels"]}
+                                        for g in gts], 6)["map"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    # One step on the same global batch of 8 (the whole --limit 8 set, no augmentation, no BN):
+    # the global positive count normalises both, so the weights agree.
+    common = ["ssd.py", "--data", "shapes-det", "--limit", "8", "--batch-size", "8",
+              "--epochs", "1", "--augment", "none", "--lr", "0.01", "--workers", "0", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"),
+                          "--stop-after", "1"], cwd=ROOT, capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"),
+                          "--stop-after", "1"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a = torch.load(str(tmp_path / "one" / "checkpoint.pt"), weights_only=True)
+    b = torch.load(str(tmp_path / "two" / "checkpoint.pt"), weights_only=True)
+    assert abs(a["history"][0]["train_loss"] - b["history"][0]["train_loss"]) < 1e-4
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+
+
+def test_paper_augmentation_is_seeded_per_epoch_and_image_and_boxes_follow():
+    ds = data.detection_dataset("shapes-det", "train", quick=True)
+    aug = ssd.SeededAugment(ds, ssd.train_transforms(32, data.IMAGENET_MEAN, data.IMAGENET_STD),
+                            seed=0)
+    a = [aug[i] for i in range(6)]
+    torch.manual_seed(123)                     # the global RNG plays no part
+    b = [aug[i] for i in range(6)]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1]["boxes"], y[1]["boxes"])
+               for x, y in zip(a, b))
+    aug.set_epoch(1)
+    assert any(not torch.equal(x[0], aug[i][0]) for i, x in enumerate(a))
+    for x, t in a:
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert len(t["boxes"]) == len(t["labels"]) == len(t["difficult"])
+        assert (t["boxes"] >= 0).all() and (t["boxes"] <= 32).all()
+        assert (t["boxes"][:, 2:] > t["boxes"][:, :2]).all()
+    # no augmentation but the resize: boxes scale with the image (64 -> 32 pixels)
+    plain = ssd.train_transforms(32, data.IMAGENET_MEAN, data.IMAGENET_STD, kind="none")
+    image, target = ds[0]
+    assert torch.allclose(plain(image, target)[1]["boxes"], target["boxes"] / 2)
