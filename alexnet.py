@@ -172,12 +172,7 @@ def load_pretrained(model, variant, width):
     if variant != "torchvision" or width != 1.0:
         raise data.DataError("--pretrained needs --variant torchvision --width 1 (the published "
                              "weights are of torchvision's layout)")
-    try:
-        state = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception as e:
-        raise data.DataError(f"could not download torchvision's AlexNet weights "
-                             f"({type(e).__name__}); put alexnet-owt-7be5be79.pth in "
-                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    state = data.torchvision_weights(torchvision.models.AlexNet_Weights.IMAGENET1K_V1)
     if model.classifier[6].out_features != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.6.")})

@@ -268,12 +268,7 @@ def load_pretrained(model, args):
         raise data.DataError("--pretrained needs --variant torchvision, no --naive and --width 1 "
                              "(the published weights are torchvision's full-size network)")
     weights = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1
-    try:
-        state = weights.get_state_dict(progress=False)
-    except Exception as e:
-        raise data.DataError(f"could not download torchvision's googlenet weights "
-                             f"({type(e).__name__}); put {os.path.basename(weights.url)} in "
-                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    state = data.torchvision_weights(weights)
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own}  # drops aux1/aux2 with --no-aux
     if model.fc.out_features != 1000:

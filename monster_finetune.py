@@ -90,13 +90,7 @@ def alexnet_first_layer(args):
     alexnet.py, either variant). None with --scratch."""
     if args.pretrained:
         weights = torchvision.models.AlexNet_Weights.IMAGENET1K_V1
-        try:
-            state = weights.get_state_dict(progress=False)
-        except Exception as e:
-            raise data.DataError(f"could not download torchvision's AlexNet weights "
-                                 f"({type(e).__name__}); put {os.path.basename(weights.url)} in "
-                                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use "
-                                 f"--alexnet-weights PATH")
+        state = data.torchvision_weights(weights)
     elif args.alexnet_weights:
         state = data.load_checkpoint(args.alexnet_weights)
         state = state.get("model", state)

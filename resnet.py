@@ -249,13 +249,7 @@ def load_pretrained(model, depth):
         raise data.DataError(f"--pretrained needs an ImageNet depth {IMAGENET_DEPTHS}; there are "
                              f"no published weights of the CIFAR ResNet-{depth}")
     weights = getattr(torchvision.models, f"ResNet{depth}_Weights").IMAGENET1K_V1
-    try:
-        state = weights.get_state_dict(progress=False)
-    except Exception as e:
-        name = os.path.basename(weights.url)
-        raise data.DataError(f"could not download torchvision's ResNet-{depth} weights "
-                             f"({type(e).__name__}); put {name} in "
-                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    state = data.torchvision_weights(weights)
     if model.fc.out_features != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("fc.")})

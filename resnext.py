@@ -185,12 +185,7 @@ def load_pretrained(model, depth, cardinality, width):
                              ", ".join(f"--depth {d} --cardinality {c} --width {w}"
                                        for d, c, w in TORCHVISION))
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-    try:
-        state = weights.get_state_dict(progress=False)
-    except Exception as e:
-        raise data.DataError(f"could not download torchvision's {name} weights "
-                             f"({type(e).__name__}); put {os.path.basename(weights.url)} in "
-                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    state = data.torchvision_weights(weights)
     if model.fc.out_features != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("fc.")})
@@ -339,7 +334,7 @@ def get_args_parser():
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format (default: on; PyTorch's channels-first CPU "
-                   "kernels for grouped convolutions are up to 100x slower: bench/bench_classifiers.py)")
+                   "kernels for grouped convolutions are far slower: bench/bench_classifiers.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--quick", action="store_true",
                    help="a tiny subset, 2 epochs, and on small sets ResNeXt-11 2x4d with base 16: "

@@ -200,12 +200,7 @@ def load_pretrained(model, batch_norm, width):
         raise data.DataError("--pretrained needs --width 1 (the published weights are full size)")
     weights = (torchvision.models.VGG19_BN_Weights if batch_norm
                else torchvision.models.VGG19_Weights).IMAGENET1K_V1
-    try:
-        state = weights.get_state_dict(progress=False)
-    except Exception as e:
-        raise data.DataError(f"could not download torchvision's {'vgg19_bn' if batch_norm else 'vgg19'}"
-                             f" weights ({type(e).__name__}); put {os.path.basename(weights.url)} in "
-                             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or use --weights")
+    state = data.torchvision_weights(weights)
     if model.classifier[6].out_features != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.6.")})

@@ -1,0 +1,310 @@
+"""fcn.py: the bilinear up-sampling, the crop offsets from the layer geometry, the parameter count,
+VGG-16's classifier convolutionized, zero-started skips (staged training), the loss, resume,
+--segment, the real VOC-seg path on tiny files, one-line errors and a short learning run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import data
+import fcn
+from conftest import write_voc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = 1 / 64  # --width: channels 1, 2, 4, 8, 8 and fc6/fc7 64
+
+
+def test_bilinear_kernel_and_upsampling_equal_interpolate_on_the_interior():
+    # Known answer: k = 4 (factor 2): f = 2, centre 1.5, tent 1 - |x - 1.5| / 2 = .25 .75 .75 .25.
+    w = fcn.bilinear_kernel(3, 4)
+    tent = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    assert torch.equal(w[1, 1], tent[:, None] * tent[None, :])
+    assert w[0, 1].abs().sum() == 0 and w[2, 0].abs().sum() == 0  # each channel on its own
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7)
+    for s in (2, 8, 16, 32):
+        up = fcn.upsampler(3, s)
+        assert not up.weight.requires_grad and fcn.upsampler(3, s, learn=True).weight.requires_grad
+        with torch.no_grad():
+            y = up(x)  # (n - 1) s + 2 s: the net crops it; cropping s / 2 gives n s
+        ref = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        y = y[..., s // 2:s // 2 + 5 * s, s // 2:s // 2 + 7 * s]
+        assert y.shape == ref.shape
+        # Interior: output pixels at least s/2 from the border. There interpolate clamps its
+        # source coordinate to the edge pixel while the transposed conv fades towards 0.
+        b = s // 2
+        assert torch.allclose(y[..., b:-b, b:-b], ref[..., b:-b, b:-b], atol=1e-5)
+        assert not torch.allclose(y[..., :b, :], ref[..., :b, :], atol=1e-3)
+
+
+def test_crop_offsets_from_geometry_are_the_reference_ones_and_output_fits_odd_sizes():
+    torch.manual_seed(0)
+    for arch, offsets in fcn.CAFFE_OFFSETS.items():
+        m = fcn.FCN(arch, 5, TINY).eval()
+        assert m.offsets == offsets
+        with torch.no_grad():
+            for h, w in ((1, 1), (33, 17), (63, 65), (101, 7)):
+                assert m(torch.randn(1, 3, h, w)).shape == (1, 5, h, w)
+    # By hand for 32s: pool5 cell t sits at input 32 t + 15.5 (five 2x2/2 pools: 2t + 0.5 each)
+    # - 99 (conv1_1's padding 100 minus the 3x3 centre), fc6 (7x7) at +3 cells: 32 f + 12.5;
+    # upscore (64/32) cell u at f = (u - 31.5) / 32: input = u - 19.
+    assert fcn.coord_map(fcn.FCN("32s", 2, TINY).features) == (32.0, -83.5)
+    with pytest.raises(ValueError, match="do not align"):
+        fcn.crop_offset((32.0, 0.0), (32.0, 16.0))
+
+
+def test_parameter_count_is_the_papers_134m_and_layer_names_are_torchvisions():
+    conv = lambda a, b, k: a * b * k * k + b  # noqa: E731
+    chans = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    vgg_convs = sum(conv(a, b, 3) for a, b in zip(chans, chans[1:]))
+    assert vgg_convs == 14_714_688  # torchvision vgg16.features
+    want = vgg_convs + conv(512, 4096, 7) + conv(4096, 4096, 1) + conv(4096, 21, 1)
+    assert want == 134_346_581 and round(want / 1e6) == fcn.PAPER["parameters"] / 1e6
+    with torch.device("meta"):
+        m32, m8 = fcn.FCN("32s", 21), fcn.FCN("8s", 21)
+        tv = torchvision.models.vgg16(weights=None)
+    assert fcn.count_parameters(m32) == want
+    assert fcn.count_parameters(m32, trainable=False) == want + 21 * 21 * 64 * 64  # upscore
+    assert fcn.count_parameters(m8) == want + conv(512, 21, 1) + conv(256, 21, 1)
+    feats = {k: v.shape for k, v in m32.state_dict().items() if k.startswith("features.")}
+    assert feats == {k: v.shape for k, v in tv.state_dict().items() if k.startswith("features.")}
+
+
+def test_vgg16_classifier_convolutionized_equals_torchvision_at_the_matching_location():
+    # torchvision's VGG class (features from its make_layers, avgpool, flatten, classifier) at
+    # width 1/16, to keep the test fast; the full-size mapping is checked on the meta device.
+    # conv1_1 padded by 100 = torchvision's padding 1 on the image zero-padded by 99, so a 26x26
+    # image padded by 99 (224x224) gives one fc7 cell whose 1x1 "fc8" (classifier.6 reshaped)
+    # must give torchvision's logits (dropout off).
+    torch.manual_seed(0)
+    w = 1 / 16
+    cfg = [v if v == "M" else fcn._scale(v, w) for v in fcn.VGG16]
+    with torch.device("meta"):  # skip initialising the full-size classifier it builds
+        tv = torchvision.models.VGG(nn.Sequential(), init_weights=False)
+    tv.features = torchvision.models.vgg.make_layers(cfg)
+    c, fc = cfg[-2], fcn._scale(4096, w)
+    tv.classifier = nn.Sequential(nn.Linear(c * 49, fc), nn.ReLU(True), nn.Dropout(),
+                                  nn.Linear(fc, fc), nn.ReLU(True), nn.Dropout(),
+                                  nn.Linear(fc, 10))
+    tv.eval()
+    m = fcn.FCN("32s", 21, w).eval()
+    fcn.convolutionize_vgg16(m, tv.state_dict())
+    assert torch.equal(m.fc6.weight.flatten(1), tv.classifier[0].weight)
+    x = torch.randn(2, 3, 26, 26)
+    with torch.no_grad():
+        h, _ = m.forward_fc7(x)
+        assert h.shape[-2:] == (1, 1)
+        fc8 = F.conv2d(h, tv.classifier[6].weight[:, :, None, None], tv.classifier[6].bias)
+        want = tv(F.pad(x, (99,) * 4))
+    assert torch.allclose(fc8[:, :, 0, 0], want, rtol=1e-4, atol=1e-5)
+    # The real sizes: torchvision's vgg16 state_dict maps onto FCN-32s (meta device: no data).
+    with torch.device("meta"):
+        full, big = torchvision.models.vgg16(weights=None), fcn.FCN("32s", 21)
+    fcn.convolutionize_vgg16(big, full.state_dict())
+    with pytest.raises(data.DataError, match="not a VGG-16 state_dict"):
+        fcn.convolutionize_vgg16(fcn.FCN("32s", 21, TINY), m.state_dict())
+
+
+def test_skip_scores_start_at_zero_so_16s_and_8s_from_32s_start_from_the_32s_scores(tmp_path):
+    # With zero skip scores the fused map before the last up-sampling is exactly 32s's score_fr
+    # map up-sampled 2x (16s) or 4x (8s). The final outputs then differ from 32s's only by the
+    # interpolation: bilinear 2x then 16x is not bilinear 32x (the 2x samples sit at +-1/4 cell
+    # from the coarse knots, so the second interpolation cuts the corners at the knots).
+    torch.manual_seed(0)
+    m32 = fcn.FCN("32s", 4, TINY).eval()
+    with torch.no_grad():  # as if trained: a non-zero classifier
+        m32.score_fr.weight.normal_()
+        m32.score_fr.bias.normal_()
+    path = str(tmp_path / "fcn32s.pt")
+    data.save_checkpoint(path, {"arch": "fcn32s-w0.015625", "model": m32.state_dict()})
+    x = torch.randn(2, 3, 101, 93)
+    seen = {}
+    m32.score_fr.register_forward_hook(lambda mod, i, o: seen.update(score=o))
+    with torch.no_grad():
+        ref = m32(x)
+    assert ref.abs().mean() > 0.01
+    for arch, last in (("16s", "upscore16"), ("8s", "upscore8")):
+        m = fcn.FCN(arch, 4, TINY).eval()
+        assert m.score_pool4.weight.abs().sum() == 0 and m.score_pool4.bias.abs().sum() == 0
+        copied = fcn.init_from(m, path)
+        assert {"score_fr.weight", "fc6.weight", "features.28.weight"} <= set(copied)
+        getattr(m, last).register_forward_hook(lambda mod, i, o: seen.update(fused=i[0]))
+        with torch.no_grad():
+            out = m(x)
+            want = m.upscore2(seen["score"])
+            if arch == "8s":
+                want = m.upscore_pool4(want)
+        assert torch.allclose(seen["fused"], want, atol=1e-6)
+        assert (out - ref).abs().max() < 0.3 * ref.abs().max()
+        assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+    # A non-FCN checkpoint and a width mismatch are one-line DataErrors.
+    data.save_checkpoint(str(tmp_path / "other.pt"), {"model": {"conv.weight": torch.zeros(1)}})
+    with pytest.raises(data.DataError, match="not an FCN checkpoint"):
+        fcn.init_from(fcn.FCN("16s", 4, TINY), str(tmp_path / "other.pt"))
+    with pytest.raises(data.DataError, match="does not fit"):
+        fcn.init_from(fcn.FCN("16s", 4, 2 * TINY), path)
+
+
+def test_loss_sums_pixels_per_image_and_ignores_void():
+    # 2 classes, logits (0, log 3) everywhere: p(class 1) = 3/4. Image 1: pixels 1, 0, 255, 1.
+    scores = torch.zeros(1, 2, 2, 2)
+    scores[:, 1] = np.log(3)
+    target = torch.tensor([[[1, 0], [255, 1]]])
+    nll1, nll0 = -np.log(0.75), -np.log(0.25)
+    assert torch.isclose(fcn.fcn_loss(scores, target), torch.tensor(2 * nll1 + nll0).float())
+    assert torch.isclose(fcn.fcn_loss(scores, target, normalize=True),
+                         torch.tensor((2 * nll1 + nll0) / 3).float())
+    # Batch of 2: the sum per image, averaged over images (Caffe's normalize: false).
+    two = fcn.fcn_loss(scores.expand(2, -1, -1, -1), target.expand(2, -1, -1))
+    assert torch.isclose(two, torch.tensor(2 * nll1 + nll0).float())
+    assert fcn.fcn_loss(scores, torch.full((1, 2, 2), 255), normalize=True) == 0
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    args = ["--data", "shapes-seg", "--device", "cpu", "--width", str(TINY), "--img-size", "32",
+            "--limit", "8", "--batch-size", "4", "--epochs", "2", "--lr", "1e-3",
+            "--optimizer", "adam", "--normalize", "--log-every", "1000", "--out", out, *extra]
+    return fcn.main(args), out
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run_and_segment_writes_pngs(tmp_path):
+    full, _ = run(tmp_path, "full")
+    assert run(tmp_path, "cut", "--stop-after", "1")[0] is None  # "killed" after epoch 1
+    cut, out = run(tmp_path, "cut", "--resume")
+    a = torch.load(str(tmp_path / "full" / "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert full["history"] == cut["history"] and len(full["history"]) == 2
+    assert full["metrics"] == cut["metrics"]
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert set(saved["metrics"]) >= {"mean_iou", "pixel_acc", "mean_acc", "fw_iou", "sa"}
+    assert list(saved["metrics"]["sa"]) == ["background", *data.SHAPES_CLASSES]
+    cm = np.array(saved["confusion"])
+    assert cm.sum() == 8 * 32 * 32  # every test pixel counted once (no void in shapes-seg)
+    # --eval-only with the checkpoint gives the same figures.
+    again, _ = run(tmp_path, "again", "--eval-only", "--weights", os.path.join(out,
+                                                                               "checkpoint.pt"))
+    assert again["metrics"] == cut["metrics"]
+    # --segment: palette PNG of class indices with VOC colours, overlay, fractions summing to 1.
+    image, _, _, _, _ = data.render_shapes(0, 3, 40, split="test")
+    path = str(tmp_path / "img.png")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    seg = str(tmp_path / "seg")
+    fractions = fcn.main(["--segment", path, "--weights", os.path.join(out, "checkpoint.pt"),
+                          "--out", seg, "--device", "cpu", "--data", "shapes-seg"])
+    assert abs(sum(fractions.values()) - 1) < 1e-6
+    labels = Image.open(os.path.join(seg, "img_labels.png"))
+    assert labels.mode == "P" and labels.size == (40, 40)
+    assert labels.getpalette()[:9] == data.voc_palette()[:9]
+    assert set(np.unique(np.array(labels))) <= set(range(7))
+    assert Image.open(os.path.join(seg, "img_overlay.png")).size == (40, 40)
+
+
+def test_real_voc_seg_path_on_tiny_files(tmp_path):
+    imgs = {"2008_000001": (40, 30, [("dog", 5, 6, 30, 25, 0)]),
+            "2008_000002": (33, 41, [("car", 1, 1, 20, 40, 0)])}
+    write_voc(str(tmp_path), "2012", "train", imgs, seg=True)
+    write_voc(str(tmp_path), "2012", "val", imgs, seg=True)
+    out = str(tmp_path / "voc")
+    r = fcn.main(["--data", "voc-seg", "--data-dir", str(tmp_path), "--no-download",
+                  "--device", "cpu", "--width", str(TINY), "--epochs", "1", "--lr", "1e-3",
+                  "--workers", "0", "--log-every", "1000", "--out", out])
+    m = r["metrics"]
+    assert 0 <= m["pixel_acc"] <= 1 and len(m["sa"]) == 21
+    # Void (the mask's first row) is not counted: 40 x 29 + 33 x 40 pixels.
+    assert np.array(r["confusion"]).sum() == 40 * 29 + 33 * 40
+    assert r["config"]["batch_size"] == 1 and r["config"]["lr"] == 1e-3
+    assert r["config"]["epochs"] == 1 and r["config"]["momentum"] == 0.99
+    # The all-background baseline on the same pixels: its pixel accuracy is the background
+    # fraction (dog 26 x 20 pixels; car 20 x 40 less its void first row).
+    bg = (40 * 29 - 26 * 20 + 33 * 40 - 20 * 39) / (40 * 29 + 33 * 40)
+    assert abs(m["baseline_pixel_acc"] - bg) < 1e-9
+    with pytest.raises(data.DataError, match="VOC2012 train not found"):
+        fcn.main(["--data", "voc-seg", "--data-dir", str(tmp_path / "none"), "--no-download",
+                  "--device", "cpu", "--out", out])
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    # One real command line (python start-up and torch import cost seconds), the rest in-process.
+    r = subprocess.run([sys.executable, "fcn.py", "--device", "cpu", "--data", "voc"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("fcn.py: error: 'voc' is a detection data set")
+    for argv, error, message in (
+            (["--data", "shapes-seg", "--eval-only", "--weights", "/none.pt"], data.DataError,
+             "checkpoint /none.pt not found"),
+            (["--data", "shapes-seg", "--batch-size", "0"], data.DataError,
+             "--batch-size 0: must be a positive number"),
+            (["--data", "shapes-seg", "--width", "0.5", "--pretrained"], data.DataError,
+             "--pretrained needs --width 1"),
+            (["--segment", "x.png"], data.DataError, "need --weights"),
+            (["--data", "nosuch"], data.DataError, "unknown data set 'nosuch'")):
+        with pytest.raises(error, match=message):
+            fcn.main([*argv, "--device", "cpu", "--limit", "2", "--out", str(tmp_path)])
+    # A checkpoint of another architecture: named in one line.
+    data.save_checkpoint(str(tmp_path / "lenet.pt"), {"arch": "lenet5-lecture", "model": {}})
+    with pytest.raises(data.DataError, match="is of 'lenet5-lecture', not 'fcn8s"):
+        fcn.main(["--data", "shapes-seg", "--eval-only", "--weights", str(tmp_path / "lenet.pt"),
+                  "--device", "cpu", "--limit", "2", "--out", str(tmp_path)])
+
+
+def test_quick_network_learns_a_fixed_batch_of_shapes_seg():
+    # The --quick network (batch norm, width 1/16), Adam 1e-3 as --quick: on 8 fixed 64 px
+    # scenes the pixel loss falls by 3x and the shapes are found (mean IU over the batch well
+    # above the all-background prediction's). The full --quick run is in the README (34 % mean IU).
+    torch.manual_seed(0)
+    ds = data.segmentation_dataset("shapes-seg", "train", quick=True,
+                                   transforms=data.segmentation_transforms(False))
+    x = torch.stack([ds[i][0] for i in range(8)])
+    y = torch.stack([ds[i][1] for i in range(8)]).as_subclass(torch.Tensor)
+    model = fcn.FCN("8s", 7, 1 / 16, bn=True)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    losses = []
+    for _ in range(60):
+        loss = fcn.fcn_loss(model(x), y, normalize=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    iou = fcn.metrics.segmentation_scores(fcn.metrics.confusion_matrix(pred, y, 7))
+    base = fcn.metrics.segmentation_scores(fcn.metrics.confusion_matrix(torch.zeros_like(y), y, 7))
+    assert losses[-1] < losses[0] / 3, losses
+    assert iou["mean_iou"] > base["mean_iou"] + 0.2, (iou["mean_iou"], base["mean_iou"])
+
+
+def test_torchrun_two_processes_equal_one_process(tmp_path):
+    # One epoch on the same global batch of 4 scenes, without dropout and batch norm (which
+    # differ per process by design): DDP's averaged gradients give one process's weights.
+    common = ["--data", "shapes-seg", "--limit", "4", "--batch-size", "4", "--epochs", "1",
+              "--width", str(TINY), "--img-size", "32", "--optimizer", "sgd", "--lr", "0.05",
+              "--momentum", "0.9", "--normalize", "--dropout", "0", "--device", "cpu",
+              "--log-every", "1000"]
+    runs = {}
+    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run",
+                                               "--nproc_per_node=2", "--standalone"])):
+        r = subprocess.run([sys.executable, *launch, "fcn.py", *common, "--out",
+                            str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+    assert runs["two"]["args"]["world"] == 2
+    for k, v in runs["one"]["model"].items():
+        assert torch.allclose(runs["two"]["model"][k], v, atol=1e-5), k
+    # score_fr starts at zero: non-zero means the step reached it (not two untrained copies)
+    assert runs["one"]["model"]["score_fr.weight"].abs().sum() > 0
+    assert runs["two"]["history"][0]["train_loss"] == pytest.approx(
+        runs["one"]["history"][0]["train_loss"], rel=1e-5)
