@@ -39,17 +39,19 @@ done
 # ResNet: the CIFAR-10 table's depths; FCN: the paper's staged training 32s -> 16s -> 8s
 # (@RUN stands for that run's final checkpoint).
 if [ "$QUICK" = 1 ]; then
+    # The README's offline commands: each learns something in seconds to minutes on a CPU.
     RUNS=(
-        "lenet5 lenet5.py --data shapes --quick"
-        "alexnet alexnet.py --data shapes --quick"
-        "vgg19 vgg19.py --data shapes --quick --bn"
-        "resnet resnet.py --data shapes --quick --depth 8"
-        "resnext resnext.py --data shapes --quick"
+        "lenet5 lenet5.py --data shapes --augment"
+        "alexnet alexnet.py --data shapes --quick --epochs 12 --lr 0.001 --batch-size 16"
+        "vgg19 vgg19.py --data shapes --quick --bn --epochs 12 --batch-size 32 --scale-max 40"
+        "resnet resnet.py --data shapes --quick --depth 8 --img-size 32 --epochs 10 --batch-size 32 --lr 0.02"
+        "resnext resnext.py --data shapes --quick --epochs 10 --batch-size 32 --lr 0.02 --cardinality 4"
         "googlenet googlenet.py --data shapes --quick"
         "nin googlenet.py --variant nin --data shapes --quick"
-        "overfeat overfeat.py --data shapes --quick"
+        "overfeat overfeat.py --data shapes --quick --batch-size 32 --epochs 25"
         "overfeat-loc overfeat.py --data shapes-det --quick"
-        "monster_finetune monster_finetune.py --data shapes --quick --scratch"
+        "overfeat-det overfeat.py --data shapes-det --task detection --quick --batch-size 64 --lr 0.02 --epochs 30 --loc-epochs 4 --negatives random"
+        "monster_finetune monster_finetune.py --data shapes --quick --scratch --epochs 20"
         "yolo yolo.py --data shapes-det --quick"
         "ssd ssd.py --data shapes-det --quick"
         "fcn fcn.py --data shapes-seg --quick"

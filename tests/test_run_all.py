@@ -44,7 +44,8 @@ def test_run_all_keeps_going_and_summarises(tmp_path):
     assert res["config"]["variant"] == "1998" and res["config"]["epochs"] == 1
     assert rows["lenet5"]["status"] == "ok"
     assert float(rows["lenet5"]["ours"]) == res["metrics"]["test_error"]
-    assert rows["lenet5"]["command"].startswith("python lenet5.py --data shapes --quick")
+    assert rows["lenet5"]["command"].startswith("python lenet5.py --data shapes")
+    assert rows["lenet5"]["command"].endswith("--epochs 1 --variant 1998")
     bad = rows["monster_finetune"]["status"]
     assert bad.startswith("failed: monster_finetune.py: error:") and "--variant" in bad
     md = open(out / "summary.md").read()

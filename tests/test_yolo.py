@@ -1,0 +1,308 @@
+"""yolo.py: the parameter count of Fig. 3's network by hand, output shapes, the loss term by term
+on a hand-built target, target encoding (one object per cell) and decoding, NMS at test time,
+the real VOC path on tiny files, --pretrain / --backbone-weights, --detect, resume equality,
+one-line errors and a learning test."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import yolo
+from conftest import write_voc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny configuration for end-to-end runs: --quick's network (Fast YOLO, 2 strides dropped) at
+# 64 px, width 1/16, S=2, 48 images, without --quick's shapes pretraining (tested on its own).
+TINY = ["--data", "shapes-det", "--quick", "--img-size", "64", "--width", "0.0625", "--grid", "2",
+        "--batch-size", "8", "--limit", "48", "--device", "cpu", "--log-every", "1000",
+        "--pretrain-epochs", "0"]
+
+
+def conv(c_in, c, k):
+    return c_in * c * k * k + c
+
+
+def fc(a, b):
+    return a * b + b
+
+
+def test_parameter_count_by_hand_from_the_layer_table_and_output_shape():
+    # Fig. 3: the 20 pretrained convolutions ...
+    backbone = conv(3, 64, 7) + conv(64, 192, 3) + conv(192, 128, 1) + conv(128, 256, 3) + \
+        conv(256, 256, 1) + conv(256, 512, 3) + 4 * (conv(512, 256, 1) + conv(256, 512, 3)) + \
+        conv(512, 512, 1) + conv(512, 1024, 3) + 2 * (conv(1024, 512, 1) + conv(512, 1024, 3))
+    # ... 4 added 3x3x1024 convolutions (the second with stride 2: 14 -> 7), fc 7*7*1024 -> 4096,
+    # fc 4096 -> 7 * 7 * (5 * 2 + 20) = 1470.
+    head = 4 * conv(1024, 1024, 3)
+    fcs = fc(7 * 7 * 1024, 4096) + fc(4096, 1470)
+    assert (backbone, head, fcs) == (22_403_136, 37_752_832, 211_547_582)
+    with torch.device("meta"):
+        m = yolo.YOLO("full", 20, 7, 2, 1.0, 448)
+        fast = yolo.YOLO("fast", 20, 7, 2, 1.0, 448)
+    assert yolo.count_parameters(m.backbone) == backbone
+    assert yolo.count_parameters(m.head) == head and yolo.count_parameters(m.fc) == fcs
+    assert yolo.count_parameters(m) == backbone + head + fcs == 271_703_550
+    assert sum(isinstance(x, torch.nn.Conv2d) for x in m.modules()) == 24
+    # Fast YOLO: 9 convolutions 16 ... 1024 (darknet's v1 yolo-tiny.cfg), 7 x 7 map at 448.
+    fast_convs = conv(3, 16, 3) + conv(16, 32, 3) + conv(32, 64, 3) + conv(64, 128, 3) + \
+        conv(128, 256, 3) + conv(256, 512, 3) + conv(512, 1024, 3) + 2 * conv(1024, 1024, 3)
+    assert sum(isinstance(x, torch.nn.Conv2d) for x in fast.modules()) == 9
+    assert yolo.count_parameters(fast) == fast_convs + fcs and fast.map_size == (7, 7)
+    # The real forward at 448 (width 1/16 to be cheap): (N, 7, 7, 30), the 1470 outputs.
+    torch.manual_seed(0)
+    small = yolo.YOLO("full", 20, 7, 2, 1 / 16, 448).eval()
+    assert small.map_size == (7, 7)
+    with torch.no_grad():
+        assert small(torch.randn(2, 3, 448, 448)).shape == (2, 7, 7, 30)
+    names = dict(m.named_modules())
+    assert "backbone.conv20" in names and "head.conv24" in names and "fc.fc2" in names
+    with pytest.raises(ValueError, match="too small"):
+        yolo.YOLO("full", img_size=16)
+
+
+def test_drop_strides_keeps_the_weights_and_gives_an_s_by_s_map():
+    # The full net's 6 stride-2 steps: 64 px -> 1 x 1; without conv22's stride and pool16 -> 4 x 4
+    # (the --quick S); Fast YOLO's 6 pools: 128 px -> 2 x 2, one dropped -> 4 x 4.
+    spec = yolo.drop_strides(yolo.FULL, 2)
+    assert spec.count("M") == yolo.FULL.count("M") - 1 and (1024, 3, 2) not in spec
+    assert yolo.map_size(yolo.FULL, 64) == 1 and yolo.map_size(spec, 64) == 4
+    assert yolo.map_size(yolo.drop_strides(yolo.FAST, 1), 128) == 4
+    with torch.device("meta"):
+        a = yolo.YOLO("full", 6, 4, 2, 0.125, 64)
+        b = yolo.YOLO("full", 6, 4, 2, 0.125, 64, dropped=2)
+    assert a.map_size == (1, 1) and b.map_size == (4, 4)
+    shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(a.backbone) == shapes(b.backbone) and shapes(a.head) == shapes(b.head)
+    with pytest.raises(ValueError, match="drop-strides"):
+        yolo.drop_strides(yolo.FAST, 7)
+
+
+def hand_prediction():
+    """S=2, B=2, C=2, batch of 2. Image 0: one object in cell (row 0, col 1), class 1, x=0.5,
+    y=0.25, w=0.25, h=0.36. Image 1: no object."""
+    S, B, C = 2, 2, 2
+    target = torch.zeros(2, S, S, 5 + C)
+    target[0, 0, 1, :5] = torch.tensor([0.5, 0.25, 0.25, 0.36, 1.0])
+    target[0, 0, 1, 5 + 1] = 1.0
+    pred = torch.zeros(2, S, S, 5 * B + C)
+    pred[0, ..., 4] = pred[0, ..., 9] = 0.2      # every confidence of image 0: 0.2 ...
+    pred[1, ..., 4] = pred[1, ..., 9] = 0.1      # ... of image 1: 0.1
+    pred[..., 10:] = 0.7                          # class outputs of empty cells: not counted
+    # Predictor 0 of the object's cell: same centre, sqrt w = sqrt(0.125) -> w = 0.125: IoU 1/2.
+    pred[0, 0, 1, 0:5] = torch.tensor([0.5, 0.25, math.sqrt(0.125), 0.6, 0.8])
+    # Predictor 1: a small box far away (IoU 0), confidence 0.3.
+    pred[0, 0, 1, 5:10] = torch.tensor([0.1, 0.9, 0.2, 0.2, 0.3])
+    pred[0, 0, 1, 10:] = torch.tensor([0.3, 0.6])
+    return pred, target
+
+
+def test_loss_term_by_term_by_hand():
+    pred, target = hand_prediction()
+    L = yolo.yolo_loss(pred, target, B=2)
+    # coord: lambda_coord 5 x ((sqrt 0.25 - sqrt 0.125)^2) on the responsible predictor 0.
+    coord = 5 * (0.5 - math.sqrt(0.125)) ** 2
+    conf_obj = (0.8 - 0.5) ** 2                       # target = its IoU with the truth, 1/2
+    # noobj, lambda 0.5: predictor 1 of the object cell (0.3) + 6 others of image 0 at 0.2,
+    # + 8 predictors of image 1 at 0.1.
+    conf_noobj = 0.5 * (0.3 ** 2 + 6 * 0.2 ** 2 + 8 * 0.1 ** 2)
+    cls = 0.3 ** 2 + (1 - 0.6) ** 2                   # only the object's cell
+    want = {"coord": coord / 2, "conf_obj": conf_obj / 2, "conf_noobj": conf_noobj / 2,
+            "class": cls / 2}                         # sums divided by the batch size 2
+    for k, v in want.items():
+        assert L[k].item() == pytest.approx(v, rel=1e-5), k
+    assert L["loss"].item() == pytest.approx(sum(want.values()), rel=1e-5)
+    # The IoU target is detached: no gradient flows into the coordinates through it.
+    pred.requires_grad_(True)
+    yolo.yolo_loss(pred, target, B=2)["conf_obj"].backward()
+    assert pred.grad[0, 0, 1, :4].abs().sum() == 0 and pred.grad[0, 0, 1, 4] != 0
+
+
+def test_the_responsible_predictor_is_the_higher_iou_one():
+    pred, target = hand_prediction()
+    # Swap: predictor 1 now holds the IoU-1/2 box, predictor 0 the far one.
+    pred[0, 0, 1, :10] = torch.cat([pred[0, 0, 1, 5:10], pred[0, 0, 1, 0:5]])
+    L = yolo.yolo_loss(pred, target, B=2)
+    assert L["coord"].item() == pytest.approx(5 * (0.5 - math.sqrt(0.125)) ** 2 / 2, rel=1e-5)
+    assert L["conf_obj"].item() == pytest.approx(0.09 / 2, rel=1e-5)
+    # Make predictor 0 the better one (exact box, IoU 1): it takes over, coord 0, target 1.
+    pred[0, 0, 1, 0:4] = torch.tensor([0.5, 0.25, 0.5, 0.6])
+    L = yolo.yolo_loss(pred, target, B=2)
+    assert L["coord"].item() == pytest.approx(0.0, abs=1e-7)
+    assert L["conf_obj"].item() == pytest.approx((0.3 - 1.0) ** 2 / 2, rel=1e-5)
+
+
+def test_encode_then_decode_gives_back_the_boxes():
+    boxes = torch.tensor([[4.0, 6.0, 20.0, 30.0], [40.0, 10.0, 60.0, 22.0], [30.0, 40.0, 50.0, 63.0]])
+    labels = torch.tensor([3, 0, 5])
+    S, C = 4, 6
+    t = yolo.encode_targets(boxes, labels, (64, 64), S, C)
+    assert t.shape == (4, 4, 11) and t[..., 4].sum() == 3
+    # Box 0: centre (12, 18) -> cell (row 1, col 0), offsets (12/16, 18/16 - 1), w 16/64, h 24/64.
+    assert torch.allclose(t[1, 0, :5], torch.tensor([0.75, 0.125, 0.25, 0.375, 1.0]))
+    assert t[1, 0, 5 + 3] == 1 and t[1, 0, 5:].sum() == 1
+    pred = torch.zeros(1, S, S, 5 * 2 + C)  # the truth as predictor 0, confidence 1
+    pred[0, ..., 0:2], pred[0, ..., 2:4] = t[..., 0:2], t[..., 2:4].sqrt()
+    pred[0, ..., 4], pred[0, ..., 10:] = t[..., 4], t[..., 5:]
+    (d,) = yolo.decode(pred, 2, 64, conf_threshold=0.5)
+    order = d["labels"].argsort()
+    assert torch.allclose(d["boxes"][order], boxes[[1, 0, 2]], atol=1e-4)
+    assert d["labels"][order].tolist() == [0, 3, 5] and torch.allclose(d["scores"], torch.ones(3))
+
+
+def test_one_object_per_cell_keeps_the_largest():
+    small, large = [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 14.0, 14.0]  # centres 5 and 7: cell (0, 0)
+    for boxes, labels in (([small, large], [1, 2]), ([large, small], [2, 1])):
+        t = yolo.encode_targets(torch.tensor(boxes), torch.tensor(labels), (64, 64), 4, 3)
+        assert t[..., 4].sum() == 1 and t[0, 0, 5 + 2] == 1
+        assert torch.allclose(t[0, 0, 2:4], torch.tensor([14 / 64, 14 / 64]))
+
+
+def test_inference_scores_and_nms_remove_a_duplicate():
+    S, B, C = 2, 2, 3
+    pred = torch.zeros(1, S, S, 5 * B + C)
+    # Cell (0, 0) predictor 0 and cell (0, 1) predictor 1 see the same box (IoU > 0.5), class 1;
+    # centre (0.5, 0.25) of the image = offset 1.0 in cell 0 / 0.0 in cell 1.
+    pred[0, 0, 0, 0:5] = torch.tensor([1.0, 0.5, 0.6, 0.6, 0.9])
+    pred[0, 0, 1, 5:10] = torch.tensor([0.02, 0.5, 0.6, 0.6, 0.8])
+    pred[0, 0, 0, 10:] = torch.tensor([0.1, 0.8, 0.1])
+    pred[0, 0, 1, 10:] = torch.tensor([0.1, 0.7, 0.2])
+    (d,) = yolo.decode(pred, B, 100, conf_threshold=0.1, nms_threshold=0.5)
+    # class scores = P(class | object) x confidence: 0.72 (kept), 0.56 (suppressed), and the
+    # class-2 score 0.16 of the second box survives (NMS is per class); 0.09, 0.08 < 0.1.
+    assert d["labels"].tolist() == [1, 2]
+    assert torch.allclose(d["scores"], torch.tensor([0.72, 0.16]))
+    assert torch.allclose(d["boxes"][0], torch.tensor([32.0, 7.0, 68.0, 43.0]), atol=1e-4)
+    (d,) = yolo.decode(pred, B, 100, conf_threshold=0.1, nms_threshold=1.0)
+    assert len(d["scores"]) == 3  # without suppression the duplicate is there
+
+
+def test_lr_schedule_fractions():
+    assert yolo.lr_factor(0) == pytest.approx(0.1)                 # 1e-3 of 1e-2
+    assert yolo.lr_factor(yolo.WARMUP / 2) == pytest.approx(0.55)
+    assert yolo.lr_factor(10 / 135) == 1.0 and yolo.lr_factor(74.9 / 135) == 1.0
+    assert yolo.lr_factor(80 / 135) == 0.1 and yolo.lr_factor(110 / 135) == 0.01
+
+
+def test_overfit_one_batch():
+    ds = data.detection_dataset("shapes-det", "train", quick=True)
+    s = yolo.YoloSet(ds, yolo.train_transforms(64, augment=False), 4, 6)
+    x, t, _, _ = yolo.collate([s[i] for i in range(16)])
+    torch.manual_seed(0)
+    m = yolo.YOLO("fast", 6, 4, 2, 0.125, 64, bn=True, dropout=0.0)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+    first = None
+    for _ in range(40):
+        loss = yolo.yolo_loss(m(x), t, 2)["loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 10
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    straight = yolo.main(TINY + ["--epochs", "2", "--out", a])
+    assert yolo.main(TINY + ["--epochs", "2", "--out", b, "--stop-after", "1"]) is None
+    resumed = yolo.main(TINY + ["--epochs", "2", "--out", b, "--resume"])
+    assert straight["history"] == resumed["history"]
+    assert straight["metrics"]["map"] == resumed["metrics"]["map"]
+    sa = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)["model"]
+    sb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    rec = json.load(open(os.path.join(a, "results.json")))
+    assert len(rec["metrics"]["ap"]) == 6 and rec["config"]["classes"][0] == "circle"
+    assert 0 <= rec["metrics"]["map"] <= 1
+    # --detect on a shapes image with that checkpoint: a PNG and one printed line per box.
+    image, _, _, _, _ = data.render_shapes(0, 0, 64, split="test")
+    path = str(tmp_path / "shape.png")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    out = yolo.main(["--detect", path, "--weights", os.path.join(a, "checkpoint.pt"), "--out",
+                     str(tmp_path / "det"), "--show-threshold", "0", "--device", "cpu"])
+    assert os.path.isfile(tmp_path / "det" / "shape_detections.png")
+    assert 0 < len(out["scores"]) <= 100 and out["boxes"].shape[1] == 4
+
+
+def test_real_voc_path_on_tiny_files(tmp_path, voc_images):
+    root = str(tmp_path)
+    write_voc(root, "2007", "trainval", voc_images)
+    write_voc(root, "2012", "trainval", {"2012_000001": (40, 60, [("cat", 3, 4, 30, 50, 0)])})
+    write_voc(root, "2007", "test", voc_images)
+    args = yolo.get_args_parser().parse_args(["--data", "voc", "--data-dir", root,
+                                              "--no-download", "--img-size", "64"])
+    args.quick, args.limit, args.augment = False, None, True
+    _, test, classes = yolo.detection_sets(args, 7)
+    x, t, gt, size = test[0]
+    # Ground truth stays in the original (64 x 48) pixels, VOC's 1-based corners made continuous,
+    # difficult flags kept; the network input is 64 x 64 and the person is encoded.
+    assert size == (48, 64) and x.shape == (3, 64, 64)
+    assert torch.equal(gt["boxes"], torch.tensor([[4.0, 5.0, 30.0, 40.0], [32.0, 1.0, 60.0, 47.0]]))
+    assert gt["difficult"].tolist() == [False, True] and t[..., 4].sum() == 2
+    r = yolo.main(["--data", "voc", "--data-dir", root, "--no-download", "--img-size", "64",
+                   "--width", "0.0625", "--epochs", "1", "--batch-size", "2", "--workers", "0",
+                   "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert len(r["metrics"]["ap"]) == 20 and r["metrics"]["num_gt"][data.VOC_CLASSES.index("dog")] == 1
+
+
+def test_pretrain_writes_a_backbone_that_detection_loads(tmp_path):
+    pre = str(tmp_path / "pre")
+    r = yolo.main(["--pretrain", "shapes", "--pretrain-size", "32", "--quick", "--variant", "full",
+                   "--width", "0.0625",
+                   "--epochs", "1", "--batch-size", "32", "--limit", "128", "--device", "cpu",
+                   "--out", pre,
+                   "--log-every", "1000"])
+    assert 0 <= r["metrics"]["test_error"] <= 1
+    state = torch.load(os.path.join(pre, "backbone.pt"), weights_only=True)
+    assert state["arch"] == "yolo-full-w0.0625-bn-backbone"  # --quick: batch norm
+    r = yolo.main(TINY + ["--variant", "full", "--epochs", "1", "--limit", "16",
+                          "--backbone-weights", os.path.join(pre, "backbone.pt"),
+                          "--out", str(tmp_path / "det"), "--stop-after", "1"])
+    ckpt = torch.load(os.path.join(tmp_path / "det", "checkpoint.pt"), weights_only=True)
+    assert ckpt["model"]["backbone.conv1.weight"].shape == state["model"]["conv1.weight"].shape
+    with pytest.raises(data.DataError, match="not 'yolo-fast"):
+        yolo.main(TINY + ["--variant", "fast", "--backbone-weights",
+                          os.path.join(pre, "backbone.pt"), "--out", str(tmp_path / "x")])
+
+
+def test_quick_pretrains_on_shapes_then_detects_from_that_backbone(tmp_path):
+    # --quick on shapes-det: §2.2's two stages in one command (here 1 epoch each on 32 images).
+    out = str(tmp_path / "q")
+    r = yolo.main(TINY + ["--pretrain-epochs", "1", "--epochs", "1", "--limit", "32", "--out", out])
+    pre = torch.load(os.path.join(out, "pretrain", "backbone.pt"), weights_only=True)
+    assert pre["arch"] == "yolo-fast-w0.0625-bn-backbone"
+    assert r["config"]["backbone_weights"] == os.path.join(out, "pretrain", "backbone.pt")
+    assert r["config"]["map_size"] == [4, 4] and r["config"]["dropout"] == 0.0
+    assert math.isfinite(r["history"][0]["train_loss"])
+    args = yolo.get_args_parser().parse_args(["--data", "shapes-det", "--quick"])
+    yolo.resolve_defaults(args)
+    assert (args.variant, args.drop_strides, args.pretrain_epochs, args.augment) == \
+        ("fast", 2, yolo.QUICK["pretrain_epochs"], True)
+    args = yolo.get_args_parser().parse_args(["--data", "voc"])  # the paper's recipe for VOC
+    yolo.resolve_defaults(args)
+    assert (args.variant, args.drop_strides, args.pretrain_epochs, args.dropout, args.bn,
+            args.img_size, args.grid, args.lr) == ("full", 0, 0, 0.5, False, 448, 7, 1e-2)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "yolo.py", "--device", "cpu", "--out", str(tmp_path),
+                        "--data", "voc", "--data-dir", "/nonexistent", "--no-download"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("yolo.py: error: VOC2007 trainval not found")
+    # The same one-line DataErrors in process (the __main__ guard prints them as above).
+    for argv, words in ((["--data", "shapes-det", "--batch-size", "0"], "--batch-size"),
+                        (["--data", "shapes", "--quick"], "shapes"),
+                        (["--data", "shapes-det", "--pretrained"], "--backbone-weights"),
+                        (["--data", "shapes-det", "--detect", "x.png"], "--weights"),
+                        (["--data", "shapes-det", "--weights", str(tmp_path / "no.pt")],
+                         "not found")):
+        with pytest.raises(data.DataError, match=words):
+            yolo.main(TINY + argv + ["--out", str(tmp_path / "bad")])

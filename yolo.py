@@ -1,0 +1,785 @@
+"""YOLO v1: J. Redmon, S. Divvala, R. Girshick, A. Farhadi, "You Only Look Once: Unified,
+Real-Time Object Detection", CVPR 2016, arXiv:1506.02640.
+
+    python yolo.py --data voc --pretrain imagenet --out runs/yolo-pre   # §2.2: 20 convs at 224
+    python yolo.py --data voc --backbone-weights runs/yolo-pre/backbone.pt --cuda  # detection
+    python yolo.py --data voc --variant fast --cuda                     # Fast YOLO (9 convs)
+    python yolo.py --data shapes-det --quick   # offline: shapes pretraining, then detection, CPU
+    python yolo.py --detect IMAGE --weights runs/yolo/checkpoint.pt --out runs/yolo-detect
+    torchrun --nproc_per_node=2 yolo.py --data voc                      # data-parallel
+
+Paper (Table 1, VOC 2007 test, trained on VOC2007+2012): YOLO 63.4 mAP at 45 fps, Fast YOLO
+52.7 mAP at 155 fps. Ours: see the README's results table (command and hardware of each figure).
+Known weakness: from scratch (any width, input, lr, Adam or clipping tried) the --quick network
+learns the boxes but not the shape classes in CPU minutes (mAP < 1 %); --quick therefore pretrains
+the backbone on shapes first (§2.2's recipe): mAP@0.5 31.5 % (ring 48.7 ... semicircle 14.8) in
+146 s on 1 thread of a shared 2-core CPU, still far from SSD's 69 % on the same set.
+
+Network (Fig. 3): 24 convolutions with 1x1 reductions, leaky ReLU 0.1, then fc 4096, dropout 0.5,
+fc S*S*(5B+C) with a linear output; 448x448 input, S=7, B=2, C=20 (1470 outputs). Each cell
+predicts B boxes (x, y: centre offset in the cell, w, h: relative to the image, confidence) and C
+class probabilities. Loss (§2.2, the lecture's form): lambda_coord=5 on x, y, sqrt(w), sqrt(h) of the
+responsible predictor (highest IoU with the truth in the cell holding the object's centre), the
+confidence target is that IoU, lambda_noobj=0.5 on the confidence of every other predictor,
+squared class-probability error in the cells holding an object; summed, divided by the batch size.
+Test: class score = P(class | object) x confidence, threshold, per-class NMS 0.5.
+Departures: DEPARTURES, printed at start and stored in results.json.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.transforms import v2
+
+import data
+import metrics
+
+# ---------------------------------------------------------------------------------------------
+# Paper facts and defaults
+
+PAPER = {"reference": "Redmon et al. 2016, arXiv:1506.02640, Table 1", "data": "voc",
+         "map": 0.634, "fast_map": 0.527, "fps": 45, "fast_fps": 155}
+# Fig. 3, (out channels, kernel, stride) of each convolution, "M" = 2x2/2 max-pooling. The first
+# 20 convolutions are the ImageNet-pretrained part (§2.2); the last 4 are added for detection.
+FULL = [(64, 7, 2), "M", (192, 3, 1), "M", (128, 1, 1), (256, 3, 1), (256, 1, 1), (512, 3, 1), "M",
+        *[(256, 1, 1), (512, 3, 1)] * 4, (512, 1, 1), (1024, 3, 1), "M",
+        *[(512, 1, 1), (1024, 3, 1)] * 2,
+        "|", (1024, 3, 1), (1024, 3, 2), (1024, 3, 1), (1024, 3, 1)]
+# Fast YOLO: "9 convolutional layers instead of 24, fewer filters" (§2.4); the layout is darknet's
+# original v1 yolo-tiny.cfg (16 ... 1024, six max-pools, three 1024 convs; not in the paper). The
+# split into pretrained / added layers is our choice, as in the full net: the last 2 are added.
+FAST = [(16, 3, 1), "M", (32, 3, 1), "M", (64, 3, 1), "M", (128, 3, 1), "M", (256, 3, 1), "M",
+        (512, 3, 1), "M", (1024, 3, 1), "|", (1024, 3, 1), (1024, 3, 1)]
+EPOCHS = 135                     # §2.2
+# §2.2: "for the first epochs" lr rises from 1e-3 to 1e-2, then 1e-2 for 75 epochs, 1e-3 for 30,
+# 1e-4 for 30 (75 + 30 + 30 = 135: the warm-up is counted in the 75). Warm-up length: our choice.
+WARMUP, STEP1, STEP2 = 5 / 135, 75 / 135, 105 / 135   # fractions of --epochs
+# --quick (offline shapes-det on a CPU), every choice measured against the old quick run (full net,
+# width 1/8, 64 px, from scratch: mAP 0.4 %, the class term at its prior): Fast YOLO at width 1/4
+# with its last two stride-2 steps dropped, so that 64 px gives a 4 x 4 = S x S last map (the
+# paper's 448 gives 7 x 7; the full stride-64 net leaves 1 x 1 here); batch norm; §2.2's two stages
+# in one command: 30 epochs of shapes classification (the offline ImageNet) at lr 2e-2, then 15 of
+# detection at lr 2e-3 (5e-3 diverged without augmentation) without dropout (0.5 cost ~2 points).
+# mAP 23 % with 15 pretraining epochs, 31 % with 30, 35 % with 30 + 30 detection epochs (twice the
+# time). From scratch, even with the 4 x 4 map, Adam or gradient clipping, the classes stayed at
+# chance (mAP < 1 %); without pretraining Fast YOLO only memorised (no augmentation: 6.7 %).
+QUICK = {"img_size": 64, "width": 0.25, "grid": 4, "epochs": 15, "batch_size": 32, "lr": 2e-3,
+         "bn": True, "drop_strides": 2, "clip_grad": None, "variant": "fast", "dropout": 0.0,
+         "pretrain_epochs": 30}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+def conv_stack(spec, in_channels, width, bn, first=1):
+    """Convolutions of a spec ((c, k, s) or "M") with padding k // 2 and leaky ReLU 0.1, named
+    conv1.. as in Fig. 3; `bn` adds batch norm after each (YOLOv2's, not the paper's)."""
+    layers, c_in, n = [], in_channels, first - 1
+    for item in spec:
+        if item == "M":
+            layers.append((f"pool{n}", nn.MaxPool2d(2, 2)))
+            continue
+        c, k, s = item
+        c, n = max(1, round(c * width)), n + 1
+        layers.append((f"conv{n}", nn.Conv2d(c_in, c, k, s, k // 2, bias=not bn)))
+        if bn:
+            layers.append((f"bn{n}", nn.BatchNorm2d(c)))
+        layers.append((f"leaky{n}", nn.LeakyReLU(0.1, inplace=True)))
+        c_in = c
+    return nn.Sequential(OrderedDict(layers)), c_in
+
+
+def drop_strides(spec, k):
+    """`spec` with its last k stride-2 steps removed, last first (the full net: conv22's stride 2,
+    then pool16, pool6; Fast YOLO: its pools from the last). Pools and strides have no weights, so
+    the layer names and shapes stay; only the maps grow: a small input keeps an S x S last map
+    (our departure for --quick; the paper's 448 input gives 7 x 7 with none dropped)."""
+    spec = list(spec)
+    for i in reversed(range(len(spec))):
+        if k == 0:
+            break
+        if spec[i] == "M":
+            spec[i], k = None, k - 1
+        elif isinstance(spec[i], tuple) and spec[i][2] == 2:
+            spec[i], k = (*spec[i][:2], 1), k - 1
+    if k:
+        raise ValueError("--drop-strides is larger than the network's number of stride-2 steps")
+    return [item for item in spec if item is not None]
+
+
+def map_size(spec, n):
+    """The side of the last map for an n x n input: convolutions pad k // 2, pools floor."""
+    for item in spec:
+        if item == "M":
+            n //= 2
+        elif item != "|":
+            _, k, st = item
+            n = (n + 2 * (k // 2) - k) // st + 1
+    return n
+
+
+class YOLO(nn.Module):
+    """`backbone` (the ImageNet-pretrained convolutions), `head` (the convolutions added for
+    detection) and the two FC layers; forward gives (N, S, S, 5B + C): per cell B x (x, y,
+    sqrt w, sqrt h, confidence), then C class probabilities. The FC input follows the map size."""
+
+    def __init__(self, variant="full", num_classes=20, grid=7, boxes=2, width=1.0, img_size=448,
+                 bn=False, dropout=0.5, dropped=0):
+        super().__init__()
+        if variant not in ("full", "fast"):
+            raise ValueError(f"unknown variant '{variant}'; use full or fast")
+        spec = drop_strides(FULL if variant == "full" else FAST, dropped)
+        cut = spec.index("|")
+        self.S, self.B, self.C = grid, boxes, num_classes
+        self.backbone, c = conv_stack(spec[:cut], 3, width, bn)
+        self.backbone_channels = c
+        n = sum(isinstance(item, tuple) for item in spec[:cut])  # conv21.. / conv8..
+        self.head, c = conv_stack(spec[cut + 1:], c, width, bn, first=n + 1)
+        h = w = map_size(spec, img_size)
+        if h < 1:
+            raise ValueError(f"--img-size {img_size} is too small for the {variant} network: "
+                             f"no map left after its {sum(i == 'M' for i in spec)} poolings")
+        self.map_size, hidden = (h, w), max(1, round(4096 * width))
+        self.fc = nn.Sequential(OrderedDict([
+            ("fc1", nn.Linear(c * h * w, hidden)), ("leaky", nn.LeakyReLU(0.1, inplace=True)),
+            ("dropout", nn.Dropout(dropout)),
+            ("fc2", nn.Linear(hidden, grid * grid * (5 * boxes + num_classes)))]))  # linear
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, a=0.1, nonlinearity="leaky_relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.fc.fc2.weight, 0.0, 0.01)  # start near "no object, no box"
+
+    def forward(self, x):
+        y = self.fc(self.head(self.backbone(x)).flatten(1))
+        return y.view(-1, self.S, self.S, 5 * self.B + self.C)
+
+
+class Classifier(nn.Module):
+    """§2.2's pretraining net: the backbone, average-pooling and a fully connected layer."""
+
+    def __init__(self, backbone, channels, num_classes):
+        super().__init__()
+        self.backbone, self.fc = backbone, nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.backbone(x), 1).flatten(1))
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Target encoding, loss and decoding (§2, §2.2)
+
+def encode_targets(boxes, labels, size, S, C):
+    """Boxes (K, 4) XYXY in pixels of an image of `size` (h, w) -> (S, S, 5 + C): per cell x, y
+    (the centre's offset in the cell, [0, 1)), w, h (relative to the image), 1 = object, one-hot
+    class. One object per cell (§2.1): when several centres fall in one cell, the LARGEST box
+    (by area) is kept, the others are dropped from the target."""
+    h_img, w_img = size
+    t = torch.zeros(S, S, 5 + C)
+    b = boxes.as_subclass(torch.Tensor).float().reshape(-1, 4)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    for k in torch.argsort(area, descending=True, stable=True).tolist():
+        cx = (b[k, 0] + b[k, 2]) / 2 / w_img * S
+        cy = (b[k, 1] + b[k, 3]) / 2 / h_img * S
+        col, row = min(int(cx), S - 1), min(int(cy), S - 1)
+        if t[row, col, 4] > 0:  # a larger object holds this cell already
+            continue
+        t[row, col, :5] = torch.stack([cx - col, cy - row, (b[k, 2] - b[k, 0]) / w_img,
+                                       (b[k, 3] - b[k, 1]) / h_img, torch.tensor(1.0)])
+        t[row, col, 5 + int(labels[k])] = 1.0
+    return t
+
+
+def cell_boxes_to_xyxy(xy, wh, S):
+    """(..., S, S, B, 2) cell offsets and image-relative sizes -> (..., S, S, B, 4) XYXY in
+    [0, 1] image units."""
+    rows, cols = torch.meshgrid(torch.arange(S, device=xy.device), torch.arange(S, device=xy.device),
+                                indexing="ij")
+    grid = torch.stack([cols, rows], -1).to(xy.dtype)[:, :, None, :]  # (S, S, 1, 2): (col, row)
+    centre = (xy + grid) / S
+    return torch.cat([centre - wh / 2, centre + wh / 2], -1)
+
+
+def paired_iou(a, b):
+    """IoU of boxes a[i] and b[i] (elementwise, XYXY); torchvision's box_iou is all-pairs."""
+    lt, rb = torch.maximum(a[..., :2], b[..., :2]), torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda x: (x[..., 2:] - x[..., :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
+
+
+def yolo_loss(pred, target, B, lambda_coord=5.0, lambda_noobj=0.5):
+    """§2.2 / the lecture's loss. pred (N, S, S, 5B + C) (w, h predicted as their square roots,
+    see DEPARTURES), target (N, S, S, 5 + C) from encode_targets. Returns a dict of the four terms
+    and their sum ("loss"), each summed over cells, predictors and the batch, divided by N."""
+    N, S = pred.shape[0], pred.shape[1]
+    p = pred[..., :5 * B].reshape(N, S, S, B, 5)
+    obj = target[..., 4]                                             # 1_i^obj (N, S, S)
+    # The responsible predictor: the highest IoU with the truth (the first of equal IoUs).
+    with torch.no_grad():
+        pbox = cell_boxes_to_xyxy(p[..., :2], p[..., 2:4] ** 2, S)
+        tbox = cell_boxes_to_xyxy(target[..., None, :2], target[..., None, 2:4], S)
+        iou = paired_iou(pbox, tbox.expand_as(pbox))                  # (N, S, S, B)
+        best = iou.argmax(-1)
+        resp = F.one_hot(best, B).float() * obj[..., None]           # 1_ij^obj
+    t = target[..., None, :4]
+    coord = ((p[..., 0:2] - t[..., 0:2]) ** 2).sum(-1) + \
+        ((p[..., 2:4] - t[..., 2:4].sqrt()) ** 2).sum(-1)
+    terms = {"coord": lambda_coord * (resp * coord).sum(),
+             "conf_obj": (resp * (p[..., 4] - iou) ** 2).sum(),     # target: the (detached) IoU
+             "conf_noobj": lambda_noobj * ((1 - resp) * p[..., 4] ** 2).sum(),
+             "class": (obj[..., None] * (pred[..., 5 * B:] - target[..., 5:]) ** 2).sum()}
+    terms = {k: v / N for k, v in terms.items()}
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
+@torch.no_grad()
+def decode(pred, B, img_size, conf_threshold=0.005, nms_threshold=0.5, top_k=100):
+    """§2 test time: per image, every predictor x class gets the score P(class | object) x
+    confidence; scores below the threshold are dropped, per-class NMS (torchvision batched_nms),
+    the top_k best kept. Returns [{"boxes" (K, 4) XYXY in pixels of the img_size x img_size
+    input, "scores", "labels"}]."""
+    N, S = pred.shape[0], pred.shape[1]
+    pred = pred.float()
+    p = pred[..., :5 * B].reshape(N, S, S, B, 5)
+    boxes = cell_boxes_to_xyxy(p[..., :2], p[..., 2:4] ** 2, S) * img_size    # (N, S, S, B, 4)
+    scores = p[..., 4, None] * pred[..., None, 5 * B:]                        # (N, S, S, B, C)
+    C = scores.shape[-1]
+    out = []
+    for n in range(N):
+        b = torchvision.ops.clip_boxes_to_image(boxes[n].reshape(-1, 4), (img_size, img_size))
+        s = scores[n].reshape(-1, C)
+        idx, cls = (s > conf_threshold).nonzero(as_tuple=True)
+        bb, ss = b[idx], s[idx, cls]
+        ok = (bb[:, 2] > bb[:, 0]) & (bb[:, 3] > bb[:, 1])                   # not empty
+        bb, ss, cls = bb[ok], ss[ok], cls[ok]
+        keep = torchvision.ops.batched_nms(bb, ss, cls, nms_threshold)[:top_k]
+        out.append({"boxes": bb[keep], "scores": ss[keep], "labels": cls[keep]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data glue: augmentation (§2.2) and batches of encoded targets
+
+def train_transforms(img_size, augment=True):
+    """§2.2: "random scaling and translations of up to 20% of the original image size", "randomly
+    adjust the exposure and saturation of the image by up to a factor of 1.5 in the HSV colour
+    space". Exposure = HSV value: ColorJitter's brightness multiplies R, G, B by the factor, which
+    multiplies V = max(R, G, B) by it exactly (up to clipping); its saturation blends with the
+    grey image, which scales HSV's S approximately. Boxes follow through tv_tensors; boxes pushed
+    out of the image are clipped and dropped when degenerate (SanitizeBoundingBoxes)."""
+    ops = [v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]
+    if augment:
+        ops += [v2.RandomAffine(degrees=0, translate=(0.2, 0.2), scale=(0.8, 1.2)),
+                v2.ColorJitter(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5)),
+                v2.ClampBoundingBoxes(),
+                v2.SanitizeBoundingBoxes(min_size=1, labels_getter=lambda s: s[1]["labels"])]
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True),
+                             v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
+class YoloSet(torch.utils.data.Dataset):
+    """A detection set (image, target) -> (image at img_size, encoded target (S, S, 5 + C),
+    ground truth in the ORIGINAL image's pixels with difficult flags, (h, w) of the original)."""
+
+    def __init__(self, ds, transforms, S, C):
+        self.ds, self.transforms, self.S, self.C = ds, transforms, S, C
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        image, target = self.ds[i]
+        size = tuple(image.shape[-2:])
+        gt = {"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+              "labels": target["labels"], "difficult": target["difficult"]}
+        image, t = self.transforms(image, {"boxes": target["boxes"], "labels": target["labels"]})
+        return image, encode_targets(t["boxes"], t["labels"], image.shape[-2:], self.S, self.C), \
+            gt, size
+
+
+def collate(batch):
+    images, targets, gts, sizes = zip(*batch)
+    return torch.stack(images), torch.stack(targets), list(gts), list(sizes)
+
+
+def detection_sets(args, S):
+    """(train, test) YoloSets: voc = VOC2007+2012 trainval -> VOC2007 test (difficult kept for
+    evaluation); shapes-det at --data-size pixels."""
+    kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick,
+              size=args.data_size)
+    train, test = data.detection_dataset(args.data, "train", **kw), \
+        data.detection_dataset(args.data, "test", **kw)
+    classes = tuple(train.classes)
+    if args.limit:  # the first N images of each split (smoke runs and tests)
+        train, test = (torch.utils.data.Subset(d, range(min(args.limit, len(d))))
+                       for d in (train, test))
+    return YoloSet(train, train_transforms(args.img_size, args.augment), S, len(classes)), \
+        YoloSet(test, train_transforms(args.img_size, False), S, len(classes)), classes
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe, training, evaluation
+
+def lr_factor(progress, warmup=WARMUP, steps=(STEP1, STEP2)):
+    """§2.2's schedule as a factor of the base lr (1e-2) at `progress` = epochs done / --epochs:
+    a linear warm-up from 0.1 (1e-3) to 1, then 1, 0.1, 0.01 (1e-4)."""
+    if progress < warmup:
+        return 0.1 + 0.9 * progress / warmup
+    return 1.0 if progress < steps[0] else (0.1 if progress < steps[1] else 0.01)
+
+
+def autocast(device, enabled):
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, epoch, progress):
+    """One pass; the loss is the batch's sum / its size: under DDP the gradients are averaged
+    over the ranks, which is the sum over the global batch / its size, as one process does."""
+    model.train()
+    sums, n = {}, 0
+    for x, target, _, _ in loader:
+        x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, args.amp):
+            out = model(x)
+        terms = yolo_loss(out.float(), target, args.boxes, args.lambda_coord, args.lambda_noobj)
+        if not torch.isfinite(terms["loss"]):  # stop rather than train on NaNs for hours
+            raise data.DataError(f"the loss diverged ({terms['loss'].item()}) in epoch "
+                                 f"{epoch + 1}; lower --lr (now {args.lr:g}) or use --bn")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms["loss"]).backward()
+        if args.clip_grad:  # our departure (--quick): a bad early batch cannot blow fc2 up
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()  # per iteration: the warm-up is smooth
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+        n += len(x)
+        progress.step(len(x) * args.world, terms["loss"].item(), optimizer.param_groups[0]["lr"],
+                      epoch)
+    if args.world > 1:
+        t = torch.tensor([*sums.values(), n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        sums, n = dict(zip(sums, t[:-1].tolist())), t[-1].item()
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict(model, x, args, device, sizes, conf_threshold):
+    """(raw output, detections) of a batch; boxes mapped back to each original image's pixels."""
+    with autocast(device, args.amp):
+        out = model(x.to(device)).float()
+    dets = decode(out, args.boxes, args.img_size, conf_threshold, args.nms_threshold, args.top_k)
+    for d, (h, w) in zip(dets, sizes):
+        scale = torch.tensor([w, h, w, h], device=out.device) / args.img_size
+        d.update(boxes=(d["boxes"] * scale).cpu(), scores=d["scores"].cpu(),
+                 labels=d["labels"].cpu())
+    return out, dets
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, num_classes):
+    """VOC AP per class and mAP (metrics.detection_map, 11-point VOC07 unless --voc12-ap) of the
+    detections above --conf-threshold on the original images; every rank evaluates the whole
+    test set (the loader is not sharded)."""
+    model.eval()
+    dets, gts, loss, n = [], [], 0.0, 0
+    for x, target, gt, sizes in loader:
+        out, d = predict(model, x, args, device, sizes, args.conf_threshold)
+        loss += yolo_loss(out, target.to(device), args.boxes, args.lambda_coord,
+                          args.lambda_noobj)["loss"].item() * len(x)
+        n, dets, gts = n + len(x), dets + d, gts + gt
+    r = metrics.detection_map(dets, gts, num_classes, use_07_metric=not args.voc12_ap)
+    return {"map": r["map"], "ap": r["ap"], "num_gt": r["num_gt"], "test_loss": loss / max(n, 1),
+            "detections_per_image": sum(len(d["scores"]) for d in dets) / max(len(dets), 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# §2.2's ImageNet pretraining of the backbone, and --detect
+
+def arch_name(args, backbone=False):
+    return f"yolo-{args.variant}-w{args.width:g}" + ("-bn" if args.bn else "") + \
+        ("-backbone" if backbone else "")
+
+
+def pretrain(args, device, rank):
+    """§2.2: the backbone (first 20 convolutions of the full net), average-pooling and a fully
+    connected layer trained for classification at --pretrain-size (224 on ImageNet); SGD with
+    momentum and weight decay, cosine lr decay (the paper gives no pretraining schedule).
+    Writes OUT/backbone.pt for --backbone-weights and OUT/results.json (top-1 error)."""
+    t0, is_main = time.time(), rank == 0
+    data.check_task(args.pretrain, "classification")
+    train_loader, _, test_loader, info = data.classification_loaders(
+        args.pretrain, args.batch_size // args.world, device, args.data_dir, not args.no_download,
+        args.quick, args.seed, workers=args.workers, size=args.pretrain_size)
+    for loader in (train_loader, test_loader) if args.limit else ():  # in-memory sets only
+        if isinstance(loader, data.DeviceLoader):
+            loader.images, loader.labels = loader.images[:args.limit], loader.labels[:args.limit]
+            loader.dataset = loader.images
+    yolo = YOLO(args.variant, 1, args.grid, args.boxes, args.width, args.img_size, args.bn,
+                dropped=args.drop_strides)
+    model = Classifier(yolo.backbone, yolo.backbone_channels, len(info["classes"])).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / args.epochs)))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    arch, ckpt = arch_name(args) + "-pretrain", os.path.join(args.out, "checkpoint.pt")
+    start, history = 0, []
+    if args.resume:
+        start, history = data.resume_training_state(ckpt, arch, model, optimizer, scheduler, scaler)
+    net = model if args.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    progress = metrics.Progress(len(train_loader), args.epochs, args.log_every, start, is_main)
+    for epoch in range(start, args.epochs):
+        data.set_epoch(train_loader, epoch)
+        net.train()
+        for x, y in train_loader:
+            x, y = x.to(device), y.to(device)
+            with autocast(device, args.amp):
+                loss = F.cross_entropy(net(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
+        scheduler.step()
+        history.append({"epoch": epoch + 1, "train_loss": loss.item()})
+        if is_main:
+            data.save_training_state(ckpt, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history)
+    model.eval()
+    with torch.no_grad():
+        outs = [(model(x.to(device)).float().cpu(), y.cpu()) for x, y in test_loader]
+    err = metrics.error_rate(torch.cat([o for o, _ in outs]), torch.cat([y for _, y in outs]))
+    results = None
+    if is_main:
+        data.save_checkpoint(os.path.join(args.out, "backbone.pt"),
+                             {"arch": arch_name(args, True), "model": yolo.backbone.state_dict()})
+        print(f"pretraining top-1 error {100 * err:.2f}%; backbone written to "
+              f"{os.path.join(args.out, 'backbone.pt')}")
+        results = metrics.write_results(
+            os.path.join(args.out, "results.json"), "yolo.py", args.pretrain,
+            {"test_error": err}, paper=PAPER, config={**vars(args), "arch": arch}, device=str(device),
+            seconds=time.time() - t0, history=history)
+    return results
+
+
+def detect(args, device):
+    """--detect IMAGE: the boxes above --show-threshold drawn with class names and scores into
+    OUT/<stem>_detections.png, one line printed per box. The network's shape (variant, width,
+    img-size, grid, boxes, bn) and the class names come from the checkpoint when it holds them."""
+    if not args.weights:
+        raise data.DataError("--detect needs --weights PATH (a checkpoint.pt written by training)")
+    state = data.load_checkpoint(args.weights)
+    for k in ("variant", "width", "img_size", "grid", "boxes", "bn", "drop_strides"):
+        if k in state.get("args", {}):
+            setattr(args, k, state["args"][k])
+    classes = state.get("classes") or \
+        (data.VOC_CLASSES if args.data == "voc" else data.SHAPES_CLASSES)
+    model = YOLO(args.variant, len(classes), args.grid, args.boxes, args.width, args.img_size,
+                 args.bn, dropped=args.drop_strides).to(device)
+    data.load_weights(model, state, args.weights)
+    image = data.load_image(args.detect)
+    h, w = image.shape[-2:]
+    x = train_transforms(args.img_size, False)(image)[None]
+    _, (d,) = predict(model.eval(), x, args, device, [(h, w)], args.show_threshold)
+    names = [f"{classes[k]} {s:.2f}" for k, s in zip(d["labels"].tolist(), d["scores"].tolist())]
+    for name, box in zip(names, d["boxes"].tolist()):
+        print(f"{name} box ({box[0]:.1f}, {box[1]:.1f}, {box[2]:.1f}, {box[3]:.1f})")
+    drawn = torchvision.utils.draw_bounding_boxes(image.as_subclass(torch.Tensor), d["boxes"],
+                                                  names, colors="yellow", width=2)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, os.path.splitext(os.path.basename(args.detect))[0] +
+                        "_detections.png")
+    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
+    print(f"{len(names)} detections written to {path}")
+    return {"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"], "path": path}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def get_args_parser():
+    p = data.ArgumentParser(description="YOLO v1 (Redmon et al. 2016): one-shot detection on "
+                                "Pascal VOC or the synthetic shapes-det set.")
+    p.add_argument("--data", default="voc", help="voc | shapes-det (default: voc)")
+    p.add_argument("--data-dir", default=data.default_data_dir(),
+                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    p.add_argument("--data-size", type=int, default=64, help="shapes-det image size (default 64)")
+    p.add_argument("--variant", default=None, choices=["full", "fast"],
+                   help=f"YOLO (24 convs, Fig. 3) or Fast YOLO (9 convs) (default: full; "
+                   f"{QUICK['variant']} with --quick)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help=f"network input size (default: 448; {QUICK['img_size']} with --quick)")
+    p.add_argument("--width", type=float, default=None,
+                   help=f"channel and fc1 multiplier (default: 1 = the paper; {QUICK['width']} "
+                   f"with --quick)")
+    p.add_argument("--bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch norm after every convolution (YOLOv2's, not the paper's; default: "
+                   "off, on with --quick)")
+    p.add_argument("--grid", type=int, default=None,
+                   help=f"S, the grid size (default: 7; {QUICK['grid']} with --quick)")
+    p.add_argument("--drop-strides", type=int, default=None,
+                   help="drop the network's last N stride-2 steps so that a small input keeps an "
+                   f"S x S last map (default: 0 = the paper; {QUICK['drop_strides']} with --quick)")
+    p.add_argument("--boxes", type=int, default=2, help="B, boxes per cell (default: 2)")
+    p.add_argument("--lambda-coord", type=float, default=5.0, help="(default: 5, §2.2)")
+    p.add_argument("--lambda-noobj", type=float, default=0.5, help="(default: 0.5, §2.2)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default: {EPOCHS}, §2.2; {QUICK['epochs']} with --quick);"
+                   f" the lr schedule scales with it")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch size (default: 64, §2.2; {QUICK['batch_size']} with --quick)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-2, §2.2)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §2.2)")
+    p.add_argument("--clip-grad", type=float, default=None,
+                   help=f"clip the gradient norm at this (default: off = the paper; "
+                   f"{QUICK['clip_grad']} with --quick)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help=f"after fc1 (default: 0.5, §2.2; {QUICK['dropout']} with --quick)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="§2.2's scaling/translation/HSV jitter (default: on)")
+    p.add_argument("--conf-threshold", type=float, default=0.005,
+                   help="class-score threshold for the mAP (default: 0.005)")
+    p.add_argument("--show-threshold", type=float, default=0.2,
+                   help="class-score threshold for --detect (default: 0.2)")
+    p.add_argument("--nms-threshold", type=float, default=0.5, help="NMS IoU (default: 0.5)")
+    p.add_argument("--top-k", type=int, default=100, help="detections kept per image (default 100)")
+    p.add_argument("--voc12-ap", action="store_true",
+                   help="area under the PR curve (VOC2010+) instead of VOC07's 11-point AP")
+    p.add_argument("--pretrain", default=None, metavar="DATA",
+                   help="§2.2: pretrain the backbone on a classification set (imagenet; shapes "
+                   "offline) and write OUT/backbone.pt")
+    p.add_argument("--pretrain-size", type=int, default=224,
+                   help="pretraining image size (default: 224, §2.2)")
+    p.add_argument("--backbone-weights", default=None, help="a backbone.pt written by --pretrain")
+    p.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="first pretrain the backbone for N epochs (shapes for shapes-det, else "
+                   "imagenet; at --data-size, lr --pretrain-lr) into OUT/pretrain, then detect "
+                   f"from it (default: 0 = off; {QUICK['pretrain_epochs']} with --quick on "
+                   "shapes-det)")
+    p.add_argument("--pretrain-lr", type=float, default=2e-2,
+                   help="peak lr of --pretrain-epochs (default: 2e-2)")
+    p.add_argument("--detect", default=None, metavar="IMAGE",
+                   help="draw the detections of --weights on IMAGE into OUT")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
+    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader processes (default: 4 for voc, 0 for shapes-det)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default="runs/yolo", help="results.json and checkpoints go here")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
+    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
+    p.add_argument("--pretrained", action="store_true",
+                   help="(no published PyTorch YOLO v1 weights: an error; see --backbone-weights)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--quick", action="store_true",
+                   help="shapes-det on a CPU in minutes: Fast YOLO, width 1/4, 64 px, S=4, shapes "
+                   "pretraining then detection (see QUICK and DEPARTURES)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N training and test images (smoke runs, tests)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many epochs as if killed (to test --resume)")
+    return p
+
+
+def resolve_defaults(args):
+    q = args.quick
+    for k, full in (("img_size", 448), ("width", 1.0), ("grid", 7), ("epochs", EPOCHS),
+                    ("batch_size", 64), ("lr", 1e-2), ("bn", False), ("drop_strides", 0),
+                    ("clip_grad", None), ("variant", "full"), ("dropout", 0.5),
+                    ("pretrain_epochs", 0)):
+        if getattr(args, k) is None:  # --quick's pretraining is the offline shapes one only
+            setattr(args, k, QUICK[k] if q and (k != "pretrain_epochs" or args.data == "shapes-det")
+                    else full)
+    if args.workers is None:
+        args.workers = 4 if args.data == "voc" else 0
+    if args.drop_strides < 0:
+        raise data.DataError(f"--drop-strides must be at least 0, got {args.drop_strides}")
+    for k in ("img_size", "grid", "epochs", "batch_size", "boxes", "data_size"):
+        if getattr(args, k) < 1:
+            raise data.DataError(f"--{k.replace('_', '-')} must be at least 1, got "
+                                 f"{getattr(args, k)}")
+    if args.width <= 0 or args.lr <= 0:
+        raise data.DataError("--width and --lr must be positive")
+    if args.pretrained:
+        raise data.DataError("there are no published PyTorch YOLO v1 weights; pretrain with "
+                             "--pretrain imagenet and pass --backbone-weights, or use --weights")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size", "pretrain_lr")
+    if args.pretrain_epochs is not None and args.pretrain_epochs < 0:
+        raise data.DataError(f"--pretrain-epochs {args.pretrain_epochs}: must be >= 0")
+    t0 = time.time()
+    resolve_defaults(args)
+    device = data.select_device(args.device, args.cuda)
+    if args.detect:
+        return detect(args, device)
+    rank, args.world = data.init_distributed(device)
+    is_main = rank == 0
+    torch.manual_seed(args.seed + rank)
+    if args.batch_size % args.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
+                             f"{args.world} processes")
+    if args.pretrain:
+        return pretrain(args, device, rank)
+    data.check_task(args.data, "detection")
+    if args.pretrain_epochs and not (args.backbone_weights or args.weights or args.resume or
+                                     args.eval_only):
+        # §2.2's two stages in one command: classification pretraining of the backbone (shapes:
+        # the largest shape's class; the offline analogue of ImageNet), then detection from it.
+        pre = argparse.Namespace(**{**vars(args), "pretrain": "shapes" if args.data ==
+                                    "shapes-det" else "imagenet", "epochs": args.pretrain_epochs,
+                                    "lr": args.pretrain_lr,
+                                    "out": os.path.join(args.out, "pretrain"),
+                                    "pretrain_size": args.data_size if args.data == "shapes-det"
+                                    else args.pretrain_size, "stop_after": None})
+        pretrain(pre, device, rank)
+        if args.world > 1:
+            torch.distributed.barrier()  # the main rank has written backbone.pt
+        args.backbone_weights = os.path.join(pre.out, "backbone.pt")
+
+    # Data: per-sample v2 transforms (boxes follow), targets encoded in the loader.
+    train_set, test_set, classes = detection_sets(args, args.grid)
+    train_loader = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
+                                    device, collate_fn=collate, seed=args.seed)
+    test_loader = data.make_loader(test_set, 64, False, args.workers, device, collate_fn=collate,
+                                   shard=False)
+
+    model = YOLO(args.variant, len(classes), args.grid, args.boxes, args.width, args.img_size,
+                 args.bn, args.dropout, args.drop_strides).to(device)
+    arch = arch_name(args)
+    if args.backbone_weights:
+        state = data.load_checkpoint(args.backbone_weights, arch_name(args, True))
+        data.load_weights(model.backbone, state, args.backbone_weights)
+    if args.weights:
+        data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # §2.2: SGD, momentum 0.9, weight decay 5e-4; the schedule per iteration (warm-up).
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    steps = max(1, len(train_loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it / (steps * args.epochs)))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+    config = {**vars(args), "arch": arch, "classes": list(classes),
+              "parameters": count_parameters(model), "map_size": list(model.map_size),
+              "ap_metric": "voc12-area" if args.voc12_ap else "voc07-11point",
+              "departures": DEPARTURES}
+    if is_main:
+        print(f"yolo.py: {arch} on {args.data} ({len(train_set)} train / {len(test_set)} test) at "
+              f"{args.img_size}, S={args.grid} B={args.boxes} C={len(classes)}, "
+              f"{config['parameters']:,} parameters, device {device}, {args.world} process(es)")
+        for d in DEPARTURES:
+            print(f"  departure from the paper: {d}")
+
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    start_epoch, history = 0, []
+    if args.resume:
+        start_epoch, history = data.resume_training_state(ckpt_path, arch, model, optimizer,
+                                                          scheduler, scaler)
+        if is_main:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch}")
+    net = model
+    if args.world > 1:  # BN statistics (--bn) stay per process: each rank normalises its share
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if args.compile:
+        net = torch.compile(net)
+
+    seen, t_train = 0, time.time()
+    if not args.eval_only:
+        progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
+                                    start_epoch=start_epoch, enabled=is_main)
+        for epoch in range(start_epoch, args.epochs):
+            # Every epoch's randomness (order, augmentation, dropout) is a function of
+            # (seed, rank, epoch) alone: a resumed run repeats an uninterrupted one exactly.
+            torch.manual_seed((args.seed + 1) * 1000003 + epoch * 101 + rank)
+            data.set_epoch(train_loader, epoch)
+            terms = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, args, device,
+                                    epoch, progress)
+            seen += len(train_loader) * args.batch_size
+            history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in terms.items()},
+                            "lr": optimizer.param_groups[0]["lr"]})
+            if is_main:
+                print(f"epoch {epoch + 1}/{args.epochs} " +
+                      " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
+                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
+                                         epoch, vars(args), history, classes=list(classes))
+            if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                return None
+
+    t_train = time.time() - t_train
+    test = evaluate(model, test_loader, args, device, len(classes))
+    test["train_images_per_s"] = seen / max(t_train, 1e-9)  # includes data loading
+    if is_main:
+        print(f"test mAP {100 * test['map']:.2f}% ({config['ap_metric']}), " + ", ".join(
+            f"{c} {100 * a:.1f}" for c, a in zip(classes, test["ap"]) if a == a))
+    results = metrics.write_results(
+        os.path.join(args.out, "results.json"), "yolo.py", args.data, test,
+        paper={**PAPER, "map": PAPER["fast_map" if args.variant == "fast" else "map"]},
+        config=config, device=str(device), seconds=time.time() - t0,
+        history=history) if is_main else None
+    if args.world > 1:
+        torch.distributed.destroy_process_group()
+    return results
+
+
+DEPARTURES = [
+    "w and h are predicted as their square roots (darknet's sqrt=1): the loss's sqrt(w_hat) of "
+    "a linear output that can be negative is undefined otherwise; boxes decode to w = output^2",
+    "one object per cell: when several centres fall in one cell the largest box is kept (the "
+    "paper does not say which)",
+    "lr warm-up 1e-3 -> 1e-2 over the first 5/135 of training, per iteration (the paper: 'the "
+    "first epochs'); the steps at 75/135 and 105/135 of --epochs",
+    "augmentation: v2.RandomAffine(translate 0.2, scale 0.8-1.2) + v2.ColorJitter(brightness and "
+    "saturation x 1/1.5..1.5) for the paper's HSV exposure/saturation; images resized to "
+    "img-size x img-size first; inputs normalised with ImageNet mean/std",
+    "Fast YOLO's layout is darknet's v1 yolo-tiny.cfg (9 convs 16..1024) with the two FCs of "
+    "the full net; the paper gives only '9 layers, fewer filters'",
+    "pretraining: cosine lr decay over --epochs at --pretrain-size (the paper: a week on "
+    "ImageNet, 88% top-5, no schedule given); --bn (not the default) is YOLOv2's batch norm",
+    "--quick (offline shapes-det): Fast YOLO at width 0.25 on 64 px with its last two stride-2 "
+    "steps dropped (--drop-strides 2: a 4 x 4 last map = S, as 448 px gives 7 x 7 in the paper), "
+    "S=4, batch norm, batch 32; the backbone first pretrained 30 epochs on shapes "
+    "classification at lr 2e-2 (cosine), then 15 detection epochs at lr 2e-3 without dropout; "
+    "§2.2's schedule shape and augmentation kept (from scratch the classes stay at chance)",
+    "--drop-strides N and --clip-grad are ours (both off by default; --clip-grad is off in "
+    "--quick too)",
+]
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, ValueError) as e:
+        sys.exit(f"yolo.py: error: {str(e).strip().splitlines()[-1]}")
