@@ -187,14 +187,6 @@ def lr_factor(epoch, steps=LR_STEPS):
     return 0.1 ** sum(epoch >= s for s in steps)
 
 
-def autocast(device, enabled):
-    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def to_size(x, size):
     """Bilinear upsampling of small (32x32) images to the size the stride-4 stem needs; larger
     images are centre-cropped to `size` (the single-crop test of a 256 image)."""
@@ -223,7 +215,7 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         x = to_size(x, args.img_size)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -261,7 +253,7 @@ def evaluate(model, loader, args, device, ten_crop=False):
     single, tens, targets = [], [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             single.append(predict(model, x, args.img_size, False, args.channels_last).cpu())
             if ten_crop:
                 tens.append(predict(model, x, args.img_size, True).cpu())
@@ -436,8 +428,7 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda e: lr_factor(e, args.lr_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}

@@ -986,6 +986,20 @@ def select_device(device=None, cuda=False):
     return device
 
 
+def autocast(device, enabled):
+    """`--amp`: bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
+    dtype = torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+def grad_scaler(device, amp):
+    """The loss scaler `--amp` needs: active only for fp16 (bf16 needs none)."""
+    return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"
+                                and not torch.cuda.is_bf16_supported())
+
+
 def init_distributed(device):
     """Join the torchrun process group when torchrun's variables are set (NCCL on GPU, gloo on
     CPU); returns (rank, world_size). A plain `python script.py` run stays single-process."""

@@ -343,13 +343,6 @@ def segmentation_sets(args):
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation
 
-def autocast(device, enabled):
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progress):
     net.train()
     total, n = 0.0, 0
@@ -357,7 +350,7 @@ def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progres
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             loss = fcn_loss(net(x).float(), y, args.normalize)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -382,7 +375,7 @@ def evaluate(model, loader, num_classes, args, device):
     base = torch.zeros_like(cm)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             pred = model(x).float().argmax(1)
         cm += metrics.confusion_matrix(pred, y, num_classes, ignore_index=255)
         base += metrics.confusion_matrix(torch.zeros_like(y), y, num_classes, ignore_index=255)
@@ -593,8 +586,7 @@ def main(argv=None):
     else:  # --quick from scratch: a plain 16-layer net trains in minutes only with Adam
         optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)  # fixed lr (§4.3)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
               "crop_offsets": model.offsets, "departures": DEPARTURES}
     if is_main:

@@ -297,14 +297,6 @@ def lr_factor(epoch, every=LR_EVERY, steps=None):
     return LR_GAMMA ** (epoch // every)
 
 
-def autocast(device, enabled):
-    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 # ---------------------------------------------------------------------------------------------
 # Data glue: ImageNet's transforms and the §7 test (the small sets come from data.py)
 
@@ -380,7 +372,7 @@ def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progres
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             loss = googlenet_loss(net(x), y, args.aux_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -405,7 +397,7 @@ def evaluate(model, loader, args, device, crops=1):
     model.eval()
     multi, single, targets = [], [], []
     for x, y in loader:
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             if isinstance(x, list):  # ImageNet: one image at a time
                 for im in x:
                     im = im.to(device)
@@ -576,8 +568,7 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per epoch
         optimizer, lambda e: lr_factor(e, args.lr_every, args.lr_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     ema = None
     if args.polyak:
         ema = torch.optim.swa_utils.AveragedModel(

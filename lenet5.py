@@ -158,21 +158,13 @@ def lr_factor(epoch):
     return [f for start, f in SCHEDULE if epoch >= start][-1]
 
 
-def autocast(device, enabled):
-    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progress):
     model.train()
     total, n = 0.0, 0
     for x, y in loader:
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -193,7 +185,7 @@ def evaluate(model, loader, args, device):
     model.eval()
     outputs, targets = [], []
     for x, y in loader:
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             outputs.append(model(x).float().cpu())
         targets.append(y.cpu())
     out, y = torch.cat(outputs), torch.cat(targets)
@@ -275,8 +267,7 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": mean, "std": std}, "departures": DEPARTURES}
     if is_main:

@@ -614,13 +614,6 @@ def lr_factor(epoch, steps=LR_STEPS):
     return 0.5 ** sum(epoch >= s for s in steps)
 
 
-def autocast(device, enabled):
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def jitter_batch(x, crop, scale_max):
     """§3.1 on in-memory device batches: the batch resized to S ~ U{crop..scale_max} (one S per
     batch), a random crop x crop window per image and a random mirror."""
@@ -721,7 +714,7 @@ def train_one_epoch(model, batches, optimizer, scaler, args, device, epoch, prog
     model.train()
     total, n = 0.0, 0
     for x, y, boxes in batches:
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             if phase == "classify":
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -773,7 +766,7 @@ def evaluate(model, loader, args, device):
     single, multi, targets = [], [], []
     for x, y in loader:
         x = [im.to(device) for im in x] if isinstance(x, list) else x.to(device)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             if isinstance(x, list):
                 crops = torch.stack([centre_crop(im, args.img_size, args.crop_scale) for im in x])
             else:
@@ -1099,8 +1092,7 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda e: lr_factor(e, args.lr_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}

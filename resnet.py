@@ -279,14 +279,6 @@ def schedule(recipe, steps_per_epoch, epochs=None):
     return total, [round(m * total / r["epochs"]) for m in r["milestones"]]
 
 
-def autocast(device, enabled):
-    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 # ---------------------------------------------------------------------------------------------
 # Data glue: ImageNet's transforms (the in-memory sets come from data.classification_loaders)
 
@@ -328,7 +320,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -367,7 +359,7 @@ def evaluate(model, loader, args, device, ten_crop=False):
     size = args.img_size or 10 ** 9  # small sets: the image as it is
     for x, y in loader:
         x = x.to(device, non_blocking=True)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             single.append(predict(model, x, size, False, args.channels_last).cpu())
             if ten_crop:
                 tens.append(predict(model, x, size, True).cpu())
@@ -511,8 +503,7 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, milestones, args.warmup_iters))  # per iteration
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     departures = DEPARTURES_IMAGENET if imagenet else DEPARTURES_CIFAR
     config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
               "recipe": recipe, "iterations": total_iters, "milestones": milestones,

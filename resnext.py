@@ -207,14 +207,6 @@ def schedule(recipe, epochs=None):
     return total, [round(m * total / r["epochs"]) for m in r["milestones"]]
 
 
-def autocast(device, enabled):
-    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 # ---------------------------------------------------------------------------------------------
 # Data glue: ImageNet's transforms (the in-memory sets come from data.classification_loaders)
 
@@ -249,7 +241,7 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -274,7 +266,7 @@ def evaluate(model, loader, args, device):
         x = x.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             probs.append(model(x).float().softmax(1).cpu())
         targets.append(y.cpu())
     y, out = torch.cat(targets), torch.cat(probs)
@@ -418,8 +410,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, milestones))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "parameters": count_parameters(model), "recipe": recipe,
               "epochs": epochs, "milestones": milestones,
               "normalisation": {"mean": info["mean"], "std": info["std"]},

@@ -457,13 +457,6 @@ def lr_factor(epoch, epochs):
     return 0.1 ** sum(epoch >= round(f * epochs) for f in LR_STEPS)
 
 
-def autocast(device, enabled):
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def train_one_epoch(net, model, loader, optimizer, scaler, args, device, epoch, progress):
     net.train()
     total, n = torch.zeros(3, dtype=torch.float64), 0
@@ -479,7 +472,7 @@ def train_one_epoch(net, model, loader, optimizer, scaler, args, device, epoch, 
         if args.world > 1:
             torch.distributed.all_reduce(n_pos)
             n_pos = n_pos / args.world
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             scores, locs = net(x)
         loss, (l_conf, l_loc) = multibox_loss(scores, locs, classes, offsets, n_pos)
         optimizer.zero_grad(set_to_none=True)
@@ -499,7 +492,7 @@ def train_one_epoch(net, model, loader, optimizer, scaler, args, device, epoch, 
 @torch.no_grad()
 def detect(model, x, sizes, args):
     """Detections of a batch in the original pixels: [{"boxes", "scores", "labels"}]."""
-    with autocast(x.device, args.amp):
+    with data.autocast(x.device, args.amp):
         scores, offsets = model(x)
     out = []
     for d, (h, w) in zip(postprocess(scores, offsets, model.anchors), sizes):
@@ -721,8 +714,7 @@ def main(argv=None):
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, args.epochs))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "parameters": sum(p.numel() for p in model.parameters()),
               "default_boxes": len(model.anchors), "maps": model.map_sizes,
               "scales": model.scales, "departures": DEPARTURES}

@@ -258,14 +258,6 @@ def make_scheduler(optimizer, args):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, args.lr_steps))
 
 
-def autocast(device, enabled):
-    """bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def list_collate(batch):
     """Whole test images of different sizes: a list of images and a label tensor."""
     return [im for im, _ in batch], torch.tensor([y for _, y in batch])
@@ -283,7 +275,7 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
             x = scale_jitter_batch(x, args.scale_min, args.scale_max, args.crop_size, colour)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -308,7 +300,7 @@ def evaluate(model, loader, args, device, dense=True):
     multi, single, targets = [], [], []
     for x, y in loader:
         x = [im.to(device) for im in x] if isinstance(x, list) else x.to(device)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             if dense:
                 multi.append(dense_evaluate(fc, x, args.test_scales, flip=True).cpu())
                 single.append(dense_evaluate(fc, x, [args.single_scale], flip=False).cpu())
@@ -475,8 +467,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}

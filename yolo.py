@@ -343,13 +343,6 @@ def lr_factor(progress, warmup=WARMUP, steps=(STEP1, STEP2)):
     return 1.0 if progress < steps[0] else (0.1 if progress < steps[1] else 0.01)
 
 
-def autocast(device, enabled):
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
-
-
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, epoch, progress):
     """One pass; the loss is the batch's sum / its size: under DDP the gradients are averaged
     over the ranks, which is the sum over the global batch / its size, as one process does."""
@@ -359,7 +352,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         x, target = x.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
+        with data.autocast(device, args.amp):
             out = model(x)
         terms = yolo_loss(out.float(), target, args.boxes, args.lambda_coord, args.lambda_noobj)
         if not torch.isfinite(terms["loss"]):  # stop rather than train on NaNs for hours
@@ -388,7 +381,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
 @torch.no_grad()
 def predict(model, x, args, device, sizes, conf_threshold):
     """(raw output, detections) of a batch; boxes mapped back to each original image's pixels."""
-    with autocast(device, args.amp):
+    with data.autocast(device, args.amp):
         out = model(x.to(device)).float()
     dets = decode(out, args.boxes, args.img_size, conf_threshold, args.nms_threshold, args.top_k)
     for d, (h, w) in zip(dets, sizes):
@@ -456,7 +449,7 @@ def pretrain(args, device, rank):
         net.train()
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
-            with autocast(device, args.amp):
+            with data.autocast(device, args.amp):
                 loss = F.cross_entropy(net(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -691,8 +684,7 @@ def main(argv=None):
     steps = max(1, len(train_loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it / (steps * args.epochs)))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
+    scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "classes": list(classes),
               "parameters": count_parameters(model), "map_size": list(model.map_size),
               "ap_metric": "voc12-area" if args.voc12_ap else "voc07-11point",

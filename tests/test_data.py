@@ -562,3 +562,13 @@ def test_torchvision_weights_offline_is_one_line_and_quiet(monkeypatch, capsys):
     assert "\n" not in msg and "VGG16_Weights.IMAGENET1K_V1" in msg and "name resolution" in msg
     assert os.path.basename(w.url) in msg and "checkpoints" in msg
     assert capsys.readouterr() == ("", "")  # nothing but the error itself
+
+
+def test_amp_helpers_bf16_on_cpu_and_no_scaler_for_bf16():
+    cpu = torch.device("cpu")
+    with data.autocast(cpu, True):
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
+    with data.autocast(cpu, False):
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
+    assert not data.grad_scaler(cpu, True).is_enabled()  # bf16 needs no loss scaling
