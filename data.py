@@ -26,6 +26,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import sys
 import xml.etree.ElementTree as ET
 
@@ -786,6 +787,7 @@ def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=
     of every epoch (call `set_epoch(loader, epoch)` at each epoch). `batch_size` is per process.
     `shard=False` gives every rank the whole set (an evaluation computed on each rank)."""
     rank, world = distributed_info() if shard else (0, 1)
+    workers = min(workers, os.cpu_count() or 1)  # more processes than cores only slow it down
     sampler = None
     if world > 1:
         sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=train,
@@ -1015,6 +1017,13 @@ def save_checkpoint(path, state):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def error_line(e):
+    """The one line a script prints for a DataError/ValueError: the message's last line, without
+    the "data.DataError: " a DataLoader worker's re-raised traceback puts in front of it."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    return re.sub(r"^[\w.]*(DataError|ValueError): ", "", line)
 
 
 def torchvision_weights(weights):

@@ -332,4 +332,4 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, ValueError) as e:
-        sys.exit(f"lenet5.py: error: {str(e).strip().splitlines()[-1]}")
+        sys.exit(f"lenet5.py: error: {data.error_line(e)}")

@@ -342,4 +342,4 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, ValueError) as e:
-        sys.exit(f"monster_finetune.py: error: {str(e).strip().splitlines()[-1]}")
+        sys.exit(f"monster_finetune.py: error: {data.error_line(e)}")

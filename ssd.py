@@ -801,4 +801,4 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, ValueError) as e:
-        sys.exit(f"ssd.py: error: {str(e).strip().splitlines()[-1]}")
+        sys.exit(f"ssd.py: error: {data.error_line(e)}")

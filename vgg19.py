@@ -555,4 +555,4 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, ValueError) as e:
-        sys.exit(f"vgg19.py: error: {str(e).strip().splitlines()[-1]}")
+        sys.exit(f"vgg19.py: error: {data.error_line(e)}")

@@ -774,4 +774,4 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, ValueError) as e:
-        sys.exit(f"yolo.py: error: {str(e).strip().splitlines()[-1]}")
+        sys.exit(f"yolo.py: error: {data.error_line(e)}")

@@ -572,3 +572,11 @@ def test_amp_helpers_bf16_on_cpu_and_no_scaler_for_bf16():
     with data.autocast(cpu, False):
         assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
     assert not data.grad_scaler(cpu, True).is_enabled()  # bf16 needs no loss scaling
+
+
+def test_error_line_is_the_message_without_a_worker_traceback():
+    worker = ValueError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback "
+                        "(most recent call last):\n  File \"x.py\", line 1\ndata.DataError: corrupt "
+                        "annotation a.xml (unclosed token); fetch the data set again")
+    assert data.error_line(worker) == "corrupt annotation a.xml (unclosed token); fetch the data set again"
+    assert data.error_line(data.DataError("plain message")) == "plain message"
