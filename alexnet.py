@@ -52,6 +52,11 @@ PAPER = {"reference": "Krizhevsky et al. 2012, NIPS, Tables 1-2", "data": "image
          "parameters": 60965224}
 EPOCHS = 90               # "roughly 90 cycles through the training set" (§5)
 LR_STEPS = (30, 60, 80)   # lr / 10 three times (§5), at fixed epochs: see DEPARTURES
+BATCH_SIZE, LR = 128, 0.01  # §5: "batch size of 128 examples", lr 0.01
+# --quick: the first 2,000 / 500 images, a quarter-width net on 64x64 upsampled inputs, and a
+# budget of steps (not the paper's epochs): at batch 128 and lr 0.01, 2,000 images give 15 steps
+# an epoch and the net has not left chance after 2 epochs; batch 32 gives 63.
+QUICK = {"width": 0.25, "img_size": 64, "epochs": 20, "batch_size": 32}
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # §3.3: n = 5, alpha = 1e-4, beta = 0.75, k = 2
 
 
@@ -325,21 +330,22 @@ def get_args_parser():
                    help="torchvision's/the lecture's layout or the paper's (default: torchvision)")
     p.add_argument("--width", type=float, default=None,
                    help="channel and FC-size multiplier, a CPU-test convenience (default: 1 = the "
-                   "paper; 0.25 with --quick)")
+                   "paper)")
     p.add_argument("--img-size", type=int, default=None,
                    help="network input size: 224 for ImageNet; small sets are upsampled on the "
-                   "device to this (default: 96, 64 with --quick)")
+                   "device to this (default: 96)")
     p.add_argument("--ten-crop", action=argparse.BooleanOptionalAction, default=None,
                    help="§4.1 ten-crop test (default: on for ImageNet, off otherwise)")
     p.add_argument("--init", default=None, choices=["variant", "kaiming"],
                    help="'variant': torchvision's default init or the paper's §5 init; 'kaiming': "
                    "He init (default: variant for ImageNet, kaiming for the small sets)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"passes over the training set (default: the paper's {EPOCHS}; 2 with --quick)")
+                   help=f"passes over the training set (default: the paper's {EPOCHS})")
     p.add_argument("--lr-steps", type=int, nargs="*", default=list(LR_STEPS),
                    help="epochs at which the lr is divided by 10 (default: 30 60 80)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
-    p.add_argument("--lr", type=float, default=0.01, help="base learning rate (default: 0.01)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch size (default: {BATCH_SIZE}, §5)")
+    p.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {LR}, §5)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §5)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
@@ -357,8 +363,7 @@ def get_args_parser():
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny subset, 2 epochs, width 0.25, 64x64: a smoke run on a CPU")
+    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     return p
 
@@ -367,15 +372,18 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
+    data.apply_quick(args, QUICK)
     if args.width is None:
-        args.width = 0.25 if args.quick else 1.0
+        args.width = 1.0
+    args.batch_size = args.batch_size or BATCH_SIZE
+    args.lr = args.lr or LR
     device = data.select_device(args.device, args.cuda)
     if args.classify:
         return classify(args, device)
     data.check_task(args.data, "classification")
     imagenet = args.data == "imagenet"
     if args.img_size is None:
-        args.img_size = 224 if imagenet else (64 if args.quick else 96)
+        args.img_size = 224 if imagenet else 96
     if args.ten_crop is None:
         args.ten_crop = imagenet
     if args.init is None:
@@ -384,7 +392,7 @@ def main(argv=None):
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)
     if args.epochs is None:
-        args.epochs = 2 if args.quick else EPOCHS
+        args.epochs = EPOCHS
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -429,7 +437,8 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda e: lr_factor(e, args.lr_steps))
     scaler = data.grad_scaler(device, args.amp)
-    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+    config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
+              "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}
     if is_main:

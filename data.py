@@ -23,6 +23,7 @@ This module imports only torch, torchvision, numpy and the standard library, and
 """
 import argparse
 import contextlib
+import gzip
 import io
 import math
 import os
@@ -290,17 +291,72 @@ def split_indices(n, val_fraction, seed=0):
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+# Folders where an operating system's packages install data sets: Debian's and Ubuntu's
+# `apt-get install dataset-fashion-mnist` puts the four idx .gz files in the first. Looked in after
+# --data-dir and before any download; the files are read where they are (nothing is copied).
+SYSTEM_DATA_DIRS = {"fashion-mnist": ("/usr/share/datasets/fashion-mnist",),
+                    "mnist": ("/usr/share/datasets/mnist",)}
+IDX_FILES = {True: ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             False: ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def read_idx(path):
+    """An idx file (MNIST's format, plain or .gz) as a uint8 numpy array; DataError names a
+    damaged file (bad magic, wrong length, truncated gzip)."""
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile and zlib errors are OSErrors
+        raise DataError(f"cannot read {path} ({e}); the file is damaged: reinstall or fetch it again")
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if len(raw) < 4 or raw[:3] != b"\0\0\x08" or not 1 <= ndim <= 3:
+        raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic number); the "
+                        f"file is damaged: reinstall or fetch it again")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != math.prod(dims):
+        raise DataError(f"{path} holds {len(body)} bytes of data where its header announces "
+                        f"{math.prod(dims)} {dims}; the file is truncated: reinstall or fetch it again")
+    return np.frombuffer(body, np.uint8).reshape(dims).copy()
+
+
+def system_dataset_dir(name, train):
+    """The first of SYSTEM_DATA_DIRS[name] that holds the split's idx .gz files, else None."""
+    for folder in SYSTEM_DATA_DIRS.get(name, ()):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in IDX_FILES[train]):
+            return folder
+    return None
+
+
+class _IdxSet:
+    """The split of an MNIST-format set read from a folder of idx .gz files, with the
+    attributes classification_arrays reads from torchvision's data sets."""
+
+    def __init__(self, folder, train, classes):
+        images, labels = (read_idx(os.path.join(folder, f)) for f in IDX_FILES[train])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{folder}: {IDX_FILES[train][0]} has shape {images.shape} and "
+                            f"{IDX_FILES[train][1]} {labels.shape}; they do not match: the files "
+                            f"are damaged, reinstall them")
+        self.data, self.targets, self.classes, self.root = images, labels, classes, folder
+
+
 def _torchvision_classification(name, train, root, download):
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     try:
         return cls(root, train=train, download=False)
     except RuntimeError:
-        pass  # not there yet (or corrupt): download if allowed
+        pass  # not there yet (or corrupt): a system-installed copy, else download if allowed
+    system = system_dataset_dir(name, train)
+    if system:
+        return _IdxSet(system, train, tuple(cls.classes))
     if name in ("mnist", "fashion-mnist"):
         where = os.path.join(root, cls.__name__, "raw")
         files = ", ".join(f for f, _ in cls.resources)
         how = f"put {files} in {where}"
+        if name == "fashion-mnist":
+            how += " (or, on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
     else:
         where = os.path.join(root, cls.filename)
         how = f"put {cls.filename} at {where}"
@@ -950,6 +1006,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def apply_quick(args, quick):
+    """With --quick, every flag named in the script's QUICK dict that the user did not set takes
+    its QUICK value (the first 2,000 / 500 images of the set and a step budget large enough to
+    learn them); without --quick nothing changes."""
+    if getattr(args, "quick", False):
+        for name, value in quick.items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, list(value) if isinstance(value, (list, tuple)) else value)
+
+
+def quick_help(quick, what="a run on the first 2,000 training / 500 test images"):
+    """The --quick help text, generated from the QUICK dict so that help and behaviour agree."""
+    flags = ", ".join(f"--{k.replace('_', '-')} "
+                      f"{' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                      for k, v in quick.items())
+    return f"{what} with {flags} (each unless given): minutes on a CPU"
 
 
 def check_positive(args, *names):

@@ -62,6 +62,12 @@ LR_GAMMA, LR_EVERY = 0.96, 8      # §6: "decreasing the learning rate by 4% eve
 TEST_SCALES = (256, 288, 320, 352)  # §7: shorter side of the four scales
 EPOCHS = {"googlenet": 90, "nin": 300}
 NIN_LR_STEPS = (150, 225)         # NIN §4.1: lr / 10 twice, ending at 1 % of the initial value
+NIN_INIT_STD, NIN_LAST_LR = 0.05, 0.1
+# --quick: the first 2,000 / 500 images, quarter-width nets and a budget of steps. NIN at the
+# released init sits near ln 10 for its first ~150 steps (the signal leaves the 9 layers at ~1 %
+# of its input's scale), then learns: 40 epochs at batch 64 give it 1,240 steps.
+QUICK = {"width": 0.25, "epochs": 6, "batch_size": 64}
+QUICK_NIN = {"width": 0.25, "epochs": 40, "batch_size": 64, "lr": 0.05, "lr_steps": [30, 36]}  # the authors' released CIFAR-10 model (Caffe model zoo)
 
 GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux_logits2", "aux_logits1"])
 
@@ -181,12 +187,19 @@ class GoogLeNet(nn.Module):
         self.dropout = nn.Dropout(0.4 if paper else 0.2)  # Table 1 / §5: 40 %; torchvision 20 %
         self.fc = nn.Linear(c, num_classes)
         self.out_channels = c
+        # torchvision initialises every conv with trunc_normal(std=0.01), but it never trained
+        # this net from scratch (its weights are ported). Under BN the tiny weights take ~30x
+        # relative gradient steps on conv1, inflate within a few steps, and the running BN
+        # statistics go stale: on a fixed batch the training-mode loss fell to 0.19 while the
+        # eval-mode loss stayed at chance. He init (fan-out), as torchvision's ResNets, does not.
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 if paper:  # Glorot init, as BVLC's Caffe reproduction ("xavier", biases 0.2/0)
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.constant_(m.bias, 0.2 if isinstance(m, nn.Conv2d) else 0.0)
-                else:      # torchvision's init_weights=True
+                elif isinstance(m, nn.Conv2d):  # He (fan-out) under BN: see below
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                else:      # torchvision's init_weights=True for the classifiers
                     nn.init.trunc_normal_(m.weight, mean=0.0, std=0.01, a=-2, b=2)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -226,12 +239,11 @@ class NIN(nn.Module):
 
     def __init__(self, num_classes=10, in_channels=3, width=1.0):
         super().__init__()
-        w = lambda c: _scale(c, width)  # noqa: E731
-        spec = [("conv1", in_channels, w(192), 5), ("cccp1", w(192), w(160), 1),
-                ("cccp2", w(160), w(96), 1), "pool1", ("conv2", w(96), w(192), 5),
-                ("cccp3", w(192), w(192), 1), ("cccp4", w(192), w(192), 1), "pool2",
-                ("conv3", w(192), w(192), 3), ("cccp5", w(192), w(192), 1),
-                ("cccp6", w(192), num_classes, 1)]
+        # (name, input channels, output channels, kernel) of the released model; None = the
+        # image's channels, 0 = one map per class.
+        spec = [("conv1", None, 192, 5), ("cccp1", 192, 160, 1), ("cccp2", 160, 96, 1), "pool1",
+                ("conv2", 96, 192, 5), ("cccp3", 192, 192, 1), ("cccp4", 192, 192, 1), "pool2",
+                ("conv3", 192, 192, 3), ("cccp5", 192, 192, 1), ("cccp6", 192, 0, 1)]
         layers = []
         for s in spec:
             if s == "pool1":
@@ -240,12 +252,33 @@ class NIN(nn.Module):
                 layers += [("pool2", nn.AvgPool2d(3, 2, ceil_mode=True)), ("drop2", nn.Dropout(0.5))]
             else:
                 name, cin, cout, k = s
-                layers += [(name, nn.Conv2d(cin, cout, k, padding=k // 2)),
-                           (f"relu_{name}", nn.ReLU(inplace=True))]
+                conv = nn.Conv2d(in_channels if cin is None else _scale(cin, width),
+                                 _scale(cout, width) if cout else num_classes, k, padding=k // 2)
+                # The authors' released CIFAR-10 model: weights N(0, 0.05), biases 0. PyTorch's
+                # default init instead shrinks the signal ~10^4-fold over the 9 layers, the
+                # biases dominate and the output hardly depends on the input. Narrower or
+                # grey-image nets scale the std by sqrt(released fan-in / fan-in), so that each
+                # layer scales its input as the released one does.
+                fan_in = conv.weight[0].numel()
+                nn.init.normal_(conv.weight, 0.0,
+                                NIN_INIT_STD * ((cin or 3) * k * k / fan_in) ** 0.5)
+                nn.init.zeros_(conv.bias)
+                layers += [(name, conv), (f"relu_{name}", nn.ReLU(inplace=True))]
         self.features = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x):
         return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)  # §3.2: global avg pool
+
+    def param_groups(self, lr, weight_decay):
+        """The release's per-layer rates: biases at 2x the lr without weight decay, the last 1x1
+        (cccp6, one map per class) at 0.1x (its biases 0.2x)."""
+        groups = []
+        for name, m in self.features.named_children():
+            if isinstance(m, nn.Conv2d):
+                f = NIN_LAST_LR if name == "cccp6" else 1.0
+                groups += [{"params": [m.weight], "lr": lr * f, "weight_decay": weight_decay},
+                           {"params": [m.bias], "lr": 2 * lr * f, "weight_decay": 0.0}]
+        return groups
 
 
 def googlenet(num_classes=1000, aux_logits=True, variant="torchvision", in_channels=3,
@@ -491,8 +524,8 @@ def get_args_parser():
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny subset, 2 epochs, width 0.25: a smoke run on a CPU")
+    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK) +
+                   "; --variant nin: " + data.quick_help(QUICK_NIN, "the same images"))
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     return p
 
@@ -507,8 +540,9 @@ def resolve_defaults(args):
                              "--variant nin")
     args.no_aux = args.no_aux or nin
     args.out = args.out or f"runs/{'nin' if nin else 'googlenet'}"
-    args.width = args.width or (0.25 if args.quick else 1.0)
-    args.epochs = args.epochs or (2 if args.quick else EPOCHS["nin" if nin else "googlenet"])
+    data.apply_quick(args, QUICK_NIN if nin else QUICK)
+    args.width = args.width or 1.0
+    args.epochs = args.epochs or EPOCHS["nin" if nin else "googlenet"]
     args.batch_size = args.batch_size or (128 if nin else 256)
     args.lr = args.lr or (0.01 if args.variant == "paper" else 0.1)
     args.weight_decay = 1e-4 if nin and args.weight_decay is None else args.weight_decay
@@ -564,7 +598,8 @@ def main(argv=None):
         data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+    params = model.param_groups(args.lr, args.weight_decay) if nin else model.parameters()
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per epoch
         optimizer, lambda e: lr_factor(e, args.lr_every, args.lr_steps))
@@ -575,7 +610,8 @@ def main(argv=None):
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.polyak),
             use_buffers=True)
     departures = DEPARTURES_NIN if nin else DEPARTURES
-    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+    config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
+              "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": departures}
     if is_main:
@@ -649,6 +685,9 @@ DEPARTURES = [
     "pytorch/vision#906), a 2x2/2 last max-pool, adaptive 4x4 aux pooling, main dropout 0.2 (the "
     "paper: 40 %); --variant paper follows Table 1 (with Glorot init, which the paper does not "
     "state)",
+    "--variant torchvision from scratch: He (fan-out) init of the convolutions instead of "
+    "torchvision's trunc_normal(0.01), under which BN's running statistics go stale (eval-mode "
+    "loss at chance while the training loss falls); torchvision's layout is unchanged",
     "lr schedule of §6 (x 0.96 every 8 epochs) for 90 epochs (the paper gives no length) from lr "
     "0.1 (0.01 for --variant paper), weight decay 2e-4 (BVLC's Caffe solver; the paper states "
     "none), batch 256 (not stated; the paper used asynchronous SGD on a CPU cluster)",
@@ -666,8 +705,10 @@ DEPARTURES_NIN = [
     "lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at epochs 150 and 225 of 300 "
     "(fixed steps; NIN §4.1 lowers the lr when the training accuracy stops improving, twice; the "
     "decay is that of public reproductions, the paper states none)",
-    "PyTorch's default init (the paper does not give one); ReLU kept after the last 1x1 conv "
-    "before global average pooling, as the authors' Caffe model",
+    "init and per-layer rates of the authors' released Caffe model (the paper gives none): "
+    "N(0, 0.05) weights (std rescaled by sqrt(fan-in ratio) at --width < 1 or on grey images), "
+    "zero biases at 2x the lr without weight decay, cccp6 at 0.1x the lr; ReLU kept after the "
+    "last 1x1 conv before global average pooling, as there",
     "augmentation: data.py's 4-pixel pad-and-crop + flip (the paper's 8.81 % used translation and "
     "flipping; its 10.41 % none); per-channel normalisation instead of global contrast "
     "normalisation and ZCA whitening",

@@ -39,6 +39,8 @@ import metrics
 PAPER = {"reference": "LeCun et al. 1998, Proc. IEEE, §III.C", "data": "mnist",
          "test_error": 0.0095, "test_error_with_distortions": 0.008}
 EPOCHS = 20
+# --quick: the first 2,000 / 500 images and the paper's 20 passes over them (~600 steps).
+QUICK = {"epochs": 20}
 SCHEDULE = [(0, 1.0), (2, 0.4), (5, 0.2), (8, 0.1), (12, 0.02)]  # (first epoch, lr factor)
 
 # C1 -> C3 connections, Table I of the paper: row = S2 map, column = C3 map.
@@ -208,7 +210,7 @@ def get_args_parser():
     p.add_argument("--variant", default="lecture", choices=["lecture", "1998"],
                    help="the lecture's LeNet-5 or the paper's 1998 network (default: lecture)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"passes over the training set (default: the paper's {EPOCHS}; 2 with --quick)")
+                   help=f"passes over the training set (default: the paper's {EPOCHS})")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate (default: 0.05)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
@@ -227,8 +229,7 @@ def get_args_parser():
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny subset and 2 epochs: a smoke run of seconds on a CPU")
+    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     return p
 
@@ -246,8 +247,9 @@ def main(argv=None):
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)
+    data.apply_quick(args, QUICK)
     if args.epochs is None:
-        args.epochs = 2 if args.quick else EPOCHS
+        args.epochs = EPOCHS
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -268,7 +270,8 @@ def main(argv=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = data.grad_scaler(device, args.amp)
-    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+    config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
+              "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": mean, "std": std}, "departures": DEPARTURES}
     if is_main:
         print(f"lenet5.py: {arch} on {args.data} ({n_train} train / {n_val} val / "

@@ -39,6 +39,8 @@ import metrics
 
 EPOCHS, BATCH_SIZE, LR = 100, 64, 1e-2        # nb_epochs, batch_size, optim.SGD(lr=1e-2)
 NB_RESIDUAL_BLOCKS, NB_CHANNELS = 16, 64
+# --quick: the first 2,000 / 500 images, a smaller net and 10 epochs (310 steps at batch 64).
+QUICK = {"blocks": 4, "channels": 16, "epochs": 10}
 PAPER = {"reference": "EE-559 lecture, fine-tuning example (Monster)", "data": "cifar10",
          "test_error": None, "note": "the lecture gives no figure"}
 
@@ -188,8 +190,8 @@ def get_args_parser():
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
     p.add_argument("--weights", default=None, help="a monster_finetune.py checkpoint to start from")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny subset, 2 epochs, 4 blocks of 16 channels: a smoke run on a CPU")
+    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK) +
+                   "; without --pretrained or --alexnet-weights, the first layer from scratch")
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many epochs as if killed (to test --resume)")
@@ -217,9 +219,8 @@ def run(args):
     kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick, size=32)
     x, y, classes = data.classification_arrays(args.data, "train", **kw)
     x_test, y_test, _ = data.classification_arrays(args.data, "test", **kw)
-    if x.shape[1] != 3:
-        raise data.DataError(f"{args.data} has {x.shape[1]} channel(s); AlexNet's first layer "
-                             f"takes RGB images (use cifar10, cifar100 or shapes)")
+    if x.shape[1] == 1:  # grey images (MNIST, Fashion-MNIST) replicated to AlexNet's 3 channels
+        x, x_test = x.expand(-1, 3, -1, -1).contiguous(), x_test.expand(-1, 3, -1, -1).contiguous()
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     train_loader = data.DeviceLoader(x, y, args.batch_size // args.world, True, device, mean, std,
                                      seed=args.seed)
@@ -242,7 +243,8 @@ def run(args):
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     source = ("torchvision's ImageNet AlexNet" if args.pretrained else args.alexnet_weights
               if args.alexnet_weights else "random init (--scratch)")
-    config = {**vars(args), "parameters": count_parameters(model), "alexnet_layer": source,
+    config = {**vars(args), "sizes": {"train": len(y), "val": 0, "test": len(y_test)},
+              "parameters": count_parameters(model), "alexnet_layer": source,
               "feature_map_size": model.feature_map_size, "departures": DEPARTURES}
     if is_main:
         print(f"monster_finetune.py: {args.blocks} blocks x {args.channels} channels on "
@@ -298,12 +300,15 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     data.check_task(args.data, "classification")
-    if args.data in ("mnist", "fashion-mnist", "imagenet"):
-        raise data.DataError(f"{args.data}: the lecture's network takes 32x32 RGB images (AlexNet's "
-                             f"first layer has 3 input channels); use cifar10, cifar100 or shapes")
-    args.blocks = args.blocks or (4 if args.quick else NB_RESIDUAL_BLOCKS)
-    args.channels = args.channels or (16 if args.quick else NB_CHANNELS)
-    args.epochs = args.epochs or (2 if args.quick else EPOCHS)
+    if args.data == "imagenet":
+        raise data.DataError("imagenet: the lecture's network takes small images held in memory; "
+                             "use cifar10, cifar100, mnist, fashion-mnist or shapes")
+    data.apply_quick(args, QUICK)
+    args.blocks = args.blocks or NB_RESIDUAL_BLOCKS
+    args.channels = args.channels or NB_CHANNELS
+    args.epochs = args.epochs or EPOCHS
+    if args.quick and not (args.pretrained or args.alexnet_weights or args.weights):
+        args.scratch = True  # a smoke run needs no download; said in the first printed line
     if args.frozen_epochs is None:  # nb_epochs_frozen_features = nb_epochs // 2; nothing to
         args.frozen_epochs = 0 if args.scratch else args.epochs // 2  # keep from a random layer
     if args.pretrained and args.alexnet_weights:
@@ -335,7 +340,10 @@ DEPARTURES = [
     "expects (the lecture feeds [0, 1] images)",
     "no AlexNet download at import: the layer comes from --pretrained or --alexnet-weights, and "
     "without either the script stops unless --scratch asks for a random first layer",
-    "with --quick: 4 blocks of 16 channels on a small subset (CPU smoke runs only)",
+    "with --quick: 4 blocks of 16 channels on a small subset (CPU smoke runs only); without "
+    "--pretrained or --alexnet-weights it trains the first layer from scratch",
+    "grey images (MNIST, Fashion-MNIST) are replicated to 3 channels for the AlexNet layer; "
+    "28x28 inputs give a 6x6 final map where 32x32 give 7x7",
 ]
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ SMALL_INPUT = {"fast": 103, "accurate": 113, "alexnet": 63}
 SCALES = [245, 281, 317, 389, 425, 461]   # Table 5: the smaller side of the 6 test scales
 EPOCHS = 90               # not stated in the paper: after the last lr step (80) + 10
 LR_STEPS = (30, 50, 60, 70, 80)           # §3.1: lr x 0.5 after each
+BATCH_SIZE = 128                          # §3.1: "mini-batches of size 128"
+# --quick: the first 2,000 / 500 images, an eighth-width net and a budget of steps: batch 32 gives
+# 63 steps an epoch where the paper's 128 gives 15.
+QUICK = {"width": 0.125, "epochs": 8, "batch_size": 32, "loc_epochs": 6}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -865,9 +869,9 @@ def get_args_parser():
     p.add_argument("--init", default=None, choices=["paper", "kaiming"],
                    help="N(0, 1e-2) (§3.1) or He init (default: paper on ImageNet, else kaiming)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"classification epochs (default: {EPOCHS}; 8 with --quick)")
+                   help=f"classification epochs (default: {EPOCHS})")
     p.add_argument("--loc-epochs", type=int, default=None,
-                   help="regression epochs after them on shapes-det (default: 10; 6 with --quick)")
+                   help="regression epochs after them on shapes-det (default: 10)")
     p.add_argument("--task", default=None,
                    choices=["classification", "localisation", "detection"],
                    help="default: classification on classification sets, localisation (§4) on "
@@ -893,7 +897,8 @@ def get_args_parser():
                    help="§4.3: stop merging when the best match score exceeds this (default 0.5)")
     p.add_argument("--lr-steps", type=int, nargs="*", default=list(LR_STEPS),
                    help="epochs after which the lr is halved (default: 30 50 60 70 80)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch size (default: {BATCH_SIZE}, §3.1)")
     p.add_argument("--lr", type=float, default=None,
                    help="base learning rate (default: 5e-2, §3.1; 1e-2 on the small sets)")
     p.add_argument("--momentum", type=float, default=None,
@@ -912,8 +917,7 @@ def get_args_parser():
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny subset, 8 epochs, width 0.125: a smoke run on a CPU")
+    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many epochs as if killed, without testing (to test "
@@ -924,10 +928,11 @@ def get_args_parser():
 def resolve_defaults(args):
     imagenet = args.data == "imagenet"
     big = args.data in ("imagenet", "voc")  # the paper's input sizes
-    args.width = args.width or (0.125 if args.quick else 1.0)
-    if args.epochs is None:
-        args.epochs = 8 if args.quick else EPOCHS
-    args.loc_epochs = args.loc_epochs if args.loc_epochs is not None else (6 if args.quick else 10)
+    data.apply_quick(args, QUICK)
+    args.width = args.width or 1.0
+    args.epochs = args.epochs or EPOCHS
+    args.batch_size = args.batch_size or BATCH_SIZE
+    args.loc_epochs = args.loc_epochs if args.loc_epochs is not None else 10
     args.img_size = args.img_size or (INPUT if big else SMALL_INPUT)[args.variant]
     args.init = args.init or ("paper" if imagenet else "kaiming")
     # §3.1's lr 5e-2 diverges with He init on the small sets; momentum 0.6 barely moves them
@@ -1093,7 +1098,8 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda e: lr_factor(e, args.lr_steps))
     scaler = data.grad_scaler(device, args.amp)
-    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+    config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
+              "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}
     if is_main:

@@ -57,6 +57,9 @@ IMAGENET_ERROR = {18: (0.2788, None), 34: (0.2452, 0.0746), 50: (0.2285, 0.0671)
 CIFAR_DEPTHS = tuple(CIFAR_ERROR)
 IMAGENET_DEPTHS = tuple(IMAGENET_ERROR)
 # §4.2: "lr 0.1, divided by 10 at 32k and 48k iterations, terminate training at 64k"
+# --quick: the first 2,000 / 500 images and a budget of steps (batch 64: 31 steps an epoch), the
+# §4.2 schedule's milestones kept at the same fractions of it.
+QUICK = {"epochs": 15, "batch_size": 64}
 CIFAR_RECIPE = dict(iterations=64000, milestones=(32000, 48000), batch_size=128, lr=0.1,
                     weight_decay=1e-4, warmup=400)
 # §3.4: batch 256, lr 0.1, wd 1e-4; ÷10 every 30 epochs of 90 as torchvision's reference
@@ -402,8 +405,7 @@ def get_args_parser():
                    help="10-crop test (default: on for ImageNet, as Table 3; off otherwise)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training length in passes; the lr milestones keep their fractions "
-                   "(default: the paper's 64k iterations on small sets, 90 epochs on ImageNet; "
-                   "2 with --quick)")
+                   "(default: the paper's 64k iterations on small sets, 90 epochs on ImageNet)")
     p.add_argument("--warmup-iters", type=int, default=None,
                    help="iterations at lr/10 before the schedule (default: 400 for ResNet-110 "
                    "and -1202 on small sets, §4.2; else 0)")
@@ -426,8 +428,7 @@ def get_args_parser():
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny subset and 2 epochs: a smoke run on a CPU")
+    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many epochs as if killed, without testing (the "
@@ -448,6 +449,7 @@ def main(argv=None):
     imagenet = args.data == "imagenet"
     recipe = "imagenet" if imagenet else "cifar"  # the recipe follows the data, the net the depth
     args.out = args.out or f"runs/resnet{args.depth}"
+    data.apply_quick(args, QUICK)
     args.batch_size = args.batch_size or (256 if imagenet else 128)
     if args.img_size is not None and args.data not in ("imagenet", "shapes"):
         raise data.DataError(f"--img-size applies to imagenet and shapes; {args.data} is used at "
@@ -462,8 +464,6 @@ def main(argv=None):
     if args.warmup_iters is None:
         args.warmup_iters = CIFAR_RECIPE["warmup"] if recipe == "cifar" and args.depth >= 110 \
             else 0
-    if args.epochs is None and args.quick:
-        args.epochs = 2
     if args.trainval and imagenet:
         raise data.DataError("--trainval: ImageNet has no held-out split here (val is the test "
                              "set); drop the flag")
@@ -505,7 +505,8 @@ def main(argv=None):
         optimizer, lambda it: lr_factor(it, milestones, args.warmup_iters))  # per iteration
     scaler = data.grad_scaler(device, args.amp)
     departures = DEPARTURES_IMAGENET if imagenet else DEPARTURES_CIFAR
-    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+    config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
+              "arch": arch, "parameters": count_parameters(model),
               "recipe": recipe, "iterations": total_iters, "milestones": milestones,
               "steps_per_epoch": steps_per_epoch, "normalisation": {"mean": info["mean"],
                                                                      "std": info["std"]},

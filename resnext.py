@@ -56,6 +56,9 @@ CIFAR_PARAMS = {(8, 64): 34.4e6, (16, 64): 68.1e6}
 IMAGENET_ERROR = {(50, 32, 4): (0.222, None), (101, 32, 4): (0.212, None),
                   (101, 64, 4): (0.204, 0.053)}
 IMAGENET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+# --quick on the small sets: the first 2,000 / 500 images, a thin net of the family (ResNeXt-11
+# 2x4d, base 16) and a budget of steps: batch 64 gives 31 steps an epoch.
+QUICK = {"depth": 11, "cardinality": 2, "width": 4, "base": 16, "epochs": 15, "batch_size": 64}
 CIFAR_RECIPE = dict(epochs=300, milestones=(150, 225), batch_size=128, lr=0.1, weight_decay=5e-4)
 IMAGENET_RECIPE = dict(epochs=100, milestones=(30, 60, 90), batch_size=256, lr=0.1,
                        weight_decay=1e-4)
@@ -328,9 +331,8 @@ def get_args_parser():
                    help="channels-last memory format (default: on; PyTorch's channels-first CPU "
                    "kernels for grouped convolutions are far slower: bench/bench_classifiers.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny subset, 2 epochs, and on small sets ResNeXt-11 2x4d with base 16: "
-                   "a smoke run on a CPU")
+    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK) +
+                   "; on ImageNet the subset and 2 epochs")
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many epochs as if killed, without testing (the "
@@ -340,17 +342,16 @@ def get_args_parser():
 
 def resolve_defaults(args):
     small = args.data not in (None, "imagenet")
+    if small and (args.depth is None or is_cifar_depth(args.depth)):
+        data.apply_quick(args, QUICK)
     if args.depth is None:
-        args.depth = 11 if args.quick and small else 29
+        args.depth = 29
     if not (is_cifar_depth(args.depth) or args.depth in IMAGENET_LAYERS):
         raise data.DataError(f"unknown ResNeXt depth {args.depth}; use 9n+2 (CIFAR, the paper's "
                              f"29) or one of {tuple(IMAGENET_LAYERS)} (ImageNet)")
     cifar_net = is_cifar_depth(args.depth)
     args.data = args.data or ("cifar10" if cifar_net else "imagenet")
     imagenet = args.data == "imagenet"
-    if args.quick and cifar_net and not imagenet:  # smoke runs: a thin net of the family
-        args.cardinality, args.width = args.cardinality or 2, args.width or 4
-        args.base = args.base or 16
     args.base = args.base or 64
     args.cardinality = args.cardinality or (8 if cifar_net else 32)
     args.width = args.width or (64 if cifar_net else 4)
@@ -411,7 +412,8 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, milestones))
     scaler = data.grad_scaler(device, args.amp)
-    config = {**vars(args), "parameters": count_parameters(model), "recipe": recipe,
+    config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
+              "parameters": count_parameters(model), "recipe": recipe,
               "epochs": epochs, "milestones": milestones,
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}

@@ -52,6 +52,10 @@ TORCHVISION_PARAMETERS = 143_667_240
 CFG_E = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
          512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]      # Table 1, column E
 EPOCHS = 74               # §3.1: "stopped after 370K iterations (74 epochs)"
+BATCH_SIZE, LR = 256, 0.01  # §3.1: "batch size was set to 256 ... learning rate ... 10^-2"
+# --quick: the first 2,000 / 500 images, an eighth-width net, and a budget of steps: batch 32
+# gives 63 steps an epoch where the paper's 256 gives 8.
+QUICK = {"width": 0.125, "epochs": 20, "batch_size": 32}
 LR_STEPS = (30, 50, 65)   # fixed-step fallback for ImageNet (no held-out val): see DEPARTURES
 POOL = 7                  # 224 / 2^5: the size of the last feature map, fc6's window
 
@@ -88,7 +92,7 @@ class VGG(nn.Module):
             nn.Linear(c_in * POOL * POOL, h), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(h, h), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(h, num_classes))
-        init_weights(self, "kaiming")
+        init_weights(self, "kaiming", width)
 
     def forward(self, x):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
@@ -99,11 +103,14 @@ def vgg19(num_classes=1000, batch_norm=False, in_channels=3, width=1.0):
     return VGG(num_classes, batch_norm, in_channels, width)
 
 
-def init_weights(model, scheme="kaiming"):
+def init_weights(model, scheme="kaiming", width=1.0):
     """§3.1 initialised E from the trained net A; its footnote notes that Glorot & Bengio's init
     works without pre-training. 'glorot': uniform Xavier, zero biases. 'kaiming' (default):
     torchvision's (He normal, fan_out, for conv; N(0, 0.01) for FC; zero biases), which lets the
-    19 layers train from scratch without the A stage."""
+    19 layers train from scratch without the A stage. At --width w < 1 every FC layer has w times
+    the fan-in, so its std becomes 0.01 / sqrt(w): each FC layer then scales its input as at full
+    width. With the fixed 0.01 the narrow net's FC output shrank ~1/w**1.5 and its relative conv
+    gradients were ~10x smaller than at full width (measured at w = 0.125), too small to learn."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if scheme == "glorot":
@@ -111,7 +118,7 @@ def init_weights(model, scheme="kaiming"):
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             else:
-                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.normal_(m.weight, 0, 0.01 / width ** 0.5)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
@@ -343,7 +350,7 @@ def get_args_parser():
                    help="BatchNorm after every conv (torchvision's vgg19_bn; not in the paper)")
     p.add_argument("--width", type=float, default=None,
                    help="channel and FC-size multiplier, a CPU-test convenience (default: 1 = the "
-                   "paper; 0.125 with --quick)")
+                   "paper)")
     p.add_argument("--init", default="kaiming", choices=["kaiming", "glorot"],
                    help="weight init (default: kaiming, torchvision's; glorot: the paper's note)")
     p.add_argument("--scale-min", type=int, default=None,
@@ -355,7 +362,7 @@ def get_args_parser():
     p.add_argument("--test-scales", type=int, nargs="+", default=None,
                    help="dense-test scales Q (default: S_min, (S_min+S_max)/2, S_max: 256 384 512)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"passes over the training set (default: the paper's {EPOCHS}; 2 with --quick)")
+                   help=f"passes over the training set (default: the paper's {EPOCHS})")
     p.add_argument("--lr-schedule", default=None, choices=["plateau", "steps"],
                    help="lr / 10 on a val-error plateau or at --lr-steps (default: plateau where "
                    "there is a val split, steps on ImageNet)")
@@ -363,8 +370,9 @@ def get_args_parser():
                    help="epochs without val improvement before lr / 10 (default: 3)")
     p.add_argument("--lr-steps", type=int, nargs="*", default=list(LR_STEPS),
                    help="epochs at which the lr is divided by 10 with --lr-schedule steps")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size (default: 256)")
-    p.add_argument("--lr", type=float, default=0.01, help="base learning rate (default: 0.01)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch size (default: {BATCH_SIZE}, §3.1)")
+    p.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {LR}, §3.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §3.1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
@@ -380,18 +388,18 @@ def get_args_parser():
     p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny subset, 2 epochs, width 0.125: a smoke run on a CPU")
+    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     return p
 
 
 def resolve_defaults(args):
     imagenet = args.data == "imagenet"
-    if args.width is None:
-        args.width = 0.125 if args.quick else 1.0
-    if args.epochs is None:
-        args.epochs = 2 if args.quick else EPOCHS
+    data.apply_quick(args, QUICK)
+    args.width = args.width or 1.0
+    args.epochs = args.epochs or EPOCHS
+    args.batch_size = args.batch_size or BATCH_SIZE
+    args.lr = args.lr or LR
     args.scale_min = args.scale_min or (256 if imagenet else 32)
     args.scale_max = args.scale_max or (512 if imagenet else 48)
     args.crop_size = args.crop_size or (224 if imagenet else 32)
@@ -454,7 +462,7 @@ def main(argv=None):
     n_train, n_val, n_test = info["sizes"]
 
     model = vgg19(len(classes), args.bn, info["in_channels"], args.width)
-    init_weights(model, args.init)
+    init_weights(model, args.init, args.width)
     model.to(device)
     arch = arch_name(args)
     if args.pretrained:
@@ -468,7 +476,8 @@ def main(argv=None):
                                 weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args)
     scaler = data.grad_scaler(device, args.amp)
-    config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
+    config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
+              "arch": arch, "parameters": count_parameters(model),
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}
     if is_main:

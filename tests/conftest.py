@@ -12,6 +12,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def no_system_datasets(monkeypatch):
+    """Every test sees a machine without Debian's dataset packages (as a fresh clone in CI may
+    be); tests of that lookup put their own folder in data.SYSTEM_DATA_DIRS."""
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
+
+
 def write_idx(path, array):
     """MNIST's idx format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian dims, raw bytes."""
     array = np.asarray(array, dtype=np.uint8)
@@ -99,3 +106,69 @@ def write_voc(root, year="2007", image_set="test", images=None, seg=False):
 def voc_images():
     return {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 1)]),
             "000002": (50, 40, [("car", 1, 1, 50, 40, 0)])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Health checks of a freshly initialised classifier (the defects a synthetic set cannot show)
+
+def output_spread(model, x):
+    """How much a model's eval-mode output depends on its input: the spread of the logits across
+    the batch over their mean magnitude. ~0 when every image gets the same output (NIN at
+    PyTorch's default init: 1e-3; at the released init: 0.2)."""
+    import torch
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    return float(out.std(0).mean() / (out.abs().mean() + 1e-12))
+
+
+def fit_fixed_batch(model, x, y, steps, lr, params=None, momentum=0.9):
+    """`steps` SGD steps on one fixed batch in training mode; returns the loss at the first step,
+    the training-mode loss after the last and the eval-mode loss on the same batch. Stale BN
+    statistics show as an eval-mode loss far above the training-mode one (GoogLeNet at
+    torchvision's tiny init: 142 against 0.5)."""
+    import torch
+    import torch.nn.functional as F
+
+    def main_logits(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    opt = torch.optim.SGD(model.parameters() if params is None else params, lr=lr,
+                          momentum=momentum)
+    model.train()
+    for i in range(steps):
+        loss = F.cross_entropy(main_logits(model(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = loss.item() if i == 0 else first
+    with torch.no_grad():
+        train = F.cross_entropy(main_logits(model(x)), y).item()
+        model.eval()
+        evaluation = F.cross_entropy(model(x), y).item()
+    return first, train, evaluation
+
+
+def shapes_batch(n=16, size=32, channels=3, seed=0):
+    """A fixed batch of n shapes images (float, normalised per channel) and their labels."""
+    import torch
+    ds = data.ShapesDataset("shapes", "train", size=size, seed=seed, quick=True)
+    x = torch.stack([ds.render(i)[0] for i in range(n)]).float().div(255)
+    y = torch.tensor([ds.render(i)[4] for i in range(n)])
+    if channels == 1:
+        x = x.mean(1, keepdim=True)
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    return x, y
+
+
+def assert_learns_in_eval_mode(model, x, y, steps, lr, factor, params=None, gap=0.3):
+    """At init the output depends on the input, and after `steps` SGD steps on one fixed batch
+    the eval-mode loss has fallen below `factor` x the first loss and follows the training-mode
+    loss (within `gap`)."""
+    spread = output_spread(model, x)
+    assert spread > 0.05, f"at init the output hardly depends on the input (spread {spread:.4f})"
+    first, train, evaluation = fit_fixed_batch(model, x, y, steps, lr, params)
+    assert evaluation < factor * first, (first, train, evaluation)
+    assert evaluation < train + gap, f"eval-mode loss {evaluation:.3f} does not follow the " \
+                                     f"training-mode loss {train:.3f}"
+    return first, train, evaluation

@@ -232,3 +232,15 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
                                                                rel=0.02)
     assert double["metrics"]["test_error"] == pytest.approx(single["metrics"]["test_error"],
                                                             abs=0.05)
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "paper"])
+def test_at_init_output_depends_on_input_and_eval_mode_learns(variant):
+    # The small-set init (He, last layer N(0, 0.01)), quarter width, 16 shapes images at 64x64,
+    # 60 steps at the paper's lr 0.01. (At §5's N(0, 0.01) the output spread is 0.0.)
+    from conftest import assert_learns_in_eval_mode, shapes_batch
+    x, y = shapes_batch(16, 64)
+    torch.manual_seed(0)
+    model = alexnet.alexnet(6, variant, 3, 0.25)
+    alexnet.kaiming_init(model)
+    assert_learns_in_eval_mode(model, x, y, 60, 0.01, 0.6)

@@ -580,3 +580,41 @@ def test_error_line_is_the_message_without_a_worker_traceback():
                         "annotation a.xml (unclosed token); fetch the data set again")
     assert data.error_line(worker) == "corrupt annotation a.xml (unclosed token); fetch the data set again"
     assert data.error_line(data.DataError("plain message")) == "plain message"
+
+
+def test_system_installed_fashion_mnist_is_read_in_place_and_damage_is_named(tmp_path, monkeypatch):
+    import gzip
+    import shutil
+    # A Debian-style package folder with the four .gz idx files, and an empty --data-dir.
+    system = tmp_path / "usr-share-datasets-fashion-mnist"
+    write_mnist(tmp_path / "plain", n_train=24, n_test=6, folder="F")
+    system.mkdir()
+    for f in os.listdir(tmp_path / "plain" / "F" / "raw"):
+        with open(tmp_path / "plain" / "F" / "raw" / f, "rb") as src, \
+                gzip.open(system / (f + ".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", (str(tmp_path / "absent"), str(system)))
+    empty = tmp_path / "data"
+    x, y, classes = data.classification_arrays("fashion-mnist", "trainval", empty, download=False)
+    assert x.shape == (24, 1, 28, 28) and classes[0] == "T-shirt/top" and not empty.exists()
+    xt, _, _ = data.classification_arrays("fashion-mnist", "test", empty, download=False)
+    assert len(xt) == 6
+    # --data-dir wins over the system copy when it holds the set.
+    write_mnist(empty, n_train=12, n_test=3, folder="FashionMNIST")
+    assert len(data.classification_arrays("fashion-mnist", "trainval", empty, download=False)[1]) == 12
+    # Damaged system files: truncated gzip, wrong magic, body shorter than the header says.
+    images = system / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(images.read_bytes())
+    for damaged, message in ((images.read_bytes()[:40], "cannot read"),
+                             (gzip.compress(b"\x00\x00\x0d\x03" + raw[4:]), "bad magic number"),
+                             (gzip.compress(raw[:-100]), "truncated")):
+        images.write_bytes(damaged)
+        with pytest.raises(data.DataError, match=message) as e:
+            data.classification_arrays("fashion-mnist", "train", tmp_path / "data2", download=False)
+        assert str(images) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_fashion_mnist_names_the_debian_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", (str(tmp_path / "absent"),))
+    with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
+        data.classification_arrays("fashion-mnist", "train", tmp_path, download=False)

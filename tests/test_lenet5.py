@@ -113,3 +113,13 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
                                                                rel=1e-4)
     assert double["metrics"]["test_error"] == pytest.approx(single["metrics"]["test_error"],
                                                             abs=2 / 500)
+
+
+@pytest.mark.parametrize("variant,lr", [("lecture", 0.05), ("1998", 0.01)])
+def test_at_init_output_depends_on_input_and_eval_mode_learns(variant, lr):
+    # 40 steps on 16 grey shapes images at the default lr (lecture) / 0.01 (1998: tanh, learns
+    # faster): measured (first, train, eval) losses (1.78, 0.77, 0.77) and (1.86, 0.01, 0.01).
+    from conftest import assert_learns_in_eval_mode, shapes_batch
+    x, y = shapes_batch(16, 32, channels=1)
+    torch.manual_seed(0)
+    assert_learns_in_eval_mode(lenet5.lenet5(variant, 6, 1, 32), x, y, 40, lr, 0.6)

@@ -121,8 +121,8 @@ def test_compare_runs_the_three_recipes(tmp_path):
 def test_bad_input_is_a_one_line_error(tmp_path):
     bad = tmp_path / "resnet.pt"
     torch.save({"arch": "resnet20", "model": {"conv1.weight": torch.zeros(16, 3, 3, 3)}}, bad)
-    for argv, message in ((["--data", "shapes", "--quick"], "no trained AlexNet given"),
-                          (["--data", "mnist", "--scratch"], "takes 32x32 RGB images"),
+    for argv, message in ((["--data", "shapes", "--epochs", "1"], "no trained AlexNet given"),
+                          (["--data", "imagenet", "--scratch"], "takes small images"),
                           (["--data", "shapes", "--quick", "--alexnet-weights", str(bad)],
                            "hold no AlexNet first layer"),
                           (["--data", "voc"], "'voc' is a detection data set")):
@@ -131,3 +131,10 @@ def test_bad_input_is_a_one_line_error(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode != 0
         assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+
+
+def test_at_init_output_depends_on_input_and_eval_mode_learns():
+    from conftest import assert_learns_in_eval_mode, shapes_batch
+    x, y = shapes_batch(16, 32)
+    torch.manual_seed(0)
+    assert_learns_in_eval_mode(mf.Monster(4, 16, 6, 64, 32), x, y, 40, 0.01, 0.6)

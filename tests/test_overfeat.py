@@ -562,3 +562,12 @@ def test_detection_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_vo
     assert a["history"] == b["history"] and len(a["history"]) == 3
     assert a["model"]["regressor.4.weight"].shape[0] == 4 * 20  # one box per VOC class
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_at_init_output_depends_on_input_and_eval_mode_learns():
+    from conftest import assert_learns_in_eval_mode, shapes_batch
+    x, y = shapes_batch(16, overfeat.SMALL_INPUT["fast"])
+    torch.manual_seed(0)
+    model = overfeat.overfeat("fast", 6, 3, 0.125, overfeat.SMALL_INPUT["fast"])
+    overfeat.init_weights(model, "kaiming")
+    assert_learns_in_eval_mode(model, x, y, 40, 0.01, 0.6)

@@ -193,3 +193,10 @@ def test_two_gloo_processes_agree_with_one_process(tmp_path):
     assert double["config"]["steps_per_epoch"] == single["config"]["steps_per_epoch"]
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
                                                                rel=0.03)
+
+
+def test_at_init_output_depends_on_input_and_eval_mode_learns():
+    from conftest import assert_learns_in_eval_mode, shapes_batch
+    x, y = shapes_batch(16, 32)
+    torch.manual_seed(0)
+    assert_learns_in_eval_mode(resnet.resnet(20, 6, 3), x, y, 40, 0.01, 0.5)
