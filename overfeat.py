@@ -930,7 +930,7 @@ def resolve_defaults(args):
     big = args.data in ("imagenet", "voc")  # the paper's input sizes
     data.apply_quick(args, QUICK)
     args.width = args.width or 1.0
-    args.epochs = args.epochs or EPOCHS
+    args.epochs = EPOCHS if args.epochs is None else args.epochs  # 0: regression only
     args.batch_size = args.batch_size or BATCH_SIZE
     args.loc_epochs = args.loc_epochs if args.loc_epochs is not None else 10
     args.img_size = args.img_size or (INPUT if big else SMALL_INPUT)[args.variant]

@@ -57,8 +57,9 @@ IMAGENET_ERROR = {(50, 32, 4): (0.222, None), (101, 32, 4): (0.212, None),
                   (101, 64, 4): (0.204, 0.053)}
 IMAGENET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 # --quick on the small sets: the first 2,000 / 500 images, a thin net of the family (ResNeXt-11
-# 2x4d, base 16) and a budget of steps: batch 64 gives 31 steps an epoch.
-QUICK = {"depth": 11, "cardinality": 2, "width": 4, "base": 16, "epochs": 15, "batch_size": 64}
+# 2x4d, base 16) and a budget of steps: batch 32 gives 63 steps an epoch (batch 64: 27.6 % test
+# error on Fashion-MNIST after 15 epochs).
+QUICK = {"depth": 11, "cardinality": 2, "width": 4, "base": 16, "epochs": 15, "batch_size": 32}
 CIFAR_RECIPE = dict(epochs=300, milestones=(150, 225), batch_size=128, lr=0.1, weight_decay=5e-4)
 IMAGENET_RECIPE = dict(epochs=100, milestones=(30, 60, 90), batch_size=256, lr=0.1,
                        weight_decay=1e-4)

@@ -54,8 +54,10 @@ def test_learning_rate_schedule_has_the_papers_shape():
 
 
 def run(tmp_path, name, *extra):
+    # 2 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
+    # not --quick's
     out = str(tmp_path / name)
-    return lenet5.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+    return lenet5.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
                         "--log-every", "1000", *extra]), out
 
 

@@ -60,8 +60,10 @@ def test_first_layer_from_torchvision_and_alexnet_py_checkpoints(tmp_path):
 
 
 def run(tmp_path, name, *extra):
+    # 2 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
+    # not --quick's
     out = str(tmp_path / name)
-    return mf.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+    return mf.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
                     "--log-every", "100000", *extra]), out
 
 

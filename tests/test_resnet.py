@@ -118,8 +118,10 @@ def test_iteration_schedule_of_section_4_2():
 
 
 def run(tmp_path, name, *extra):
+    # 2 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
+    # not --quick's
     out = str(tmp_path / name)
-    return resnet.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+    return resnet.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
                         "--log-every", "100000", *extra]), out
 
 
@@ -145,9 +147,10 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # 3 epochs of 15 iterations; the lr drops at iterations 22 and 34, inside epochs 2 and 3,
     # so the resumed run must restore the per-iteration scheduler exactly.
-    full, out_full = run(tmp_path, "full", "--depth", "8", "--epochs", "3")
-    run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--stop-after", "1")  # "killed"
-    resumed, out_cut = run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--resume")
+    b = ["--batch-size", "128"]  # 15 iterations an epoch
+    full, out_full = run(tmp_path, "full", "--depth", "8", "--epochs", "3", *b)
+    run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--stop-after", "1", *b)  # "killed"
+    resumed, out_cut = run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--resume", *b)
     assert full["config"]["milestones"] == [22, 34]
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]

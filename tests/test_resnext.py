@@ -141,8 +141,10 @@ def test_schedules():
 
 
 def run(tmp_path, name, *extra):
+    # 2 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
+    # not --quick's
     out = str(tmp_path / name)
-    return resnext.main(["--data", "shapes", "--quick", "--device", "cpu", "--out", out,
+    return resnext.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
                          "--log-every", "100000", *extra]), out
 
 
