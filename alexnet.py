@@ -56,7 +56,7 @@ BATCH_SIZE, LR = 128, 0.01  # §5: "batch size of 128 examples", lr 0.01
 # --quick: the first 2,000 / 500 images, a quarter-width net on 64x64 upsampled inputs, and a
 # budget of steps (not the paper's epochs): at batch 128 and lr 0.01, 2,000 images give 15 steps
 # an epoch and the net has not left chance after 2 epochs; batch 32 gives 63.
-QUICK = {"width": 0.25, "img_size": 64, "epochs": 20, "batch_size": 32}
+QUICK = {"width": 0.25, "img_size": 64, "epochs": 30, "batch_size": 32}
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # §3.3: n = 5, alpha = 1e-4, beta = 0.75, k = 2
 
 

@@ -56,10 +56,10 @@ CIFAR_PARAMS = {(8, 64): 34.4e6, (16, 64): 68.1e6}
 IMAGENET_ERROR = {(50, 32, 4): (0.222, None), (101, 32, 4): (0.212, None),
                   (101, 64, 4): (0.204, 0.053)}
 IMAGENET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-# --quick on the small sets: the first 2,000 / 500 images, a thin net of the family (ResNeXt-11
-# 2x4d, base 16) and a budget of steps: batch 32 gives 63 steps an epoch (batch 64: 27.6 % test
-# error on Fashion-MNIST after 15 epochs).
-QUICK = {"depth": 11, "cardinality": 2, "width": 4, "base": 16, "epochs": 15, "batch_size": 32}
+# --quick on the small sets: the first 2,000 / 500 images, a thin net of the family (ResNeXt-20
+# 2x4d, base 16) and a budget of steps (batch 64: 31 steps an epoch). On Fashion-MNIST ResNeXt-11
+# ended at 27.6 % (batch 64) and 28.2 % (batch 32) test error, ResNeXt-20 at 25.4 %.
+QUICK = {"depth": 20, "cardinality": 2, "width": 4, "base": 16, "epochs": 15, "batch_size": 64}
 CIFAR_RECIPE = dict(epochs=300, milestones=(150, 225), batch_size=128, lr=0.1, weight_decay=5e-4)
 IMAGENET_RECIPE = dict(epochs=100, milestones=(30, 60, 90), batch_size=256, lr=0.1,
                        weight_decay=1e-4)
@@ -289,7 +289,7 @@ def get_args_parser():
     p = data.ArgumentParser(description="ResNeXt (Xie et al. 2016): ResNeXt-29 on CIFAR "
                                 "(§5.3) and ResNeXt-50/101/152 on ImageNet (torchvision-compatible).")
     p.add_argument("--depth", type=int, default=None,
-                   help="CIFAR 9n+2 (the paper's 29) or ImageNet 50, 101, 152 (default: 29; 11 "
+                   help="CIFAR 9n+2 (the paper's 29) or ImageNet 50, 101, 152 (default: 29; 20 "
                    "with --quick)")
     p.add_argument("--cardinality", type=int, default=None,
                    help="C, the number of paths (default: 8 for CIFAR, 32 for ImageNet)")

@@ -55,7 +55,7 @@ EPOCHS = 74               # §3.1: "stopped after 370K iterations (74 epochs)"
 BATCH_SIZE, LR = 256, 0.01  # §3.1: "batch size was set to 256 ... learning rate ... 10^-2"
 # --quick: the first 2,000 / 500 images, an eighth-width net, and a budget of steps: batch 32
 # gives 63 steps an epoch where the paper's 256 gives 8.
-QUICK = {"width": 0.125, "epochs": 20, "batch_size": 32}
+QUICK = {"width": 0.125, "epochs": 30, "batch_size": 32}
 LR_STEPS = (30, 50, 65)   # fixed-step fallback for ImageNet (no held-out val): see DEPARTURES
 POOL = 7                  # 224 / 2^5: the size of the last feature map, fc6's window
 

@@ -152,10 +152,10 @@ def test_classify_prints_fifteen_named_lines(tmp_path):
 
 
 def run(tmp_path, name, *extra):
-    # 2 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
-    # not --quick's
+    # the tests' own budget (2 epochs, batch 128) unless extra says otherwise (the last flag
+    # wins), not --quick's
     out = str(tmp_path / name)
-    return alexnet.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
+    return alexnet.main(["--data", "shapes", "--quick", "--batch-size", "128", "--epochs", "2", "--device", "cpu", "--out", out,
                          "--log-every", "1000", *extra]), out
 
 

@@ -276,10 +276,10 @@ def test_overfit_one_batch():
 
 
 def run(tmp_path, name, *extra):
-    # 8 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
-    # not --quick's
+    # the tests' own budget (8 epochs, batch 128) unless extra says otherwise (the last flag
+    # wins), not --quick's
     out = str(tmp_path / name)
-    return overfeat.main(["--data", "shapes", "--quick", "--epochs", "8", "--device", "cpu", "--out", out,
+    return overfeat.main(["--data", "shapes", "--quick", "--batch-size", "128", "--epochs", "8", "--device", "cpu", "--out", out,
                           "--log-every", "100000", *extra]), out
 
 

@@ -118,10 +118,10 @@ def test_iteration_schedule_of_section_4_2():
 
 
 def run(tmp_path, name, *extra):
-    # 2 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
-    # not --quick's
+    # the tests' own budget (2 epochs, batch 128) unless extra says otherwise (the last flag
+    # wins), not --quick's
     out = str(tmp_path / name)
-    return resnet.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
+    return resnet.main(["--data", "shapes", "--quick", "--batch-size", "128", "--epochs", "2", "--device", "cpu", "--out", out,
                         "--log-every", "100000", *extra]), out
 
 
@@ -187,7 +187,8 @@ def test_two_gloo_processes_agree_with_one_process(tmp_path):
     single, _ = run(tmp_path, "one", "--depth", "8", "--epochs", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "resnet.py", "--depth", "8", "--data", "shapes", "--quick", "--device", "cpu",
-           "--epochs", "1", "--out", str(tmp_path / "two"), "--log-every", "100000"]
+           "--epochs", "1", "--batch-size", "128", "--out", str(tmp_path / "two"),
+           "--log-every", "100000"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with open(tmp_path / "two" / "results.json") as f:

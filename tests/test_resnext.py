@@ -141,10 +141,10 @@ def test_schedules():
 
 
 def run(tmp_path, name, *extra):
-    # 2 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
-    # not --quick's
+    # the tests' own budget (2 epochs, batch 128) unless extra says otherwise (the last flag
+    # wins), not --quick's
     out = str(tmp_path / name)
-    return resnext.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
+    return resnext.main(["--data", "shapes", "--quick", "--batch-size", "128", "--epochs", "2", "--depth", "11", "--device", "cpu", "--out", out,
                          "--log-every", "100000", *extra]), out
 
 
@@ -183,7 +183,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
     for argv, message in ((["--depth", "30"], "unknown ResNeXt depth 30"),
                           (["--data", "voc"], "'voc' is a detection data set"),
                           (["--data", "shapes", "--quick", "--weights", str(other)],
-                           "is of 'resnet20', not 'resnext11_2x4d_base16'"),
+                           "is of 'resnet20', not 'resnext20_2x4d_base16'"),
                           (["--depth", "29", "--pretrained", "--data", "shapes"],
                            "torchvision has no ResNeXt-29 8x64d weights")):
         with pytest.raises(data.DataError, match=message):
@@ -199,7 +199,7 @@ def test_two_gloo_processes_agree_with_one_process(tmp_path):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
     single, _ = run(tmp_path, "one", "--epochs", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "resnext.py", "--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1",
+           "resnext.py", "--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--depth", "11", "--batch-size", "128",
            "--out", str(tmp_path / "two"), "--log-every", "100000"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -189,10 +189,10 @@ def test_lr_schedule_and_defaults():
 
 
 def run(tmp_path, name, *extra):
-    # 2 epochs unless extra says otherwise (the last --epochs wins): the tests' own budget,
-    # not --quick's
+    # the tests' own budget (2 epochs, batch 256) unless extra says otherwise (the last flag
+    # wins), not --quick's
     out = str(tmp_path / name)
-    return vgg19.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
+    return vgg19.main(["--data", "shapes", "--quick", "--batch-size", "256", "--epochs", "2", "--device", "cpu", "--out", out,
                        "--log-every", "100000", *extra]), out
 
 
