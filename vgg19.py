@@ -550,7 +550,8 @@ def main(argv=None):
 DEPARTURES = [
     "initialisation: the paper initialised E from the trained shallower net A (§3.1); we train "
     "from scratch with torchvision's He (Kaiming) init (--init kaiming) or Glorot's (--init "
-    "glorot), which the paper notes works without pre-training",
+    "glorot), which the paper notes works without pre-training; without BN at --width w < 1 "
+    "the FC layers' N(0, 0.01) becomes N(0, 0.01 / sqrt(w)) so that each keeps its full-width gain",
     "lr schedule: ReduceLROnPlateau (factor 0.1, --patience 3, at most 3 times) on the held-out "
     "val error for sets with a val split; on ImageNet (whose official val set is our test set) "
     "fixed steps at epochs 30, 50, 65 of 74",

@@ -41,6 +41,7 @@ from torchvision import transforms
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import lenet5  # noqa: E402
+import metrics  # noqa: E402
 import resnet  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -169,14 +170,14 @@ def probe(name, loader, cl, bf16):
 @torch.no_grad()
 def accuracy(model, loader, cl, bf16):
     model.eval()
-    correct = n = 0
+    outputs, targets = [], []
     for x, y in loader:
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            correct += (model(x).argmax(1) == y).sum().item()
-        n += len(y)
-    return correct / n
+            outputs.append(model(x).float())
+        targets.append(y)
+    return metrics.accuracy(torch.cat(outputs), torch.cat(targets))
 
 
 def run_arm(name, arm, loaders, cl, bf16, target, max_epochs):
