@@ -397,13 +397,15 @@ def main(argv=None):
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
 
-    # Data. ImageNet: data.classification_transforms (256 resize, random 224 crop, flip, PCA
-    # colour); the test loader keeps the 256x256 centre so that both tests can be cut from it.
+    # Data. ImageNet: data.classification_transforms (§2: short side 256, the central 256x256
+    # patch; random 224 crops of it, flips, PCA colour); the test loader keeps the 256x256
+    # centre so that both tests can be cut from it.
     # In-memory sets: the whole set on the device, pad-4 crops and flips, upsampled on the fly.
     train_loader, val_loader, test_loader, info = data.classification_loaders(
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
         args.quick, args.seed, augment=True, workers=args.workers,
-        eval_batch_size=100 if imagenet else 250, size=args.img_size if imagenet else None)
+        eval_batch_size=100 if imagenet else 250, size=args.img_size if imagenet else None,
+        square=True)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
     colour = None
     if imagenet and args.ten_crop:
@@ -430,10 +432,12 @@ def main(argv=None):
         data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # §5: v <- 0.9 v - 0.0005 eps w - eps grad, the same for every layer (PyTorch's SGD puts the
-    # lr outside the momentum buffer; with a constant lr between steps the two are equal).
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    # §5: v <- 0.9 v - 0.0005 eps w - eps grad for every weight (PyTorch's SGD puts the lr
+    # outside the momentum buffer; with a constant lr between steps the two are equal); the
+    # biases as the released nets train them: 2x the lr, no weight decay (cuda-convnet's epsB
+    # and no bias cost; Caffe's bvlc_alexnet lr_mult 2, decay_mult 0).
+    optimizer = torch.optim.SGD(data.caffe_param_groups(model, args.lr, args.weight_decay),
+                                lr=args.lr, momentum=args.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda e: lr_factor(e, args.lr_steps))
     scaler = data.grad_scaler(device, args.amp)

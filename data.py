@@ -446,19 +446,23 @@ class PCAColour(v2.Transform):
                                           self.eigvec, alpha), like=inpt)
 
 
-def classification_transforms(name, train, mean, std, size=None):
+def classification_transforms(name, train, mean, std, size=None, square=False):
     """The per-sample (PIL/tensor) pipeline for a classification set.
 
     Small images: random crop with padding (3 for 28x28 digits, as in the lecture; 4 for 32x32
     CIFAR and shapes), plus a horizontal flip except for digits, whose mirror image is another
-    glyph. ImageNet: AlexNet's recipe, resize the short side to 256, random 224 crop, flip, PCA
-    colour; evaluation: the centre 224 crop (see `ten_crop` for the paper's ten-crop test).
+    glyph. ImageNet: resize the short side to 256, random 224 crop, flip, PCA colour; with
+    `square`, AlexNet's §2 first cuts the central 256x256 patch and crops inside it (without, the
+    crops range over the whole short-side-256 image); evaluation: the centre 224 crop (see
+    `ten_crop` for the paper's ten-crop test).
     """
     to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if name == "imagenet":
         size = size or 224
         if train:
-            return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.RandomCrop(size),
+            square_crop = [v2.CenterCrop(256)] if square else []
+            return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), *square_crop,
+                               v2.RandomCrop(size),
                                v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                                PCAColour(), v2.Normalize(mean, std)])
         return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(size),
@@ -735,9 +739,10 @@ def cityscapes_files(root, split):
 
 
 def detection_dataset(name, split, data_dir=None, download=True, transforms=None, quick=False,
-                      size=64, seed=0):
-    """`voc`: "train" = VOC2007 trainval + VOC2012 trainval (difficult objects dropped), "test" =
-    VOC2007 test (difficult kept, for evaluation). `shapes-det`: the synthetic set."""
+                      size=64, seed=0, train_difficult=False):
+    """`voc`: "train" = VOC2007 trainval + VOC2012 trainval (difficult objects dropped unless
+    `train_difficult`, as SSD's release trains on them), "test" = VOC2007 test (difficult kept,
+    flagged, for evaluation). `shapes-det`: the synthetic set."""
     check_task(name, "detection")
     if name == "shapes-det":
         return ShapesDataset("shapes-det", split, size=size, seed=seed, transforms=transforms,
@@ -747,8 +752,8 @@ def detection_dataset(name, split, data_dir=None, download=True, transforms=None
     if split == "test":
         ds = VOCDetectionSet(root, "2007", "test", download, transforms, keep_difficult=True)
     else:
-        parts = [VOCDetectionSet(root, y, "trainval", download, transforms, keep_difficult=False)
-                 for y in ("2007", "2012")]
+        parts = [VOCDetectionSet(root, y, "trainval", download, transforms,
+                                 keep_difficult=train_difficult) for y in ("2007", "2012")]
         ds = ConcatDataset(parts)
         ds.classes = VOC_CLASSES
     if quick:
@@ -952,20 +957,21 @@ class DeviceLoader:
 
 def classification_loaders(name, batch_size, device="cpu", data_dir=None, download=True,
                            quick=False, seed=0, augment=True, workers=2, eval_batch_size=500,
-                           train_split="train", size=None):
+                           train_split="train", size=None, square=False):
     """(train, val, test) loaders and an info dict for a classification set.
 
     In-memory sets (MNIST, CIFAR, shapes) get `DeviceLoader`s normalised with the statistics of
     their own training images; ImageNet gets DataLoaders with `classification_transforms` (val is
     None: the official validation set is the test set). `batch_size` is per process; evaluation
-    loaders are not sharded, so every rank computes the same figures.
+    loaders are not sharded, so every rank computes the same figures. `augment`: True for
+    `augment_for(name)`, False, or a script's own {"padding", "flip"} (in-memory sets only).
     info = {"classes", "mean", "std", "in_channels", "image_size", "sizes": (train, val, test)}."""
     check_task(name, "classification")
     if name == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         train_set = classification_dataset(name, "train", data_dir, download, quick=quick,
                                            transform=classification_transforms(name, augment, mean,
-                                                                               std, size))
+                                                                               std, size, square))
         test_set = classification_dataset(name, "test", data_dir, download, quick=quick,
                                           transform=classification_transforms(name, False, mean,
                                                                               std, size))
@@ -981,8 +987,9 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
     x_val, y_val, _ = classification_arrays(name, "val", **kw)
     x_test, y_test, _ = classification_arrays(name, "test", **kw)
     mean, std = channel_stats(x)
-    train = DeviceLoader(x, y, batch_size, True, device, mean, std,
-                         augment_for(name) if augment else None, seed=seed)
+    if augment is True:
+        augment = augment_for(name)
+    train = DeviceLoader(x, y, batch_size, True, device, mean, std, augment or None, seed=seed)
     val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std, shard=False)
     test = DeviceLoader(x_test, y_test, eval_batch_size, False, device, mean, std, shard=False)
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": x.shape[1],
@@ -1060,6 +1067,18 @@ def select_device(device=None, cuda=False):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def caffe_param_groups(model, lr, weight_decay, bias_lr_mult=2.0):
+    """The Caffe references' per-parameter rates (AlexNet's and GoogLeNet's `lr_mult: 2,
+    decay_mult: 0` on every bias): the biases at `bias_lr_mult` x the lr without weight decay,
+    every other trained parameter at the lr with `weight_decay`. The weights' group comes first
+    (its lr is the one progress lines print)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if not n.endswith("bias")], "lr": lr,
+             "weight_decay": weight_decay},
+            {"params": [p for n, p in named if n.endswith("bias")], "lr": bias_lr_mult * lr,
+             "weight_decay": 0.0}]
 
 
 def autocast(device, enabled):

@@ -5,9 +5,9 @@ arXiv:1411.4038).
     python fcn.py --data voc-seg --pretrained --cuda              # FCN-8s from VGG-16, at once
     python fcn.py --data voc-seg --arch 32s --pretrained --out runs/fcn32s        # staged: 32s,
     python fcn.py --data voc-seg --arch 16s --init-from runs/fcn32s/checkpoint.pt \\
-        --lr 1e-12 --out runs/fcn16s                                               # then 16s,
+        --out runs/fcn16s                                           # then 16s at lr 1e-12,
     python fcn.py --data voc-seg --arch 8s --init-from runs/fcn16s/checkpoint.pt \\
-        --lr 1e-14 --out runs/fcn8s                                                # then 8s
+        --out runs/fcn8s                                            # then 8s at lr 1e-14
     python fcn.py --data cityscapes --pretrained                  # 19 classes, same code
     python fcn.py --data shapes-seg --quick                       # offline, 1-3 min on a CPU
     python fcn.py --segment image.jpg --weights runs/fcn8s/checkpoint.pt --out seg/
@@ -61,6 +61,15 @@ PAD = 100                      # conv1_1 padding of the reference nets: fc6's 7x
 ITERATIONS = 100_000           # the reference solve.py: 25 x 4,000 steps of batch 1
 CAFFE_OFFSETS = {"32s": {"score": 19}, "16s": {"score_pool4": 5, "score": 27},
                  "8s": {"score_pool4": 5, "score_pool3": 9, "score": 31}}
+# §4.2's staged training divides the lr by 100 at each stage: the reference solvers' 1e-10,
+# 1e-12 and 1e-14 for FCN-32s, -16s and -8s (the default with --init-from; 1e-10 otherwise).
+STAGED_LR = {"32s": 1e-10, "16s": 1e-12, "8s": 1e-14}
+# Caffe's VGG-16 sees 0-255 pixels minus the mean, torchvision's (x / 255 - mean) / std: the
+# same function when conv1_1's weights are 255 std larger here, per input channel, but then SGD
+# moves conv1_1 (255 std)^2 ~ 3,300x less on the same loss. Its gradient is scaled by that
+# factor in the paper's SGD recipe, so lr 1e-10 takes the reference's steps on every layer
+# (tests/test_fcn.py checks the two nets step for step).
+CAFFE_CONV1_GRAD_SCALE = tuple((255 * s) ** 2 for s in data.IMAGENET_STD)
 QUICK = {"width": 0.125, "epochs": 4, "batch_size": 16, "lr": 1e-3, "momentum": 0.9,
          "optimizer": "adam", "weight_decay": 0.0}
 
@@ -266,6 +275,15 @@ def load_pretrained(model, width, bn=False):
     convolutionize_vgg16(model, state)
 
 
+def caffe_conv1_steps(model):
+    """Scale conv1_1's weight gradient by CAFFE_CONV1_GRAD_SCALE (per input channel): SGD on the
+    mean/std-normalised input then moves every layer as Caffe's SGD on 0-255 mean-subtracted
+    pixels does (weight decay is unchanged by the rescaling)."""
+    w = model.features[0].weight
+    scale = torch.tensor(CAFFE_CONV1_GRAD_SCALE, dtype=w.dtype, device=w.device)
+    return w.register_hook(lambda g: g * scale[None, :, None, None])
+
+
 def init_from(model, path):
     """§4.2's staged training: copy every layer of a (coarser) FCN checkpoint whose name and
     shape match (features, fc6, fc7, score_fr, and score_pool4 from a 16s); the rest keeps its
@@ -439,7 +457,8 @@ def get_args_parser():
     p.add_argument("--arch", default="8s", choices=["32s", "16s", "8s"],
                    help="output stride: 32s, 16s (pool4 skip) or 8s (pool3 too) (default: 8s)")
     p.add_argument("--init-from", default=None,
-                   help="staged training (§4.2): start from a coarser FCN checkpoint's layers")
+                   help="staged training (§4.2): start from a coarser FCN checkpoint's layers, "
+                   "at the reference's lr for the stage (16s 1e-12, 8s 1e-14)")
     p.add_argument("--bn", action="store_true",
                    help="batch norm after every VGG convolution (torchvision's vgg16_bn layout; "
                    "not the paper's; on with --quick, where a narrow net is trained from scratch)")
@@ -448,7 +467,7 @@ def get_args_parser():
     p.add_argument("--learn-upsampling", action="store_true",
                    help="learn the bilinear-initialised up-sampling (default: fixed)")
     p.add_argument("--width", type=float, default=None,
-                   help=f"channel multiplier (default: 1 = VGG-16; {QUICK['width']} with --quick)")
+                   help="channel multiplier (default: 1 = VGG-16)")
     p.add_argument("--img-size", type=int, default=64,
                    help="shapes-seg image size (default: 64; real data keeps its own sizes)")
     p.add_argument("--epochs", type=int, default=None,
@@ -458,8 +477,8 @@ def get_args_parser():
                    help=f"global batch size (default: 1, the paper; {QUICK['batch_size']} with "
                    "--quick)")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default: 1e-10 on the summed loss, the paper; "
-                   f"{QUICK['lr']} with --quick, on the pixel-mean loss)")
+                   help="learning rate (default: 1e-10 on the summed loss, the paper; with "
+                   "--init-from the stage's: 1e-12 for 16s, 1e-14 for 8s)")
     p.add_argument("--momentum", type=float, default=None,
                    help=f"SGD momentum (default: 0.99, PAMI; {QUICK['momentum']} with --quick)")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adam"],
@@ -490,7 +509,7 @@ def get_args_parser():
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--quick", action="store_true",
-                   help="shapes-seg's small split, width 1/16, batch 16, Adam, 3 epochs")
+                   help=data.quick_help(QUICK, "shapes-seg's small split"))
     p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     return p
 
@@ -498,6 +517,8 @@ def get_args_parser():
 def resolve_defaults(args):
     paper = {"width": 1.0, "batch_size": 1, "lr": 1e-10, "momentum": 0.99, "optimizer": "sgd",
              "weight_decay": 5e-4}
+    if args.init_from:
+        paper["lr"] = STAGED_LR[args.arch]
     for k in paper:
         if getattr(args, k) is None:
             setattr(args, k, QUICK[k] if args.quick else paper[k])
@@ -575,6 +596,8 @@ def main(argv=None):
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.optimizer == "sgd" and not args.bn:
+        caffe_conv1_steps(model)  # lr 1e-10 moves conv1_1 as Caffe's 0-255 input does
     # Caffe's lr_mult 2 / decay_mult 0 on biases; the fixed up-sampling is not optimised.
     weights = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
@@ -654,7 +677,9 @@ DEPARTURES = [
     "loss, Adam lr 1e-3, no weight decay, 4 epochs (the paper's batch 1, summed loss, SGD lr "
     "1e-10, momentum 0.99 assume ImageNet weights and 500x500 images; without batch norm the "
     "narrow net stayed at the all-background prediction, with Adam or SGD)",
-    "images are normalised by ImageNet mean/std (torchvision's VGG-16), not Caffe's BGR means",
+    "images are normalised by ImageNet mean/std (torchvision's VGG-16), not Caffe's BGR means; "
+    "in the SGD recipe conv1_1's gradient is scaled by (255 std)^2 so that each layer takes "
+    "the reference's steps at its lr (CAFFE_CONV1_GRAD_SCALE)",
 ]
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ C5 as a 5x5 convolution to 120 maps, F6 with 84 units. Departures, also printed 
 - the optimiser: stochastic diagonal Levenberg-Marquardt on single samples becomes SGD with
   momentum 0.9 on mini-batches of 64; the paper's 20 passes and the shape of its learning-rate
   schedule (x1 for 2 passes, x0.4 for 3, x0.2 for 3, x0.1 for 4, x0.02 after) are kept;
+- weights start from Appendix A's U(-2.4/F_i, 2.4/F_i) (F_i the unit's fan-in, C3's from Table I;
+  4 for the subsampling coefficients), biases from 0;
 - inputs are normalised with the training set's mean and deviation (the paper maps background to
   -0.1 and ink to 1.175, which has mean ~0 and variance ~1 as well).
 """
@@ -41,7 +43,9 @@ PAPER = {"reference": "LeCun et al. 1998, Proc. IEEE, §III.C", "data": "mnist",
 EPOCHS = 20
 # --quick: the first 2,000 / 500 images and the paper's 20 passes over them (~600 steps).
 QUICK = {"epochs": 20}
-SCHEDULE = [(0, 1.0), (2, 0.4), (5, 0.2), (8, 0.1), (12, 0.02)]  # (first epoch, lr factor)
+SCHEDULE = [(0, 1.0), (2, 0.4), (5, 0.2), (8, 0.1), (12, 0.02)]  # (first of 20 epochs, lr factor)
+# --augment: the lecture's transforms.RandomCrop(28, padding=3) (EE-559 §7), no flips.
+AUGMENT = {"padding": 3, "flip": False}
 
 # C1 -> C3 connections, Table I of the paper: row = S2 map, column = C3 map.
 C3_TABLE = ["X   XXX  XXXX XX",
@@ -121,6 +125,7 @@ class LeNet5Paper(nn.Module):
         self.f6 = nn.Linear(120, 84)
         self.output = nn.Linear(84, num_classes)
         self.act = ScaledTanh()
+        init_1998(self)
 
     def forward(self, x):
         if self.pad > 0:
@@ -129,6 +134,24 @@ class LeNet5Paper(nn.Module):
         x = self.act(self.s4(self.act(self.c3(x))))
         x = self.act(self.c5(x)).flatten(1)
         return self.output(self.act(self.f6(x)))
+
+
+@torch.no_grad()
+def init_1998(model):
+    """Appendix A: every weight drawn from U(-2.4 / F_i, 2.4 / F_i), F_i the fan-in of the unit
+    it feeds: 25 x the input maps for C1 and C5, 25 x the maps Table I connects for each C3 map
+    (75, 100 or 150), 4 for the subsampling coefficients (a unit sums 4 inputs), 120 and 84 for
+    F6 and the output. Biases start at 0 (the paper names only the weights)."""
+    for m in (model.c1, model.c3, model.c5, model.f6, model.output):
+        k = m.weight[0, 0].numel() if m.weight.dim() == 4 else 1
+        fan_in = (m.mask.sum((1, 2, 3)) if isinstance(m, MaskedConv2d)
+                  else torch.full((m.weight.shape[0],), float(m.weight.shape[1]))) * k
+        bound = (2.4 / fan_in).view(-1, *[1] * (m.weight.dim() - 1))
+        m.weight.copy_((torch.rand_like(m.weight) * 2 - 1) * bound)
+        m.bias.zero_()
+    for s in (model.s2, model.s4):
+        s.weight.uniform_(-2.4 / 4, 2.4 / 4)
+        s.bias.zero_()
 
 
 def lenet5(variant="lecture", num_classes=10, in_channels=1, image_size=28):
@@ -155,9 +178,10 @@ def count_parameters(model):
 # ---------------------------------------------------------------------------------------------
 # Recipe, training, evaluation
 
-def lr_factor(epoch):
-    """The paper's schedule shape (§III.C): the factor in force at `epoch` (0-based)."""
-    return [f for start, f in SCHEDULE if epoch >= start][-1]
+def lr_factor(epoch, epochs=EPOCHS):
+    """The paper's schedule shape (§III.C): the factor in force at `epoch` (0-based) of a run of
+    `epochs`; the milestones keep their fractions of the paper's 20 passes."""
+    return [f for start, f in SCHEDULE if epoch * EPOCHS >= start * epochs][-1]
 
 
 def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progress):
@@ -210,12 +234,14 @@ def get_args_parser():
     p.add_argument("--variant", default="lecture", choices=["lecture", "1998"],
                    help="the lecture's LeNet-5 or the paper's 1998 network (default: lecture)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"passes over the training set (default: the paper's {EPOCHS})")
+                   help=f"passes over the training set; the lr milestones keep their fractions "
+                        f"(default: the paper's {EPOCHS})")
     p.add_argument("--batch-size", type=int, default=64, help="global batch size (default: 64)")
     p.add_argument("--lr", type=float, default=0.05, help="base learning rate (default: 0.05)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--augment", action="store_true",
-                   help="random 3-pixel translations (the paper's figure without it is 0.95%%)")
+                   help="random translations of up to 3 pixels, the lecture's RandomCrop(28, "
+                        "padding=3), no flips (the paper's figure without them is 0.95%%)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
     p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
     p.add_argument("--workers", type=int, default=0,
@@ -257,7 +283,7 @@ def main(argv=None):
     # Data: the whole set on the device, normalised with the training set's own statistics.
     train_loader, val_loader, test_loader, info = data.classification_loaders(
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
-        args.quick, args.seed, augment=args.augment, eval_batch_size=1000)
+        args.quick, args.seed, augment=AUGMENT if args.augment else False, eval_batch_size=1000)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
     mean, std = info["mean"], info["std"]
 
@@ -268,7 +294,8 @@ def main(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda e: lr_factor(e, args.epochs))
     scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
               "arch": arch, "parameters": count_parameters(model),
@@ -329,6 +356,9 @@ DEPARTURES = [
     "SGD with momentum on mini-batches instead of stochastic diagonal Levenberg-Marquardt "
     "on single samples; the 20 passes and the schedule's shape are the paper's",
     "inputs normalised by the training set's mean/std instead of [-0.1, 1.175]",
+    "1998 variant: biases start at 0 (Appendix A's U(-2.4/F_i, 2.4/F_i) is given for the "
+    "weights); --augment: the lecture's 3-pixel random crops (the paper's distortions are "
+    "affine), the lr milestones scale with --epochs",
 ]
 
 if __name__ == "__main__":

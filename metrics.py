@@ -180,6 +180,36 @@ def box_iou(boxes1, boxes2):
                                    _tensor(boxes2, torch.float64).reshape(-1, 4))
 
 
+def localisation_error(labels, boxes, gt_labels, gt_boxes, k=5, iou_threshold=0.5):
+    """ILSVRC's classification-with-localisation error: the fraction of images where none of the
+    first `k` guesses (class, box) has a ground-truth class and IoU >= 0.5 with a ground-truth box
+    of that class (the ILSVRC 2012-2014 devkit; k = 5 for the challenge, k = 1 for top-1).
+
+    labels (N, K >= k) int, boxes (N, K, 4) (xmin, ymin, xmax, ymax); gt_labels / gt_boxes: per
+    image, (G,) and (G, 4). IoU in continuous coordinates, as `box_iou` (the devkit adds 1 to
+    widths of integer pixel boxes: a difference below 1 % of the IoU on ImageNet-sized boxes)."""
+    labels, boxes = _tensor(labels, torch.int64), _tensor(boxes, torch.float64)
+    if labels.dim() == 1:
+        labels, boxes = labels[:, None], boxes[:, None]
+    if labels.shape[:2] != boxes.shape[:2] or boxes.shape[-1] != 4:
+        raise ValueError(f"localisation_error: labels {tuple(labels.shape)} and boxes "
+                         f"{tuple(boxes.shape)} do not pair up as (N, K) and (N, K, 4)")
+    if labels.shape[1] < k:
+        raise ValueError(f"localisation_error: {labels.shape[1]} guesses per image, k = {k}")
+    if not (len(labels) == len(gt_labels) == len(gt_boxes)):
+        raise ValueError(f"localisation_error: {len(labels)} images of guesses, "
+                         f"{len(gt_labels)} of ground truth")
+    if len(labels) == 0:
+        return 0.0
+    misses = 0
+    for lab, box, gl, gb in zip(labels[:, :k], boxes[:, :k], gt_labels, gt_boxes):
+        gl, gb = _tensor(gl, torch.int64).reshape(-1), _tensor(gb, torch.float64).reshape(-1, 4)
+        same_class = lab[:, None] == gl[None]                        # (k, G)
+        hit = same_class & (box_iou(box, gb) >= iou_threshold)
+        misses += not bool(hit.any())
+    return misses / len(labels)
+
+
 def voc_ap(recall, precision, use_07_metric=True):
     """Average precision of a precision/recall curve, exactly as the VOC devkit computes it.
 

@@ -172,11 +172,11 @@ def get_args_parser():
                    help="also run the same recipe never frozen and from scratch, each in "
                    "OUT/<name>, and write OUT/comparison.json")
     p.add_argument("--blocks", type=int, default=None,
-                   help=f"nb_residual_blocks (default: {NB_RESIDUAL_BLOCKS}; 4 with --quick)")
+                   help=f"nb_residual_blocks (default: {NB_RESIDUAL_BLOCKS})")
     p.add_argument("--channels", type=int, default=None,
-                   help=f"nb_channels (default: {NB_CHANNELS}; 16 with --quick)")
+                   help=f"nb_channels (default: {NB_CHANNELS})")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"(default: the lecture's {EPOCHS}; 2 with --quick)")
+                   help=f"(default: the lecture's {EPOCHS})")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                    help=f"global batch size (default: {BATCH_SIZE})")
     p.add_argument("--lr", type=float, default=LR, help=f"SGD learning rate (default: {LR})")

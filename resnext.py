@@ -73,8 +73,9 @@ def paper_figures(depth, cardinality, width, data_name):
         return {"reference": "Xie et al. 2016, arXiv:1611.05431, Tables 3-4 (224 single crop)",
                 "data": "imagenet", "test_error": top1, "top5_error": top5}
     figures = CIFAR_ERROR.get((cardinality, width), {}) if depth == 29 else {}
-    return {"reference": "Xie et al. 2016, arXiv:1611.05431, Table 7", "data": "cifar10",
-            "test_error": figures.get(data_name if data_name in figures else "cifar10"),
+    paper_data = "cifar100" if data_name == "cifar100" else "cifar10"  # the figure's own set
+    return {"reference": "Xie et al. 2016, arXiv:1611.05431, Table 7", "data": paper_data,
+            "test_error": figures.get(paper_data),
             "parameters": CIFAR_PARAMS.get((cardinality, width)) if depth == 29 else None}
 
 
@@ -289,8 +290,7 @@ def get_args_parser():
     p = data.ArgumentParser(description="ResNeXt (Xie et al. 2016): ResNeXt-29 on CIFAR "
                                 "(§5.3) and ResNeXt-50/101/152 on ImageNet (torchvision-compatible).")
     p.add_argument("--depth", type=int, default=None,
-                   help="CIFAR 9n+2 (the paper's 29) or ImageNet 50, 101, 152 (default: 29; 20 "
-                   "with --quick)")
+                   help="CIFAR 9n+2 (the paper's 29) or ImageNet 50, 101, 152 (default: 29)")
     p.add_argument("--cardinality", type=int, default=None,
                    help="C, the number of paths (default: 8 for CIFAR, 32 for ImageNet)")
     p.add_argument("--width", type=int, default=None,
@@ -298,7 +298,7 @@ def get_args_parser():
                    "4 for ImageNet)")
     p.add_argument("--base", type=int, default=None,
                    help="stem channels and first-stage width, doubled per stage (default: the "
-                   "paper's 64; 16 with --quick on small sets: a CPU-test convenience)")
+                   "paper's 64)")
     p.add_argument("--data", default=None, help="cifar10 | cifar100 | imagenet | mnist | "
                    "fashion-mnist | shapes (default: cifar10 for depth 29, imagenet otherwise)")
     p.add_argument("--data-dir", default=data.default_data_dir(),
@@ -309,7 +309,7 @@ def get_args_parser():
                    "hold out the validation split (5k images on CIFAR) to report val error")
     p.add_argument("--epochs", type=int, default=None,
                    help="passes over the training set; the lr milestones keep their fractions "
-                   "(default: 300 on small sets, 100 on ImageNet; 2 with --quick)")
+                   "(default: 300 on small sets, 100 on ImageNet)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch size (default: 128 on small sets, 256 on ImageNet)")
     p.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")

@@ -19,10 +19,12 @@ Network (Fig. 3): 24 convolutions with 1x1 reductions, leaky ReLU 0.1, then fc 4
 fc S*S*(5B+C) with a linear output; 448x448 input, S=7, B=2, C=20 (1470 outputs). Each cell
 predicts B boxes (x, y: centre offset in the cell, w, h: relative to the image, confidence) and C
 class probabilities. Loss (§2.2, the lecture's form): lambda_coord=5 on x, y, sqrt(w), sqrt(h) of the
-responsible predictor (highest IoU with the truth in the cell holding the object's centre), the
+responsible predictor (highest IoU with the truth in the cell holding the object's centre;
+darknet's smallest (x, y, w, h) RMSE when every IoU is 0), the
 confidence target is that IoU, lambda_noobj=0.5 on the confidence of every other predictor,
 squared class-probability error in the cells holding an object; summed, divided by the batch size.
-Test: class score = P(class | object) x confidence, threshold, per-class NMS 0.5.
+Test: class score = P(class | object) x confidence (each clamped at 0: the outputs are linear),
+threshold, per-class NMS 0.5.
 Departures: DEPARTURES, printed at start and stored in results.json.
 """
 import argparse
@@ -228,12 +230,16 @@ def yolo_loss(pred, target, B, lambda_coord=5.0, lambda_noobj=0.5):
     N, S = pred.shape[0], pred.shape[1]
     p = pred[..., :5 * B].reshape(N, S, S, B, 5)
     obj = target[..., 4]                                             # 1_i^obj (N, S, S)
-    # The responsible predictor: the highest IoU with the truth (the first of equal IoUs).
+    # The responsible predictor: the highest IoU with the truth (the first of equal IoUs); when
+    # every IoU is 0, darknet's detection layer takes the smallest RMSE between the (x, y, w, h)
+    # of the box and of the truth, in image units.
     with torch.no_grad():
         pbox = cell_boxes_to_xyxy(p[..., :2], p[..., 2:4] ** 2, S)
         tbox = cell_boxes_to_xyxy(target[..., None, :2], target[..., None, 2:4], S)
         iou = paired_iou(pbox, tbox.expand_as(pbox))                  # (N, S, S, B)
-        best = iou.argmax(-1)
+        xywh = lambda b: torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], -1)  # noqa: E731
+        rmse = (xywh(pbox) - xywh(tbox)).pow(2).sum(-1)                # (squared: same order)
+        best = torch.where(iou.amax(-1) > 0, iou.argmax(-1), rmse.argmin(-1))
         resp = F.one_hot(best, B).float() * obj[..., None]           # 1_ij^obj
     t = target[..., None, :4]
     coord = ((p[..., 0:2] - t[..., 0:2]) ** 2).sum(-1) + \
@@ -250,14 +256,16 @@ def yolo_loss(pred, target, B, lambda_coord=5.0, lambda_noobj=0.5):
 @torch.no_grad()
 def decode(pred, B, img_size, conf_threshold=0.005, nms_threshold=0.5, top_k=100):
     """§2 test time: per image, every predictor x class gets the score P(class | object) x
-    confidence; scores below the threshold are dropped, per-class NMS (torchvision batched_nms),
+    confidence (each clamped at 0); scores below the threshold are dropped, per-class NMS (torchvision batched_nms),
     the top_k best kept. Returns [{"boxes" (K, 4) XYXY in pixels of the img_size x img_size
     input, "scores", "labels"}]."""
     N, S = pred.shape[0], pred.shape[1]
     pred = pred.float()
     p = pred[..., :5 * B].reshape(N, S, S, B, 5)
     boxes = cell_boxes_to_xyxy(p[..., :2], p[..., 2:4] ** 2, S) * img_size    # (N, S, S, B, 4)
-    scores = p[..., 4, None] * pred[..., None, 5 * B:]                        # (N, S, S, B, C)
+    # negative outputs (the layers are linear) count as 0: a negative confidence times a
+    # negative class output is no detection
+    scores = p[..., 4, None].clamp(min=0) * pred[..., None, 5 * B:].clamp(min=0)  # (N,S,S,B,C)
     C = scores.shape[-1]
     out = []
     for n in range(N):

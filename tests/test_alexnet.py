@@ -179,9 +179,15 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     resumed, out_cut = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
-    a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
+    ckpt = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)
+    a = ckpt["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the released rates: every bias at 2x the lr without weight decay, the weights at 5e-4
+    weights, biases = ckpt["optimizer"]["param_groups"]
+    assert biases["lr"] == pytest.approx(2 * weights["lr"])
+    assert (weights["weight_decay"], biases["weight_decay"]) == (5e-4, 0.0)
+    assert len(biases["params"]) == sum(k.endswith("bias") for k in a)
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):

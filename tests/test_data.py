@@ -373,6 +373,22 @@ def test_classification_transforms_flip_only_where_it_is_safe():
     assert abs(z.mean().item()) < 1e-5 and abs(z.std().item() - 1) < 1e-3
 
 
+
+def test_alexnets_crops_lie_inside_the_central_256_square():
+    # §2: short side to 256, the central 256x256 patch, random 224 crops of it. On a 256 x 512
+    # image whose outer quarters are 0 and centre 255, every crop is all centre with `square`;
+    # without it, crops reach the outer quarters.
+    img = torch.zeros(3, 256, 512, dtype=torch.uint8)
+    img[:, :, 128:384] = 255
+    mean, std = (0.0,) * 3, (1.0,) * 3
+    for square, want_all_centre in ((True, True), (False, False)):
+        t = data.classification_transforms("imagenet", True, mean, std, 224, square=square)
+        t = v2.Compose([o for o in t.transforms if not isinstance(o, data.PCAColour)])
+        torch.manual_seed(0)
+        mins = [float(t(tv_tensors.Image(img)).min()) for _ in range(30)]
+        assert all(m == 1.0 for m in mins) == want_all_centre, (square, mins)
+
+
 # ---------------------------------------------------------------------------- loaders
 
 def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
@@ -618,3 +634,23 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path, monkeypatch):
     monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", (str(tmp_path / "absent"),))
     with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
         data.classification_arrays("fashion-mnist", "train", tmp_path, download=False)
+
+
+def test_caffe_param_groups_give_biases_twice_the_lr_and_no_decay():
+    import torch.nn as nn
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    model[1].weight.requires_grad_(False)                       # frozen: left out
+    weights, biases = data.caffe_param_groups(model, 0.01, 5e-4)
+    assert (weights["lr"], weights["weight_decay"]) == (0.01, 5e-4)
+    assert (biases["lr"], biases["weight_decay"]) == (0.02, 0.0)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(weights["params"]) == ids([model[0].weight, model[2].weight])
+    assert ids(biases["params"]) == ids([model[0].bias, model[1].bias, model[2].bias])
+    # one SGD step on a zero gradient: the weights decay, the biases do not
+    opt = torch.optim.SGD(data.caffe_param_groups(model, 0.1, 0.5), lr=0.1)
+    before = [p.detach().clone() for p in (model[0].weight, model[0].bias)]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(model[0].weight, before[0] * (1 - 0.1 * 0.5))
+    assert torch.equal(model[0].bias, before[1])

@@ -308,3 +308,62 @@ def test_torchrun_two_processes_equal_one_process(tmp_path):
     assert runs["one"]["model"]["score_fr.weight"].abs().sum() > 0
     assert runs["two"]["history"][0]["train_loss"] == pytest.approx(
         runs["one"]["history"][0]["train_loss"], rel=1e-5)
+
+
+def test_sgd_on_normalised_input_takes_caffes_steps_on_0_255_input():
+    # torchvision's net on (x / 255 - mean) / std and its Caffe twin (conv1_1 weights / (255 std)
+    # per input channel) on 0-255 pixels minus the mean compute the same scores; two SGD steps
+    # of the paper's recipe (momentum 0.99, weight decay 5e-4, summed loss) must move them alike
+    # once conv1_1's gradient is scaled by (255 std)^2. Without the scaling, conv1_1 moves
+    # ~3,300x less here.
+    torch.manual_seed(0)
+    std = torch.tensor(data.IMAGENET_STD)[None, :, None, None]
+    x = torch.randn(1, 3, 40, 40)                   # normalised input
+    x_caffe = x * 255 * std                         # 0-255 minus the mean
+    y = torch.randint(0, 3, (1, 40, 40))
+
+    def nets():
+        torch.manual_seed(1)
+        ours = fcn.FCN("32s", 3, TINY, dropout=0.0)
+        for p in ours.parameters():                 # scores away from zero: real gradients
+            p.data.normal_(0, 0.3) if p.dim() > 1 else p.data.normal_(0, 0.1)
+        caffe = fcn.FCN("32s", 3, TINY, dropout=0.0)
+        caffe.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            caffe.features[0].weight.div_(255 * std)
+        return ours, caffe
+
+    def train(model, inp, steps=2):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.99, weight_decay=5e-4)
+        for _ in range(steps):
+            opt.zero_grad()
+            fcn.fcn_loss(model(inp), y).backward()
+            opt.step()
+        return model
+
+    ours, caffe = nets()
+    with torch.no_grad():
+        assert torch.allclose(ours(x), caffe(x_caffe), rtol=1e-4, atol=1e-4)
+    before = ours.features[0].weight.detach().clone()
+    hook = fcn.caffe_conv1_steps(ours)
+    train(ours, x), train(caffe, x_caffe)
+    hook.remove()
+    ours_step = ours.features[0].weight.detach() - before
+    caffe_step = (caffe.features[0].weight.detach() * 255 * std) - before
+    assert torch.allclose(ours_step, caffe_step, rtol=1e-3, atol=1e-3 * caffe_step.abs().max())
+    assert torch.allclose(ours.score_fr.weight, caffe.score_fr.weight, rtol=1e-4, atol=1e-7)
+    plain, caffe = nets()
+    train(plain, x), train(caffe, x_caffe)
+    plain_step = (plain.features[0].weight.detach() - before).abs().mean()
+    ratio = float(caffe_step.abs().mean() / plain_step)
+    assert 2500 < ratio < 4500, ratio
+
+
+def test_staged_training_divides_the_lr_by_100_per_stage():
+    for arch, lr in (("32s", 1e-10), ("16s", 1e-12), ("8s", 1e-14)):
+        args = fcn.get_args_parser().parse_args(["--arch", arch, "--init-from", "x.pt"])
+        fcn.resolve_defaults(args)
+        assert args.lr == lr
+    args = fcn.get_args_parser().parse_args(["--arch", "8s"])  # at once, from VGG-16
+    fcn.resolve_defaults(args)
+    assert args.lr == 1e-10

@@ -310,3 +310,16 @@ def test_nin_at_the_released_init_depends_on_input_and_learns_at_the_released_ra
     assert [g["lr"] for g in groups[-2:]] == pytest.approx([0.01, 0.02])  # cccp6: 0.1x
     assert groups[1]["lr"] == pytest.approx(0.2) and groups[1]["weight_decay"] == 0  # biases
     assert_learns_in_eval_mode(model, x, y, 40, 0.1, 0.85, params=groups)
+
+
+def test_polyak_averaging_is_on_for_imagenet_and_off_for_short_runs():
+    def polyak(*argv):
+        args = googlenet.get_args_parser().parse_args(list(argv))
+        args.world = 1
+        googlenet.resolve_defaults(args)
+        return args.polyak
+    assert polyak("--data", "imagenet") == googlenet.POLYAK == 0.9999  # §6: the final model
+    assert polyak("--data", "shapes") == 0.0 and polyak("--variant", "nin") == 0.0
+    assert polyak("--data", "shapes", "--polyak", "0.9") == 0.9
+    with pytest.raises(googlenet.data.DataError, match="decay must be in"):
+        polyak("--data", "shapes", "--polyak", "1.5")

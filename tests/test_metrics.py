@@ -472,3 +472,32 @@ def test_progress_prints_throughput_and_eta():
     lines = out.getvalue().splitlines()
     assert len(lines) == 4 and lines[0].startswith("epoch 1/2 step 2/4 loss 1.0000 lr 0.1")
     assert "img/s" in lines[0] and lines[-1].endswith("eta 0:00:00")
+
+
+def test_localisation_error_is_ilsvrcs_top1_and_top5_measure():
+    box = [0.0, 0.0, 10.0, 10.0]
+    far = [50.0, 50.0, 60.0, 60.0]
+    labels = torch.tensor([[3, 0, 0, 0, 0, 0],    # right class and box at once: a hit
+                           [1, 2, 2, 0, 0, 0],    # class 2: IoU 0.4 (miss), then 0.6 (hit)
+                           [5, 1, 1, 1, 1, 1],    # class 5, the second of its two boxes
+                           [1, 1, 1, 1, 1, 7],    # the right guess is the sixth: no hit
+                           [4, 0, 0, 0, 0, 0]])   # right class, box elsewhere
+    boxes = torch.tensor([[box] * 6,
+                          [box, [0.0, 0.0, 10.0, 4.0], [0.0, 0.0, 10.0, 6.0]] + [far] * 3,
+                          [[20.0, 20.0, 30.0, 30.0]] + [far] * 5,
+                          [box] * 6,
+                          [far] * 6])
+    gt_labels = [torch.tensor([3]), torch.tensor([2]), torch.tensor([5, 5]), torch.tensor([7]),
+                 torch.tensor([4])]
+    gt_boxes = [torch.tensor([box]), torch.tensor([box]),
+                torch.tensor([box, [20.0, 20.0, 30.0, 30.0]]), torch.tensor([box]),
+                torch.tensor([box])]
+    assert metrics.localisation_error(labels, boxes, gt_labels, gt_boxes, k=1) == 3 / 5
+    assert metrics.localisation_error(labels, boxes, gt_labels, gt_boxes, k=5) == 2 / 5
+    assert metrics.localisation_error(labels, boxes, gt_labels, gt_boxes, k=6) == 1 / 5
+    # a box of the right place but another ground-truth class is no hit
+    assert metrics.localisation_error(torch.tensor([[2]]), torch.tensor([[box]]),
+                                      [torch.tensor([3, 2])], [torch.tensor([box, far])],
+                                      k=1) == 1.0
+    with pytest.raises(ValueError, match="guesses per image"):
+        metrics.localisation_error(labels[:, :3], boxes[:, :3], gt_labels, gt_boxes, k=5)

@@ -136,6 +136,23 @@ def test_convolutionize_folds_torchvision_alexnets_replicating_avgpool():
         overfeat.convolutionize(bad, (8, 8))
 
 
+def test_convolutionize_takes_the_lectures_call_as_written():
+    # EE-559: convolutionize(list(model.features) + list(model.classifier), (3, 224, 224))
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(num_classes=10).eval()
+    fc = overfeat.convolutionize(list(model.features) + list(model.classifier),
+                                 (3, 224, 224)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(fc(x).flatten(1), model(x), atol=1e-5)
+        assert fc(torch.randn(1, 3, 288, 288)).shape == (1, 10, 3, 3)
+    same = overfeat.convolutionize(list(model.features) + list(model.classifier), (224, 224))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(),
+                                                 fc.state_dict().values()))
+    with pytest.raises(ValueError, match="not \\(H, W\\) or"):
+        overfeat.convolutionize(list(model.features), (224,))
+
+
 def test_convolutionize_unpadded_net_equals_the_net_on_every_crop_exactly():
     # No padding: score cell (i, j) of a larger image = the original net on the 16x16 crop at
     # (2i, 2j), 2 being the total stride (conv 1 x pool 2 x conv 1).
@@ -229,13 +246,30 @@ def test_regression_targets_and_greedy_merge_known_answers():
     # two near boxes merge into their mean (confidence 0.9 + 0.5), the far one stays
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [40.0, 40.0, 60.0, 60.0]])
     # match score of the near pair: centre distance sqrt(2) / 64 + 1 - IoU (81 / 119)
-    s = overfeat.match_score(boxes[0], boxes[1], 64)
-    assert s == pytest.approx(2 ** 0.5 / 64 + 1 - 81 / 119, abs=1e-6)
+    s = overfeat.match_scores(boxes, boxes, 64)
+    assert float(s[0, 1]) == pytest.approx(2 ** 0.5 / 64 + 1 - 81 / 119, abs=1e-6)
+    assert torch.allclose(s, s.T) and torch.allclose(s.diagonal(), torch.zeros(3))
     out, conf = overfeat.greedy_merge(boxes, torch.tensor([0.9, 0.5, 0.8]), 0.5, 64)
     assert out.tolist() == [[0.5, 0.5, 10.5, 10.5], [40.0, 40.0, 60.0, 60.0]]
     assert conf.tolist() == pytest.approx([1.4, 0.8])
     out, _ = overfeat.greedy_merge(boxes, torch.tensor([0.9, 0.5, 0.8]), 0.1, 64)
     assert len(out) == 3  # threshold below every score: nothing merges
+    out, conf = overfeat.greedy_merge(boxes, torch.tensor([0.9, 0.5, 0.8]), 10.0, 64)
+    assert out.tolist() == [[20.25, 20.25, 35.25, 35.25]] and conf.tolist() == pytest.approx([2.2])
+
+
+def test_greedy_merge_gives_the_pair_loops_result():
+    # the matrix version against the loop it replaced (kept in bench/), merge for merge
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_greedy_merge import localiser_boxes, reference_greedy_merge
+    for n, seed, threshold in ((30, 0, 0.9), (30, 1, 0.5), (12, 2, 5.0), (1, 3, 0.9)):
+        boxes, scores = localiser_boxes(n, seed=seed)
+        ref = reference_greedy_merge(boxes, scores, threshold, 231)
+        new = overfeat.greedy_merge(boxes, scores, threshold, 231)
+        assert torch.equal(ref[0], new[0]), (n, seed, threshold)
+        assert torch.allclose(ref[1], new[1])
+    empty = overfeat.greedy_merge(torch.zeros(0, 4), torch.zeros(0), 0.9, 231)
+    assert empty[0].shape == (0, 4) and empty[1].shape == (0,)
 
 
 def test_lr_schedule_and_defaults():
@@ -338,6 +372,8 @@ def test_localisation_regressor_beats_the_mean_box(tmp_path):
     assert m["iou50_rate"] > m["baseline_mean_box_iou50"] + 0.03
     assert m["iou50_rate"] > m["baseline_whole_image_iou50"]
     assert 0 <= m["map"] <= 1
+    # ILSVRC's measure: five (class, box) guesses can only hit more often than the top one
+    assert 0 <= m["loc_error_top5"] <= m["loc_error"] <= 1
     assert [h["phase"] for h in r["history"]] == ["regress"] * 2
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["metrics"] == m
@@ -527,7 +563,7 @@ def test_imagenet_box_xml_loader_and_localisation_run(tmp_path):
                        "0.125", "--img-size", "63", "--scales", "63", "80", "--epochs", "1",
                        "--loc-epochs", "1", "--batch-size", "2", "--workers", "0",
                        "--out", str(tmp_path / "run"), "--log-every", "100000"])
-    assert {"loc_error", "iou50_rate", "map"} <= set(r["metrics"])
+    assert {"loc_error", "loc_error_top5", "iou50_rate", "map"} <= set(r["metrics"])
     assert [h["phase"] for h in r["history"]] == ["classify", "regress"]
     bad = os.path.join(str(tmp_path), "imagenet", "bbox", "val", f"{wnids[0]}_val0.xml")
     with open(bad, "w") as f:

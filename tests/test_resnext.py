@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import data
+import metrics
 import resnext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +75,19 @@ def test_cifar_resnext29_parameters_match_table_7(cardinality):
     assert [m.layer1[0].conv2.out_channels, m.layer2[0].conv2.out_channels,
             m.layer3[0].conv2.out_channels] == [cardinality * 64 * k for k in (1, 2, 4)]
     assert m.layer1[0].conv2.groups == cardinality
+
+
+
+def test_paper_figure_is_stored_with_its_own_data_set():
+    for data_name, card, want in (("cifar100", 16, 0.1731), ("cifar10", 16, 0.0358),
+                                  ("cifar100", 8, 0.1777)):
+        p = resnext.paper_figures(29, card, 64, data_name)
+        assert p["data"] == data_name and p["test_error"] == want
+    # a CIFAR-100 run's summary row shows the CIFAR-100 figure
+    row = metrics.summary_row("r", {"script": "resnext.py", "data": "cifar100",
+                                    "metrics": {"test_error": 0.2},
+                                    "paper": resnext.paper_figures(29, 16, 64, "cifar100")})
+    assert row["paper"] == 0.1731
 
 
 def test_grouped_block_equals_the_sum_of_c_separate_paths():

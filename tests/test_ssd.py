@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torchvision
+from torchvision import tv_tensors
 from PIL import Image
 
 import data
@@ -195,9 +196,57 @@ def test_postprocess_nms_threshold_and_top_k():
                                top_k=2)[0]["scores"]) == 2
 
 
-def test_lr_schedule():
-    assert ssd.EPOCHS == 155
-    assert [ssd.lr_factor(e, 8) for e in range(8)] == [1] * 6 + [0.1, pytest.approx(0.01)]
+def test_lr_schedule_is_the_released_solvers():
+    # ssd_pascal.py: 120k iterations of 32 on VOC07+12 (16,551 images), lr / 10 at 80k and 100k
+    assert ssd.EPOCHS == round(120_000 * 32 / 16_551) == 232
+    assert [ssd.lr_factor(e, 12) for e in range(12)] == \
+        [1] * 8 + [0.1, 0.1, pytest.approx(0.01), pytest.approx(0.01)]
+
+
+def test_photometric_distortion_is_the_releases():
+    # no channel permutation: a pure-red image stays red whatever the draw; brightness is an
+    # added delta of at most 32 / 255; over many draws each step fires about half the time
+    red = tv_tensors.Image(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    red[0] = 200
+    distort = ssd.CaffeDistort()
+    fired = torch.zeros(4)
+    for seed in range(400):
+        torch.manual_seed(seed)
+        out = distort(red)
+        assert out.dtype == torch.uint8 and isinstance(out, tv_tensors.Image)
+        # hue moves red by at most a tenth of the circle: red stays the largest channel
+        assert (out[0] >= out[1]).all() and (out[0] >= out[2]).all(), seed
+        torch.manual_seed(seed)
+        p = distort.make_params([red])
+        fired += torch.tensor([p[k] is not None
+                               for k in ("brightness", "contrast", "saturation", "hue")]).float()
+        if p["brightness"] is not None:
+            assert abs(p["brightness"]) <= 32 / 255
+        if p["hue"] is not None:
+            assert abs(p["hue"]) <= 0.1
+    assert ((fired / 400 - 0.5).abs() < 0.1).all(), fired
+    # brightness alone adds its delta, clipped as 8-bit values are
+    grey = tv_tensors.Image(torch.full((3, 2, 2), 250, dtype=torch.uint8))
+    params = {"contrast_last": False, "brightness": 10 / 255, "contrast": None,
+              "saturation": None, "hue": None}
+    assert distort.transform(grey, params).unique().tolist() == [255]
+    params["brightness"] = -10 / 255
+    assert distort.transform(grey, params).unique().tolist() == [240]
+    # contrast scales the values (Caffe's convertTo(alpha)), it does not blend with the mean
+    params = {**params, "brightness": None, "contrast": 0.5}
+    assert distort.transform(grey, params).unique().tolist() == [125]
+
+
+def test_voc_training_set_keeps_difficult_objects_for_ssd_only_when_asked(tmp_path):
+    images = {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 1)])}
+    write_voc(str(tmp_path), "2007", "trainval", images)
+    write_voc(str(tmp_path), "2012", "trainval", {"2012_000001": images["000001"]})
+    kept = data.detection_dataset("voc", "train", str(tmp_path), False, train_difficult=True)
+    dropped = data.detection_dataset("voc", "train", str(tmp_path), False)
+    assert kept[0][1]["labels"].tolist() == [data.VOC_CLASSES.index("dog"),
+                                             data.VOC_CLASSES.index("person")]
+    assert kept[0][1]["difficult"].tolist() == [False, True]
+    assert dropped[0][1]["labels"].tolist() == [data.VOC_CLASSES.index("dog")]
 
 
 def run(tmp_path, name, *argv):
@@ -241,6 +290,7 @@ def test_real_voc_path_on_tiny_files(tmp_path):
     m = r["metrics"]
     assert set(m) == {"map", "ap"} and list(m["ap"]) == list(data.VOC_CLASSES)
     assert r["config"]["default_boxes"] == len(ssd.SSD(20, 32, 0.0625).anchors)
+    assert r["config"]["train_difficult"] is True  # the release's use_difficult_gt
     # AP only for classes with non-difficult boxes in the test set: dog and car
     assert [c for c, a in m["ap"].items() if a is not None] == ["car", "dog"]
     with open(os.path.join(out, "results.json")) as f:

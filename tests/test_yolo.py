@@ -137,6 +137,36 @@ def test_the_responsible_predictor_is_the_higher_iou_one():
     assert L["conf_obj"].item() == pytest.approx((0.3 - 1.0) ** 2 / 2, rel=1e-5)
 
 
+def test_with_every_iou_zero_the_smallest_rmse_predictor_is_responsible():
+    # darknet's detection layer: both boxes miss the truth (x 0.625..0.875 in the image, y
+    # 0.035..0.395); predictor 1 (x 0.95) is nearer than predictor 0 (x 0.5) in (x, y, w, h)
+    pred, target = hand_prediction()
+    tiny = math.sqrt(0.01)
+    pred[0, 0, 1, 0:4] = torch.tensor([0.0, 0.25, tiny, tiny])
+    pred[0, 0, 1, 5:9] = torch.tensor([0.9, 0.25, tiny, tiny])
+    L = yolo.yolo_loss(pred, target, B=2)
+    coord_1 = 5 * ((0.9 - 0.5) ** 2 + (tiny - 0.5) ** 2 + (tiny - 0.6) ** 2)
+    assert L["coord"].item() == pytest.approx(coord_1 / 2, rel=1e-5)
+    assert L["conf_obj"].item() == pytest.approx(0.3 ** 2 / 2, rel=1e-5)  # predictor 1's 0.3
+    pred[0, 0, 1, 0] = 0.05                       # now predictor 0 is the nearer one
+    pred[0, 0, 1, 5] = 0.99
+    L = yolo.yolo_loss(pred, target, B=2)
+    coord_0 = 5 * ((0.05 - 0.5) ** 2 + (tiny - 0.5) ** 2 + (tiny - 0.6) ** 2)
+    assert L["coord"].item() == pytest.approx(coord_0 / 2, rel=1e-5)
+
+
+def test_negative_confidence_times_negative_class_output_is_no_detection():
+    S, B, C = 2, 2, 2
+    pred = torch.zeros(1, S, S, 5 * B + C)
+    pred[0, 0, 0, 0:5] = torch.tensor([0.5, 0.5, 0.5, 0.5, -0.8])   # a box, confidence < 0
+    pred[0, 0, 0, 10:] = torch.tensor([-0.9, 0.2])                   # a class output < 0
+    (d,) = yolo.decode(pred, B, 64, conf_threshold=0.005)
+    assert len(d["scores"]) == 0                  # -0.8 x -0.9 = 0.72 would have passed
+    pred[0, 0, 0, 4] = 0.8
+    (d,) = yolo.decode(pred, B, 64, conf_threshold=0.005)
+    assert d["labels"].tolist() == [1] and d["scores"].tolist() == pytest.approx([0.16])
+
+
 def test_encode_then_decode_gives_back_the_boxes():
     boxes = torch.tensor([[4.0, 6.0, 20.0, 30.0], [40.0, 10.0, 60.0, 22.0], [30.0, 40.0, 50.0, 63.0]])
     labels = torch.tensor([3, 0, 5])
