@@ -961,7 +961,8 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
     """(train, val, test) loaders and an info dict for a classification set.
 
     In-memory sets (MNIST, CIFAR, shapes) get `DeviceLoader`s normalised with the statistics of
-    their own training images; ImageNet gets DataLoaders with `classification_transforms` (val is
+    their own training images; `train_split` "trainval" (the whole official training set, as the
+    papers train) gives no val loader, "train" holds the val split out (`add_holdout_arg`); ImageNet gets DataLoaders with `classification_transforms` (val is
     None: the official validation set is the test set). `batch_size` is per process; evaluation
     loaders are not sharded, so every rank computes the same figures. `augment`: True for
     `augment_for(name)`, False, or a script's own {"padding", "flip"} (in-memory sets only).
@@ -984,16 +985,19 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
     # The data (shapes images, the held-out split) are fixed; `seed` only shuffles and augments.
     kw = dict(data_dir=data_dir, download=download, quick=quick, size=size or 32)
     x, y, classes = classification_arrays(name, train_split, **kw)
-    x_val, y_val, _ = classification_arrays(name, "val", **kw)
     x_test, y_test, _ = classification_arrays(name, "test", **kw)
     mean, std = channel_stats(x)
     if augment is True:
         augment = augment_for(name)
     train = DeviceLoader(x, y, batch_size, True, device, mean, std, augment or None, seed=seed)
-    val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std, shard=False)
+    val, n_val = None, 0  # "trainval": the held-out images are in the training set
+    if train_split == "train":
+        x_val, y_val, _ = classification_arrays(name, "val", **kw)
+        val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std, shard=False)
+        n_val = len(y_val)
     test = DeviceLoader(x_test, y_test, eval_batch_size, False, device, mean, std, shard=False)
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": x.shape[1],
-            "image_size": x.shape[-1], "sizes": (len(y), len(y_val), len(y_test))}
+            "image_size": x.shape[-1], "sizes": (len(y), n_val, len(y_test))}
     return train, val, test, info
 
 
@@ -1023,6 +1027,26 @@ def apply_quick(args, quick):
         for name, value in quick.items():
             if getattr(args, name, None) is None:
                 setattr(args, name, list(value) if isinstance(value, (list, tuple)) else value)
+
+
+def add_holdout_arg(p, default=False, why=""):
+    """--holdout / --no-holdout: train on the official training set minus the seeded validation
+    split (VAL_FRACTION: 5k of CIFAR's 50k, 5k of MNIST's 60k) and report the val error every
+    epoch, for tuning; by default (the papers' protocol) train on the whole training set and
+    touch only the test set, once. results.json's config says which (holdout, sizes)."""
+    p.add_argument("--holdout", action=argparse.BooleanOptionalAction, default=default,
+                   help="hold the validation split out of the training set, for tuning "
+                   f"(default: {'on' if default else 'off: the whole training set, as the paper'}"
+                   f"{'; ' + why if why else ''})")
+
+
+def train_split(args):
+    """The classification_loaders split that --holdout asks for; ImageNet has no held-out split
+    here (its official val set is the test set)."""
+    if args.data == "imagenet" and args.holdout:
+        raise DataError("--holdout: ImageNet has no held-out split here (its val set is the "
+                        "test set); drop --holdout")
+    return "train" if args.holdout else "trainval"
 
 
 def quick_help(quick, what="a run on the first 2,000 training / 500 test images"):

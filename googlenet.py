@@ -478,6 +478,7 @@ def get_args_parser():
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_holdout_arg(p)
     p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper", "nin"],
                    help="torchvision: torchvision's googlenet (BN; default); paper: Table 1 as "
                    "printed (no BN, LRN, 5x5); nin: Network in Network for CIFAR")
@@ -584,13 +585,14 @@ def main(argv=None):
 
     # Data. ImageNet: §6 crops and distortions, whole test images for §7. Small sets: the whole
     # set on the device with data.py's padding + random crop + flip.
+    split = data.train_split(args)  # the whole training set unless --holdout
     if imagenet:
         train_loader, val_loader, test_loader, info = imagenet_loaders(args, device)
     else:
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=250,
-            size=args.img_size)
+            size=args.img_size, train_split=split)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
     model = googlenet(len(classes), not args.no_aux, args.variant, info["in_channels"],

@@ -231,6 +231,7 @@ def get_args_parser():
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_holdout_arg(p)
     p.add_argument("--variant", default="lecture", choices=["lecture", "1998"],
                    help="the lecture's LeNet-5 or the paper's 1998 network (default: lecture)")
     p.add_argument("--epochs", type=int, default=None,
@@ -283,7 +284,8 @@ def main(argv=None):
     # Data: the whole set on the device, normalised with the training set's own statistics.
     train_loader, val_loader, test_loader, info = data.classification_loaders(
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
-        args.quick, args.seed, augment=AUGMENT if args.augment else False, eval_batch_size=1000)
+        args.quick, args.seed, augment=AUGMENT if args.augment else False, eval_batch_size=1000,
+        train_split=data.train_split(args))
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
     mean, std = info["mean"], info["std"]
 
@@ -329,11 +331,13 @@ def main(argv=None):
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
                                    progress)
             scheduler.step()
-            val = evaluate(net, val_loader, args, device)
-            history.append({"epoch": epoch + 1, "train_loss": loss, "val_error": val["test_error"]})
+            row = {"epoch": epoch + 1, "train_loss": loss}
+            if val_loader is not None:  # --holdout
+                row["val_error"] = evaluate(net, val_loader, args, device)["test_error"]
+            history.append(row)
             if is_main:
-                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f} "
-                      f"val_error {100 * val['test_error']:.2f}%")
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
+                      (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
                 data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
                                          epoch, vars(args), history)
 

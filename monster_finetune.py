@@ -159,6 +159,7 @@ def get_args_parser():
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_holdout_arg(p)
     p.add_argument("--alexnet-weights", default=None, metavar="PATH",
                    help="a trained AlexNet: torchvision's state_dict or an alexnet.py checkpoint")
     p.add_argument("--pretrained", action="store_true",
@@ -217,7 +218,9 @@ def run(args):
     # Data: the whole set on the device. A trained AlexNet layer expects ImageNet's normalisation,
     # so its statistics are used (the lecture feeds ToTensor's [0, 1] images unnormalised).
     kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick, size=32)
-    x, y, classes = data.classification_arrays(args.data, "train", **kw)
+    # The lecture trains on the whole CIFAR-10 training set (50k); --holdout leaves its 5k val
+    # split out (unused here: the script reports the test set only).
+    x, y, classes = data.classification_arrays(args.data, data.train_split(args), **kw)
     x_test, y_test, _ = data.classification_arrays(args.data, "test", **kw)
     if x.shape[1] == 1:  # grey images (MNIST, Fashion-MNIST) replicated to AlexNet's 3 channels
         x, x_test = x.expand(-1, 3, -1, -1).contiguous(), x_test.expand(-1, 3, -1, -1).contiguous()

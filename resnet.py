@@ -22,7 +22,8 @@ the state_dict are torchvision.models.resnet18..152's. CIFAR depths 20/32/44/56/
 stride-2 subsampling and zero-padded extra channels where the shape changes: no parameters).
 
 Recipe. CIFAR (§4.2): SGD momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k
-and 48k iterations, stop at 64k; 45k/5k train/val split; 4-pixel zero padding, random 32x32 crop,
+and 48k iterations, stop at 64k (chosen on a 45k/5k train/val split: --holdout; the final runs
+train on the whole 50k); 4-pixel zero padding, random 32x32 crop,
 horizontal flip; test on the single 32x32 view. The schedule is counted in iterations (a per-step
 scheduler); --epochs sets another total length and the milestones keep their fractions (1/2, 3/4).
 ImageNet (§3.4): SGD momentum 0.9, weight decay 1e-4, batch 256, lr 0.1 divided by 10 every 30
@@ -395,9 +396,7 @@ def get_args_parser():
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
-    p.add_argument("--trainval", action="store_true",
-                   help="train on train+val (the whole training set); default: the paper's "
-                   "45k/5k split, the 5k for validation")
+    data.add_holdout_arg(p, why="§4.2 chose its schedule on a 45k/5k split")
     p.add_argument("--img-size", type=int, default=None,
                    help="ImageNet crop size (default: 224); shapes: the size the images are "
                    "drawn at (default: 32, 16 with --quick); the other sets keep their own size")
@@ -464,9 +463,6 @@ def main(argv=None):
     if args.warmup_iters is None:
         args.warmup_iters = CIFAR_RECIPE["warmup"] if recipe == "cifar" and args.depth >= 110 \
             else 0
-    if args.trainval and imagenet:
-        raise data.DataError("--trainval: ImageNet has no held-out split here (val is the test "
-                             "set); drop the flag")
     device = data.select_device(args.device, args.cuda)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
@@ -477,15 +473,14 @@ def main(argv=None):
 
     # Data. Small sets: the whole set on the device, 4-pixel padding + random crop + flip there
     # (§4.2), normalised with the training set's statistics. ImageNet: the §3.4 transforms.
+    split = data.train_split(args)  # the whole training set unless --holdout
     if imagenet:
         train_loader, val_loader, test_loader, info = imagenet_loaders(args, device)
     else:
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
-            train_split="trainval" if args.trainval else "train", size=args.img_size)
-        if args.trainval:
-            val_loader = None  # the held-out images are in the training set now
+            train_split=split, size=args.img_size)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
     model = resnet(args.depth, len(classes), info["in_channels"]).to(device)

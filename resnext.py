@@ -304,9 +304,7 @@ def get_args_parser():
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
-    p.add_argument("--trainval", action="store_true",
-                   help="train on train+val (the whole training set, as the paper); default: "
-                   "hold out the validation split (5k images on CIFAR) to report val error")
+    data.add_holdout_arg(p)
     p.add_argument("--epochs", type=int, default=None,
                    help="passes over the training set; the lr milestones keep their fractions "
                    "(default: 300 on small sets, 100 on ImageNet)")
@@ -364,9 +362,6 @@ def resolve_defaults(args):
     args.arch = f"resnext{args.depth}_{args.cardinality}x{args.width}d" + \
         ("" if args.base == 64 else f"_base{args.base}")
     args.out = args.out or f"runs/{args.arch}"
-    if args.trainval and imagenet:
-        raise data.DataError("--trainval: ImageNet has no held-out split here (val is the test "
-                             "set); drop the flag")
 
 
 def main(argv=None):
@@ -387,15 +382,14 @@ def main(argv=None):
 
     # Data. Small sets: the whole set on the device with ResNet's padding, crop and flip there;
     # ImageNet: the §4 transforms through a DataLoader.
+    split = data.train_split(args)  # the whole training set unless --holdout
     if imagenet:
         train_loader, val_loader, test_loader, info = imagenet_loaders(args, device)
     else:
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
-            train_split="trainval" if args.trainval else "train")
-        if args.trainval:
-            val_loader = None
+            train_split=split)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
     model = resnext(args.depth, args.cardinality, args.width, len(classes),

@@ -350,6 +350,7 @@ def get_args_parser():
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_holdout_arg(p, default=None, why="on for the small sets, whose default lr schedule, §3.1's plateau, needs it")
     p.add_argument("--bn", action="store_true",
                    help="BatchNorm after every conv (torchvision's vgg19_bn; not in the paper)")
     p.add_argument("--width", type=float, default=None,
@@ -413,7 +414,10 @@ def resolve_defaults(args):
     # §4.2: with jittered training, Q = {S_min, 0.5 (S_min + S_max), S_max}; §4.1: Q = the middle.
     args.single_scale = (args.scale_min + args.scale_max) // 2
     args.test_scales = args.test_scales or [args.scale_min, args.single_scale, args.scale_max]
-    args.lr_schedule = args.lr_schedule or ("steps" if imagenet else "plateau")
+    if args.holdout is None:  # §3.1's plateau schedule needs the held-out split
+        args.holdout = not imagenet and args.lr_schedule in (None, "plateau")
+    args.lr_schedule = args.lr_schedule or ("plateau" if args.holdout else "steps")
+    data.train_split(args)  # ImageNet has no held-out split here
 
 
 def main(argv=None):
@@ -454,7 +458,8 @@ def main(argv=None):
     else:
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
-            args.quick, args.seed, augment=False, eval_batch_size=250)
+            args.quick, args.seed, augment=False, eval_batch_size=250,
+            train_split=data.train_split(args))
         classes = info["classes"]
         if info["in_channels"] == 3:  # PCA colour from the training set's own RGB covariance
             eigval, eigvec = data.colour_pca(train_loader.images.cpu())

@@ -654,3 +654,19 @@ def test_caffe_param_groups_give_biases_twice_the_lr_and_no_decay():
     opt.step()
     assert torch.allclose(model[0].weight, before[0] * (1 - 0.1 * 0.5))
     assert torch.equal(model[0].bias, before[1])
+
+
+def test_every_classification_script_trains_on_the_whole_training_set_by_default():
+    import alexnet, googlenet, lenet5, monster_finetune, overfeat, resnet, resnext, vgg19  # noqa: E401
+    for m in (alexnet, googlenet, lenet5, monster_finetune, overfeat, resnet, resnext):
+        assert m.get_args_parser().parse_args([]).holdout is False, m.__name__
+        assert m.get_args_parser().parse_args(["--holdout"]).holdout is True, m.__name__
+    # VGG's §3.1 plateau schedule needs the val split: held out on small sets unless asked not to
+    for argv, holdout, schedule in (([], True, "plateau"), (["--no-holdout"], False, "steps"),
+                                    (["--lr-schedule", "steps"], False, "steps")):
+        args = vgg19.get_args_parser().parse_args(["--data", "shapes", *argv])
+        vgg19.resolve_defaults(args)
+        assert (args.holdout, args.lr_schedule) == (holdout, schedule), argv
+    with pytest.raises(data.DataError, match="ImageNet has no held-out split"):
+        args = resnet.get_args_parser().parse_args(["--data", "imagenet", "--holdout"])
+        data.train_split(args)

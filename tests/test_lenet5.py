@@ -144,3 +144,12 @@ def test_at_init_output_depends_on_input_and_eval_mode_learns(variant, steps):
     x, y = shapes_batch(16, 32, channels=1)
     torch.manual_seed(0)
     assert_learns_in_eval_mode(lenet5.lenet5(variant, 6, 1, 32), x, y, steps, 0.05, 0.6)
+
+
+def test_trains_on_the_whole_training_set_unless_holdout(tmp_path):
+    whole, _ = run(tmp_path, "whole", "--epochs", "1")
+    held, _ = run(tmp_path, "held", "--epochs", "1", "--holdout")
+    assert whole["config"]["sizes"] == {"train": 2250, "val": 0, "test": 500}
+    assert held["config"]["sizes"] == {"train": 2000, "val": 250, "test": 500}
+    assert "val_error" not in whole["history"][0] and "val_error" in held["history"][0]
+    assert (whole["config"]["holdout"], held["config"]["holdout"]) == (False, True)
