@@ -331,16 +331,43 @@ class DenseNet(nn.Module):
     def forward(self, x, offsets=False):
         f = self.body(x)
         if not offsets:
-            return self.head(F.max_pool2d(f, self.kernel, self.stride))
+            return head_over_windows(self.head, [F.max_pool2d(f, self.kernel, self.stride)])[0]
         kh, kw = _window(self.head)
-        return [self.head(p) for p in offset_max_pool(f, self.kernel, self.stride).values()
-                if p.shape[-2] >= kh and p.shape[-1] >= kw]
+        return head_over_windows(self.head, [
+            p for p in offset_max_pool(f, self.kernel, self.stride).values()
+            if p.shape[-2] >= kh and p.shape[-1] >= kw])
 
 
 def _window(head):
     """The (h, w) kernel of the head's first convolution (the former fc6)."""
     k = next(m for m in head if isinstance(m, nn.Conv2d)).kernel_size
     return k
+
+
+def head_over_windows(head, maps):
+    """The convolutionized FC layers (`head`) on every window of every map in `maps` (the
+    per-offset pooled maps), computed as the original network computes them: every window
+    unfolded into a row, all rows of all maps in one matrix, each former Linear one GEMM on it.
+    Equal to head(map) for each map (a kh x kw convolution, then 1x1 ones), without running a
+    large-kernel convolution once per offset. Returns the (N, K, h', w') score maps."""
+    first = next(i for i, m in enumerate(head) if isinstance(m, nn.Conv2d))
+    for m in head[:first]:                                       # dropout / ReLU before fc6
+        maps = [m(x) for x in maps]
+    kh, kw = head[first].kernel_size
+    shapes = [(x.shape[0], x.shape[-2] - kh + 1, x.shape[-1] - kw + 1) for x in maps]
+    rows = torch.cat([F.unfold(x, (kh, kw)).transpose(1, 2).reshape(-1, x.shape[1] * kh * kw)
+                      for x in maps])                            # (sum N h' w', C kh kw)
+    for m in head[first:]:
+        if isinstance(m, nn.Conv2d):
+            rows = F.linear(rows, m.weight.flatten(1), m.bias)   # the original fc layer
+        else:                                                    # ReLU, Dropout: elementwise
+            rows = m(rows)
+    out, start = [], 0
+    for n, h, w in shapes:
+        block = rows[start:start + n * h * w]
+        out.append(block.view(n, h, w, -1).permute(0, 3, 1, 2))
+        start += n * h * w
+    return out
 
 
 @torch.no_grad()
@@ -458,7 +485,7 @@ def localise(model, dense, x, scales, threshold, k=1):
         xs = v2.functional.resize(x, [s], antialias=True)
         f = dense.body(xs)
         f = F.max_pool2d(f, dense.kernel, dense.stride)
-        p = dense.head(f).float().softmax(1)                      # (N, K, h, w)
+        p = head_over_windows(dense.head, [f])[0].float().softmax(1)  # (N, K, h, w)
         t = model.regressor(f).float()                            # (N, 4, h, w)
         h, w = t.shape[-2:]
         c = location_centres(h, w, dense.total_stride, model.input_size, x.device).float()
@@ -605,7 +632,7 @@ def detect(model, dense, x, scales, num_classes, score_threshold=0.01, nms_iou=0
     for s in scales:
         xs = v2.functional.resize(x, [s], antialias=True)
         f = F.max_pool2d(dense.body(xs), dense.kernel, dense.stride)
-        p = dense.head(f).float().softmax(1)[:, :C]                     # (N, C, h, w)
+        p = head_over_windows(dense.head, [f])[0].float().softmax(1)[:, :C]   # (N, C, h, w)
         t = model.regressor(f).float()                                  # (N, 4 or 4C, h, w)
         h, w = t.shape[-2:]
         c = location_centres(h, w, dense.total_stride, size, x.device).float()

@@ -1,5 +1,6 @@
 """OverFeat §3.3: images/s of convolutional dense evaluation against the same windows computed
-crop by crop with the original (fully-connected) network.
+crop by crop with the original (fully-connected) network, beside the ratio of their FLOPs
+(torch.utils.flop_counter), the speed-up the shared convolutions allow.
 
     python bench/bench_overfeat_dense.py [--variant fast] [--width 1] [--scale 389] [--images 4]
 
@@ -21,6 +22,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
@@ -39,6 +41,14 @@ def crops_of(x, size, stride, h, w):
     """The h x w windows of side `size` at `stride`, row-major: (N * h * w, C, size, size)."""
     return torch.cat([x[:, :, i * stride:i * stride + size, j * stride:j * stride + size]
                       for i in range(h) for j in range(w)]).contiguous()
+
+
+def flops(fn):
+    """FLOPs of one call of fn, by torch.utils.flop_counter (convolutions and matmuls)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
 
 
 @torch.no_grad()
@@ -82,12 +92,19 @@ def main(argv=None):
           f"{args.scale}x{args.scale} on {device}, {h}x{w} windows of {size} at stride {stride}"
           f"{' (offset pooling)' if args.offsets else ''}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
+    # The work each path must do: the dense one shares the convolutions between windows, the
+    # classifier still runs once per window (and per offset); the speed-up can reach this ratio.
+    f_dense = flops(lambda: dense(x, offsets=args.offsets))
+    f_crop = flops(lambda: torch.cat([model(c) for c in windows.split(64)]))
     print(f"dense: {args.images / t_dense:.2f} images/s   crop by crop: "
-          f"{args.images / t_crop:.2f} images/s   speed-up x{t_crop / t_dense:.1f}")
+          f"{args.images / t_crop:.2f} images/s   speed-up x{t_crop / t_dense:.1f}   FLOP "
+          f"ratio x{f_crop / f_dense:.1f} ({f_crop / 1e9:.1f} / {f_dense / 1e9:.1f} GFLOP)   "
+          f"speed-up / FLOP ratio {t_crop / t_dense / (f_crop / f_dense):.2f}")
     print(f"same windows: argmax agreement {100 * agree:.1f} %, max |logit difference| "
           f"{diff:.3g}, std of the difference / std over windows {rel:.2f} (padding at the "
           f"crop borders)")
     return {"dense_images_per_s": args.images / t_dense, "crop_images_per_s": args.images / t_crop,
+            "flop_ratio": f_crop / f_dense, "speed_up": t_crop / t_dense,
             "windows": h * w, "argmax_agreement": agree, "max_logit_difference": diff,
             "relative_difference": rel}
 

@@ -196,6 +196,21 @@ def test_convolutionize_padded_net_differs_only_near_the_crop_border():
             assert 1e-6 < diff < want.abs().max()
 
 
+def test_head_over_windows_equals_the_convolutionized_head_on_every_offset_map():
+    # the dense path's classifier as one GEMM over all windows of all offsets == head(map)
+    torch.manual_seed(0)
+    m = overfeat.overfeat("fast", 10, width=0.125).eval()
+    overfeat.init_weights(m, "kaiming")
+    dense = overfeat.DenseNet(m).eval()
+    with torch.no_grad():
+        f = dense.body(torch.randn(2, 3, 330, 300))
+        maps = list(overfeat.offset_max_pool(f, dense.kernel, dense.stride).values())
+        got = overfeat.head_over_windows(dense.head, maps)
+        for x, g in zip(maps, got):
+            want = dense.head(x)
+            assert g.shape == want.shape and torch.allclose(g, want, atol=1e-5)
+
+
 def test_offset_max_pool_on_a_hand_built_map():
     # x[i, j] = 5 i + j: every 3x3 window's max is its bottom-right value.
     x = torch.arange(25.0).view(1, 1, 5, 5)
