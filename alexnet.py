@@ -327,6 +327,7 @@ def get_args_parser():
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
     data.add_holdout_arg(p)
+    data.add_limit_arg(p)
     p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper"],
                    help="torchvision's/the lecture's layout or the paper's (default: torchvision)")
     p.add_argument("--width", type=float, default=None,
@@ -406,7 +407,7 @@ def main(argv=None):
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
         args.quick, args.seed, augment=True, workers=args.workers,
         eval_batch_size=100 if imagenet else 250, size=args.img_size if imagenet else None,
-        square=True, train_split=data.train_split(args))
+        square=True, train_split=data.train_split(args), limit=args.limit)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
     colour = None
     if imagenet and args.ten_crop:

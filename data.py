@@ -22,6 +22,7 @@ Run `python data.py --data NAME` to check that a data set is in place and to wri
 This module imports only torch, torchvision, numpy and the standard library, and no sibling file.
 """
 import argparse
+import collections
 import contextlib
 import gzip
 import io
@@ -162,6 +163,13 @@ def _shape_mask(kind, u, v, r):
     return (d2 <= r * r) & (v >= 0)                 # semicircle
 
 
+# Rendered shapes images, shared by every ShapesDataset of the process (a run that builds its
+# train, val and test sets twice, or several runs in one process, render each image once); the
+# oldest are dropped past _RENDERED_MAX (~260 MB at 64x64, ~65 MB at 32x32).
+_RENDERED = collections.OrderedDict()
+_RENDERED_MAX = 16384  # the non-quick sets: 12,000 images
+
+
 def render_shapes(seed, index, size=64, max_shapes=4, split="train"):
     """Render image `index` of the shapes set; the same (seed, split, index, size) gives the same image.
 
@@ -250,7 +258,6 @@ class ShapesDataset(Dataset):
                          [("val", i) for i in range(n - min(n, n_train))]
         else:
             self.index = [(split, i) for i in range(n)]
-        self.cache = {}
         self.classes = SHAPES_CLASSES if task == "shapes-det" else \
             (("background",) + SHAPES_CLASSES if task == "shapes-seg" else SHAPES_CLASSES)
 
@@ -258,12 +265,15 @@ class ShapesDataset(Dataset):
         return len(self.index)
 
     def render(self, i):
-        if i not in self.cache:  # masks cached as uint8: 8x less memory than int64
-            split, j = self.index[i]
+        split, j = self.index[i]
+        key = (self.seed, split, j, self.size, self.max_shapes)
+        if key not in _RENDERED:  # masks kept as uint8: 8x less memory than int64
             image, boxes, labels, mask, label = render_shapes(self.seed, j, self.size,
                                                               self.max_shapes, split)
-            self.cache[i] = image, boxes, labels, mask.to(torch.uint8), label
-        return self.cache[i]
+            _RENDERED[key] = image, boxes, labels, mask.to(torch.uint8), label
+            if len(_RENDERED) > _RENDERED_MAX:
+                _RENDERED.popitem(last=False)
+        return _RENDERED[key]
 
     def __getitem__(self, i):
         image, boxes, labels, mask, label = self.render(i)
@@ -370,12 +380,13 @@ def _torchvision_classification(name, train, root, download):
 
 
 def classification_arrays(name, split, data_dir=None, download=True, quick=False, seed=0,
-                          size=32):
+                          size=32, limit=None):
     """The whole split of an in-memory set as (images uint8 (N, C, H, W), labels int64 (N,), classes).
 
     "train"/"val" are the seeded held-out split of the official training set (`VAL_FRACTION`);
     "trainval" the whole training set; "test" the official test set. `quick` keeps a small
-    stratification-free subset (first 2,000 / 500 images of a fixed permutation) for smoke runs.
+    stratification-free subset (first 2,000 / 500 images of a fixed permutation) for smoke runs;
+    `limit` (--limit) then keeps only the first `limit` images (smoke tests of the code path).
     """
     check_task(name, "classification")
     if name not in IN_MEMORY:
@@ -383,8 +394,9 @@ def classification_arrays(name, split, data_dir=None, download=True, quick=False
     check_split(name, split, ("train", "val", "trainval", "test"))
     if name == "shapes":
         ds = ShapesDataset("shapes", split, size=size, seed=seed, quick=quick)
-        x = torch.stack([ds.render(i)[0] for i in range(len(ds))])
-        y = torch.tensor([ds.render(i)[4] for i in range(len(ds))])
+        n = len(ds) if limit is None else min(limit, len(ds))
+        x = torch.stack([ds.render(i)[0] for i in range(n)])
+        y = torch.tensor([ds.render(i)[4] for i in range(n)])
         return x, y, SHAPES_CLASSES
     root = data_dir or default_data_dir()
     ds = _torchvision_classification(name, split != "test", root, download)
@@ -404,6 +416,8 @@ def classification_arrays(name, split, data_dir=None, download=True, quick=False
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
         keep = keep[:2000 if split in ("train", "trainval") else 500].sort().values
         x, y = x[keep], y[keep]
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
     return x.contiguous(), y, classes
 
 
@@ -957,7 +971,7 @@ class DeviceLoader:
 
 def classification_loaders(name, batch_size, device="cpu", data_dir=None, download=True,
                            quick=False, seed=0, augment=True, workers=2, eval_batch_size=500,
-                           train_split="train", size=None, square=False):
+                           train_split="train", size=None, square=False, limit=None):
     """(train, val, test) loaders and an info dict for a classification set.
 
     In-memory sets (MNIST, CIFAR, shapes) get `DeviceLoader`s normalised with the statistics of
@@ -983,7 +997,7 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
                 "image_size": size or 224, "sizes": (len(train_set), 0, len(test_set))}
         return train, None, test, info
     # The data (shapes images, the held-out split) are fixed; `seed` only shuffles and augments.
-    kw = dict(data_dir=data_dir, download=download, quick=quick, size=size or 32)
+    kw = dict(data_dir=data_dir, download=download, quick=quick, size=size or 32, limit=limit)
     x, y, classes = classification_arrays(name, train_split, **kw)
     x_test, y_test, _ = classification_arrays(name, "test", **kw)
     mean, std = channel_stats(x)
@@ -1040,12 +1054,27 @@ def add_holdout_arg(p, default=False, why=""):
                    f"{'; ' + why if why else ''})")
 
 
+def add_limit_arg(p):
+    """--limit N: only the first N images of each split (smoke tests of the whole code path in
+    seconds; the figures mean nothing)."""
+    def positive(text):
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"--limit {text}: give a number of images >= 1")
+        return value
+    p.add_argument("--limit", type=positive, default=None, metavar="N",
+                   help="only the first N images of each split of an in-memory set (smoke "
+                   "tests: the figures mean nothing)")
+
+
 def train_split(args):
     """The classification_loaders split that --holdout asks for; ImageNet has no held-out split
-    here (its official val set is the test set)."""
+    here (its official val set is the test set), and no --limit."""
     if args.data == "imagenet" and args.holdout:
         raise DataError("--holdout: ImageNet has no held-out split here (its val set is the "
                         "test set); drop --holdout")
+    if args.data == "imagenet" and getattr(args, "limit", None):
+        raise DataError("--limit applies to the in-memory sets; on ImageNet use --quick")
     return "train" if args.holdout else "trainval"
 
 
@@ -1198,6 +1227,12 @@ def resume_training_state(path, arch, model, optimizer, scheduler, scaler):
     load_weights(model, state, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        # the lr of the epoch to come, from this run's schedule (which may scale with --epochs:
+        # a run cut short by a smaller --epochs resumes on the longer run's schedule)
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                       scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     return state["epoch"] + 1, state["history"]

@@ -479,6 +479,7 @@ def get_args_parser():
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
     data.add_holdout_arg(p)
+    data.add_limit_arg(p)
     p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper", "nin"],
                    help="torchvision: torchvision's googlenet (BN; default); paper: Table 1 as "
                    "printed (no BN, LRN, 5x5); nin: Network in Network for CIFAR")
@@ -592,7 +593,7 @@ def main(argv=None):
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=250,
-            size=args.img_size, train_split=split)
+            size=args.img_size, train_split=split, limit=args.limit)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
     model = googlenet(len(classes), not args.no_aux, args.variant, info["in_channels"],

@@ -232,6 +232,7 @@ def get_args_parser():
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
     data.add_holdout_arg(p)
+    data.add_limit_arg(p)
     p.add_argument("--variant", default="lecture", choices=["lecture", "1998"],
                    help="the lecture's LeNet-5 or the paper's 1998 network (default: lecture)")
     p.add_argument("--epochs", type=int, default=None,
@@ -285,7 +286,7 @@ def main(argv=None):
     train_loader, val_loader, test_loader, info = data.classification_loaders(
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
         args.quick, args.seed, augment=AUGMENT if args.augment else False, eval_batch_size=1000,
-        train_split=data.train_split(args))
+        train_split=data.train_split(args), limit=args.limit)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
     mean, std = info["mean"], info["std"]
 

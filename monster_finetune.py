@@ -160,6 +160,7 @@ def get_args_parser():
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
     data.add_holdout_arg(p)
+    data.add_limit_arg(p)
     p.add_argument("--alexnet-weights", default=None, metavar="PATH",
                    help="a trained AlexNet: torchvision's state_dict or an alexnet.py checkpoint")
     p.add_argument("--pretrained", action="store_true",
@@ -217,7 +218,8 @@ def run(args):
 
     # Data: the whole set on the device. A trained AlexNet layer expects ImageNet's normalisation,
     # so its statistics are used (the lecture feeds ToTensor's [0, 1] images unnormalised).
-    kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick, size=32)
+    kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick, size=32,
+              limit=args.limit)
     # The lecture trains on the whole CIFAR-10 training set (50k); --holdout leaves its 5k val
     # split out (unused here: the script reports the test set only).
     x, y, classes = data.classification_arrays(args.data, data.train_split(args), **kw)

@@ -925,6 +925,7 @@ def get_args_parser():
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
     data.add_holdout_arg(p)
+    data.add_limit_arg(p)
     p.add_argument("--variant", default="fast", choices=["fast", "accurate", "alexnet"],
                    help="Table 1's fast or Table 3's accurate net, or torchvision's AlexNet")
     p.add_argument("--width", type=float, default=None,
@@ -1088,9 +1089,9 @@ def main(argv=None):
                              f"classification on classification sets, localisation on "
                              f"shapes-det or imagenet, detection on shapes-det or voc")
     localisation, detection = args.task == "localisation", args.task == "detection"
-    if args.holdout and args.task != "classification":
-        raise data.DataError(f"--holdout applies to classification; {args.task} trains on the "
-                             f"training split and tests on the test split")
+    if (args.holdout or args.limit) and args.task != "classification":
+        raise data.DataError(f"--holdout and --limit apply to classification; {args.task} "
+                             f"trains on the training split and tests on the test split")
     data.train_split(args)  # ImageNet has no held-out split here
     resolve_defaults(args)
     device = data.select_device(args.device, args.cuda)
@@ -1149,7 +1150,7 @@ def main(argv=None):
         train_loader, _, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
             args.quick, args.seed, augment=False, eval_batch_size=250,
-            train_split=data.train_split(args))
+            train_split=data.train_split(args), limit=args.limit)
         classes, steps = info["classes"], len(train_loader)
     n_train, n_val, n_test = info["sizes"]
 

@@ -397,6 +397,7 @@ def get_args_parser():
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
     data.add_holdout_arg(p, why="§4.2 chose its schedule on a 45k/5k split")
+    data.add_limit_arg(p)
     p.add_argument("--img-size", type=int, default=None,
                    help="ImageNet crop size (default: 224); shapes: the size the images are "
                    "drawn at (default: 32, 16 with --quick); the other sets keep their own size")
@@ -480,7 +481,7 @@ def main(argv=None):
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
-            train_split=split, size=args.img_size)
+            train_split=split, size=args.img_size, limit=args.limit)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
     model = resnet(args.depth, len(classes), info["in_channels"]).to(device)

@@ -305,6 +305,7 @@ def get_args_parser():
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
     data.add_holdout_arg(p)
+    data.add_limit_arg(p)
     p.add_argument("--epochs", type=int, default=None,
                    help="passes over the training set; the lr milestones keep their fractions "
                    "(default: 300 on small sets, 100 on ImageNet)")
@@ -389,7 +390,7 @@ def main(argv=None):
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
-            train_split=split)
+            train_split=split, limit=args.limit)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
     model = resnext(args.depth, args.cardinality, args.width, len(classes),

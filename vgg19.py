@@ -351,6 +351,7 @@ def get_args_parser():
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")
     data.add_holdout_arg(p, default=None, why="on for the small sets, whose default lr schedule, §3.1's plateau, needs it")
+    data.add_limit_arg(p)
     p.add_argument("--bn", action="store_true",
                    help="BatchNorm after every conv (torchvision's vgg19_bn; not in the paper)")
     p.add_argument("--width", type=float, default=None,
@@ -459,7 +460,7 @@ def main(argv=None):
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
             args.quick, args.seed, augment=False, eval_batch_size=250,
-            train_split=data.train_split(args))
+            train_split=data.train_split(args), limit=args.limit)
         classes = info["classes"]
         if info["in_channels"] == 3:  # PCA colour from the training set's own RGB covariance
             eigval, eigvec = data.colour_pca(train_loader.images.cpu())

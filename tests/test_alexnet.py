@@ -173,7 +173,7 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    tiny = ["--width", "0.125", "--variant", "paper", "--init", "variant"]
+    tiny = ["--width", "0.125", "--variant", "paper", "--init", "variant", "--limit", "512"]
     full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
     run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
     resumed, out_cut = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
@@ -226,7 +226,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
     # No BatchNorm: two processes with half the batch each and DDP's averaged gradients follow
     # the single-process run step for step; dropout masks differ (seed + rank), hence eval mode
     # comparisons with a tolerance rather than bit equality.
-    common = ["--epochs", "1", "--batch-size", "32"]
+    common = ["--epochs", "1", "--batch-size", "32", "--limit", "512"]
     single, _ = run(tmp_path, "one", *common)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "alexnet.py", "--data", "shapes", "--quick", "--device", "cpu", *common,

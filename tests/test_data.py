@@ -452,7 +452,7 @@ def test_detection_loader_on_shapes_det():
 
 @pytest.mark.slow
 def test_shapes_is_learnable_by_a_small_cnn_but_not_in_one_batch():
-    # ~20 s on 2 CPU cores: 3,000 32x32 images, 12 epochs of a 3-layer CNN reach ~90 %.
+    # 3,000 32x32 images: a 3-layer CNN passes 75 % within a few of its 12 epochs (~90 % at 12).
     torch.manual_seed(0)
     ds = data.ShapesDataset("shapes", "train", n=3000, size=32)
     x = torch.stack([ds.render(i)[0] for i in range(len(ds))])
@@ -485,8 +485,10 @@ def test_shapes_is_learnable_by_a_small_cnn_but_not_in_one_batch():
             opt.step()
             if after_one_batch is None:
                 after_one_batch = accuracy()
+        if accuracy() > 0.75:              # learnt: the remaining epochs would only add time
+            break
     assert after_one_batch < 0.35          # chance is 1/6: one batch does not solve it
-    assert accuracy() > 0.75               # a small CNN learns it in seconds on a CPU
+    assert accuracy() > 0.75, epoch        # a small CNN learns it in seconds on a CPU
 
 
 # ---------------------------------------------------------------------------- devices, checkpoints

@@ -242,7 +242,8 @@ def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path):
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # NIN (same checkpoint code path, a fraction of the time); --polyak: the EMA is resumed too
-    tiny = ["--variant", "nin", "--data", "shapes", "--width", "0.125", "--batch-size", "500", "--lr-steps", "2", "--polyak", "0.9"]
+    tiny = ["--variant", "nin", "--data", "shapes", "--width", "0.125", "--batch-size", "128",
+            "--lr-steps", "2", "--polyak", "0.9", "--limit", "512"]
     full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
     run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
     resumed, out_cut = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
@@ -271,7 +272,7 @@ def test_bad_input_is_a_one_line_error():
 
 def test_two_gloo_processes_agree_with_one_process(tmp_path):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
-    common = ["--epochs", "1", "--width", "0.125", "--batch-size", "64"]
+    common = ["--epochs", "1", "--width", "0.125", "--batch-size", "64", "--limit", "512"]
     single, _ = run(tmp_path, "one", *common)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "googlenet.py", "--data", "shapes", "--quick", "--device", "cpu", *common,

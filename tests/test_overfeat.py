@@ -348,7 +348,8 @@ def test_quick_run_writes_single_crop_and_dense_errors_and_eval_only_repeats_the
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # --stop-after 2 skips the (slow) dense test: equal weights imply equal test figures.
-    tiny = ["--variant", "alexnet", "--batch-size", "250", "--epochs", "2", "--lr-steps", "1"]
+    tiny = ["--variant", "alexnet", "--batch-size", "128", "--epochs", "2", "--lr-steps", "1",
+            "--limit", "512"]
     assert run(tmp_path, "full", *tiny, "--stop-after", "2")[0] is None
     assert run(tmp_path, "cut", *tiny, "--stop-after", "1")[0] is None  # "killed" after 1
     assert run(tmp_path, "cut", *tiny, "--resume", "--stop-after", "2")[0] is None

@@ -136,7 +136,8 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert saved["metrics"] == results["metrics"] and saved["script"] == "resnet.py"
-    assert saved["config"]["iterations"] == 10 * 62 and saved["config"]["milestones"] == [310, 465]
+    # 2,250 images (shapes' train + val: the whole training set) at batch 32: 70 steps an epoch
+    assert saved["config"]["iterations"] == 10 * 70 and saved["config"]["milestones"] == [350, 525]
     assert saved["history"][-1]["train_loss"] < saved["history"][0]["train_loss"]
     assert "top5_error" not in saved["metrics"]  # 6 classes
     again, _ = run(tmp_path, "b", "--depth", "8", "--img-size", "32", "--eval-only",
@@ -145,13 +146,13 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    # 3 epochs of 15 iterations; the lr drops at iterations 22 and 34, inside epochs 2 and 3,
+    # 3 epochs of 8 iterations; the lr drops at iterations 12 and 18, inside epochs 2 and 3,
     # so the resumed run must restore the per-iteration scheduler exactly.
-    b = ["--batch-size", "128"]  # 15 iterations an epoch
+    b = ["--batch-size", "64", "--limit", "512"]  # 512 images: 8 iterations an epoch
     full, out_full = run(tmp_path, "full", "--depth", "8", "--epochs", "3", *b)
     run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--stop-after", "1", *b)  # "killed"
     resumed, out_cut = run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--resume", *b)
-    assert full["config"]["milestones"] == [22, 34]
+    assert full["config"]["milestones"] == [12, 18]
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
@@ -184,10 +185,10 @@ def test_two_gloo_processes_agree_with_one_process(tmp_path):
     # BatchNorm statistics are per process under DDP (as on the paper's two GPUs; SyncBatchNorm
     # needs a GPU), so the two runs see the same data and the same averaged gradients but not
     # bit-identical normalisation: their losses agree closely, not exactly.
-    single, _ = run(tmp_path, "one", "--depth", "8", "--epochs", "1")
+    single, _ = run(tmp_path, "one", "--depth", "8", "--epochs", "1", "--limit", "512")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "resnet.py", "--depth", "8", "--data", "shapes", "--quick", "--device", "cpu",
-           "--epochs", "1", "--batch-size", "128", "--out", str(tmp_path / "two"),
+           "--epochs", "1", "--batch-size", "128", "--limit", "512", "--out", str(tmp_path / "two"),
            "--log-every", "100000"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

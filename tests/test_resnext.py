@@ -181,9 +181,10 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    full, out_full = run(tmp_path, "full", "--epochs", "3")  # lr / 10 after epochs 1 and 2
-    run(tmp_path, "cut", "--epochs", "3", "--stop-after", "1")  # "killed" after epoch 1
-    resumed, out_cut = run(tmp_path, "cut", "--epochs", "3", "--resume")
+    tiny = ["--limit", "256"]  # the code path, not learning
+    full, out_full = run(tmp_path, "full", "--epochs", "3", *tiny)  # lr / 10 after epochs 1, 2
+    run(tmp_path, "cut", "--epochs", "3", "--stop-after", "1", *tiny)  # "killed" after epoch 1
+    resumed, out_cut = run(tmp_path, "cut", "--epochs", "3", "--resume", *tiny)
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
@@ -211,9 +212,10 @@ def test_bad_input_is_a_clear_error(tmp_path):
 
 def test_two_gloo_processes_agree_with_one_process(tmp_path):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
-    single, _ = run(tmp_path, "one", "--epochs", "1")
+    single, _ = run(tmp_path, "one", "--epochs", "1", "--limit", "512")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "resnext.py", "--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--depth", "11", "--batch-size", "128",
+           "resnext.py", "--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1",
+           "--depth", "11", "--batch-size", "128", "--limit", "512",
            "--out", str(tmp_path / "two"), "--log-every", "100000"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

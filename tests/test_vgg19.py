@@ -217,7 +217,8 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    tiny = ["--batch-size", "128", "--patience", "0"]  # patience 0: the lr changes every epoch
+    # patience 0: the lr changes every epoch; 256 images (the code path, not learning)
+    tiny = ["--batch-size", "128", "--patience", "0", "--limit", "256"]
     full, out_full = run(tmp_path, "full", "--epochs", "3", *tiny)
     run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
     resumed, out_cut = run(tmp_path, "cut", "--epochs", "3", "--resume", *tiny)
@@ -252,10 +253,11 @@ def test_bad_input_is_a_one_line_error(tmp_path):
 def test_two_gloo_processes_agree_with_one_process(tmp_path):
     # With --bn the BatchNorm statistics are per process (SyncBatchNorm needs a GPU): the two
     # runs see the same data and average their gradients, so the losses agree closely.
-    single, _ = run(tmp_path, "one", "--bn", "--epochs", "1", "--batch-size", "64")
+    single, _ = run(tmp_path, "one", "--bn", "--epochs", "1", "--batch-size", "64", "--limit", "512")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "vgg19.py", "--data", "shapes", "--quick", "--device", "cpu", "--bn", "--epochs", "1",
-           "--batch-size", "64", "--out", str(tmp_path / "two"), "--log-every", "100000"]
+           "--batch-size", "64", "--limit", "512", "--out", str(tmp_path / "two"),
+           "--log-every", "100000"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with open(tmp_path / "two" / "results.json") as f:
