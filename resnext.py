@@ -180,15 +180,21 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def load_pretrained(model, depth, cardinality, width):
-    """torchvision's ImageNet weights where they exist (50 32x4d, 101 32x8d, 101 64x4d); with
-    another number of classes, every layer but the fc (fine-tuning)."""
+def torchvision_name(depth, cardinality, width):
+    """The torchvision model with these weights, or a one-line error naming those that exist."""
     name = TORCHVISION.get((depth, cardinality, width))
     if name is None:
         raise data.DataError(f"--pretrained: torchvision has no ResNeXt-{depth} {cardinality}x"
                              f"{width}d weights; use one of " +
                              ", ".join(f"--depth {d} --cardinality {c} --width {w}"
                                        for d, c, w in TORCHVISION))
+    return name
+
+
+def load_pretrained(model, depth, cardinality, width):
+    """torchvision's ImageNet weights where they exist (50 32x4d, 101 32x8d, 101 64x4d); with
+    another number of classes, every layer but the fc (fine-tuning)."""
+    name = torchvision_name(depth, cardinality, width)
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     state = data.torchvision_weights(weights)
     if model.fc.out_features != 1000:
@@ -363,6 +369,8 @@ def resolve_defaults(args):
     args.arch = f"resnext{args.depth}_{args.cardinality}x{args.width}d" + \
         ("" if args.base == 64 else f"_base{args.base}")
     args.out = args.out or f"runs/{args.arch}"
+    if args.pretrained:  # before any data or model is built
+        torchvision_name(args.depth, args.cardinality, args.width)
 
 
 def main(argv=None):
@@ -370,6 +378,7 @@ def main(argv=None):
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     resolve_defaults(args)
+    weights = data.load_checkpoint(args.weights, args.arch) if args.weights else None  # checked first
     data.check_task(args.data, "classification")
     imagenet = args.data == "imagenet"
     recipe = "imagenet" if imagenet else "cifar"  # the recipe follows the data, the net the depth
@@ -400,7 +409,7 @@ def main(argv=None):
             raise data.DataError("--pretrained needs --base 64 (the published weights)")
         load_pretrained(model, args.depth, args.cardinality, args.width)
     if args.weights:
-        data.load_weights(model, data.load_checkpoint(args.weights, args.arch), args.weights)
+        data.load_weights(model, weights, args.weights)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     epochs, milestones = schedule(recipe, args.epochs)
