@@ -4,8 +4,8 @@
 
 JPEG_DIR holds the CIFAR-10 test images as <class>/NNNN.jpg (../shared/data/cifar10_test_jpg):
 the first 800 images of each class become a training set, the other 200 the test set (8,000 /
-2,000; monster_finetune.py holds 1/10 of the training set out for validation, so it trains on
-7,200), written as CIFAR-10 python batches under OUT/data. CIFAR's md5 check is skipped for these
+2,000; with --holdout monster_finetune.py leaves 1/10 of them out, training on 7,200), written
+as CIFAR-10 python batches under OUT/data. CIFAR's md5 check is skipped for these
 re-made batches (they are not the published files). Then monster_finetune.py --compare runs the
 same recipe frozen then fine-tuned, never frozen, and from scratch, from the AlexNet first layer in
 ALEXNET_CHECKPOINT (any alexnet.py or torchvision checkpoint).
