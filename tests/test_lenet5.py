@@ -47,7 +47,8 @@ def test_1998_init_is_uniform_2_4_over_the_fan_in():
         assert 0.95 * 2.4 / fan_in < float(w.abs().max()) <= 2.4 / fan_in
         assert abs(float(w.std()) - 2.4 / fan_in / 3 ** 0.5) < 0.1 * 2.4 / fan_in  # uniform
         assert (layer.bias == 0).all()
-    assert float(m.s2.weight.abs().max()) <= 0.6 and float(m.s4.weight.abs().max()) <= 0.6
+    assert float(m.s2.weight.detach().abs().max()) <= 0.6 \
+        and float(m.s4.weight.detach().abs().max()) <= 0.6
 
 
 def test_c3_maps_see_only_the_inputs_of_table_1():
