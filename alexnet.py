@@ -505,6 +505,8 @@ def main(argv=None):
 
 
 DEPARTURES = [
+    "biases at 2x the lr without weight decay, as the released nets train them (cuda-convnet's "
+    "epsB, Caffe's bvlc_alexnet); §5's update rule is written for every weight",
     "one device: the two GPUs of §3.2 become groups=2 in conv2/conv4/conv5 (paper variant); "
     "LRN runs over all 96/256 maps of both towers (as Caffe's reference), not within each tower",
     "conv1 padding 2 on 224 crops (the paper's 224 gives 54x54 maps without it; 227 is needed)",

@@ -237,8 +237,8 @@ def yolo_loss(pred, target, B, lambda_coord=5.0, lambda_noobj=0.5):
         pbox = cell_boxes_to_xyxy(p[..., :2], p[..., 2:4] ** 2, S)
         tbox = cell_boxes_to_xyxy(target[..., None, :2], target[..., None, 2:4], S)
         iou = paired_iou(pbox, tbox.expand_as(pbox))                  # (N, S, S, B)
-        xywh = lambda b: torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], -1)  # noqa: E731
-        rmse = (xywh(pbox) - xywh(tbox)).pow(2).sum(-1)                # (squared: same order)
+        cxcywh = lambda b: torchvision.ops.box_convert(b, "xyxy", "cxcywh")  # noqa: E731
+        rmse = (cxcywh(pbox) - cxcywh(tbox.expand_as(pbox))).pow(2).sum(-1)  # squared: same order
         best = torch.where(iou.amax(-1) > 0, iou.argmax(-1), rmse.argmin(-1))
         resp = F.one_hot(best, B).float() * obj[..., None]           # 1_ij^obj
     t = target[..., None, :4]
