@@ -44,12 +44,16 @@ from torchvision.transforms import v2
 # ----------------------------------------------------------------------------------------------
 # Names, classes, constants
 
-CLASSIFICATION = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "shapes")
+CLASSIFICATION = ("mnist", "fashion-mnist", "cifar10", "cifar100", "cifar10-jpg", "imagenet",
+                  "shapes")
 DETECTION = ("voc", "shapes-det")
 SEGMENTATION = ("voc-seg", "cityscapes", "shapes-seg")
-IN_MEMORY = ("mnist", "fashion-mnist", "cifar10", "cifar100", "shapes")
+IN_MEMORY = ("mnist", "fashion-mnist", "cifar10", "cifar100", "cifar10-jpg", "shapes")
 VAL_FRACTION = {"mnist": 1 / 12, "fashion-mnist": 1 / 12, "cifar10": 1 / 10, "cifar100": 1 / 10,
-                "shapes": 1 / 10}
+                "cifar10-jpg": 1 / 10, "shapes": 1 / 10}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+CIFAR10_JPG = {"folder": "cifar10_test_jpg", "train_fraction": 0.8}
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -351,6 +355,35 @@ class _IdxSet:
         self.data, self.targets, self.classes, self.root = images, labels, classes, folder
 
 
+def cifar10_jpg(root, train):
+    """`cifar10-jpg`: CIFAR-10 images as JPEG files in `ROOT/cifar10_test_jpg/<class>/NNNN.jpg`
+    (`../shared/data` holds the 10,000 test images so, 1,000 per class), split by file name: the
+    first 80 % of each class (sorted) are the training set, the rest the test set: a fixed
+    8,000 / 2,000 of those 10,000. A real-photograph stand-in for CIFAR-10 where the set cannot be
+    downloaded; its figures are not comparable with published CIFAR-10 ones (other images, fewer,
+    JPEG-compressed)."""
+    folder = os.path.join(root, CIFAR10_JPG["folder"])
+    images, labels = [], []
+    for label, c in enumerate(CIFAR10_CLASSES):
+        where = os.path.join(folder, c)
+        files = sorted(f for f in os.listdir(where) if f.lower().endswith(".jpg")) \
+            if os.path.isdir(where) else []
+        if len(files) < 2:
+            raise DataError(f"cifar10-jpg not found: {where} holds {len(files)} .jpg files; put "
+                            f"the class folders <class>/NNNN.jpg in {folder}, or point --data-dir "
+                            f"at the folder that holds {CIFAR10_JPG['folder']}/")
+        n = int(round(CIFAR10_JPG["train_fraction"] * len(files)))
+        for f in files[:n] if train else files[n:]:
+            path = os.path.join(where, f)
+            im = load_image(path)
+            if im.shape != (3, 32, 32):
+                raise DataError(f"{path} is {im.shape[2]}x{im.shape[1]} pixels, not CIFAR's "
+                                f"32x32: the file is not one of the set's; remove it")
+            images.append(im)
+            labels.append(label)
+    return torch.stack(images), torch.tensor(labels), CIFAR10_CLASSES
+
+
 def _torchvision_classification(name, train, root, download):
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
@@ -399,11 +432,14 @@ def classification_arrays(name, split, data_dir=None, download=True, quick=False
         y = torch.tensor([ds.render(i)[4] for i in range(n)])
         return x, y, SHAPES_CLASSES
     root = data_dir or default_data_dir()
-    ds = _torchvision_classification(name, split != "test", root, download)
-    x = torch.as_tensor(np.asarray(ds.data))
-    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
-    y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    classes = tuple(ds.classes)
+    if name == "cifar10-jpg":
+        x, y, classes = cifar10_jpg(root, split != "test")
+    else:
+        ds = _torchvision_classification(name, split != "test", root, download)
+        x = torch.as_tensor(np.asarray(ds.data))
+        x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+        y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+        classes = tuple(ds.classes)
     if len(y) and (y.min() < 0 or y.max() >= len(classes)):
         bad = y[(y < 0) | (y >= len(classes))][0].item()
         raise DataError(f"{name}: label {bad} is outside the {len(classes)} classes; the label "

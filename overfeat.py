@@ -918,7 +918,7 @@ def get_args_parser():
                                 "dense multi-scale evaluation, localisation by box regression "
                                 "with greedy merging and detection with a background class, on "
                                 "ImageNet, VOC, CIFAR, MNIST or the shapes sets.")
-    p.add_argument("--data", default="imagenet", help="imagenet | cifar10 | cifar100 | mnist | "
+    p.add_argument("--data", default="imagenet", help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
                    "fashion-mnist | shapes (classification) | shapes-det (localisation or "
                    "detection) | voc (detection)")
     p.add_argument("--data-dir", default=data.default_data_dir(),

@@ -632,6 +632,39 @@ def test_system_installed_fashion_mnist_is_read_in_place_and_damage_is_named(tmp
         assert str(images) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_cifar10_jpg_folder_is_split_by_file_name_and_damage_is_named(tmp_path):
+    # The layout of ../shared/data/cifar10_test_jpg, 5 images per class: per class, the first 4
+    # file names (sorted) train, the last one tests; each image a flat colour that encodes its
+    # class and index, so the labels and the order can be read back through JPEG's loss.
+    folder = tmp_path / "cifar10_test_jpg"
+    for label, c in enumerate(data.CIFAR10_CLASSES):
+        (folder / c).mkdir(parents=True)
+        for i in (4, 0, 3, 1, 2):  # written out of order: the split goes by name, not by mtime
+            im = torch.zeros(3, 32, 32, dtype=torch.uint8)
+            im[0], im[1] = 20 * label + 10, 40 * i + 20
+            Image.fromarray(im.permute(1, 2, 0).numpy()).save(folder / c / f"{i:04d}.jpg",
+                                                              quality=95)
+    x, y, classes = data.classification_arrays("cifar10-jpg", "trainval", tmp_path)
+    assert x.shape == (40, 3, 32, 32) and x.dtype == torch.uint8 and classes[3] == "cat"
+    assert torch.equal(y, torch.arange(10).repeat_interleave(4))
+    red, green = x[:, 0].float().mean((1, 2)), x[:, 1].float().mean((1, 2))
+    assert torch.allclose(red, (20 * y + 10).float(), atol=4)
+    assert torch.allclose(green, (40 * torch.arange(4).repeat(10) + 20).float(), atol=4)
+    xt, yt, _ = data.classification_arrays("cifar10-jpg", "test", tmp_path)
+    assert torch.equal(yt, torch.arange(10)) and torch.allclose(
+        xt[:, 1].float().mean((1, 2)), torch.full((10,), 180.0), atol=4)
+    _, _, _, info = data.classification_loaders("cifar10-jpg", 8, data_dir=tmp_path,
+                                                train_split="trainval")
+    assert info["sizes"] == (40, 0, 10) and info["in_channels"] == 3
+    # A damaged JPEG is named as damaged; a missing class folder as not found, with the fix.
+    (folder / "ship" / "0002.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(data.DataError, match="0002.jpg.*corrupt") as e:
+        data.classification_arrays("cifar10-jpg", "trainval", tmp_path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match="cifar10-jpg not found.*--data-dir"):
+        data.classification_arrays("cifar10-jpg", "test", tmp_path / "elsewhere")
+
+
 def test_missing_fashion_mnist_names_the_debian_package(tmp_path, monkeypatch):
     monkeypatch.setitem(data.SYSTEM_DATA_DIRS, "fashion-mnist", (str(tmp_path / "absent"),))
     with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
