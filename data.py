@@ -1068,6 +1068,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Every number given on the command line is finite: `--lr nan` or `--lr inf` would
+        otherwise pass a `> 0` check and train on NaNs."""
+        ns, extra = super().parse_known_args(args, namespace)
+        for name, value in vars(ns).items():
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    self.error(f"--{name.replace('_', '-')} {v}: must be a finite number")
+        return ns, extra
+
 
 def apply_quick(args, quick):
     """With --quick, every flag named in the script's QUICK dict that the user did not set takes

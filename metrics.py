@@ -349,12 +349,18 @@ def segmentation_scores(confusion):
 # ---------------------------------------------------------------------------------------------
 # Progress lines and results records
 
+class Diverged(ValueError):
+    """The training loss became NaN or infinite: the run stops (every script turns this into its
+    one-line error and a non-zero exit) before anything of it is written."""
+
+
 class Progress:
     """One line every `every` steps: epoch, step, loss (mean since the last line), learning rate,
-    images/s and the time left for the whole run. Pass `enabled=False` on non-main ranks."""
+    images/s and the time left for the whole run. Pass `enabled=False` on non-main ranks.
+    Every step's loss is checked: a NaN or infinite one raises `Diverged`, naming the step."""
 
     def __init__(self, steps_per_epoch, epochs, every=100, start_epoch=0, enabled=True,
-                 out=sys.stdout):
+                 out=sys.stdout, model=None):
         self.steps_per_epoch, self.epochs, self.every = steps_per_epoch, epochs, max(1, every)
         self.remaining = (epochs - start_epoch) * steps_per_epoch
         self.enabled, self.out = enabled, out
@@ -362,12 +368,25 @@ class Progress:
         self.loss_sum, self.loss_n, self.images = 0.0, 0, 0
         self.start = self.last = time.perf_counter()
         self.done = 0
+        self.model = model  # its weights are checked at the end of every epoch and of the run
 
     def step(self, images, loss, lr, epoch):
         if epoch != self.epoch:
             self.epoch, self.step_in_epoch = epoch, 0
         self.step_in_epoch += 1
         self.done += 1
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss became {loss} at epoch {epoch + 1} step "
+                           f"{self.step_in_epoch}; the run stopped and wrote no results (a "
+                           f"checkpoint already in its folder is as it was): lower --lr (now "
+                           f"{lr:g}) or check the input data")
+        last = self.step_in_epoch == self.steps_per_epoch or self.done == self.remaining
+        if last and self.model is not None:  # the loss of a step is that of the weights before it
+            norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
+            if not torch.isfinite(torch.stack(norms).sum()):
+                raise Diverged(f"the weights became non-finite in epoch {epoch + 1} (the loss "
+                               f"was still finite); the run stopped before writing this epoch's "
+                               f"checkpoint or any results: lower --lr (now {lr:g})")
         self.loss_sum, self.loss_n, self.images = self.loss_sum + loss, self.loss_n + 1, \
             self.images + images
         if self.step_in_epoch % self.every == 0 or self.step_in_epoch == self.steps_per_epoch:

@@ -268,7 +268,7 @@ def run(args):
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
-                                    start_epoch=start_epoch, enabled=is_main)
+                                    start_epoch=start_epoch, enabled=is_main, model=model)
         for epoch in range(start_epoch, args.epochs):
             frozen = epoch < args.frozen_epochs
             if args.world > 1 and (epoch == start_epoch or epoch == args.frozen_epochs):

@@ -1206,7 +1206,7 @@ def main(argv=None):
     total_epochs = args.epochs + (args.loc_epochs if localisation or detection else 0)
     if not args.eval_only:
         progress = metrics.Progress(steps, total_epochs, args.log_every,
-                                    start_epoch=start_epoch, enabled=is_main)
+                                    start_epoch=start_epoch, enabled=is_main, model=model)
         for epoch in range(start_epoch, total_epochs):
             phase = "classify" if epoch < args.epochs else "regress"
             if detection:  # the regressor learns from the positive windows only

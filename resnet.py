@@ -532,7 +532,7 @@ def main(argv=None):
 
     if not args.eval_only:
         progress = metrics.Progress(steps_per_epoch, epochs, args.log_every,
-                                    start_epoch=start_epoch, enabled=is_main)
+                                    start_epoch=start_epoch, enabled=is_main, model=model)
         progress.remaining = total_iters - scheduler.last_epoch  # for the ETA of a cut epoch
         for epoch in range(start_epoch, epochs):
             data.set_epoch(train_loader, epoch)

@@ -446,7 +446,7 @@ def main(argv=None):
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), epochs, args.log_every,
-                                    start_epoch=start_epoch, enabled=is_main)
+                                    start_epoch=start_epoch, enabled=is_main, model=model)
         for epoch in range(start_epoch, epochs):
             data.set_epoch(train_loader, epoch)
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,

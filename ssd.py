@@ -786,7 +786,7 @@ def main(argv=None):
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
-                                    start_epoch=start_epoch, enabled=is_main)
+                                    start_epoch=start_epoch, enabled=is_main, model=model)
         for epoch in range(start_epoch, args.epochs):
             loss, l_conf, l_loc = train_one_epoch(net, model, train_loader_for(epoch), optimizer,
                                                   scaler, args, device, epoch, progress)

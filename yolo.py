@@ -363,9 +363,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         with data.autocast(device, args.amp):
             out = model(x)
         terms = yolo_loss(out.float(), target, args.boxes, args.lambda_coord, args.lambda_noobj)
-        if not torch.isfinite(terms["loss"]):  # stop rather than train on NaNs for hours
-            raise data.DataError(f"the loss diverged ({terms['loss'].item()}) in epoch "
-                                 f"{epoch + 1}; lower --lr (now {args.lr:g}) or use --bn")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms["loss"]).backward()
         if args.clip_grad:  # our departure (--quick): a bad early batch cannot blow fc2 up
@@ -451,7 +448,8 @@ def pretrain(args, device, rank):
     if args.resume:
         start, history = data.resume_training_state(ckpt, arch, model, optimizer, scheduler, scaler)
     net = model if args.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
-    progress = metrics.Progress(len(train_loader), args.epochs, args.log_every, start, is_main)
+    progress = metrics.Progress(len(train_loader), args.epochs, args.log_every, start, is_main,
+                                model=model)
     for epoch in range(start, args.epochs):
         data.set_epoch(train_loader, epoch)
         net.train()
@@ -720,7 +718,7 @@ def main(argv=None):
     seen, t_train = 0, time.time()
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
-                                    start_epoch=start_epoch, enabled=is_main)
+                                    start_epoch=start_epoch, enabled=is_main, model=model)
         for epoch in range(start_epoch, args.epochs):
             # Every epoch's randomness (order, augmentation, dropout) is a function of
             # (seed, rank, epoch) alone: a resumed run repeats an uninterrupted one exactly.

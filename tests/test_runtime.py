@@ -1,0 +1,89 @@
+"""What every script shares at run time: flags checked before a run, a diverging run stopped."""
+import importlib
+import math
+
+import pytest
+import torch
+
+import data
+import metrics
+
+
+# ---------------------------------------------------------------------------- flags
+
+def test_non_finite_numbers_are_one_line_flag_errors(capsys):
+    p = data.ArgumentParser(prog="x.py")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--steps", type=float, nargs="*", default=[])
+    assert p.parse_args(["--lr", "1e-3", "--steps", "1", "2.5"]).steps == [1.0, 2.5]
+    for argv, flag in ((["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"),
+                       (["--lr=-inf"], "--lr -inf"), (["--steps", "3", "nan"], "--steps nan")):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"x.py: error: {flag}: must be a finite number") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------- divergence
+
+def test_progress_stops_at_the_first_non_finite_loss_naming_epoch_and_step():
+    progress = metrics.Progress(5, 2, every=100, enabled=False)
+    for _ in range(5):
+        progress.step(8, 1.0, 0.1, 0)
+    progress.step(8, 0.9, 0.1, 1)
+    progress.step(8, 0.8, 0.1, 1)
+    with pytest.raises(metrics.Diverged, match=r"loss became nan at epoch 2 step 3; .*lower --lr "
+                                               r"\(now 0.1\)"):
+        progress.step(8, math.nan, 0.1, 1)
+    with pytest.raises(metrics.Diverged, match="loss became inf at epoch 1 step 1"):
+        metrics.Progress(5, 1, enabled=False).step(8, math.inf, 0.1, 0)
+
+
+def test_progress_checks_the_weights_at_the_end_of_each_epoch():
+    model = torch.nn.Linear(3, 2)
+    progress = metrics.Progress(3, 2, enabled=False, model=model)
+    progress.step(8, 1.0, 0.1, 0)
+    with torch.no_grad():
+        model.weight[0, 0] = math.inf  # the last update of the epoch blew up; its loss was finite
+    progress.step(8, 1.0, 0.1, 0)      # mid-epoch: not looked at (the next loss would show it)
+    with pytest.raises(metrics.Diverged, match="weights became non-finite in epoch 1"):
+        progress.step(8, 1.0, 0.1, 0)  # the epoch's last step: checked before its checkpoint
+    # the run's last step is checked too when the run ends inside an epoch (resnet's iterations)
+    progress = metrics.Progress(10, 1, enabled=False, model=model)
+    progress.remaining = 2
+    progress.step(8, 1.0, 0.1, 0)
+    with pytest.raises(metrics.Diverged, match="weights became non-finite"):
+        progress.step(8, 1.0, 0.1, 0)
+
+
+# Each script, one tiny run at an absurd learning rate: the run must end in Diverged (each
+# script's __main__ turns it into its one-line error, exit 1), with no results.json written and
+# a checkpoint already in the folder left byte for byte as it was.
+DIVERGING = [
+    ("lenet5", ["--data", "shapes"]),
+    ("alexnet", ["--data", "shapes"]),
+    ("vgg19", ["--data", "shapes"]),
+    ("resnet", ["--data", "shapes", "--depth", "8"]),
+    ("resnext", ["--data", "shapes"]),
+    ("googlenet", ["--data", "shapes"]),
+    ("googlenet", ["--data", "shapes", "--variant", "nin"]),
+    ("overfeat", ["--data", "shapes"]),
+    ("monster_finetune", ["--data", "shapes"]),
+    ("yolo", ["--data", "shapes-det", "--pretrain-epochs", "0"]),
+    ("ssd", ["--data", "shapes-det"]),
+    ("fcn", ["--data", "shapes-seg"]),
+]
+
+
+@pytest.mark.parametrize("script,argv", DIVERGING, ids=[f"{s}{'-' + a[-1] if 'nin' in a else ''}"
+                                                        for s, a in DIVERGING])
+def test_a_diverging_run_stops_and_writes_nothing(tmp_path, script, argv):
+    module = importlib.import_module(script)
+    (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's checkpoint")
+    limit = [] if script in ("yolo", "ssd", "fcn") else ["--limit", "48"]
+    with pytest.raises(metrics.Diverged, match="became (nan|inf|-inf|non-finite)"):
+        module.main([*argv, "--quick", "--epochs", "1", "--batch-size", "16", "--lr", "1e30",
+                     "--device", "cpu", "--out", str(tmp_path), "--log-every", "100000", *limit])
+    assert not (tmp_path / "results.json").exists()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"an earlier run's checkpoint"
