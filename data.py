@@ -1203,6 +1203,24 @@ def init_distributed(device):
     return distributed_info()
 
 
+def prepare_out(folder):
+    """Create the run's output folder and write a file in it, before any data is read or step
+    is taken: `--out` that is a regular file, or a folder that cannot be written, is a one-line
+    error now, not a traceback at the first checkpoint hours later."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except (FileExistsError, NotADirectoryError):
+        raise DataError(f"--out {folder}: a file of that name is in the way (the run's folder "
+                        f"cannot be created); choose another --out or move the file")
+    except OSError as e:
+        raise DataError(f"--out {folder}: cannot write there ({e.strerror or e}); choose a "
+                        f"writable folder with --out")
+
+
 def save_checkpoint(path, state):
     """torch.save to a temporary file, then an atomic rename: a kill never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -1,6 +1,7 @@
 """What every script shares at run time: flags checked before a run, a diverging run stopped."""
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -87,3 +88,34 @@ def test_a_diverging_run_stops_and_writes_nothing(tmp_path, script, argv):
                      "--device", "cpu", "--out", str(tmp_path), "--log-every", "100000", *limit])
     assert not (tmp_path / "results.json").exists()
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"an earlier run's checkpoint"
+
+
+# ---------------------------------------------------------------------------- outputs
+
+SCRIPTS = ["lenet5", "alexnet", "vgg19", "resnet", "resnext", "googlenet", "overfeat",
+           "monster_finetune", "yolo", "ssd", "fcn"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_unusable_out_is_an_error_before_any_data_is_read(tmp_path, script):
+    # Each script's default (real) data set, absent, with --no-download: were the data read
+    # before --out is checked, the error would be about the data.
+    module = importlib.import_module(script)
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    for out in (in_the_way, in_the_way / "run"):
+        with pytest.raises(data.DataError, match=f"--out {out}: a file of that name is in the way"):
+            module.main(["--data-dir", str(tmp_path / "no-data"), "--no-download", "--device",
+                         "cpu", "--out", str(out)])
+    assert in_the_way.read_text() == "not a folder"
+
+
+def test_prepare_out_creates_the_folder_and_names_an_unwritable_one(tmp_path, monkeypatch):
+    data.prepare_out(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir() and not os.listdir(tmp_path / "a" / "b")
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("builtins.open", refuse)  # as a read-only folder does for a non-root user
+    with pytest.raises(data.DataError, match=r"--out .*: cannot write there \(Permission denied\)"):
+        data.prepare_out(str(tmp_path / "a" / "b"))
