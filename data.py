@@ -314,23 +314,23 @@ IDX_FILES = {True: ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              False: ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def read_idx(path):
+def read_idx(path, fix="delete it and run again to fetch it"):
     """An idx file (MNIST's format, plain or .gz) as a uint8 numpy array; DataError names a
-    damaged file (bad magic, wrong length, truncated gzip)."""
+    damaged file (bad magic, wrong length, truncated gzip) and says how to replace it."""
     try:
         with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile and zlib errors are OSErrors
-        raise DataError(f"cannot read {path} ({e}); the file is damaged: reinstall or fetch it again")
+        raise DataError(f"cannot read {path} ({e}); the file is damaged: {fix}")
     ndim = raw[3] if len(raw) >= 4 else 0
     if len(raw) < 4 or raw[:3] != b"\0\0\x08" or not 1 <= ndim <= 3:
         raise DataError(f"{path} is not an idx file of unsigned bytes (bad magic number); the "
-                        f"file is damaged: reinstall or fetch it again")
+                        f"file is damaged: {fix}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     body = raw[4 + 4 * ndim:]
     if len(body) != math.prod(dims):
         raise DataError(f"{path} holds {len(body)} bytes of data where its header announces "
-                        f"{math.prod(dims)} {dims}; the file is truncated: reinstall or fetch it again")
+                        f"{math.prod(dims)} {dims}; the file is truncated: {fix}")
     return np.frombuffer(body, np.uint8).reshape(dims).copy()
 
 
@@ -346,12 +346,12 @@ class _IdxSet:
     """The split of an MNIST-format set read from a folder of idx .gz files, with the
     attributes classification_arrays reads from torchvision's data sets."""
 
-    def __init__(self, folder, train, classes):
-        images, labels = (read_idx(os.path.join(folder, f)) for f in IDX_FILES[train])
+    def __init__(self, folder, train, classes, fix="delete it and run again to fetch it"):
+        images, labels = (read_idx(path, fix) for path in _idx_folder(folder, train))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{folder}: {IDX_FILES[train][0]} has shape {images.shape} and "
                             f"{IDX_FILES[train][1]} {labels.shape}; they do not match: the files "
-                            f"are damaged, reinstall them")
+                            f"are damaged: {fix}")
         self.data, self.targets, self.classes, self.root = images, labels, classes, folder
 
 
@@ -384,18 +384,58 @@ def cifar10_jpg(root, train):
     return torch.stack(images), torch.tensor(labels), CIFAR10_CLASSES
 
 
+def _idx_folder(folder, train):
+    """A split's (images, labels) idx files in `folder`, each the plain file (as torchvision
+    unpacks them) or else its .gz; None for a file that is not there."""
+    found = []
+    for f in IDX_FILES[train]:
+        plain, packed = os.path.join(folder, f[:-3]), os.path.join(folder, f)
+        found.append(plain if os.path.isfile(plain) else packed if os.path.isfile(packed) else None)
+    return found
+
+
 def _torchvision_classification(name, train, root, download):
+    """MNIST, Fashion-MNIST (their idx files read by `read_idx`, which names a damaged file) or
+    CIFAR (torchvision's reader): from --data-dir, else a system-installed copy, else downloaded
+    by torchvision when allowed. A set that is there but damaged is an error that names the file,
+    never "not found" (re-fetching would not replace files torchvision sees as present)."""
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
-    try:
-        return cls(root, train=train, download=False)
-    except RuntimeError:
-        pass  # not there yet (or corrupt): a system-installed copy, else download if allowed
+    digits = name in ("mnist", "fashion-mnist")
+    if digits:
+        where = os.path.join(root, cls.__name__, "raw")
+        found = _idx_folder(where, train)
+        if None not in found:
+            return _IdxSet(where, train, tuple(cls.classes))
+        if found != [None, None] and not download:
+            missing = IDX_FILES[train][found.index(None)]
+            raise DataError(f"{where} holds {os.path.basename(found[1 - found.index(None)])} but "
+                            f"not {missing}; the set is incomplete: put {missing} there, or run "
+                            f"without --no-download to fetch it")
+    else:
+        where = os.path.join(root, cls.base_folder)
+        if os.path.isdir(where):
+            files = cls.train_list if train else cls.test_list
+            for f, md5 in files + [(cls.meta["filename"], cls.meta["md5"])]:
+                path = os.path.join(where, f)
+                if not os.path.isfile(path):
+                    raise DataError(f"{path} is missing; the set is incomplete: delete {where} and "
+                                    f"run again to fetch it")
+                if not torchvision.datasets.cifar.check_integrity(path, md5):  # as CIFAR10 checks
+                    raise DataError(f"{path} is damaged (its md5 is not the published one): "
+                                    f"delete {where} and run again to fetch it")
+            try:
+                return cls(root, train=train, download=False)
+            except Exception as e:  # not a pickle, wrong keys: whatever torchvision raises
+                raise DataError(f"cannot read {where} ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+                                f"the files are damaged: delete {where} and run again to fetch it")
     system = system_dataset_dir(name, train)
     if system:
-        return _IdxSet(system, train, tuple(cls.classes))
-    if name in ("mnist", "fashion-mnist"):
-        where = os.path.join(root, cls.__name__, "raw")
+        return _IdxSet(system, train, tuple(cls.classes),
+                       fix="reinstall the package that installed it (e.g. apt-get install "
+                           "--reinstall dataset-fashion-mnist)")
+    if digits:
         files = ", ".join(f for f, _ in cls.resources)
         how = f"put {files} in {where}"
         if name == "fashion-mnist":
@@ -406,10 +446,12 @@ def _torchvision_classification(name, train, root, download):
     if not download:
         raise DataError(f"{name} not found under {root}; run without --no-download, or {how}")
     try:
-        return cls(root, train=train, download=True)
+        ds = cls(root, train=train, download=True)
     except Exception as e:  # network down, host gone, or a hash mismatch
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise DataError(f"could not download {name} ({reason}); {how} and run again")
+    return _IdxSet(os.path.join(root, cls.__name__, "raw"), train, tuple(cls.classes)) \
+        if digits else ds
 
 
 def classification_arrays(name, split, data_dir=None, download=True, quick=False, seed=0,

@@ -70,6 +70,51 @@ def test_missing_mnist_says_where_to_put_the_files(tmp_path, monkeypatch):
         data.classification_arrays("mnist", "train", tmp_path, download=True)
 
 
+def test_damaged_mnist_is_named_as_damaged_and_fetching_it_again_works(tmp_path, monkeypatch):
+    written = write_mnist(tmp_path, n_train=12, n_test=4)
+    raw = tmp_path / "MNIST" / "raw"
+    images = raw / "train-images-idx3-ubyte"
+    good = images.read_bytes()
+    # torchvision's own reader: an AssertionError traceback for a bad magic, "not found" for a
+    # truncated file (and no download, since the files exist). Ours names the damage.
+    for damaged, what in ((b"\x00\x00\x0d\x03" + good[4:], "bad magic number"),
+                          (good[:-50], "truncated")):
+        images.write_bytes(damaged)
+        with pytest.raises(data.DataError, match=f"{images}.*{what}.*delete it and run again") as e:
+            data.classification_arrays("mnist", "trainval", tmp_path, download=False)
+        assert "not found" not in str(e.value)
+    # Deleted, as the message says: with --no-download it is "incomplete", naming the file...
+    images.unlink()
+    with pytest.raises(data.DataError, match="holds train-labels-idx1-ubyte but not "
+                                             "train-images-idx3-ubyte.gz; the set is incomplete"):
+        data.classification_arrays("mnist", "trainval", tmp_path, download=False)
+
+    # ... and the next run with downloads fetches it again (torchvision's download, offline here).
+    def fetch(url, download_root, filename, md5):
+        if filename.startswith("train-images"):
+            (raw / filename[:-3]).write_bytes(good)
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", fetch)
+    x, _, _ = data.classification_arrays("mnist", "trainval", tmp_path, download=True)
+    assert torch.equal(x[:, 0], torch.from_numpy(written["train"][0]))
+
+
+def test_damaged_cifar_is_named_as_damaged_not_missing(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, n_per_batch=4)
+    base = tmp_path / "cifar-10-batches-py"
+    # Our batches are not the published ones: their md5 differs, which is what damage looks like.
+    with pytest.raises(data.DataError, match=r"data_batch_1 is damaged \(its md5.*delete .*"
+                                             r"cifar-10-batches-py and run again"):
+        data.classification_arrays("cifar10", "trainval", tmp_path, download=False)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    (base / "data_batch_3").unlink()
+    with pytest.raises(data.DataError, match="data_batch_3 is missing; the set is incomplete"):
+        data.classification_arrays("cifar10", "trainval", tmp_path, download=False)
+    (base / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(data.DataError, match="cannot read .*cifar-10-batches-py.*damaged: delete"):
+        data.classification_arrays("cifar10", "trainval", tmp_path, download=False)
+    assert len(data.classification_arrays("cifar10", "test", tmp_path, download=False)[1]) == 4
+
+
 def test_cifar10_python_batches_in_nchw(tmp_path, monkeypatch):
     written = write_cifar10(tmp_path, n_per_batch=4)
     # Our files are not the real archive, so torchvision's md5 check of each batch is bypassed.
