@@ -1110,10 +1110,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    AT_LEAST = {"workers": 0, "log_every": 1, "limit": 1}  # the runtime flags' lowest values
+
     def parse_known_args(self, args=None, namespace=None):
-        """Every number given on the command line is finite: `--lr nan` or `--lr inf` would
-        otherwise pass a `> 0` check and train on NaNs."""
+        """Every number given on the command line is finite (`--lr nan` or `--lr inf` would
+        otherwise pass a `> 0` check and train on NaNs); loader and logging flags are in range
+        (`--workers -1` would reach the DataLoader as a traceback)."""
         ns, extra = super().parse_known_args(args, namespace)
+        for name, least in self.AT_LEAST.items():
+            value = getattr(ns, name, None)
+            if value is not None and value < least:
+                self.error(f"--{name.replace('_', '-')} {value}: must be {least} or more")
         for name, value in vars(ns).items():
             for v in value if isinstance(value, (list, tuple)) else (value,):
                 if isinstance(v, float) and not math.isfinite(v):
@@ -1144,13 +1151,8 @@ def add_holdout_arg(p, default=False, why=""):
 
 def add_limit_arg(p):
     """--limit N: only the first N images of each split (smoke tests of the whole code path in
-    seconds; the figures mean nothing)."""
-    def positive(text):
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"--limit {text}: give a number of images >= 1")
-        return value
-    p.add_argument("--limit", type=positive, default=None, metavar="N",
+    seconds; the figures mean nothing); ArgumentParser.AT_LEAST keeps it >= 1."""
+    p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="only the first N images of each split of an in-memory set (smoke "
                    "tests: the figures mean nothing)")
 

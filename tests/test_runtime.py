@@ -26,6 +26,19 @@ def test_non_finite_numbers_are_one_line_flag_errors(capsys):
         assert err.startswith(f"x.py: error: {flag}: must be a finite number") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("script", ["lenet5", "resnet", "yolo", "fcn"])
+def test_loader_and_logging_flags_out_of_range_are_one_line_errors(script, capsys):
+    module = importlib.import_module(script)
+    for flag, value, least in (("--workers", "-1", 0), ("--log-every", "0", 1),
+                               ("--limit", "0", 1)):
+        if flag == "--limit" and script in ("yolo", "fcn"):
+            continue  # no --limit: detection and segmentation sets are not held in memory
+        with pytest.raises(SystemExit) as e:
+            module.main([flag, value])
+        assert e.value.code == 2
+        assert f"error: {flag} {value}: must be {least} or more" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- divergence
 
 def test_progress_stops_at_the_first_non_finite_loss_naming_epoch_and_step():
