@@ -138,6 +138,18 @@ def load_image(path):
         raise DataError(f"cannot read image {path} ({e}); the file is corrupt: fetch it again")
 
 
+def image_size(path):
+    """(width, height) from an image file's header (nothing decoded); DataError names a file that
+    is missing or not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}; the data set is incomplete, fetch it again")
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({e}); the file is corrupt: fetch it again")
+
+
 def _download_error(archive, url, where, reason):
     return DataError(f"could not download {archive} from {url} ({reason}); fetch it by hand and "
                      f"put it at {where} (it is checked and extracted on the next run)")
@@ -701,10 +713,14 @@ def parse_voc_xml(path, classes=VOC_CLASSES):
                                 f"classes; fix the file or pass the right class list")
             bb = obj.find("bndbox")  # the object's own box, not those of its parts
             x0, y0, x1, y1 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
+            what = f"{path}: object {len(names) + 1} ('{name}'), box ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
             if x1 < x0 or y1 < y0:
-                raise DataError(f"{path}: box ({x0}, {y0}, {x1}, {y1}) of '{name}' has "
-                                f"xmax < xmin or ymax < ymin; fix the file")
-            boxes.append((x0 - 1, y0 - 1, x1, y1))
+                raise DataError(f"{what} has xmax < xmin or ymax < ymin; fix the file")
+            if x1 <= 0 or y1 <= 0 or x0 - 1 >= width or y0 - 1 >= height:
+                raise DataError(f"{what} lies wholly outside the {width}x{height} image; fix the "
+                                f"file (or the image size it states)")
+            # a box that only sticks out of the image is clipped to it (none of VOC's does)
+            boxes.append((max(x0 - 1, 0), max(y0 - 1, 0), min(x1, width), min(y1, height)))
             labels.append(index[name])
             flag = obj.find("difficult")
             difficult.append(flag is not None and flag.text is not None and int(flag.text) == 1)
@@ -712,6 +728,8 @@ def parse_voc_xml(path, classes=VOC_CLASSES):
     except (AttributeError, TypeError, ValueError) as e:
         raise DataError(f"malformed annotation {path} ({type(e).__name__}: {e}); a field is "
                         f"missing or not a number, fix the file or fetch it again")
+    if width <= 0 or height <= 0:
+        raise DataError(f"{path}: image size {width}x{height} is not a size; fix the file")
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64),
             "difficult": torch.tensor(difficult, dtype=torch.bool),
@@ -758,6 +776,17 @@ class VOCDetectionSet(Dataset):
     def __len__(self):
         return len(self.images)
 
+    def validate(self, n=None):
+        """Read every annotation (or the first n) and every image's header before any training:
+        a damaged file, a box outside its image, or an image whose size is not the one its
+        annotation states fails the run in seconds, not at its test step."""
+        for image, annotation in list(zip(self.images, self.annotations))[:n]:
+            stated = parse_voc_xml(annotation)["size"]
+            if image_size(image) != stated:
+                raise DataError(f"{image} is {'x'.join(map(str, image_size(image)))} pixels but "
+                                f"{annotation} says {stated[0]}x{stated[1]}; the files do not "
+                                f"match, fetch the data set again")
+
     def target(self, i):
         """The annotation of image i in pixels, difficult objects included (for evaluation)."""
         ann = parse_voc_xml(self.annotations[i])
@@ -787,6 +816,15 @@ class SegmentationSet(Dataset):
 
     def __len__(self):
         return len(self.images)
+
+    def validate(self, n=None):
+        """Every image's and label image's header (or the first n pairs'), before any training:
+        a missing or damaged file, or a label image of another size, fails the run at once."""
+        for image, mask in list(zip(self.images, self.masks))[:n]:
+            if image_size(image) != image_size(mask):
+                raise DataError(f"label image {mask} is {'x'.join(map(str, image_size(mask)))}, "
+                                f"its image {image} {'x'.join(map(str, image_size(image)))}; the "
+                                f"files do not match")
 
     def __getitem__(self, i):
         image = load_image(self.images[i])
@@ -848,6 +886,10 @@ def detection_dataset(name, split, data_dir=None, download=True, transforms=None
                                  keep_difficult=train_difficult) for y in ("2007", "2012")]
         ds = ConcatDataset(parts)
         ds.classes = VOC_CLASSES
+    left = 256 if quick else None  # what the run will read, checked now
+    for part in ds.datasets if isinstance(ds, ConcatDataset) else (ds,):
+        part.validate(left)
+        left = None if left is None else max(0, left - len(part))
     if quick:
         sub = Subset(ds, list(range(min(len(ds), 256))))
         sub.classes = VOC_CLASSES
@@ -877,6 +919,7 @@ def segmentation_dataset(name, split, data_dir=None, download=True, transforms=N
         ds = SegmentationSet(*cityscapes_files(root, official), CITYSCAPES_CLASSES, transforms, lut)
     if quick:
         ds.images, ds.masks = ds.images[:64], ds.masks[:64]
+    ds.validate()  # every file the run will read, before its first step
     return ds
 
 

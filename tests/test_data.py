@@ -241,6 +241,43 @@ def test_corrupt_jpeg_names_the_file(tmp_path, voc_images):
         data.VOCDetectionSet(tmp_path, "2007", "test")[1]
 
 
+def test_bad_files_fail_when_the_set_is_built_not_when_it_is_read(tmp_path, voc_images):
+    # A corrupt test JPEG, a box wholly outside its image, an image of another size than its
+    # annotation states, a label image of another size: each is found when the run builds its
+    # data sets, before training, naming the file (and the object).
+    def voc(**changes):
+        root = tmp_path / str(len(os.listdir(tmp_path)))
+        images = {**voc_images, **changes}
+        write_voc(root, "2007", "test", images)
+        return root
+    root = voc(**{"000003": (40, 30, [("cat", 50, 2, 70, 20, 0)])})  # x from 49 in a 40-wide image
+    with pytest.raises(data.DataError, match=r"000003.xml: object 1 \('cat'\), box \(50, 2, 70, "
+                                             r"20\) lies wholly outside the 40x30 image"):
+        data.detection_dataset("voc", "test", root, download=False)
+    root = voc()
+    with open(root / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000002.jpg", "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(data.DataError, match=r"cannot read image .*000002.jpg"):
+        data.detection_dataset("voc", "test", root, download=False)
+    root = voc()
+    xml = root / "VOCdevkit" / "VOC2007" / "Annotations" / "000002.xml"
+    xml.write_text(xml.read_text().replace("<width>50</width>", "<width>52</width>"))
+    with pytest.raises(data.DataError, match=r"000002.jpg is 50x40 pixels but .*000002.xml says "
+                                             r"52x40"):
+        data.detection_dataset("voc", "test", root, download=False)
+    # a box that only sticks out is clipped to the image, as it is drawn
+    root = voc(**{"000003": (40, 30, [("cat", 30, 2, 45, 20, 0)])})
+    ds = data.detection_dataset("voc", "test", root, download=False)
+    assert ds.target(2)["boxes"].tolist() == [[29.0, 1.0, 40.0, 20.0]]
+    # segmentation: a label image of another size than its image
+    seg = tmp_path / "seg"
+    base = write_voc(seg, "2012", "val", voc_images, seg=True)
+    Image.new("P", (10, 10)).save(os.path.join(base, "SegmentationClass", "000002.png"))
+    with pytest.raises(data.DataError, match=r"label image .*000002.png is 10x10, its image "
+                                             r".*000002.jpg 50x40"):
+        data.segmentation_dataset("voc-seg", "test", seg, download=False)
+
+
 def test_voc_segmentation_palette_png(tmp_path, voc_images):
     write_voc(tmp_path, "2012", "val", voc_images, seg=True)
     ds = data.segmentation_dataset("voc-seg", "test", tmp_path, download=False)
