@@ -118,14 +118,18 @@ def count_parameters(model):
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation
 
-def train_one_epoch(net, loader, optimizer, args, device, epoch, progress):
+def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progress):
     net.train()
     total, n = 0.0, 0
     for x, y in loader:
-        loss = F.cross_entropy(net(x), y)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with data.autocast(device, args.amp):
+            loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()  # parameters without a gradient (frozen) are skipped
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # parameters without a gradient (frozen) are skipped
+        scaler.update()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
     if args.world > 1:
@@ -136,11 +140,12 @@ def train_one_epoch(net, loader, optimizer, args, device, epoch, progress):
 
 
 @torch.no_grad()
-def evaluate(model, loader):
+def evaluate(model, loader, args, device):
     model.eval()
     probs, targets = [], []
     for x, y in loader:
-        probs.append(model(x).float().softmax(1).cpu())
+        with data.autocast(device, args.amp):
+            probs.append(model(x).float().softmax(1).cpu())
         targets.append(y.cpu())
     y, out = torch.cat(targets), torch.cat(probs)
     return {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
@@ -186,6 +191,11 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0, as the lecture)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
     p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    p.add_argument("--workers", type=int, default=0,
+                   help="loader processes (unused: the set is held on the device)")
+    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", default="runs/monster_finetune",
                    help="results.json and checkpoints go here")
@@ -241,12 +251,14 @@ def run(args):
     if args.weights:
         data.load_weights(model, data.load_checkpoint(args.weights, "monster"), args.weights)
     model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     # Every parameter is in the optimizer from the start; while frozen the AlexNet layer has no
     # gradient, and SGD skips parameters whose .grad is None.
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)  # constant, as lecture
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    scaler = data.grad_scaler(device, args.amp)
     source = ("torchvision's ImageNet AlexNet" if args.pretrained else args.alexnet_weights
               if args.alexnet_weights else "random init (--scratch)")
     config = {**vars(args), "sizes": {"train": len(y), "val": 0, "test": len(y_test)},
@@ -275,9 +287,13 @@ def run(args):
             if args.world > 1 and (epoch == start_epoch or epoch == args.frozen_epochs):
                 model.freeze_features(frozen)  # DDP registers the parameters that get gradients
                 net = torch.nn.parallel.DistributedDataParallel(model)
+                net = torch.compile(net) if args.compile else net
+            elif args.compile and epoch == start_epoch:
+                net = torch.compile(model)
             model.freeze_features(frozen)
             train_loader.set_epoch(epoch)
-            loss = train_one_epoch(net, train_loader, optimizer, args, device, epoch, progress)
+            loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
+                                   progress)
             scheduler.step()
             history.append({"epoch": epoch + 1, "train_loss": loss, "frozen": frozen})
             if is_main:
@@ -289,7 +305,7 @@ def run(args):
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
-    test = evaluate(model, test_loader)
+    test = evaluate(model, test_loader, args, device)
     if is_main:  # the lecture's line
         print(f"test_error {100 * test['test_error']:.02f}% ({test['errors']}/{test['samples']})")
     results = metrics.write_results(
