@@ -1290,10 +1290,17 @@ def init_distributed(device):
     return distributed_info()
 
 
-def prepare_out(folder):
+def prepare_out(folder, resume=False, overwrite=False):
     """Create the run's output folder and write a file in it, before any data is read or step
     is taken: `--out` that is a regular file, or a folder that cannot be written, is a one-line
-    error now, not a traceback at the first checkpoint hours later."""
+    error now, not a traceback at the first checkpoint hours later. A folder that already holds
+    a run (its results.json or checkpoint.pt) is refused unless `--resume` continues that run or
+    `--overwrite` replaces it (even then its checkpoint is only ever replaced, atomically, by a
+    newer good one: a failing run leaves it as it was)."""
+    held = [f for f in ("results.json", "checkpoint.pt") if os.path.isfile(os.path.join(folder, f))]
+    if held and not (resume or overwrite):
+        raise DataError(f"--out {folder} already holds a run ({', '.join(held)}); pass --resume "
+                        f"to continue it, --overwrite to replace it, or choose another --out")
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test-{os.getpid()}")

@@ -521,6 +521,8 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="results.json and checkpoints go here "
                    "(default: runs/googlenet or runs/nin)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (without it, such a folder is refused)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
     p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
     p.add_argument("--pretrained", action="store_true",
@@ -578,7 +580,7 @@ def main(argv=None):
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out)
+    data.prepare_out(args.out, args.resume, args.overwrite)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     resolve_defaults(args)

@@ -462,6 +462,9 @@ def write_results(path, script, data, metrics, paper=None, config=None, device=N
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    checkpoint = os.path.join(os.path.dirname(path), "checkpoint.pt")
+    print(f"results: {path}" + (f"  checkpoint: {checkpoint}" if os.path.isfile(checkpoint)
+                                 else ""), flush=True)
     return record
 
 

@@ -200,6 +200,8 @@ def get_args_parser():
     p.add_argument("--out", default="runs/monster_finetune",
                    help="results.json and checkpoints go here")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (without it, such a folder is refused)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
     p.add_argument("--weights", default=None, help="a monster_finetune.py checkpoint to start from")
     p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK) +
@@ -214,7 +216,7 @@ def run(args):
     """One training run of the recipe in `args`; returns the results dict."""
     t0 = time.time()
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out)
+    data.prepare_out(args.out, args.resume, args.overwrite)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

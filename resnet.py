@@ -421,6 +421,8 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="results.json and checkpoints go here "
                    "(default: runs/resnetDEPTH)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (without it, such a folder is refused)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
     p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
     p.add_argument("--pretrained", action="store_true",
@@ -465,7 +467,7 @@ def main(argv=None):
         args.warmup_iters = CIFAR_RECIPE["warmup"] if recipe == "cifar" and args.depth >= 110 \
             else 0
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out)
+    data.prepare_out(args.out, args.resume, args.overwrite)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

@@ -591,6 +591,8 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", default="runs/yolo", help="results.json and checkpoints go here")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (without it, such a folder is refused)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
     p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
     p.add_argument("--pretrained", action="store_true",
@@ -643,7 +645,7 @@ def main(argv=None):
     device = data.select_device(args.device, args.cuda)
     if args.detect:
         return detect(args, device)
-    data.prepare_out(args.out)
+    data.prepare_out(args.out, args.resume, args.overwrite)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

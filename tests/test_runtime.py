@@ -71,9 +71,9 @@ def test_progress_checks_the_weights_at_the_end_of_each_epoch():
         progress.step(8, 1.0, 0.1, 0)
 
 
-# Each script, one tiny run at an absurd learning rate: the run must end in Diverged (each
-# script's __main__ turns it into its one-line error, exit 1), with no results.json written and
-# a checkpoint already in the folder left byte for byte as it was.
+# Each script, one tiny run at an absurd learning rate into the folder of an earlier run
+# (--overwrite): the run must end in Diverged (each script's __main__ turns it into its one-line
+# error, exit 1), with no results.json written and the earlier checkpoint left byte for byte.
 DIVERGING = [
     ("lenet5", ["--data", "shapes"]),
     ("alexnet", ["--data", "shapes"]),
@@ -98,7 +98,8 @@ def test_a_diverging_run_stops_and_writes_nothing(tmp_path, script, argv):
     limit = [] if script in ("yolo", "ssd", "fcn") else ["--limit", "48"]
     with pytest.raises(metrics.Diverged, match="became (nan|inf|-inf|non-finite)"):
         module.main([*argv, "--quick", "--epochs", "1", "--batch-size", "16", "--lr", "1e30",
-                     "--device", "cpu", "--out", str(tmp_path), "--log-every", "100000", *limit])
+                     "--device", "cpu", "--out", str(tmp_path), "--log-every", "100000",
+                     "--overwrite", *limit])
     assert not (tmp_path / "results.json").exists()
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"an earlier run's checkpoint"
 
@@ -121,6 +122,25 @@ def test_an_unusable_out_is_an_error_before_any_data_is_read(tmp_path, script):
             module.main(["--data-dir", str(tmp_path / "no-data"), "--no-download", "--device",
                          "cpu", "--out", str(out)])
     assert in_the_way.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, script):
+    module = importlib.import_module(script)
+    for held in ("results.json", "checkpoint.pt"):
+        out = tmp_path / held
+        out.mkdir()
+        (out / held).write_text("an earlier run")
+        with pytest.raises(data.DataError, match=f"--out {out} already holds a run \\({held}\\); "
+                                                 f"pass --resume .* --overwrite to replace it"):
+            module.main(["--data-dir", str(tmp_path / "no-data"), "--no-download", "--device",
+                         "cpu", "--out", str(out)])
+        assert (out / held).read_text() == "an earlier run"
+        # --overwrite gets past the folder check (to the missing data here)
+        with pytest.raises(data.DataError) as e:
+            module.main(["--data-dir", str(tmp_path / "no-data"), "--no-download", "--device",
+                         "cpu", "--out", str(out), "--overwrite"])
+        assert "already holds a run" not in str(e.value)
 
 
 def test_prepare_out_creates_the_folder_and_names_an_unwritable_one(tmp_path, monkeypatch):
