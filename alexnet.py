@@ -392,7 +392,7 @@ def main(argv=None):
         args.ten_crop = imagenet
     if args.init is None:
         args.init = "variant" if imagenet else "kaiming"
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

@@ -1290,6 +1290,19 @@ def init_distributed(device):
     return distributed_info()
 
 
+def start_run(args, pretrained_is_the_model=True):
+    """What every script checks before it reads data: `--eval-only` has weights to evaluate
+    (`--weights`, or `--pretrained` where that flag loads the whole model rather than a base
+    network to train from), and `--out` is usable (`prepare_out`)."""
+    if getattr(args, "eval_only", False) and not (
+            args.weights or (pretrained_is_the_model and getattr(args, "pretrained", False))):
+        what = "--weights CKPT" + (" or --pretrained" if pretrained_is_the_model and
+                                   hasattr(args, "pretrained") else "")
+        raise DataError(f"--eval-only needs {what}: without it the test would score an untrained "
+                        f"network")
+    prepare_out(args.out, args.resume, args.overwrite)
+
+
 def prepare_out(folder, resume=False, overwrite=False):
     """Create the run's output folder and write a file in it, before any data is read or step
     is taken: `--out` that is a regular file, or a folder that cannot be written, is a one-line

@@ -552,7 +552,7 @@ def main(argv=None):
     data.check_task(args.data, "segmentation")
     resolve_defaults(args)
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args, pretrained_is_the_model=False)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)  # dropout differs per rank, as with separate GPUs

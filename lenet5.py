@@ -274,7 +274,7 @@ def main(argv=None):
     if args.pretrained:
         raise data.DataError("there are no published LeNet-5 weights; use --weights PATH")
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

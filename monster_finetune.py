@@ -216,7 +216,7 @@ def run(args):
     """One training run of the recipe in `args`; returns the results dict."""
     t0 = time.time()
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args, pretrained_is_the_model=False)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

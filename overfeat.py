@@ -1097,7 +1097,7 @@ def main(argv=None):
     data.train_split(args)  # ImageNet has no held-out split here
     resolve_defaults(args)
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

@@ -467,7 +467,7 @@ def main(argv=None):
         args.warmup_iters = CIFAR_RECIPE["warmup"] if recipe == "cifar" and args.depth >= 110 \
             else 0
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

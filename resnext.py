@@ -385,7 +385,7 @@ def main(argv=None):
     imagenet = args.data == "imagenet"
     recipe = "imagenet" if imagenet else "cifar"  # the recipe follows the data, the net the depth
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

@@ -702,7 +702,7 @@ def main(argv=None):
     saved_state = data.load_checkpoint(args.weights) if args.weights else None
     resolve_defaults(args, (saved_state or {}).get("args"))
     device = data.select_device(args.device, args.cuda)
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args, pretrained_is_the_model=False)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

@@ -645,7 +645,7 @@ def main(argv=None):
     device = data.select_device(args.device, args.cuda)
     if args.detect:
         return detect(args, device)
-    data.prepare_out(args.out, args.resume, args.overwrite)
+    data.start_run(args)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)

@@ -152,3 +152,13 @@ def test_prepare_out_creates_the_folder_and_names_an_unwritable_one(tmp_path, mo
     monkeypatch.setattr("builtins.open", refuse)  # as a read-only folder does for a non-root user
     with pytest.raises(data.DataError, match=r"--out .*: cannot write there \(Permission denied\)"):
         data.prepare_out(str(tmp_path / "a" / "b"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_eval_only_without_weights_is_an_error_not_an_untrained_score(tmp_path, script):
+    module = importlib.import_module(script)
+    base = script in ("monster_finetune", "ssd", "fcn")  # their --pretrained is a base network
+    with pytest.raises(data.DataError, match="--eval-only needs --weights CKPT" +
+                       ("" if base else " or --pretrained") + ": without it"):
+        module.main(["--eval-only", "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
