@@ -580,10 +580,10 @@ def main(argv=None):
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     device = data.select_device(args.device, args.cuda)
-    data.start_run(args)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
     resolve_defaults(args)
+    data.start_run(args)
     imagenet, nin = args.data == "imagenet", args.variant == "nin"
     torch.manual_seed(args.seed + rank)
 

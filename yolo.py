@@ -645,6 +645,8 @@ def main(argv=None):
     device = data.select_device(args.device, args.cuda)
     if args.detect:
         return detect(args, device)
+    if not args.pretrain:
+        data.check_task(args.data, "detection")
     data.start_run(args)
     rank, args.world = data.init_distributed(device)
     is_main = rank == 0
@@ -654,7 +656,6 @@ def main(argv=None):
                              f"{args.world} processes")
     if args.pretrain:
         return pretrain(args, device, rank)
-    data.check_task(args.data, "detection")
     if args.pretrain_epochs and not (args.backbone_weights or args.weights or args.resume or
                                      args.eval_only):
         # §2.2's two stages in one command: classification pretraining of the backbone (shapes:

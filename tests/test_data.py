@@ -339,6 +339,15 @@ def test_imagenet_folder_tree_and_class_names(tmp_path):
     assert x[0].mean().item() == pytest.approx((160 / 255 - 0.485) / 0.229, abs=1e-3)
     names = data.imagenet_class_names()
     assert len(names) == 1000 and names[178] == "Weimaraner" and names[0] == "tench"
+    # The test split (the official val set) is checked when it is built: a damaged image fails
+    # the run before training, naming the file; a training image only when it is read.
+    for split, folder in (("test", "val"), ("train", "train")):
+        d = tmp_path / "imagenet" / folder / "n01440764"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "broken.JPEG").write_bytes(b"not a jpeg")
+    with pytest.raises(data.DataError, match=r"cannot read image .*val.*broken.JPEG"):
+        data.classification_dataset("imagenet", "test", tmp_path, transform=t)
+    assert len(data.classification_dataset("imagenet", "train", tmp_path, transform=t)) == 7
 
 
 # ---------------------------------------------------------------------------- shapes

@@ -231,7 +231,7 @@ def test_real_voc_seg_path_on_tiny_files(tmp_path):
     assert abs(m["baseline_pixel_acc"] - bg) < 1e-9
     with pytest.raises(data.DataError, match="VOC2012 train not found"):
         fcn.main(["--data", "voc-seg", "--data-dir", str(tmp_path / "none"), "--no-download",
-                  "--device", "cpu", "--out", out])
+                  "--device", "cpu", "--out", out + "-none"])
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):

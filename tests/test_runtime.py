@@ -118,7 +118,8 @@ def test_an_unusable_out_is_an_error_before_any_data_is_read(tmp_path, script):
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("not a folder")
     for out in (in_the_way, in_the_way / "run"):
-        with pytest.raises(data.DataError, match=f"--out {out}: a file of that name is in the way"):
+        with pytest.raises(data.DataError, match=f"--out {out}: {in_the_way} is a file, in the "
+                                                 f"way of the run's folder"):
             module.main(["--data-dir", str(tmp_path / "no-data"), "--no-download", "--device",
                          "cpu", "--out", str(out)])
     assert in_the_way.read_text() == "not a folder"
@@ -144,13 +145,13 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, 
 
 
 def test_prepare_out_creates_the_folder_and_names_an_unwritable_one(tmp_path, monkeypatch):
-    data.prepare_out(str(tmp_path / "a" / "b"))
-    assert (tmp_path / "a" / "b").is_dir() and not os.listdir(tmp_path / "a" / "b")
+    data.prepare_out(str(tmp_path / "a" / "b"))  # checked, and nothing left behind
+    assert os.listdir(tmp_path) == []
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr("builtins.open", refuse)  # as a read-only folder does for a non-root user
-    with pytest.raises(data.DataError, match=r"--out .*: cannot write there \(Permission denied\)"):
+    with pytest.raises(data.DataError, match=r"--out .*: cannot write in .* \(Permission denied\)"):
         data.prepare_out(str(tmp_path / "a" / "b"))
 
 
@@ -161,4 +162,13 @@ def test_eval_only_without_weights_is_an_error_not_an_untrained_score(tmp_path, 
     with pytest.raises(data.DataError, match="--eval-only needs --weights CKPT" +
                        ("" if base else " or --pretrained") + ": without it"):
         module.main(["--eval-only", "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_flag_error_leaves_no_output_folder(tmp_path, script):
+    module = importlib.import_module(script)
+    wrong = "shapes" if script in ("yolo", "ssd", "fcn") else "shapes-seg"  # another task's set
+    with pytest.raises(data.DataError, match=f"'{wrong}' is a"):
+        module.main(["--data", wrong, "--device", "cpu", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
