@@ -12,6 +12,46 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ddp(name, script, argv): the test reads the run of "
+                            "`script argv` under torchrun with 2 gloo processes (ddp_runs)")
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(request, tmp_path_factory):
+    """The torchrun runs of every selected test marked `ddp(name, script, argv)`, all in ONE
+    torchrun of 2 gloo processes (tests/ddp_driver.py): each process imports torch once for all
+    of them, not once per test. Returns {name: its --out folder}; a run that failed has an
+    ERROR-rank<r> file there with its traceback (see `ddp_result`)."""
+    import json
+    import subprocess
+    plan, base = {}, tmp_path_factory.mktemp("ddp")
+    for item in request.session.items:
+        marker = item.get_closest_marker("ddp")
+        if marker:
+            name, script, argv = marker.args
+            plan[name] = [script, [*argv, "--out", str(base / name)]]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--standalone", os.path.join(ROOT, "tests", "ddp_driver.py"),
+                        json.dumps(list(plan.values()))], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {name: base / name for name in plan}
+
+
+def ddp_result(ddp_runs, name):
+    """The folder of the torchrun run `name`, after checking that neither process failed."""
+    out = ddp_runs[name]
+    for rank in (0, 1):
+        error = out / f"ERROR-rank{rank}"
+        assert not error.exists(), f"rank {rank} of the torchrun run '{name}' failed:\n" + \
+            error.read_text()[-3000:]
+    return out
+
+
 @pytest.fixture(autouse=True)
 def no_system_datasets(monkeypatch):
     """Every test sees a machine without Debian's dataset packages (as a fresh clone in CI may

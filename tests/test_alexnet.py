@@ -12,6 +12,7 @@ import torchvision
 
 import data
 import alexnet
+from conftest import ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,18 +224,14 @@ def test_classify_bad_image_is_a_one_line_error(tmp_path):
     assert "image file not found: /nonexistent.jpg" in r.stderr, r.stderr
 
 
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.ddp("alexnet", "alexnet", ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--batch-size", "32", "--limit", "512",
+                                   "--log-every", "100000"])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, ddp_runs):
     # No BatchNorm: two processes with half the batch each and DDP's averaged gradients follow
     # the single-process run step for step; dropout masks differ (seed + rank), hence eval mode
     # comparisons with a tolerance rather than bit equality.
-    common = ["--epochs", "1", "--batch-size", "32", "--limit", "512"]
-    single, _ = run(tmp_path, "one", *common)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "alexnet.py", "--data", "shapes", "--quick", "--device", "cpu", *common,
-           "--out", str(tmp_path / "two"), "--log-every", "1000"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    with open(tmp_path / "two" / "results.json") as f:
+    single, _ = run(tmp_path, "one", "--epochs", "1", "--batch-size", "32", "--limit", "512")
+    with open(ddp_result(ddp_runs, "alexnet") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],

@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import fcn
-from conftest import write_voc
+from conftest import ddp_result, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 1 / 64  # --width: channels 1, 2, 4, 8, 8 and fc6/fc7 64
@@ -286,21 +286,19 @@ def test_quick_network_learns_a_fixed_batch_of_shapes_seg():
     assert iou["mean_iou"] > base["mean_iou"] + 0.2, (iou["mean_iou"], base["mean_iou"])
 
 
-def test_torchrun_two_processes_equal_one_process(tmp_path):
+FCN_DDP = ["--data", "shapes-seg", "--limit", "4", "--batch-size", "4", "--epochs", "1",
+           "--width", str(TINY), "--img-size", "32", "--optimizer", "sgd", "--lr", "0.05",
+           "--momentum", "0.9", "--normalize", "--dropout", "0", "--device", "cpu",
+           "--log-every", "1000"]
+
+
+@pytest.mark.ddp("fcn", "fcn", FCN_DDP)
+def test_torchrun_two_processes_equal_one_process(tmp_path, ddp_runs):
     # One epoch on the same global batch of 4 scenes, without dropout and batch norm (which
     # differ per process by design): DDP's averaged gradients give one process's weights.
-    common = ["--data", "shapes-seg", "--limit", "4", "--batch-size", "4", "--epochs", "1",
-              "--width", str(TINY), "--img-size", "32", "--optimizer", "sgd", "--lr", "0.05",
-              "--momentum", "0.9", "--normalize", "--dropout", "0", "--device", "cpu",
-              "--log-every", "1000"]
-    runs = {}
-    for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run",
-                                               "--nproc_per_node=2", "--standalone"])):
-        r = subprocess.run([sys.executable, *launch, "fcn.py", *common, "--out",
-                            str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
-                           timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+    fcn.main([*FCN_DDP, "--out", str(tmp_path / "one")])
+    runs = {name: torch.load(folder / "checkpoint.pt", weights_only=True) for name, folder in
+            (("one", tmp_path / "one"), ("two", ddp_result(ddp_runs, "fcn")))}
     assert runs["two"]["args"]["world"] == 2
     for k, v in runs["one"]["model"].items():
         assert torch.allclose(runs["two"]["model"][k], v, atol=1e-5), k

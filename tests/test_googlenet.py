@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 import data
 import googlenet
+from conftest import ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table 1: name, input depth, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj, output depth,
@@ -270,16 +271,12 @@ def test_bad_input_is_a_one_line_error():
     assert r.stderr.startswith("googlenet.py: error: ") and "unknown data set 'nope'" in r.stderr
 
 
-def test_two_gloo_processes_agree_with_one_process(tmp_path):
+@pytest.mark.ddp("googlenet", "googlenet", ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--width", "0.125", "--batch-size", "64", "--limit", "512",
+                                   "--log-every", "100000"])
+def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
-    common = ["--epochs", "1", "--width", "0.125", "--batch-size", "64", "--limit", "512"]
-    single, _ = run(tmp_path, "one", *common)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "googlenet.py", "--data", "shapes", "--quick", "--device", "cpu", *common,
-           "--out", str(tmp_path / "two"), "--log-every", "100000"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    with open(tmp_path / "two" / "results.json") as f:
+    single, _ = run(tmp_path, "one", "--epochs", "1", "--width", "0.125", "--batch-size", "64", "--limit", "512")
+    with open(ddp_result(ddp_runs, "googlenet") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],

@@ -10,6 +10,7 @@ import torch
 
 import data
 import lenet5
+from conftest import ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,15 +122,11 @@ def test_bad_input_is_a_one_line_error():
     assert r.stderr.startswith("lenet5.py: error: ") and "is a detection data set" in r.stderr
 
 
-def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
+@pytest.mark.ddp("lenet5", "lenet5", ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--limit", "512",
+                                   "--log-every", "100000"])
+def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, ddp_runs):
     single, _ = run(tmp_path, "one", "--epochs", "1", "--limit", "512")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "lenet5.py", "--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1",
-           "--limit", "512",
-           "--out", str(tmp_path / "two"), "--log-every", "1000"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    with open(tmp_path / "two" / "results.json") as f:
+    with open(ddp_result(ddp_runs, "lenet5") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],

@@ -11,6 +11,7 @@ import torchvision
 
 import data
 import resnet
+from conftest import ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,18 +182,14 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert "checkpoint /nonexistent.pt not found" in r.stderr, r.stderr
 
 
-def test_two_gloo_processes_agree_with_one_process(tmp_path):
+@pytest.mark.ddp("resnet", "resnet", ["--data", "shapes", "--quick", "--device", "cpu", "--depth", "8", "--epochs", "1", "--batch-size", "128", "--limit", "512",
+                                   "--log-every", "100000"])
+def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # BatchNorm statistics are per process under DDP (as on the paper's two GPUs; SyncBatchNorm
     # needs a GPU), so the two runs see the same data and the same averaged gradients but not
     # bit-identical normalisation: their losses agree closely, not exactly.
-    single, _ = run(tmp_path, "one", "--depth", "8", "--epochs", "1", "--limit", "512")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "resnet.py", "--depth", "8", "--data", "shapes", "--quick", "--device", "cpu",
-           "--epochs", "1", "--batch-size", "128", "--limit", "512", "--out", str(tmp_path / "two"),
-           "--log-every", "100000"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    with open(tmp_path / "two" / "results.json") as f:
+    single, _ = run(tmp_path, "one", "--depth", "8", "--epochs", "1", "--batch-size", "128", "--limit", "512")
+    with open(ddp_result(ddp_runs, "resnet") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2
     assert double["config"]["steps_per_epoch"] == single["config"]["steps_per_epoch"]

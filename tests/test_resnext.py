@@ -14,6 +14,7 @@ import torchvision
 import data
 import metrics
 import resnext
+from conftest import ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,16 +211,12 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert "checkpoint /nonexistent.pt not found" in r.stderr, r.stderr
 
 
-def test_two_gloo_processes_agree_with_one_process(tmp_path):
+@pytest.mark.ddp("resnext", "resnext", ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--depth", "11", "--batch-size", "128", "--limit", "512",
+                                   "--log-every", "100000"])
+def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
-    single, _ = run(tmp_path, "one", "--epochs", "1", "--limit", "512")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "resnext.py", "--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1",
-           "--depth", "11", "--batch-size", "128", "--limit", "512",
-           "--out", str(tmp_path / "two"), "--log-every", "100000"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    with open(tmp_path / "two" / "results.json") as f:
+    single, _ = run(tmp_path, "one", "--epochs", "1", "--depth", "11", "--batch-size", "128", "--limit", "512")
+    with open(ddp_result(ddp_runs, "resnext") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],

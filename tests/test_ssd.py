@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import ssd
-from conftest import write_voc
+from conftest import ddp_result, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--size", "32", "--width", "0.0625", "--log-every", "1000"]
@@ -363,21 +363,19 @@ def metrics_map(dets, gts):
                                         for g in gts], 6)["map"]
 
 
+SSD_DDP = ["--data", "shapes-det", "--limit", "8", "--batch-size", "8", "--epochs", "1",
+           "--augment", "none", "--lr", "0.01", "--workers", "0", "--stop-after", "1", *TINY]
+
+
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process(tmp_path):
+@pytest.mark.ddp("ssd", "ssd", SSD_DDP)
+def test_torchrun_two_processes_equal_one_process(tmp_path, ddp_runs):
     # One step on the same global batch of 8 (the whole --limit 8 set, no augmentation, no BN):
     # the global positive count normalises both, so the weights agree.
-    common = ["ssd.py", "--data", "shapes-det", "--limit", "8", "--batch-size", "8",
-              "--epochs", "1", "--augment", "none", "--lr", "0.01", "--workers", "0", *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"),
-                          "--stop-after", "1"], cwd=ROOT, capture_output=True, text=True, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"),
-                          "--stop-after", "1"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    ssd.main([*SSD_DDP, "--out", str(tmp_path / "one")])
     a = torch.load(str(tmp_path / "one" / "checkpoint.pt"), weights_only=True)
-    b = torch.load(str(tmp_path / "two" / "checkpoint.pt"), weights_only=True)
+    b = torch.load(str(ddp_result(ddp_runs, "ssd") / "checkpoint.pt"), weights_only=True)
+    assert b["args"]["world"] == 2
     assert abs(a["history"][0]["train_loss"] - b["history"][0]["train_loss"]) < 1e-4
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k

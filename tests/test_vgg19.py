@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 import data
 import vgg19
+from conftest import ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 0.125  # --width for CPU tests: channels 8-16-32-64-64, FC 512
@@ -250,17 +251,13 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     assert r.stderr.startswith("vgg19.py: error: ") and "unknown data set 'nope'" in r.stderr
 
 
-def test_two_gloo_processes_agree_with_one_process(tmp_path):
+@pytest.mark.ddp("vgg19", "vgg19", ["--data", "shapes", "--quick", "--device", "cpu", "--bn", "--epochs", "1", "--batch-size", "64", "--limit", "512",
+                                   "--log-every", "100000"])
+def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # With --bn the BatchNorm statistics are per process (SyncBatchNorm needs a GPU): the two
     # runs see the same data and average their gradients, so the losses agree closely.
     single, _ = run(tmp_path, "one", "--bn", "--epochs", "1", "--batch-size", "64", "--limit", "512")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "vgg19.py", "--data", "shapes", "--quick", "--device", "cpu", "--bn", "--epochs", "1",
-           "--batch-size", "64", "--limit", "512", "--out", str(tmp_path / "two"),
-           "--log-every", "100000"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    with open(tmp_path / "two" / "results.json") as f:
+    with open(ddp_result(ddp_runs, "vgg19") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
