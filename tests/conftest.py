@@ -42,6 +42,35 @@ def ddp_runs(request, tmp_path_factory):
     return {name: base / name for name in plan}
 
 
+def command(script, argv):
+    """`python SCRIPT ARGV` from the repository root as the interpreter runs it, but in this
+    process (runpy, as __main__): a SimpleNamespace(returncode, stdout, stderr). Each script's
+    __main__ turns its errors into `sys.exit(one line)`, which the interpreter prints to stderr
+    with exit status 1, as here. A new python costs ~6 s on this CPU (importing torchvision
+    imports torch._dynamo); the real command line is tested once, in test_runtime.py."""
+    import contextlib
+    import io
+    import runpy
+    import types
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv, os.getcwd()
+    sys.argv = [script, *map(str, argv)]
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+            code = 1
+        else:
+            code = e.code or 0
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def ddp_result(ddp_runs, name):
     """The folder of the torchrun run `name`, after checking that neither process failed."""
     out = ddp_runs[name]

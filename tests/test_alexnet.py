@@ -12,7 +12,7 @@ import torchvision
 
 import data
 import alexnet
-from conftest import ddp_result
+from conftest import command, ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,9 +136,8 @@ def test_classify_prints_fifteen_named_lines(tmp_path):
                 "model": alexnet.alexnet(1000, width=0.25).state_dict()}, ckpt)
     img = tmp_path / "img.png"
     Image.fromarray((torch.rand(300, 260, 3) * 255).byte().numpy()).save(img)
-    r = subprocess.run([sys.executable, "alexnet.py", "--classify", str(img), "--weights",
-                        str(ckpt), "--width", "0.25", "--device", "cpu"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = command("alexnet.py", ["--classify", str(img), "--weights",
+                        str(ckpt), "--width", "0.25", "--device", "cpu"])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 15
@@ -207,8 +206,7 @@ def test_bad_input_is_a_one_line_error(tmp_path):
             alexnet.main(["--device", "cpu", *argv])
         assert "\n" not in str(e.value)
     # The script's own guard: the same error as one line on stderr, a non-zero exit.
-    r = subprocess.run([sys.executable, "alexnet.py", "--device", "cpu", "--data", "nope"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = command("alexnet.py", ["--device", "cpu", "--data", "nope"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("alexnet.py: error: ") and "unknown data set 'nope'" in r.stderr
 
@@ -217,9 +215,8 @@ def test_classify_bad_image_is_a_one_line_error(tmp_path):
     ckpt = tmp_path / "w.pt"
     torch.save({"arch": "alexnet-paper-w0.125",
                 "model": alexnet.alexnet(1000, "paper", width=0.125).state_dict()}, ckpt)
-    r = subprocess.run([sys.executable, "alexnet.py", "--classify", "/nonexistent.jpg",
-                        "--weights", str(ckpt), "--variant", "paper", "--width", "0.125"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = command("alexnet.py", ["--classify", "/nonexistent.jpg",
+                        "--weights", str(ckpt), "--variant", "paper", "--width", "0.125"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
     assert "image file not found: /nonexistent.jpg" in r.stderr, r.stderr
 

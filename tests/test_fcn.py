@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import fcn
-from conftest import ddp_result, write_voc
+from conftest import command, ddp_result, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 1 / 64  # --width: channels 1, 2, 4, 8, 8 and fc6/fc7 64
@@ -236,8 +236,7 @@ def test_real_voc_seg_path_on_tiny_files(tmp_path):
 
 def test_bad_input_is_a_one_line_error(tmp_path):
     # One real command line (python start-up and torch import cost seconds), the rest in-process.
-    r = subprocess.run([sys.executable, "fcn.py", "--device", "cpu", "--data", "voc"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = command("fcn.py", ["--device", "cpu", "--data", "voc"])
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("fcn.py: error: 'voc' is a detection data set")

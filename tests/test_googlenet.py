@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 import data
 import googlenet
-from conftest import ddp_result
+from conftest import command, ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table 1: name, input depth, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj, output depth,
@@ -265,8 +265,7 @@ def test_bad_input_is_a_one_line_error():
             googlenet.main(["--device", "cpu", *argv])
         assert "\n" not in str(e.value)
     # The script's own guard: the same error as one line on stderr, a non-zero exit.
-    r = subprocess.run([sys.executable, "googlenet.py", "--device", "cpu", "--data", "nope"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = command("googlenet.py", ["--device", "cpu", "--data", "nope"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("googlenet.py: error: ") and "unknown data set 'nope'" in r.stderr
 

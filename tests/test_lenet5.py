@@ -10,7 +10,7 @@ import torch
 
 import data
 import lenet5
-from conftest import ddp_result
+from conftest import command, ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,8 +116,7 @@ def test_bad_input_is_a_one_line_error():
         with pytest.raises(data.DataError, match=re.escape(message)) as e:
             lenet5.main(["--device", "cpu", *argv])
         assert "\n" not in str(e.value)
-    r = subprocess.run([sys.executable, "lenet5.py", "--device", "cpu", "--data", "voc"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = command("lenet5.py", ["--device", "cpu", "--data", "voc"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("lenet5.py: error: ") and "is a detection data set" in r.stderr
 

@@ -11,6 +11,7 @@ import torchvision
 
 import alexnet
 import monster_finetune as mf
+from conftest import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,9 +132,8 @@ def test_bad_input_is_a_one_line_error(tmp_path):
             mf.main(["--device", "cpu", "--no-download", "--out", str(tmp_path / "x"), *argv])
         assert "\n" not in str(e.value)
     # as a command: exit code != 0, one line on stderr
-    r = subprocess.run([sys.executable, "monster_finetune.py", "--device", "cpu", "--no-download",
-                        "--out", str(tmp_path / "x"), "--data", "voc"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = command("monster_finetune.py", ["--device", "cpu", "--no-download",
+                        "--out", str(tmp_path / "x"), "--data", "voc"])
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "'voc' is a detection data set" in r.stderr, \
         r.stderr

@@ -16,6 +16,7 @@ import torchvision
 from PIL import Image
 
 import overfeat
+from conftest import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 0.0625  # --width for shape tests at the paper's input sizes
@@ -367,8 +368,7 @@ def test_bad_input_is_a_one_line_error():
     for argv, message in ((["--data", "voc-seg"], "'voc-seg' is a segmentation data set"),
                           (["--data", "shapes", "--quick", "--weights", "/nonexistent.pt"],
                            "checkpoint /nonexistent.pt not found")):
-        r = subprocess.run([sys.executable, "overfeat.py", "--device", "cpu", *argv], cwd=ROOT,
-                           capture_output=True, text=True)
+        r = command("overfeat.py", ["--device", "cpu", *argv])
         assert r.returncode != 0
         assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
         assert r.stderr.startswith("overfeat.py: error: ")

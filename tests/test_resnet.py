@@ -11,7 +11,7 @@ import torchvision
 
 import data
 import resnet
-from conftest import ddp_result
+from conftest import command, ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,9 +175,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
         with pytest.raises(data.DataError, match=message.replace("(", r"\(")):
             resnet.main([*argv, "--device", "cpu", "--out", str(tmp_path / "x")])
     # as a command: one line on stderr, non-zero exit, no traceback
-    r = subprocess.run([sys.executable, "resnet.py", "--data", "shapes", "--quick", "--weights",
-                        "/nonexistent.pt", "--device", "cpu"], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = command("resnet.py", ["--data", "shapes", "--quick", "--weights",
+                        "/nonexistent.pt", "--device", "cpu"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
     assert "checkpoint /nonexistent.pt not found" in r.stderr, r.stderr
 

@@ -14,7 +14,7 @@ import torchvision
 import data
 import metrics
 import resnext
-from conftest import ddp_result
+from conftest import command, ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,9 +204,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
                            "torchvision has no ResNeXt-29 8x64d weights")):
         with pytest.raises(data.DataError, match=message):
             resnext.main([*argv, "--device", "cpu", "--out", str(tmp_path / "x")])
-    r = subprocess.run([sys.executable, "resnext.py", "--data", "shapes", "--quick", "--weights",
-                        "/nonexistent.pt", "--device", "cpu"], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = command("resnext.py", ["--data", "shapes", "--quick", "--weights",
+                        "/nonexistent.pt", "--device", "cpu"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
     assert "checkpoint /nonexistent.pt not found" in r.stderr, r.stderr
 

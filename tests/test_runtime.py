@@ -2,6 +2,8 @@
 import importlib
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,3 +174,15 @@ def test_a_flag_error_leaves_no_output_folder(tmp_path, script):
     with pytest.raises(data.DataError, match=f"'{wrong}' is a"):
         module.main(["--data", wrong, "--device", "cpu", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_real_command_line_exits_1_with_one_line_on_stderr():
+    # The other tests run each script's __main__ in process (conftest.command): this one pays
+    # for a new python once to show that the interpreter does what command() assumes.
+    r = subprocess.run([sys.executable, "lenet5.py", "--device", "cpu", "--data", "voc"],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "lenet5.py: error: 'voc' is a detection data set; this script needs " \
+                       "classification data: one of mnist, fashion-mnist, cifar10, cifar100, " \
+                       "cifar10-jpg, imagenet, shapes\n"

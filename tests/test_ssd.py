@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import ssd
-from conftest import ddp_result, write_voc
+from conftest import command, ddp_result, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--size", "32", "--width", "0.0625", "--log-every", "1000"]
@@ -301,8 +301,7 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     # one subprocess (a few seconds of imports): the one-line message and exit status
     for argv, message in ((["--data", "voc", "--no-download", "--data-dir", str(tmp_path)],
                            "VOC2007 trainval not found"),):
-        r = subprocess.run([sys.executable, "ssd.py", "--device", "cpu", *argv], cwd=ROOT,
-                           capture_output=True, text=True)
+        r = command("ssd.py", ["--device", "cpu", *argv])
         assert r.returncode != 0 and "Traceback" not in r.stderr
         assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
         assert r.stderr.startswith("ssd.py: error: ")

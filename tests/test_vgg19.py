@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 import data
 import vgg19
-from conftest import ddp_result
+from conftest import command, ddp_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 0.125  # --width for CPU tests: channels 8-16-32-64-64, FC 512
@@ -245,8 +245,7 @@ def test_bad_input_is_a_one_line_error(tmp_path):
             vgg19.main(["--device", "cpu", *argv])
         assert "\n" not in str(e.value)
     # The script's own guard: the same error as one line on stderr, a non-zero exit.
-    r = subprocess.run([sys.executable, "vgg19.py", "--device", "cpu", "--data", "nope"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = command("vgg19.py", ["--device", "cpu", "--data", "nope"])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("vgg19.py: error: ") and "unknown data set 'nope'" in r.stderr
 

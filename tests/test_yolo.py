@@ -14,7 +14,7 @@ from PIL import Image
 
 import data
 import yolo
-from conftest import write_voc
+from conftest import command, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny configuration for end-to-end runs: --quick's network (Fast YOLO, 2 strides dropped) at
@@ -320,10 +320,8 @@ def test_quick_pretrains_on_shapes_then_detects_from_that_backbone(tmp_path):
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "yolo.py", "--device", "cpu", "--out", str(tmp_path),
-                        "--data", "voc", "--data-dir", "/nonexistent", "--no-download"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = command("yolo.py", ["--device", "cpu", "--out", str(tmp_path),
+                        "--data", "voc", "--data-dir", "/nonexistent", "--no-download"])
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("yolo.py: error: VOC2007 trainval not found")
