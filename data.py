@@ -717,7 +717,8 @@ def parse_voc_xml(path, classes=VOC_CLASSES):
                                 f"classes; fix the file or pass the right class list")
             bb = obj.find("bndbox")  # the object's own box, not those of its parts
             x0, y0, x1, y1 = (float(bb.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax"))
-            what = f"{path}: object {len(names) + 1} ('{name}'), box ({x0:g}, {y0:g}, {x1:g}, {y1:g})"
+            what = (f"{path}: object {len(names) + 1} ('{name}'), box ({x0:g}, {y0:g}, {x1:g}, "
+                    f"{y1:g})")
             if x1 < x0 or y1 < y0:
                 raise DataError(f"{what} has xmax < xmin or ymax < ymin; fix the file")
             if x1 <= 0 or y1 <= 0 or x0 - 1 >= width or y0 - 1 >= height:

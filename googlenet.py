@@ -473,8 +473,10 @@ def arch_name(args):
 def get_args_parser():
     p = data.ArgumentParser(description="GoogLeNet (Szegedy et al. 2014) and NIN (Lin et al. "
                                 "2013) on ImageNet, CIFAR, MNIST or the synthetic shapes set.")
-    p.add_argument("--data", default=None, help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                   "fashion-mnist | shapes (default: imagenet; cifar10 for --variant nin)")
+    p.add_argument("--data", default=None,
+                   help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
+                        "fashion-mnist | shapes (default: imagenet; cifar10 for "
+                        "--variant nin)")
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")

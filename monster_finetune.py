@@ -160,7 +160,8 @@ def get_args_parser():
     p = data.ArgumentParser(description="The lecture's fine-tuning example: a trained AlexNet's "
                                 "first layer, frozen then fine-tuned, under residual blocks.")
     p.add_argument("--data", default="cifar10",
-                   help="cifar10 | cifar100 | cifar10-jpg | shapes (RGB sets; default: cifar10)")
+                   help="cifar10 | cifar100 | cifar10-jpg | shapes (RGB sets; default: "
+                        "cifar10)")
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")

@@ -918,9 +918,10 @@ def get_args_parser():
                                 "dense multi-scale evaluation, localisation by box regression "
                                 "with greedy merging and detection with a background class, on "
                                 "ImageNet, VOC, CIFAR, MNIST or the shapes sets.")
-    p.add_argument("--data", default="imagenet", help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                   "fashion-mnist | shapes (classification) | shapes-det (localisation or "
-                   "detection) | voc (detection)")
+    p.add_argument("--data", default="imagenet",
+                   help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
+                        "fashion-mnist | shapes (classification) | shapes-det "
+                        "(localisation or detection) | voc (detection)")
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")

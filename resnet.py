@@ -391,8 +391,10 @@ def get_args_parser():
     p.add_argument("--depth", type=int, default=20,
                    help=f"CIFAR 6n+2 (the paper's {CIFAR_DEPTHS}) or ImageNet {IMAGENET_DEPTHS} "
                    "(default: 20)")
-    p.add_argument("--data", default=None, help="cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
-                   "fashion-mnist | shapes (default: cifar10 for CIFAR depths, imagenet otherwise)")
+    p.add_argument("--data", default=None,
+                   help="cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
+                        "fashion-mnist | shapes (default: cifar10 for CIFAR depths, "
+                        "imagenet otherwise)")
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")

@@ -305,8 +305,10 @@ def get_args_parser():
     p.add_argument("--base", type=int, default=None,
                    help="stem channels and first-stage width, doubled per stage (default: the "
                    "paper's 64)")
-    p.add_argument("--data", default=None, help="cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
-                   "fashion-mnist | shapes (default: cifar10 for depth 29, imagenet otherwise)")
+    p.add_argument("--data", default=None,
+                   help="cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
+                        "fashion-mnist | shapes (default: cifar10 for depth 29, "
+                        "imagenet otherwise)")
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")

@@ -346,7 +346,8 @@ def get_args_parser():
                                 "CIFAR, MNIST or the synthetic shapes set, with the paper's scale "
                                 "jittering and dense multi-scale test.")
     p.add_argument("--data", default="imagenet",
-                   help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | fashion-mnist | shapes")
+                   help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
+                        "fashion-mnist | shapes")
     p.add_argument("--data-dir", default=data.default_data_dir(),
                    help="data root (default: $PYTORCH_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a data set")

@@ -221,13 +221,17 @@ def test_classify_bad_image_is_a_one_line_error(tmp_path):
     assert "image file not found: /nonexistent.jpg" in r.stderr, r.stderr
 
 
-@pytest.mark.ddp("alexnet", "alexnet", ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--batch-size", "32", "--limit", "512",
-                                   "--log-every", "100000"])
+DDP_ARGS = ["--epochs", "1", "--batch-size", "32", "--limit", "512"]
+
+
+@pytest.mark.ddp("alexnet", "alexnet", ["--data", "shapes", "--quick", "--device", "cpu",
+                                *DDP_ARGS,
+                                "--log-every", "100000"])
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, ddp_runs):
     # No BatchNorm: two processes with half the batch each and DDP's averaged gradients follow
     # the single-process run step for step; dropout masks differ (seed + rank), hence eval mode
     # comparisons with a tolerance rather than bit equality.
-    single, _ = run(tmp_path, "one", "--epochs", "1", "--batch-size", "32", "--limit", "512")
+    single, _ = run(tmp_path, "one", *DDP_ARGS)
     with open(ddp_result(ddp_runs, "alexnet") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2

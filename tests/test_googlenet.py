@@ -270,11 +270,15 @@ def test_bad_input_is_a_one_line_error():
     assert r.stderr.startswith("googlenet.py: error: ") and "unknown data set 'nope'" in r.stderr
 
 
-@pytest.mark.ddp("googlenet", "googlenet", ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--width", "0.125", "--batch-size", "64", "--limit", "512",
-                                   "--log-every", "100000"])
+DDP_ARGS = ["--epochs", "1", "--width", "0.125", "--batch-size", "64", "--limit", "512"]
+
+
+@pytest.mark.ddp("googlenet", "googlenet", ["--data", "shapes", "--quick", "--device", "cpu",
+                                *DDP_ARGS,
+                                "--log-every", "100000"])
 def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
-    single, _ = run(tmp_path, "one", "--epochs", "1", "--width", "0.125", "--batch-size", "64", "--limit", "512")
+    single, _ = run(tmp_path, "one", *DDP_ARGS)
     with open(ddp_result(ddp_runs, "googlenet") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2

@@ -121,10 +121,14 @@ def test_bad_input_is_a_one_line_error():
     assert r.stderr.startswith("lenet5.py: error: ") and "is a detection data set" in r.stderr
 
 
-@pytest.mark.ddp("lenet5", "lenet5", ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--limit", "512",
-                                   "--log-every", "100000"])
+DDP_ARGS = ["--epochs", "1", "--limit", "512"]
+
+
+@pytest.mark.ddp("lenet5", "lenet5", ["--data", "shapes", "--quick", "--device", "cpu",
+                                *DDP_ARGS,
+                                "--log-every", "100000"])
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, ddp_runs):
-    single, _ = run(tmp_path, "one", "--epochs", "1", "--limit", "512")
+    single, _ = run(tmp_path, "one", *DDP_ARGS)
     with open(ddp_result(ddp_runs, "lenet5") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2

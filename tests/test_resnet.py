@@ -181,13 +181,17 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert "checkpoint /nonexistent.pt not found" in r.stderr, r.stderr
 
 
-@pytest.mark.ddp("resnet", "resnet", ["--data", "shapes", "--quick", "--device", "cpu", "--depth", "8", "--epochs", "1", "--batch-size", "128", "--limit", "512",
-                                   "--log-every", "100000"])
+DDP_ARGS = ["--depth", "8", "--epochs", "1", "--batch-size", "128", "--limit", "512"]
+
+
+@pytest.mark.ddp("resnet", "resnet", ["--data", "shapes", "--quick", "--device", "cpu",
+                                *DDP_ARGS,
+                                "--log-every", "100000"])
 def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # BatchNorm statistics are per process under DDP (as on the paper's two GPUs; SyncBatchNorm
     # needs a GPU), so the two runs see the same data and the same averaged gradients but not
     # bit-identical normalisation: their losses agree closely, not exactly.
-    single, _ = run(tmp_path, "one", "--depth", "8", "--epochs", "1", "--batch-size", "128", "--limit", "512")
+    single, _ = run(tmp_path, "one", *DDP_ARGS)
     with open(ddp_result(ddp_runs, "resnet") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2

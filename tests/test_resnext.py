@@ -210,11 +210,15 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert "checkpoint /nonexistent.pt not found" in r.stderr, r.stderr
 
 
-@pytest.mark.ddp("resnext", "resnext", ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "1", "--depth", "11", "--batch-size", "128", "--limit", "512",
-                                   "--log-every", "100000"])
+DDP_ARGS = ["--epochs", "1", "--depth", "11", "--batch-size", "128", "--limit", "512"]
+
+
+@pytest.mark.ddp("resnext", "resnext", ["--data", "shapes", "--quick", "--device", "cpu",
+                                *DDP_ARGS,
+                                "--log-every", "100000"])
 def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
-    single, _ = run(tmp_path, "one", "--epochs", "1", "--depth", "11", "--batch-size", "128", "--limit", "512")
+    single, _ = run(tmp_path, "one", *DDP_ARGS)
     with open(ddp_result(ddp_runs, "resnext") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2

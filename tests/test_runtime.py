@@ -25,7 +25,8 @@ def test_non_finite_numbers_are_one_line_flag_errors(capsys):
             p.parse_args(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"x.py: error: {flag}: must be a finite number") and err.count("\n") == 1
+        assert err.startswith(f"x.py: error: {flag}: must be a finite number")
+        assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("script", ["lenet5", "resnet", "yolo", "fcn"])

@@ -250,12 +250,16 @@ def test_bad_input_is_a_one_line_error(tmp_path):
     assert r.stderr.startswith("vgg19.py: error: ") and "unknown data set 'nope'" in r.stderr
 
 
-@pytest.mark.ddp("vgg19", "vgg19", ["--data", "shapes", "--quick", "--device", "cpu", "--bn", "--epochs", "1", "--batch-size", "64", "--limit", "512",
-                                   "--log-every", "100000"])
+DDP_ARGS = ["--bn", "--epochs", "1", "--batch-size", "64", "--limit", "512"]
+
+
+@pytest.mark.ddp("vgg19", "vgg19", ["--data", "shapes", "--quick", "--device", "cpu",
+                                *DDP_ARGS,
+                                "--log-every", "100000"])
 def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # With --bn the BatchNorm statistics are per process (SyncBatchNorm needs a GPU): the two
     # runs see the same data and average their gradients, so the losses agree closely.
-    single, _ = run(tmp_path, "one", "--bn", "--epochs", "1", "--batch-size", "64", "--limit", "512")
+    single, _ = run(tmp_path, "one", *DDP_ARGS)
     with open(ddp_result(ddp_runs, "vgg19") / "results.json") as f:
         double = json.load(f)
     assert double["config"]["world"] == 2
