@@ -187,3 +187,19 @@ def test_a_real_command_line_exits_1_with_one_line_on_stderr():
     assert r.stderr == "lenet5.py: error: 'voc' is a detection data set; this script needs " \
                        "classification data: one of mnist, fashion-mnist, cifar10, cifar100, " \
                        "cifar10-jpg, imagenet, shapes\n"
+
+
+RUNTIME_FLAGS = ("--data --data-dir --no-download --epochs --batch-size --lr --device --cuda "
+                 "--workers --seed --out --resume --overwrite --eval-only --weights --pretrained "
+                 "--amp --channels-last --compile --quick --log-every").split()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_takes_the_runtime_flags_the_readme_lists(script):
+    parser = importlib.import_module(script).get_args_parser()
+    have = {option for action in parser._actions for option in action.option_strings}
+    assert [f for f in RUNTIME_FLAGS if f not in have] == []
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "README.md")).read()
+    listed = readme.split("Every script takes the same flags: `")[1].split("`")[0].split()
+    assert sorted(listed) == sorted(RUNTIME_FLAGS)
