@@ -71,6 +71,15 @@ def command(script, argv):
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+def ddp_results_json(ddp_runs, name):
+    """The results.json of the torchrun run `name`, checked to come from 2 processes."""
+    import json
+    with open(ddp_result(ddp_runs, name) / "results.json") as f:
+        results = json.load(f)
+    assert results["config"]["world"] == 2
+    return results
+
+
 def ddp_result(ddp_runs, name):
     """The folder of the torchrun run `name`, after checking that neither process failed."""
     out = ddp_runs[name]

@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torchvision
 
 import data
 import alexnet
-from conftest import command, ddp_result
+from conftest import command, ddp_results_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,9 +230,7 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path,
     # the single-process run step for step; dropout masks differ (seed + rank), hence eval mode
     # comparisons with a tolerance rather than bit equality.
     single, _ = run(tmp_path, "one", *DDP_ARGS)
-    with open(ddp_result(ddp_runs, "alexnet") / "results.json") as f:
-        double = json.load(f)
-    assert double["config"]["world"] == 2
+    double = ddp_results_json(ddp_runs, "alexnet")
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
                                                                rel=0.02)
     assert double["metrics"]["test_error"] == pytest.approx(single["metrics"]["test_error"],

@@ -3,8 +3,6 @@ VGG-16's classifier convolutionized, zero-started skips (staged training), the l
 --segment, the real VOC-seg path on tiny files, one-line errors and a short learning run."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from torchvision.transforms import v2
 
 import data
 import googlenet
-from conftest import command, ddp_result
+from conftest import command, ddp_results_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table 1: name, input depth, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj, output depth,
@@ -279,9 +277,7 @@ DDP_ARGS = ["--epochs", "1", "--width", "0.125", "--batch-size", "64", "--limit"
 def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
     single, _ = run(tmp_path, "one", *DDP_ARGS)
-    with open(ddp_result(ddp_runs, "googlenet") / "results.json") as f:
-        double = json.load(f)
-    assert double["config"]["world"] == 2
+    double = ddp_results_json(ddp_runs, "googlenet")
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
                                                                rel=0.03)
 

@@ -2,15 +2,13 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import data
 import lenet5
-from conftest import command, ddp_result
+from conftest import command, ddp_results_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,9 +127,7 @@ DDP_ARGS = ["--epochs", "1", "--limit", "512"]
                                 "--log-every", "100000"])
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path, ddp_runs):
     single, _ = run(tmp_path, "one", *DDP_ARGS)
-    with open(ddp_result(ddp_runs, "lenet5") / "results.json") as f:
-        double = json.load(f)
-    assert double["config"]["world"] == 2
+    double = ddp_results_json(ddp_runs, "lenet5")
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
                                                                rel=1e-4)
     assert double["metrics"]["test_error"] == pytest.approx(single["metrics"]["test_error"],

@@ -2,7 +2,6 @@
 comparison runs, and main() end to end."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest

@@ -2,8 +2,6 @@
 of §4.2, torchvision compatibility, and main() end to end."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ import torchvision
 
 import data
 import resnet
-from conftest import command, ddp_result
+from conftest import command, ddp_results_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,9 +190,7 @@ def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # needs a GPU), so the two runs see the same data and the same averaged gradients but not
     # bit-identical normalisation: their losses agree closely, not exactly.
     single, _ = run(tmp_path, "one", *DDP_ARGS)
-    with open(ddp_result(ddp_runs, "resnet") / "results.json") as f:
-        double = json.load(f)
-    assert double["config"]["world"] == 2
+    double = ddp_results_json(ddp_runs, "resnet")
     assert double["config"]["steps_per_epoch"] == single["config"]["steps_per_epoch"]
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
                                                                rel=0.03)

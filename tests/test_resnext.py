@@ -3,8 +3,6 @@ schedules, torchvision compatibility, and main() end to end."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torchvision
 import data
 import metrics
 import resnext
-from conftest import command, ddp_result
+from conftest import command, ddp_results_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,9 +217,7 @@ DDP_ARGS = ["--epochs", "1", "--depth", "11", "--batch-size", "128", "--limit", 
 def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # BatchNorm statistics are per process (SyncBatchNorm needs a GPU): close, not identical.
     single, _ = run(tmp_path, "one", *DDP_ARGS)
-    with open(ddp_result(ddp_runs, "resnext") / "results.json") as f:
-        double = json.load(f)
-    assert double["config"]["world"] == 2
+    double = ddp_results_json(ddp_runs, "resnext")
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
                                                                rel=0.03)
 

@@ -5,7 +5,6 @@ decimation, inference, resume, torchrun, the real VOC path, --detect and bad inp
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest

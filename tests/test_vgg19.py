@@ -3,8 +3,6 @@ dense test of §3.2, the scale jitter of §3.1, and main() end to end."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ from torchvision.transforms import v2
 
 import data
 import vgg19
-from conftest import command, ddp_result
+from conftest import command, ddp_results_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 0.125  # --width for CPU tests: channels 8-16-32-64-64, FC 512
@@ -260,9 +258,7 @@ def test_two_gloo_processes_agree_with_one_process(tmp_path, ddp_runs):
     # With --bn the BatchNorm statistics are per process (SyncBatchNorm needs a GPU): the two
     # runs see the same data and average their gradients, so the losses agree closely.
     single, _ = run(tmp_path, "one", *DDP_ARGS)
-    with open(ddp_result(ddp_runs, "vgg19") / "results.json") as f:
-        double = json.load(f)
-    assert double["config"]["world"] == 2
+    double = ddp_results_json(ddp_runs, "vgg19")
     assert double["history"][0]["train_loss"] == pytest.approx(single["history"][0]["train_loss"],
                                                                rel=0.03)
 

@@ -5,8 +5,6 @@ one-line errors and a learning test."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
