@@ -984,15 +984,19 @@ def distributed_info():
 
 def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=None, seed=0,
                 drop_last=None, shard=True):
-    """A DataLoader; under torchrun a DistributedSampler shards the set so each rank sees 1/world
-    of every epoch (call `set_epoch(loader, epoch)` at each epoch). `batch_size` is per process.
-    `shard=False` gives every rank the whole set (an evaluation computed on each rank)."""
+    """A DataLoader; under torchrun a DistributedSampler shards the training set so each rank sees
+    1/world of every epoch (call `set_epoch(loader, epoch)` at each epoch), and an evaluation
+    set is split without padding (rank r: samples r, r + W, ...; `gather_shards` puts every
+    rank's outputs back in the set's order). `batch_size` is per process. `shard=False` gives
+    every rank the whole set."""
     rank, world = distributed_info() if shard else (0, 1)
     workers = min(workers, os.cpu_count() or 1)  # more processes than cores only slow it down
     sampler = None
-    if world > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=train,
-                                                      seed=seed, drop_last=train)
+    if world > 1 and train:
+        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True,
+                                                      seed=seed, drop_last=True)
+    elif world > 1:  # evaluation: rank r takes samples r, r + W, ...; `gather_shards` rejoins them
+        sampler = range(rank, len(dataset), world)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
                         sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                         pin_memory=torch.device(device).type == "cuda",
@@ -1001,6 +1005,29 @@ def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=
                         generator=torch.Generator().manual_seed(seed))
     loader.seed = seed
     return loader
+
+
+def gather_shards(*parts):
+    """Under torchrun, every rank's evaluation outputs put back together in the set's order (rank r
+    evaluated samples r, r + W, ...: an evaluation loader's share): each part is a tensor (rows)
+    or a list (items), one per sample; every rank gets the whole set (tensors on the CPU). A
+    single process gets its arguments back."""
+    rank, world = distributed_info()
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(
+            gathered, [p.cpu() if isinstance(p, torch.Tensor) else list(p) for p in parts])
+        joined = []
+        for i, p in enumerate(parts):
+            pieces = [g[i] for g in gathered]
+            n = sum(len(q) for q in pieces)
+            full = p.new_empty((n, *p.shape[1:]), device="cpu") if isinstance(p, torch.Tensor) \
+                else [None] * n
+            for r, q in enumerate(pieces):
+                full[r::world] = q
+            joined.append(full)
+        parts = tuple(joined)
+    return parts if len(parts) > 1 else parts[0]
 
 
 def set_epoch(loader, epoch):
@@ -1036,7 +1063,8 @@ class DeviceLoader:
     """The whole set as one uint8 tensor on the training device, batched, normalised and augmented
     there: no per-sample Python, no host-to-device copy per batch (the lecture's remark that the
     DataLoader is inefficient for sets that fit in memory; see bench/bench_loader.py).
-    `shard=False` gives every rank the whole set (for an evaluation computed on each rank).
+    Under torchrun an evaluation loader gives rank r the samples r, r + W, ... (`gather_shards`);
+    `shard=False` gives every rank the whole set.
 
     Yields (float images normalised with mean/std, labels). `augment` is None or a dict
     {"padding": p, "flip": bool} for `random_crop_flip`. Shuffling is seeded by (seed, epoch) and,
@@ -1070,7 +1098,9 @@ class DeviceLoader:
             idx = torch.randperm(n, generator=g)
         else:
             idx = torch.arange(n)
-        if self.world > 1:
+        if self.world > 1 and not self.train:  # rank r: r, r + W, ... (see gather_shards)
+            idx = idx[self.rank::self.world]
+        elif self.world > 1:
             per_rank = n // self.world if self.drop_last else math.ceil(n / self.world)
             idx = torch.cat([idx, idx[:per_rank * self.world - n]]) if per_rank * self.world > n \
                 else idx[:per_rank * self.world]
@@ -1078,7 +1108,7 @@ class DeviceLoader:
         return idx.to(self.device)
 
     def __len__(self):
-        n = len(self._indices()) if self.world > 1 else len(self.labels)
+        n = len(self._indices()) if self.world > 1 else len(self.labels)  # this rank's share
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
@@ -1103,8 +1133,8 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
     In-memory sets (MNIST, CIFAR, shapes) get `DeviceLoader`s normalised with the statistics of
     their own training images; `train_split` "trainval" (the whole official training set, as the
     papers train) gives no val loader, "train" holds the val split out (`add_holdout_arg`); ImageNet gets DataLoaders with `classification_transforms` (val is
-    None: the official validation set is the test set). `batch_size` is per process; evaluation
-    loaders are not sharded, so every rank computes the same figures. `augment`: True for
+    None: the official validation set is the test set). `batch_size` is per process; under
+    torchrun each rank evaluates its share of the evaluation sets (`gather_shards`). `augment`: True for
     `augment_for(name)`, False, or a script's own {"padding", "flip"} (in-memory sets only).
     info = {"classes", "mean", "std", "in_channels", "image_size", "sizes": (train, val, test)}."""
     check_task(name, "classification")
@@ -1117,7 +1147,7 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
                                           transform=classification_transforms(name, False, mean,
                                                                               std, size))
         train = make_loader(train_set, batch_size, True, workers, device, seed=seed)
-        test = make_loader(test_set, eval_batch_size, False, workers, device, shard=False)
+        test = make_loader(test_set, eval_batch_size, False, workers, device)
         classes = getattr(train_set, "names", None) or getattr(train_set.dataset, "names")
         info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
                 "image_size": size or 224, "sizes": (len(train_set), 0, len(test_set))}
@@ -1133,9 +1163,9 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
     val, n_val = None, 0  # "trainval": the held-out images are in the training set
     if train_split == "train":
         x_val, y_val, _ = classification_arrays(name, "val", **kw)
-        val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std, shard=False)
+        val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std)
         n_val = len(y_val)
-    test = DeviceLoader(x_test, y_test, eval_batch_size, False, device, mean, std, shard=False)
+    test = DeviceLoader(x_test, y_test, eval_batch_size, False, device, mean, std)
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": x.shape[1],
             "image_size": x.shape[-1], "sizes": (len(y), n_val, len(y_test))}
     return train, val, test, info
@@ -1174,6 +1204,158 @@ class ArgumentParser(argparse.ArgumentParser):
                 if isinstance(v, float) and not math.isfinite(v):
                     self.error(f"--{name.replace('_', '-')} {v}: must be a finite number")
         return ns, extra
+
+
+# The runtime flags every script takes, with the same names and meanings (the README lists them
+# once; tests/test_runtime.py holds every script's --help to this tuple).
+RUNTIME_FLAGS = ("--data", "--data-dir", "--no-download", "--device", "--cuda", "--workers",
+                 "--seed", "--out", "--resume", "--overwrite", "--eval-only", "--weights",
+                 "--pretrained", "--amp", "--channels-last", "--compile", "--deterministic",
+                 "--log-every", "--quick", "--dry-run")
+DRY_RUN_STEPS = 2  # --dry-run: training steps and evaluation batches
+
+
+def add_data_args(p, default, sets):
+    """--data (`sets`: the data sets this script reads, as `a | b | c`), --data-dir, --no-download:
+    the first group of every script's --help."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=default,
+                   help=f"{sets} (default: {default or 'see the script'})")
+    g.add_argument("--data-dir", default=default_data_dir(),
+                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
+    g.add_argument("--no-download", action="store_true", help="never download a data set")
+    return g
+
+
+def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
+                     weights_help="a checkpoint or state_dict to start from (its model only)",
+                     pretrained_help="start from torchvision's ImageNet weights"):
+    """The runtime flags (RUNTIME_FLAGS but the data ones), the last group of every script's
+    --help. `quick`: the --quick help text (`quick_help(QUICK)`, so help and behaviour agree)."""
+    g = p.add_argument_group("runtime (the same flags in every script)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: the best "
+                   "available)")
+    g.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
+    g.add_argument("--workers", type=int, default=workers,
+                   help=workers_help or f"DataLoader processes (default: {workers})")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed; under torchrun rank r uses seed + r (default: 0)")
+    g.add_argument("--out", default=None, help="the run's folder: results.json, checkpoint.pt "
+                   "(default: runs/SCRIPT-DATA)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                   "checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, such a folder is refused)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --weights (or --pretrained) on the test split, no training")
+    g.add_argument("--weights", default=None, help=weights_help)
+    g.add_argument("--pretrained", action="store_true", help=pretrained_help)
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without bf16)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only (torch.use_deterministic_algorithms); "
+                   "without it CUDA runs use cuDNN autotuning and TF32 matmuls")
+    g.add_argument("--log-every", type=int, default=log_every,
+                   help=f"training steps between progress lines (default: {log_every})")
+    g.add_argument("--quick", action="store_true", help=quick)
+    g.add_argument("--dry-run", action="store_true",
+                   help=f"the run's own settings and data, but {DRY_RUN_STEPS} training steps per "
+                   f"stage and {DRY_RUN_STEPS} evaluation batches: checks in minutes that the "
+                   "whole run, checkpoint and results.json included, works")
+    g.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
+                   help="stop after this many epochs as if killed, without testing (to try "
+                   "--resume)")
+    return g
+
+
+Runtime = collections.namedtuple("Runtime", ["device", "rank", "world", "is_main"])
+
+
+def setup(args, script, pretrained_is_the_model=True):
+    """Everything a script does between parsing its flags and reading data, in this order:
+    the device (`--device`/`--cuda`), `--out` (default runs/SCRIPT-DATA; checked by `start_run`
+    before any data is read), the torchrun process group, the seed (rank r: seed + r), the
+    kernels (`--deterministic`, else cuDNN autotuning and TF32 on CUDA) and `--dry-run` (one
+    epoch; the script wraps its loaders with `dry_run_batches`). Sets args.world; returns
+    Runtime(device, rank, world, is_main)."""
+    device = select_device(args.device, args.cuda)
+    if args.out is None:
+        name = os.path.splitext(os.path.basename(script))[0]
+        args.out = os.path.join("runs", f"{name}-{args.data}" if args.data else name)
+    start_run(args, pretrained_is_the_model)
+    rank, args.world = init_distributed(device)
+    torch.manual_seed(args.seed + rank)  # the CPU and every CUDA device
+    set_kernels(device, args.deterministic)
+    if args.dry_run and hasattr(args, "epochs"):
+        args.epochs = 1
+    return Runtime(device, rank, args.world, rank == 0)
+
+
+def set_kernels(device, deterministic):
+    """`--deterministic`: only deterministic kernels (an op without one is an error naming it) and
+    no autotuning; otherwise, on CUDA, cuDNN picks the fastest algorithms and float32 matmuls and
+    convolutions use TF32 (Ampere and later; ~10 bits of mantissa in the products). Set on every
+    call, so that one run in a process does not leak its choice into the next."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's requirement
+    torch.use_deterministic_algorithms(bool(deterministic))
+    fast = device.type == "cuda" and not deterministic
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = not deterministic  # PyTorch's default: on
+
+
+class FirstBatches:
+    """The first `n` batches of a loader (`--dry-run`); everything else (set_epoch, dataset,
+    sampler) is the loader's own."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __len__(self):
+        return min(self.n, len(self.loader))
+
+    def __iter__(self):
+        it = iter(self.loader)
+        for _ in range(len(self)):
+            yield next(it)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def dry_run_batches(args, *loaders):
+    """The loaders as given, or under `--dry-run` their first DRY_RUN_STEPS batches (None stays
+    None)."""
+    if not getattr(args, "dry_run", False):
+        return loaders if len(loaders) > 1 else loaders[0]
+    out = tuple(None if l is None else FirstBatches(l, DRY_RUN_STEPS) for l in loaders)
+    return out if len(out) > 1 else out[0]
+
+
+def wrap(model, args, **ddp_kwargs):
+    """The network the training loop calls: DistributedDataParallel under torchrun, then
+    torch.compile with `--compile`; `model` itself stays the unwrapped one to save and test."""
+    net = model
+    if args.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    if args.compile:
+        net = torch.compile(net)
+    return net
+
+
+def run_main(main, script):
+    """Every script's `__main__`: a DataError/ValueError (bad input, a diverged run) is one line
+    on stderr and exit 1, never a traceback; the torchrun process group is destroyed however
+    main() ends (a run that stops early included)."""
+    try:
+        main()
+    except (DataError, ValueError) as e:
+        sys.exit(f"{script}: error: {error_line(e)}")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def apply_quick(args, quick):
@@ -1390,19 +1572,50 @@ def load_checkpoint(path, arch=None):
     return state
 
 
+def rng_state():
+    """This process's random state: the CPU generator's and, where CUDA is in use, every GPU's."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
 def save_training_state(path, arch, model, optimizer, scheduler, scaler, epoch, args, history,
                         **extra):
     """The end-of-epoch checkpoint: everything `resume_training_state` needs to continue a killed
     run to the same weights (state_dicts of the unwrapped model, optimiser, scheduler and scaler,
-    the epoch just finished, the arguments, the CPU RNG state, the history so far)."""
+    the epoch just finished, the arguments, the history so far, and every rank's RNG state).
+    Call it on every rank: the RNG states are gathered, rank 0 writes. Under `--dry-run` the
+    file is read back at once and compared with the model (a checkpoint that cannot be reloaded
+    is found in minutes, not after the real run)."""
+    rngs = [rng_state()]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rngs = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(rngs, rng_state())
+        if torch.distributed.get_rank() != 0:
+            return
     save_checkpoint(path, {"arch": arch, "model": model.state_dict(),
                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                            "scaler": scaler.state_dict(), "epoch": epoch, "args": args,
-                           "rng": torch.get_rng_state(), "history": history, **extra})
+                           "rng": rngs, "history": history, **extra})
+    if args.get("dry_run"):
+        saved = load_checkpoint(path, arch)["model"]
+        for k, v in model.state_dict().items():
+            if k not in saved or not torch.equal(saved[k], v.cpu()):
+                raise DataError(f"--dry-run: {path} does not give back {k} as saved; the "
+                                f"checkpoint cannot be trusted")
 
 
 def resume_training_state(path, arch, model, optimizer, scheduler, scaler):
-    """Restore what `save_training_state` wrote; returns (first epoch to run, history)."""
+    """Restore what `save_training_state` wrote; returns (first epoch to run, history). Each rank
+    takes its own RNG state back (rank r the r-th; with another number of processes than the
+    run had, rank r takes state r mod the saved count)."""
     state = load_checkpoint(path, arch)
     load_weights(model, state, path)
     optimizer.load_state_dict(state["optimizer"])
@@ -1414,7 +1627,10 @@ def resume_training_state(path, arch, model, optimizer, scheduler, scaler):
                                        scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
+    rngs = state["rng"]
+    if isinstance(rngs, torch.Tensor):  # a checkpoint of an earlier version: rank 0's CPU state
+        rngs = [{"cpu": rngs}]
+    set_rng_state(rngs[distributed_info()[0] % len(rngs)])
     return state["epoch"] + 1, state["history"]
 
 

@@ -198,27 +198,21 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         scaler.update()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    if args.world > 1:  # the mean over every rank's samples, as one process would report it
-        t = torch.tensor([total, n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, n = t.tolist()
-    return total / max(n, 1)
+    return metrics.global_mean(total, n, device)  # over every rank's samples
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device):
-    """Error rate, accuracy and balanced error rate of the model on the whole loader."""
+def evaluate(model, loader, args, device, num_classes):
+    """Error rate, accuracy and balanced error rate of the (unwrapped) model on the whole set:
+    under torchrun each rank evaluates its share and the outputs are gathered."""
     model.eval()
     outputs, targets = [], []
     for x, y in loader:
         with data.autocast(device, args.amp):
             outputs.append(model(x).float().cpu())
         targets.append(y.cpu())
-    out, y = torch.cat(outputs), torch.cat(targets)
-    num_classes = out.shape[1]
-    return {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
-            "balanced_error": metrics.balanced_error_rate(out, y, num_classes),
-            "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+    out, y = data.gather_shards(torch.cat(outputs), torch.cat(targets))
+    return metrics.classification_report(out, y, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,10 +221,7 @@ def evaluate(model, loader, args, device):
 def get_args_parser():
     p = data.ArgumentParser(description="LeNet-5 (LeCun et al. 1998) on MNIST, Fashion-MNIST "
                                 "or the synthetic shapes set.")
-    p.add_argument("--data", default="mnist", help="mnist | fashion-mnist | shapes (default: mnist)")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, "mnist", "mnist | fashion-mnist | shapes")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="lecture", choices=["lecture", "1998"],
@@ -244,23 +235,9 @@ def get_args_parser():
     p.add_argument("--augment", action="store_true",
                    help="random translations of up to 3 pixels, the lecture's RandomCrop(28, "
                         "padding=3), no flips (the paper's figure without them is 0.95%%)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=0,
-                   help="loader processes (unused: the set is held on the device)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default="runs/lenet5", help="results.json and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true", help="(no published LeNet-5 weights)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=0,
+                          workers_help="unused: the set is held on the device",
+                          pretrained_help="(no published LeNet-5 weights)")
     return p
 
 
@@ -273,12 +250,8 @@ def main(argv=None):
         raise data.DataError(f"lenet5.py trains on mnist, fashion-mnist or shapes, not '{args.data}'")
     if args.pretrained:
         raise data.DataError("there are no published LeNet-5 weights; use --weights PATH")
-    device = data.select_device(args.device, args.cuda)
-    data.start_run(args)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
     data.apply_quick(args, QUICK)
+    device, rank, world, is_main = data.setup(args, "lenet5.py")
     if args.epochs is None:
         args.epochs = EPOCHS
     if args.batch_size % args.world:
@@ -290,6 +263,8 @@ def main(argv=None):
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
         args.quick, args.seed, augment=AUGMENT if args.augment else False, eval_batch_size=1000,
         train_split=data.train_split(args), limit=args.limit)
+    train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
+                                                                 test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
     mean, std = info["mean"], info["std"]
 
@@ -321,11 +296,7 @@ def main(argv=None):
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
-    net = model
-    if args.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    net = data.wrap(model, args)
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
@@ -337,15 +308,18 @@ def main(argv=None):
             scheduler.step()
             row = {"epoch": epoch + 1, "train_loss": loss}
             if val_loader is not None:  # --holdout
-                row["val_error"] = evaluate(net, val_loader, args, device)["test_error"]
+                row["val_error"] = evaluate(model, val_loader, args, device,
+                                           len(classes))["test_error"]
             history.append(row)
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history)
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history)
+            if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                return None
 
-    test = evaluate(net, test_loader, args, device)
+    test = evaluate(model, test_loader, args, device, len(classes))
     if is_main:
         print(f"test_error {100 * test['test_error']:.2f}% ({test['errors']}/{test['samples']}) "
               f"balanced_error {100 * test['balanced_error']:.2f}%")
@@ -354,8 +328,6 @@ def main(argv=None):
         {k: test[k] for k in ("test_error", "test_accuracy", "balanced_error")},
         paper=PAPER, config=config, device=str(device), seconds=time.time() - t0,
         history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -370,7 +342,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"lenet5.py: error: {data.error_line(e)}")
+    data.run_main(main, "lenet5.py")

@@ -349,6 +349,34 @@ def segmentation_scores(confusion):
 # ---------------------------------------------------------------------------------------------
 # Progress lines and results records
 
+def classification_report(out, target, num_classes, views=None):
+    """The figures every classification script reports for its test: error, accuracy, balanced
+    error (over `num_classes`, the data set's classes, not the output's width), the error count,
+    and top-5 error where there are >= 100 classes; `views` {name: output} adds the error (and
+    top-5 error) of other views of the same images, e.g. {"single_crop": p1}."""
+    out, target = _tensor(out), _tensor(target)
+    r = {"test_error": error_rate(out, target), "test_accuracy": accuracy(out, target),
+         "balanced_error": balanced_error_rate(out, target, num_classes),
+         "errors": int((_predictions(out) != target).sum()), "samples": len(target)}
+    for name, view in (views or {}).items():
+        r[f"{name}_error"] = error_rate(view, target)
+    if num_classes >= 100:
+        r["top5_error"] = topk_error(out, target, 5)
+        for name, view in (views or {}).items():
+            r[f"{name}_top5_error"] = topk_error(view, target, 5)
+    return r
+
+
+def global_mean(total, n, device="cpu"):
+    """total / n over every torchrun rank's (total, n), as one process would compute it (each rank's
+    own mean in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([float(total), float(n)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total, n = t.tolist()
+    return total / max(n, 1)
+
+
 class Diverged(ValueError):
     """The training loss became NaN or infinite: the run stops (every script turns this into its
     one-line error and a non-zero exit) before anything of it is written."""
