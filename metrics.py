@@ -388,10 +388,10 @@ class Progress:
     Every step's loss is checked: a NaN or infinite one raises `Diverged`, naming the step."""
 
     def __init__(self, steps_per_epoch, epochs, every=100, start_epoch=0, enabled=True,
-                 out=sys.stdout, model=None):
+                 out=None, model=None):
         self.steps_per_epoch, self.epochs, self.every = steps_per_epoch, epochs, max(1, every)
         self.remaining = (epochs - start_epoch) * steps_per_epoch
-        self.enabled, self.out = enabled, out
+        self.enabled, self.out = enabled, out  # None: sys.stdout as it is when printing
         self.step_in_epoch, self.epoch = 0, start_epoch
         self.loss_sum, self.loss_n, self.images = 0.0, 0, 0
         self.start = self.last = time.perf_counter()
@@ -425,7 +425,7 @@ class Progress:
                 print(f"epoch {epoch + 1}/{self.epochs} step {self.step_in_epoch}/"
                       f"{self.steps_per_epoch} loss {self.loss_sum / self.loss_n:.4f} lr {lr:.3g} "
                       f"{rate:,.0f} img/s eta {datetime.timedelta(seconds=round(eta))}",
-                      file=self.out, flush=True)
+                      file=self.out or sys.stdout, flush=True)
             self.loss_sum, self.loss_n, self.images, self.last = 0.0, 0, 0, now
 
 

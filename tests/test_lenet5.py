@@ -152,3 +152,16 @@ def test_trains_on_the_whole_training_set_unless_holdout(tmp_path):
     assert held["config"]["sizes"] == {"train": 2000, "val": 250, "test": 500}
     assert "val_error" not in whole["history"][0] and "val_error" in held["history"][0]
     assert (whole["config"]["holdout"], held["config"]["holdout"]) == (False, True)
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):
+    # The paper's settings (20 epochs, batch 64: cut to 1 epoch of 2 steps) on shapes.
+    out = tmp_path / "dry"
+    results = lenet5.main(["--data", "shapes", "--device", "cpu", "--dry-run", "--batch-size",
+                           "2", "--out", str(out), "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert re.search(r"^test_error .* \(\d+/2000\)", said, re.M)  # 2 batches of 1,000
+    assert results["config"]["dry_run"] is True and results["config"]["epochs"] == 1
+    assert data.load_checkpoint(str(out / "checkpoint.pt"), "lenet5-lecture")["epoch"] == 0
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
