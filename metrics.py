@@ -536,6 +536,8 @@ def summary_row(run, record=None, command="", status="ok", error=None, seconds=N
                    seconds=record.get("seconds") if record.get("seconds") is not None else seconds)
         if key and paper.get("data") == record.get("data"):
             row["paper"] = paper.get(key)
+        if (record.get("config") or {}).get("dry_run"):  # 2 steps: its figure means nothing
+            row.update(status="ok (dry run)", paper="")
     return row
 
 

@@ -4,6 +4,9 @@
 #   bash run_all.sh                      # paper data sets and schedules (a GPU box; torchrun when
 #                                        # there are several GPUs)
 #   bash run_all.sh --quick              # the synthetic shapes sets, minutes on a CPU, offline
+#   bash run_all.sh --dry-run            # every paper run for 2 steps and 2 test batches (real
+#                                        # data, checkpoint and results.json): minutes on a GPU
+#                                        # box, before the real runs (into results-dry-run/)
 #   bash run_all.sh --only resnet yolo   # some runs only (a script name selects all its runs)
 #   bash run_all.sh --skip alexnet vgg19 --out /scratch/results -- --amp --workers 8
 #
@@ -14,16 +17,17 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 
-QUICK=0 OUT=results ONLY=() SKIP=() EXTRA=() MODE="" FAILED=()
+QUICK=0 DRY=0 OUT="" ONLY=() SKIP=() EXTRA=() MODE="" FAILED=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; MODE="" ;;
+        --dry-run) DRY=1; MODE="" ;;
         --only) MODE=only ;;
         --skip) MODE=skip ;;
         --out) [ $# -ge 2 ] || { echo "run_all.sh: error: --out needs a folder" >&2; exit 2; }
                OUT=$2; shift; MODE="" ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "run_all.sh: error: unknown flag $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
         *) case "$MODE" in
                only) ONLY+=("$1") ;;
@@ -34,6 +38,13 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+
+# A dry run replaces the dry run before it (--overwrite), never a real run's folder.
+if [ "$DRY" = 1 ]; then
+    OUT=${OUT:-results-dry-run}
+    EXTRA=(--dry-run --overwrite "${EXTRA[@]+"${EXTRA[@]}"}")
+fi
+OUT=${OUT:-results}
 
 # The runs: NAME SCRIPT ARGS... Paper mode: each paper's data set and default (paper) recipe;
 # ResNet: the CIFAR-10 table's depths; FCN: the paper's staged training 32s -> 16s -> 8s
@@ -68,7 +79,7 @@ else
         "resnet-44 resnet.py --data cifar10 --depth 44"
         "resnet-56 resnet.py --data cifar10 --depth 56"
         "resnet-110 resnet.py --data cifar10 --depth 110"
-        "resnext resnext.py --data cifar10 --depth 29 --cardinality 16 --width 64"
+        "resnext resnext.py --data cifar10 --depth 29 --cardinality 16 --bottleneck-width 64"
         "googlenet googlenet.py --data imagenet"
         "nin googlenet.py --variant nin --data cifar10"
         "overfeat overfeat.py --data imagenet --variant accurate"

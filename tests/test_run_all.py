@@ -27,6 +27,32 @@ def test_summary_row_headline_and_paper_figure():
     assert (row["metric"], row["ours"]) == ("map", 0.6)
     row = metrics.summary_row("d", None, "python d.py", error="d.py: error: no data")
     assert row["status"] == "failed: d.py: error: no data" and row["ours"] == ""
+    row = metrics.summary_row("e", {**rec, "config": {"epochs": 1, "dry_run": True}})
+    assert (row["status"], row["paper"]) == ("ok (dry run)", "")
+
+
+def test_run_all_dry_run_checks_paper_runs_on_real_format_files(tmp_path):
+    # The paper runs of lenet5 (MNIST idx files) and ResNet-20 (CIFAR-10 pickles) on tiny files
+    # in the real formats, at batch 2: real loaders, the papers' networks, 2 steps, 2 test
+    # batches, checkpoint reloaded, results.json; a second dry run replaces the first.
+    from conftest import write_cifar10, write_mnist
+    tree = tmp_path / "data"
+    write_mnist(tree)
+    write_cifar10(tree)
+    out = tmp_path / "dry"
+    for _ in range(2):
+        p = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--dry-run", "--only",
+                            "lenet5", "resnet-20", "--out", str(out), "--", "--data-dir",
+                            str(tree), "--no-download", "--device", "cpu", "--batch-size", "2",
+                            "--log-every", "1"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+    for run, steps in (("lenet5", "epoch 1/1 step 2/2 "), ("resnet-20", "epoch 1/1 step 2/2 ")):
+        res = json.load(open(out / "runs" / run / "results.json"))
+        assert res["config"]["dry_run"] is True and res["data"] in ("mnist", "cifar10")
+        log = open(out / "runs" / run / "log.txt").read()
+        assert steps in log and "step 3/" not in log
+    rows = {r["run"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert {r["status"] for r in rows.values()} == {"ok (dry run)"}
 
 
 @pytest.mark.slow

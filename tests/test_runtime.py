@@ -201,3 +201,41 @@ def test_every_script_takes_the_runtime_flags_the_readme_lists(script):
                                "README.md")).read()
     listed = readme.split("Every script takes the same flags: `")[1].split("`")[0].split()
     assert sorted(listed) == sorted(RUNTIME_FLAGS)
+
+
+def test_kernels_follow_deterministic_and_one_run_does_not_leak_into_the_next():
+    cuda = torch.device("cuda")  # the flags can be set without a GPU
+    try:
+        data.set_kernels(cuda, False)
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        assert not torch.are_deterministic_algorithms_enabled()
+        data.set_kernels(cuda, True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not (torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32
+                    or torch.backends.cudnn.allow_tf32)
+        data.set_kernels(torch.device("cpu"), False)
+        assert not (torch.are_deterministic_algorithms_enabled() or
+                    torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32)
+    finally:
+        data.set_kernels(torch.device("cpu"), False)
+
+
+def test_eval_shards_are_strided_without_padding_and_gather_restores_the_order(monkeypatch):
+    # Rank r of W evaluates samples r, r + W, ...; gather_shards interleaves them back. Both
+    # ranks are simulated in one process: distributed_info and all_gather_object are replaced.
+    images, labels = torch.zeros(7, 1, 2, 2, dtype=torch.uint8), torch.arange(7)
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr(data, "distributed_info", lambda rank=rank: (rank, 2))
+        loader = data.DeviceLoader(images, labels, 3, False)
+        dl = data.make_loader(torch.utils.data.TensorDataset(labels), 3, False, workers=0)
+        shards.append(torch.cat([y for _, y in loader]))
+        assert torch.equal(torch.cat([y for (y,) in dl]), shards[-1])
+    assert [s.tolist() for s in shards] == [[0, 2, 4, 6], [1, 3, 5]]
+
+    def all_gather_object(out, obj):
+        out[:] = [[shards[0], [f"d{i}" for i in shards[0].tolist()]],
+                  [shards[1], [f"d{i}" for i in shards[1].tolist()]]]
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    y, dets = data.gather_shards(shards[1], [f"d{i}" for i in shards[1].tolist()])
+    assert y.tolist() == list(range(7)) and dets == [f"d{i}" for i in range(7)]
