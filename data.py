@@ -1229,7 +1229,8 @@ def add_data_args(p, default, sets):
 
 def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
                      weights_help="a checkpoint or state_dict to start from (its model only)",
-                     pretrained_help="start from torchvision's ImageNet weights"):
+                     pretrained_help="start from torchvision's ImageNet weights",
+                     pretrained_is_the_model=True):
     """The runtime flags (RUNTIME_FLAGS but the data ones), the last group of every script's
     --help. `quick`: the --quick help text (`quick_help(QUICK)`, so help and behaviour agree)."""
     g = p.add_argument_group("runtime (the same flags in every script)")
@@ -1247,7 +1248,8 @@ def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (without it, such a folder is refused)")
     g.add_argument("--eval-only", action="store_true",
-                   help="evaluate --weights (or --pretrained) on the test split, no training")
+                   help="evaluate --weights" + (" (or --pretrained)" if pretrained_is_the_model
+                                                else "") + " on the test split, no training")
     g.add_argument("--weights", default=None, help=weights_help)
     g.add_argument("--pretrained", action="store_true", help=pretrained_help)
     g.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 on GPUs without bf16)")

@@ -32,7 +32,6 @@ lecture's segmentation accuracy (SA = IoU) per class. Departures: DEPARTURES, pr
 """
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -347,7 +346,7 @@ def segmentation_sets(args):
     kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick,
               transforms=data.segmentation_transforms(False))
     if args.data == "shapes-seg":
-        kw["size"] = args.img_size
+        kw["size"] = args.data_size
     train = data.segmentation_dataset(args.data, "train", **kw)
     test = data.segmentation_dataset(args.data, "test", **kw)
     if args.limit:
@@ -376,28 +375,32 @@ def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progres
         scaler.update()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    if args.world > 1:
-        t = torch.tensor([total, n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, n = t.tolist()
-    return total / max(n, 1)
+    return metrics.global_mean(total, n, device)  # over every rank's images
 
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes, args, device):
-    """§5's measures over whole images from the summed confusion matrix; every rank evaluates
-    the whole set (the loader is not sharded), so all ranks hold the same figures. Also the
-    all-background baseline (every pixel labelled 0) on the same pixels."""
+    """§5's measures over whole images from the summed confusion matrix, and the all-background
+    baseline (every pixel labelled 0) on the same pixels. `model` is the unwrapped one. Under
+    torchrun each rank tests its share of the images (the loader's) and the counts are summed
+    over the ranks: every rank then holds the figures of one process on the whole set."""
     model.eval()
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    base = torch.zeros_like(cm)
+    counts = torch.zeros(2, num_classes, num_classes, dtype=torch.int64, device=device)
+    images = torch.zeros(1, dtype=torch.int64, device=device)
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         with data.autocast(device, args.amp):
             pred = model(x).float().argmax(1)
-        cm += metrics.confusion_matrix(pred, y, num_classes, ignore_index=255)
-        base += metrics.confusion_matrix(torch.zeros_like(y), y, num_classes, ignore_index=255)
+        counts[0] += metrics.confusion_matrix(pred, y, num_classes, ignore_index=255)
+        counts[1] += metrics.confusion_matrix(torch.zeros_like(y), y, num_classes,
+                                              ignore_index=255)
+        images += len(y)
+    if args.world > 1:  # on the device: NCCL reduces CUDA tensors only
+        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(images)
+    cm, base = counts.cpu()
     scores = metrics.segmentation_scores(cm)
+    scores["samples"] = int(images)  # test images counted
     scores["baseline_mean_iou"] = metrics.segmentation_scores(base)["mean_iou"]
     scores["baseline_pixel_acc"] = metrics.segmentation_scores(base)["pixel_acc"]
     return scores, cm
@@ -407,7 +410,7 @@ def print_scores(s, classes):
     print(f"pixel_acc {100 * s['pixel_acc']:.2f}%  mean_acc {100 * s['mean_acc']:.2f}%  "
           f"mean_iou {100 * s['mean_iou']:.2f}%  fw_iou {100 * s['fw_iou']:.2f}%  "
           f"(all-background baseline: mean_iou {100 * s['baseline_mean_iou']:.2f}%, "
-          f"pixel_acc {100 * s['baseline_pixel_acc']:.2f}%)")
+          f"pixel_acc {100 * s['baseline_pixel_acc']:.2f}%) on {s['samples']} images")
     print(f"  {'class':<16} SA = IoU")
     for name, v in zip(classes, s["sa"]):
         print(f"  {name:<16} " + ("   -" if v is None or v != v else f"{100 * v:6.2f}%"))
@@ -449,11 +452,12 @@ def segment(model, path, out, classes, device):
 def get_args_parser():
     p = data.ArgumentParser(description="FCN-32s/16s/8s (Shelhamer, Long, Darrell 2016) on "
                                 "VOC2012, Cityscapes or the synthetic shapes-seg set.")
-    p.add_argument("--data", default="voc-seg", help="voc-seg | cityscapes | shapes-seg "
-                   "(default: voc-seg: VOC2012 train -> val)")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, "voc-seg", "voc-seg (VOC2012 train -> val) | cityscapes | shapes-seg")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use only the first N training and N test images (smoke runs, tests)")
+    p.add_argument("--data-size", type=int, default=64,
+                   help="the size shapes-seg is rendered at (default: 64; real data keeps its "
+                   "own sizes)")
     p.add_argument("--arch", default="8s", choices=["32s", "16s", "8s"],
                    help="output stride: 32s, 16s (pool4 skip) or 8s (pool3 too) (default: 8s)")
     p.add_argument("--init-from", default=None,
@@ -468,8 +472,6 @@ def get_args_parser():
                    help="learn the bilinear-initialised up-sampling (default: fixed)")
     p.add_argument("--width", type=float, default=None,
                    help="channel multiplier (default: 1 = VGG-16)")
-    p.add_argument("--img-size", type=int, default=64,
-                   help="shapes-seg image size (default: 64; real data keeps its own sizes)")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"passes over the training set (default: {ITERATIONS:,} iterations' worth, "
                    f"the reference solver's; {QUICK['epochs']} with --quick)")
@@ -487,32 +489,15 @@ def get_args_parser():
                    help="weight decay on weights, none on biases (default: 5e-4; 0 with --quick)")
     p.add_argument("--normalize", action="store_true",
                    help="average the loss over pixels instead of summing (on with --quick)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N training and N test images (smoke runs, tests)")
     p.add_argument("--segment", default=None, metavar="IMAGE",
                    help="segment one image with --weights, write label/overlay PNGs to --out")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs as if killed, without testing (to test "
-                   "--resume)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=None,
-                   help="loader processes (default: 4; 0 for shapes-seg, cached in memory)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default="runs/fcn", help="results.json and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="an fcn.py checkpoint or state_dict to load")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from torchvision's ImageNet VGG-16 (fc6/fc7 convolutionized)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help=data.quick_help(QUICK, "shapes-seg's small split"))
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    data.add_runtime_args(p, data.quick_help(QUICK, "shapes-seg's small split"), workers=None,
+                          workers_help="DataLoader processes (default: 4; 0 for shapes-seg, "
+                          "cached in memory)",
+                          weights_help="an fcn.py checkpoint (its architecture, width and classes "
+                          "are taken too) or state_dict to load",
+                          pretrained_help="start from torchvision's ImageNet VGG-16 (fc6/fc7 "
+                          "convolutionized)", pretrained_is_the_model=False)
     return p
 
 
@@ -547,22 +532,19 @@ def adopt_checkpoint_config(args, path):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "data_size")
     t0 = time.time()
     data.check_task(args.data, "segmentation")
+    if args.segment and not args.weights:  # (--eval-only without them: data.setup says so)
+        raise data.DataError("--segment needs --weights PATH (a checkpoint written by fcn.py)")
     resolve_defaults(args)
-    device = data.select_device(args.device, args.cuda)
-    data.start_run(args, pretrained_is_the_model=False)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)  # dropout differs per rank, as with separate GPUs
+    # --pretrained loads a base network (VGG-16), not the model: --eval-only needs --weights.
+    # Rank r is seeded with seed + r: dropout differs per rank, as on separate GPUs.
+    device, rank, world, is_main = data.setup(args, "fcn.py", pretrained_is_the_model=False)
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
     state, classes = None, None
-    if (args.eval_only or args.segment) and not args.weights:
-        raise data.DataError("--eval-only and --segment need --weights PATH (a checkpoint "
-                             "written by fcn.py)")
     if args.weights:
         state, classes = adopt_checkpoint_config(args, args.weights)
 
@@ -578,8 +560,10 @@ def main(argv=None):
     train_loader = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
                                     device, pad_collate, seed=args.seed)
     # The paper evaluates whole images one by one; shapes-seg images share a size: batched.
+    # Under torchrun rank r tests images r, r + W, ... (evaluate sums the confusion matrices).
     test_loader = data.make_loader(test_set, 50 if args.data == "shapes-seg" else 1, False,
-                                   args.workers, device, pad_collate, shard=False)
+                                   args.workers, device, pad_collate)
+    train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
     if args.epochs is None:
         args.epochs = QUICK["epochs"] if args.quick else \
             math.ceil(ITERATIONS * args.batch_size / len(train_set))
@@ -629,11 +613,7 @@ def main(argv=None):
                                                           scheduler, scaler)
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
-    net = model
-    if args.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    net = data.wrap(model, args)
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
@@ -646,8 +626,8 @@ def main(argv=None):
             history.append({"epoch": epoch + 1, "train_loss": loss})
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}")
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes))
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -655,15 +635,13 @@ def main(argv=None):
     if is_main:
         print_scores(scores, classes)
     keys = ("mean_iou", "pixel_acc", "mean_acc", "fw_iou", "baseline_mean_iou",
-            "baseline_pixel_acc")
+            "baseline_pixel_acc", "samples")
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "fcn.py", args.data,
         {**{k: scores[k] for k in keys}, "sa": dict(zip(classes, scores["sa"]))},
         paper={**PAPER, "mean_iou": PAPER[f"mean_iou_fcn{args.arch}_voc2011_val"]}, config=config,
         device=str(device), seconds=time.time() - t0,
         history=history, confusion=cm) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -686,7 +664,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"fcn.py: error: {data.error_line(e)}")
+    data.run_main(main, "fcn.py")

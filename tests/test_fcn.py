@@ -3,6 +3,7 @@ VGG-16's classifier convolutionized, zero-started skips (staged training), the l
 --segment, the real VOC-seg path on tiny files, one-line errors and a short learning run."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 import data
 import fcn
-from conftest import command, ddp_result, write_voc
+from conftest import command, ddp_result, ddp_results_json, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 1 / 64  # --width: channels 1, 2, 4, 8, 8 and fc6/fc7 64
@@ -168,7 +169,7 @@ def test_loss_sums_pixels_per_image_and_ignores_void():
 
 def run(tmp_path, name, *extra):
     out = str(tmp_path / name)
-    args = ["--data", "shapes-seg", "--device", "cpu", "--width", str(TINY), "--img-size", "32",
+    args = ["--data", "shapes-seg", "--device", "cpu", "--width", str(TINY), "--data-size", "32",
             "--limit", "8", "--batch-size", "4", "--epochs", "2", "--lr", "1e-3",
             "--optimizer", "adam", "--normalize", "--log-every", "1000", "--out", out, *extra]
     return fcn.main(args), out
@@ -189,6 +190,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run_and_segment_writes_pngs(tmp
     assert list(saved["metrics"]["sa"]) == ["background", *data.SHAPES_CLASSES]
     cm = np.array(saved["confusion"])
     assert cm.sum() == 8 * 32 * 32  # every test pixel counted once (no void in shapes-seg)
+    assert saved["metrics"]["samples"] == 8 and saved["config"]["data_size"] == 32
     # --eval-only with the checkpoint gives the same figures.
     again, _ = run(tmp_path, "again", "--eval-only", "--weights", os.path.join(out,
                                                                                "checkpoint.pt"))
@@ -245,10 +247,14 @@ def test_bad_input_is_a_one_line_error(tmp_path):
              "--batch-size 0: must be a positive number"),
             (["--data", "shapes-seg", "--width", "0.5", "--pretrained"], data.DataError,
              "--pretrained needs --width 1"),
-            (["--segment", "x.png"], data.DataError, "need --weights"),
+            (["--segment", "x.png"], data.DataError, "--segment needs --weights"),
             (["--data", "nosuch"], data.DataError, "unknown data set 'nosuch'")):
         with pytest.raises(error, match=message):
             fcn.main([*argv, "--device", "cpu", "--limit", "2", "--out", str(tmp_path)])
+    # One name per meaning in every script (issue 13): the render size is --data-size.
+    with pytest.raises(SystemExit) as e:
+        fcn.main(["--data", "shapes-seg", "--img-size", "32", "--out", str(tmp_path)])
+    assert e.value.code == 2
     # A checkpoint of another architecture: named in one line.
     data.save_checkpoint(str(tmp_path / "lenet.pt"), {"arch": "lenet5-lecture", "model": {}})
     with pytest.raises(data.DataError, match="is of 'lenet5-lecture', not 'fcn8s"):
@@ -284,7 +290,7 @@ def test_quick_network_learns_a_fixed_batch_of_shapes_seg():
 
 
 FCN_DDP = ["--data", "shapes-seg", "--limit", "4", "--batch-size", "4", "--epochs", "1",
-           "--width", str(TINY), "--img-size", "32", "--optimizer", "sgd", "--lr", "0.05",
+           "--width", str(TINY), "--data-size", "32", "--optimizer", "sgd", "--lr", "0.05",
            "--momentum", "0.9", "--normalize", "--dropout", "0", "--device", "cpu",
            "--log-every", "1000"]
 
@@ -292,8 +298,14 @@ FCN_DDP = ["--data", "shapes-seg", "--limit", "4", "--batch-size", "4", "--epoch
 @pytest.mark.ddp("fcn", "fcn", FCN_DDP)
 def test_torchrun_two_processes_equal_one_process(tmp_path, ddp_runs):
     # One epoch on the same global batch of 4 scenes, without dropout and batch norm (which
-    # differ per process by design): DDP's averaged gradients give one process's weights.
-    fcn.main([*FCN_DDP, "--out", str(tmp_path / "one")])
+    # differ per process by design): DDP's averaged gradients give one process's weights. The
+    # test split is sharded (rank r: scenes r, r + 2) and the confusion matrices are summed over
+    # the ranks: the figures are one process's, every pixel counted once.
+    one = fcn.main([*FCN_DDP, "--out", str(tmp_path / "one")])
+    two = ddp_results_json(ddp_runs, "fcn")
+    assert two["metrics"]["samples"] == one["metrics"]["samples"] == 4
+    assert np.array(two["confusion"]).sum() == 4 * 32 * 32
+    assert two["confusion"] == one["confusion"] and two["metrics"] == one["metrics"]
     runs = {name: torch.load(folder / "checkpoint.pt", weights_only=True) for name, folder in
             (("one", tmp_path / "one"), ("two", ddp_result(ddp_runs, "fcn")))}
     assert runs["two"]["args"]["world"] == 2
@@ -362,3 +374,31 @@ def test_staged_training_divides_the_lr_by_100_per_stage():
     args = fcn.get_args_parser().parse_args(["--arch", "8s"])  # at once, from VGG-16
     fcn.resolve_defaults(args)
     assert args.lr == 1e-10
+
+
+def test_dry_run_of_the_papers_fcn32s_takes_two_steps_checks_the_checkpoint_and_writes_results(
+        tmp_path, capsys):
+    # The paper's FCN-32s recipe (SGD lr 1e-10, momentum 0.99, weight decay 5e-4, loss summed
+    # over the pixels, dropout 0.5, fixed bilinear up-sampling, no batch norm) on shapes-seg's
+    # full split, batch 2, cut by --dry-run to 1 epoch of 2 steps and 2 test batches of 50.
+    # Departures, for time: --width 1/32 and --data-size 32. At width 1 (134M parameters) one
+    # step of batch 2 took ~30 s on this 2-core CPU and the 100 test images ~3 min; a smaller
+    # image does not save it (conv1_1's padding of 100 makes a 32 px image 230 px inside).
+    # No --pretrained: it needs width 1 and a download.
+    out = tmp_path / "dry"
+    results = fcn.main(["--data", "shapes-seg", "--arch", "32s", "--width", "0.03125",
+                        "--data-size", "32", "--batch-size", "2", "--device", "cpu", "--dry-run",
+                        "--out", str(out), "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert re.search(r"^pixel_acc .* on 100 images$", said, re.M)
+    config = results["config"]
+    assert config["dry_run"] is True and config["epochs"] == 1
+    assert (config["arch"], config["lr"], config["momentum"], config["weight_decay"],
+            config["optimizer"], config["normalize"], config["dropout"]) == \
+        ("fcn32s-w0.03125", 1e-10, 0.99, 5e-4, "sgd", False, 0.5)
+    assert results["metrics"]["samples"] == 100  # 2 batches of 50 of the 2,000 test scenes
+    assert np.array(results["confusion"]).sum() == 100 * 32 * 32
+    saved = data.load_checkpoint(str(out / "checkpoint.pt"), "fcn32s-w0.03125")
+    assert saved["epoch"] == 0 and saved["history"] == results["history"]
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
