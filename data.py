@@ -1034,6 +1034,7 @@ def set_epoch(loader, epoch):
     """Re-seed the shuffling (and the workers' seeds) of either kind of loader for `epoch`: the
     order of an epoch depends on (seed, epoch) only, so a resumed run sees the same batches as an
     uninterrupted one, and under torchrun the shards change every epoch."""
+    loader = loader.loader if isinstance(loader, FirstBatches) else loader  # --dry-run's cut
     target = loader if isinstance(loader, DeviceLoader) else getattr(loader, "sampler", None)
     if hasattr(target, "set_epoch"):
         target.set_epoch(epoch)
@@ -1278,8 +1279,8 @@ def setup(args, script, pretrained_is_the_model=True):
     """Everything a script does between parsing its flags and reading data, in this order:
     the device (`--device`/`--cuda`), `--out` (default runs/SCRIPT-DATA; checked by `start_run`
     before any data is read), the torchrun process group, the seed (rank r: seed + r), the
-    kernels (`--deterministic`, else cuDNN autotuning and TF32 on CUDA) and `--dry-run` (one
-    epoch; the script wraps its loaders with `dry_run_batches`). Sets args.world; returns
+    kernels (`--deterministic`, else cuDNN autotuning and TF32 on CUDA) and `--dry-run` (at most
+    one epoch; the script wraps its loaders with `dry_run_batches`). Sets args.world; returns
     Runtime(device, rank, world, is_main)."""
     device = select_device(args.device, args.cuda)
     if args.out is None:
@@ -1289,8 +1290,8 @@ def setup(args, script, pretrained_is_the_model=True):
     rank, args.world = init_distributed(device)
     torch.manual_seed(args.seed + rank)  # the CPU and every CUDA device
     set_kernels(device, args.deterministic)
-    if args.dry_run and hasattr(args, "epochs"):
-        args.epochs = 1
+    if args.dry_run and hasattr(args, "epochs"):  # one epoch; 0 (a stage that is off) stays 0
+        args.epochs = 1 if args.epochs is None else min(args.epochs, 1)
     return Runtime(device, rank, args.world, rank == 0)
 
 

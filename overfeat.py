@@ -10,7 +10,8 @@ arXiv:1312.6229.
     python overfeat.py --data imagenet --task localisation      # §4 with the ILSVRC box XML
     python overfeat.py --data voc                               # detection (§5), background class
     python overfeat.py --data shapes-det --task detection --quick --batch-size 64 --lr 0.02
-    python overfeat.py --detect street.jpg --weights runs/overfeat/checkpoint.pt --out drawn
+    python overfeat.py --detect street.jpg --weights runs/overfeat-voc/checkpoint.pt --out drawn
+    python overfeat.py --data voc --dry-run                     # each stage 2 steps, 2 test batches
     torchrun --nproc_per_node=2 overfeat.py --data imagenet     # data-parallel, same global batch
     python bench/bench_overfeat_dense.py                        # dense vs crop-by-crop images/s
 
@@ -42,9 +43,9 @@ per scene (`window_batches`); tested densely at 5 scales, a box per location fro
 per-class NMS, VOC07 AP over all objects (`detect`, `evaluate_detection`).
 Departures: DEPARTURES, printed at start.
 """
+import collections
 import copy
 import os
-import sys
 import time
 from collections import OrderedDict
 
@@ -85,6 +86,9 @@ BATCH_SIZE = 128                          # §3.1: "mini-batches of size 128"
 # --quick: the first 2,000 / 500 images, an eighth-width net and a budget of steps: batch 32 gives
 # 63 steps an epoch where the paper's 128 gives 15.
 QUICK = {"width": 0.125, "epochs": 8, "batch_size": 32, "loc_epochs": 6}
+# Images per batch of the dense tests (in-memory classification sets, §4's localisation, §5's
+# detection); --dry-run tests 2 such batches
+TEST_BATCH, LOC_TEST_BATCH, DET_TEST_BATCH = 250, 100, 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +228,21 @@ def count_parameters(model, regressor=False):
                if regressor or not n.startswith("regressor."))
 
 
+def total_stride(model):
+    """The product of the strides of the feature layers (32 fast / alexnet, 36 accurate)."""
+    s = 1
+    for m in model.features:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            s *= m.stride[0] if isinstance(m.stride, tuple) else m.stride
+    return s
+
+
+def unwrap(model):
+    """The plain OverFeat inside torch.compile / DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
 def convolutionize(layers, input_size, in_channels=None):
     """§3.3: the same net, applicable to any larger image. Traces the map size of `input_size`
     (H, W), or (C, H, W) as the lecture writes it, through a sequence (nn.Sequential or a list) of
@@ -310,34 +329,6 @@ def interleave(maps, stride):
     return out
 
 
-class DenseNet(nn.Module):
-    """The convolutionized net split at its last max-pooling: body (up to it), the pooling
-    (kernel k, stride k) and head (the FC layers as convolutions). forward(x) is the plain
-    score map (total stride as in training); forward(x, offsets=True) the list of the k^2
-    per-offset score maps of §3.3 (an effective stride of total stride / k)."""
-
-    def __init__(self, model):
-        super().__init__()
-        size = (model.input_size,) * 2
-        seq = convolutionize(model.layers(), size)
-        last = max(i for i, m in enumerate(seq) if isinstance(m, nn.MaxPool2d))
-        self.body, self.head = seq[:last], seq[last + 1:]
-        pool = seq[last]
-        self.kernel, self.stride = pool.kernel_size, pool.stride
-        self.total_stride = total_stride(model)
-        self.input_size = model.input_size
-        self.train(model.training)
-
-    def forward(self, x, offsets=False):
-        f = self.body(x)
-        if not offsets:
-            return head_over_windows(self.head, [F.max_pool2d(f, self.kernel, self.stride)])[0]
-        kh, kw = _window(self.head)
-        return head_over_windows(self.head, [
-            p for p in offset_max_pool(f, self.kernel, self.stride).values()
-            if p.shape[-2] >= kh and p.shape[-1] >= kw])
-
-
 def _window(head):
     """The (h, w) kernel of the head's first convolution (the former fc6)."""
     k = next(m for m in head if isinstance(m, nn.Conv2d)).kernel_size
@@ -368,6 +359,34 @@ def head_over_windows(head, maps):
         out.append(block.view(n, h, w, -1).permute(0, 3, 1, 2))
         start += n * h * w
     return out
+
+
+class DenseNet(nn.Module):
+    """The convolutionized net split at its last max-pooling: body (up to it), the pooling
+    (kernel k, stride k) and head (the FC layers as convolutions). forward(x) is the plain
+    score map (total stride as in training); forward(x, offsets=True) the list of the k^2
+    per-offset score maps of §3.3 (an effective stride of total stride / k)."""
+
+    def __init__(self, model):
+        super().__init__()
+        size = (model.input_size,) * 2
+        seq = convolutionize(model.layers(), size)
+        last = max(i for i, m in enumerate(seq) if isinstance(m, nn.MaxPool2d))
+        self.body, self.head = seq[:last], seq[last + 1:]
+        pool = seq[last]
+        self.kernel, self.stride = pool.kernel_size, pool.stride
+        self.total_stride = total_stride(model)
+        self.input_size = model.input_size
+        self.train(model.training)
+
+    def forward(self, x, offsets=False):
+        f = self.body(x)
+        if not offsets:
+            return head_over_windows(self.head, [F.max_pool2d(f, self.kernel, self.stride)])[0]
+        kh, kw = _window(self.head)
+        return head_over_windows(self.head, [
+            p for p in offset_max_pool(f, self.kernel, self.stride).values()
+            if p.shape[-2] >= kh and p.shape[-1] >= kw])
 
 
 @torch.no_grad()
@@ -541,6 +560,14 @@ def square_windows(cx, cy, side):
     return torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], -1)
 
 
+def cut_windows(images, windows, size):
+    """One size x size crop per image of the (K, 4) XYXY windows (continuous pixels, zero =
+    the mean colour outside the image), bilinear, by torchvision.ops.roi_align."""
+    rois = torch.cat([torch.arange(len(windows), dtype=windows.dtype)[:, None], windows], 1)
+    return torchvision.ops.roi_align(images, rois.to(images.device, images.dtype), size,
+                                     sampling_ratio=2, aligned=True)
+
+
 def window_batches(x, scene, batch_size, seed, epoch, mean, std, args, scorer, rank=0, world=1,
                    positives_only=False):
     """§5's training windows, drawn for the whole global batch from a (seed, epoch) generator
@@ -610,14 +637,6 @@ def window_batches(x, scene, batch_size, seed, epoch, mean, std, args, scorer, r
         yield windows, y.to(x.device), wb.to(x.device)
 
 
-def cut_windows(images, windows, size):
-    """One size x size crop per image of the (K, 4) XYXY windows (continuous pixels, zero =
-    the mean colour outside the image), bilinear, by torchvision.ops.roi_align."""
-    rois = torch.cat([torch.arange(len(windows), dtype=windows.dtype)[:, None], windows], 1)
-    return torchvision.ops.roi_align(images, rois.to(images.device, images.dtype), size,
-                                     sampling_ratio=2, aligned=True)
-
-
 @torch.no_grad()
 def detect(model, dense, x, scales, num_classes, score_threshold=0.01, nms_iou=0.3,
            max_dets=100):
@@ -656,19 +675,25 @@ def detect(model, dense, x, scales, num_classes, score_threshold=0.01, nms_iou=0
 @torch.no_grad()
 def evaluate_detection(model, x, gts, sizes, classes, args):
     """VOC07 11-point AP per class and mAP of `detect` over ALL objects of every test scene,
-    the boxes mapped from the S x S scene back to each image's own pixels."""
+    the boxes mapped from the S x S scene back to each image's own pixels. Under torchrun each
+    rank detects in its share of the scenes (rank r: r, r + W, ...) and the detections are
+    gathered, so every rank scores the whole set."""
     dense = DenseNet(model).eval()
+    rank, world = data.distributed_info()
+    x, sizes = x[rank::world], sizes[rank::world]
     S, dets = x.shape[-1], []
     scales = args.det_scales
-    for i in range(0, len(x), 50):
-        for d, (W, H) in zip(detect(model, dense, x[i:i + 50], scales, len(classes),
-                                    nms_iou=args.nms_iou), sizes[i:i + 50]):
+    for i in range(0, len(x), DET_TEST_BATCH):
+        for d, (W, H) in zip(detect(model, dense, x[i:i + DET_TEST_BATCH], scales, len(classes),
+                                    nms_iou=args.nms_iou), sizes[i:i + DET_TEST_BATCH]):
             d["boxes"] = d["boxes"] * torch.tensor([W / S, H / S, W / S, H / S],
                                                    device=d["boxes"].device)
             dets.append({k: v.cpu() for k, v in d.items()})
+    dets = data.gather_shards(dets)
     dm = metrics.detection_map(dets, gts, len(classes))
     return {"map": dm["map"], "ap": dict(zip(classes, dm["ap"])),
-            "detections_per_image": sum(len(d["scores"]) for d in dets) / len(dets)}, dets
+            "detections_per_image": sum(len(d["scores"]) for d in dets) / len(dets),
+            "samples": len(dets)}, dets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -770,12 +795,50 @@ def detection_arrays(split, args):
         torch.stack([g["labels"][j] for g, j in zip(gts, big)]), gts, tuple(ds.classes)
 
 
+def device_batches(x, y, boxes, batch_size, seed, epoch, mean, std, img_size, flip=True):
+    """The in-memory shapes-det training set: seeded shuffles, the whole image resized to the
+    training size, mirrors with their boxes (§4.2 trains on whole-window views of the object)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    idx = torch.randperm(len(y), generator=g)
+    for b in range(len(y) // batch_size):
+        j = idx[b * batch_size:(b + 1) * batch_size].to(x.device)
+        xb = ((x[j].float() / 255) - mean) / std
+        xb = F.interpolate(xb, size=(img_size, img_size), mode="bilinear", antialias=True)
+        bb = boxes[j] * (img_size / x.shape[-1])
+        if flip:
+            m = (torch.rand(len(j), generator=g) < 0.5).to(x.device)
+            xb = torch.where(m[:, None, None, None], xb.flip(3), xb)
+            fb = torch.stack([img_size - bb[:, 2], bb[:, 1], img_size - bb[:, 0], bb[:, 3]], 1)
+            bb = torch.where(m[:, None], fb, bb)
+        yield xb, y[j], bb
+
+
 # ---------------------------------------------------------------------------------------------
-# Training and evaluation
+# Losses, training and evaluation
+
+def regression_loss(model, x, y, boxes, args):
+    """§4.2: the l2 loss of the regressor at every location against `regression_targets`, the
+    features and classifier frozen (`regress=True`); at two scales (img-size and 1.5 x) on
+    localisation's whole images, at img-size alone on detection's windows (cut at that size)."""
+    loss = 0.0
+    sizes = [args.img_size] if args.task == "detection" else \
+        [args.img_size, args.img_size + args.img_size // 2]
+    stride = total_stride(unwrap(model))
+    for s in sizes:
+        xs = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
+        # through forward: under DDP the regressor's gradients are all-reduced
+        t = model(xs, regress=True).float()
+        if t.shape[1] > 4:  # --class-specific: the 4 outputs of the object's class
+            t = t.view(len(y), -1, 4, *t.shape[-2:])[torch.arange(len(y)), y]
+        want = regression_targets(boxes * (s / x.shape[-1]), *t.shape[-2:], stride,
+                                  args.img_size)
+        loss = loss + F.mse_loss(t, want) / 2
+    return loss
+
 
 def train_one_epoch(model, batches, optimizer, scaler, args, device, epoch, progress, phase):
-    """phase 'classify': cross-entropy of the whole net. phase 'regress' (§4.2): the features
-    and classifier frozen, the l2 loss of the regressor at every location, at two scales."""
+    """phase 'classify': cross-entropy of the whole net. phase 'regress': `regression_loss`.
+    `batches` yields (x, y, boxes): images, labels and the objects' boxes (None: classification)."""
     model.train()
     total, n = 0.0, 0
     for x, y, boxes in batches:
@@ -785,47 +848,21 @@ def train_one_epoch(model, batches, optimizer, scaler, args, device, epoch, prog
                     x = x.contiguous(memory_format=torch.channels_last)
                 loss = F.cross_entropy(model(x), y)
             else:
-                loss = 0.0  # detection: the windows are already at img-size (one scale)
-                sizes = [args.img_size] if args.task == "detection" else \
-                    [args.img_size, args.img_size + args.img_size // 2]
-                for s in sizes:
-                    xs = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
-                    # through forward: under DDP the regressor's gradients are all-reduced
-                    t = model(xs, regress=True).float()
-                    if t.shape[1] > 4:  # --class-specific: the 4 outputs of the object's class
-                        t = t.view(len(y), -1, 4, *t.shape[-2:])[torch.arange(len(y)), y]
-                    stride = total_stride(unwrap(model))
-                    want = regression_targets(boxes * (s / x.shape[-1]), *t.shape[-2:], stride,
-                                              args.img_size)
-                    loss = loss + F.mse_loss(t, want) / 2
+                loss = regression_loss(model, x, y, boxes, args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return total / max(n, 1)
-
-
-def unwrap(model):
-    """The plain OverFeat inside torch.compile / DistributedDataParallel wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def total_stride(model):
-    """The product of the strides of the feature layers (32 fast / alexnet, 36 accurate)."""
-    s = 1
-    for m in model.features:
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            s *= m.stride[0] if isinstance(m.stride, tuple) else m.stride
-    return s
+    return metrics.global_mean(total, n, device)  # over every rank's samples
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device):
+def evaluate(model, loader, args, device, num_classes):
     """Single centre crop (single_crop_error) and §3.3's dense evaluation (dense_error, the
-    test_error), both from the same network."""
+    test_error), both from the same (unwrapped) network; under torchrun each rank evaluates
+    its share of the set and the outputs are gathered."""
     model.eval()
     dense = DenseNet(model).eval()
     single, multi, targets = [], [], []
@@ -839,14 +876,9 @@ def evaluate(model, loader, args, device):
             single.append(model(crops).float().softmax(1).cpu())
             multi.append(dense_evaluate(dense, x, args.scales, flip=True).cpu())
         targets.append(y.cpu())
-    y, p1, pd = torch.cat(targets), torch.cat(single), torch.cat(multi)
-    r = {"test_error": metrics.error_rate(pd, y), "test_accuracy": metrics.accuracy(pd, y),
-         "dense_error": metrics.error_rate(pd, y), "single_crop_error": metrics.error_rate(p1, y),
-         "balanced_error": metrics.balanced_error_rate(pd, y, pd.shape[1])}
-    if pd.shape[1] >= 100:
-        r["top5_error"] = metrics.topk_error(pd, y, 5)
-        r["single_crop_top5_error"] = metrics.topk_error(p1, y, 5)
-    return r
+    y, p1, pd = data.gather_shards(torch.cat(targets), torch.cat(single), torch.cat(multi))
+    r = metrics.classification_report(pd, y, num_classes, views={"single_crop": p1})
+    return {**r, "dense_error": r["test_error"]}
 
 
 @torch.no_grad()
@@ -857,13 +889,18 @@ def evaluate_localisation(model, x, box0, label0, gts, args, mean_box, num_class
     loc_error_top5: five (class, box) guesses (the challenge's measure, Sermanet et al.'s 29.9 %).
     Also iou50_rate / mean_iou (the top box against the target box, class-agnostic), the VOC07
     mAP of all merged boxes over all objects, and two baselines: the whole image, the mean
-    training box."""
+    training box. Under torchrun each rank localises in its share of the images (rank r: r,
+    r + W, ...) and the guesses are gathered, so every rank scores the whole set."""
     dense = DenseNet(model).eval()
     k = min(5, num_classes)
-    out = []
-    for i in range(0, len(x), 100):
-        out += localise(model, dense, x[i:i + 100], args.scales, args.merge_threshold, k)
-    dets = [{"boxes": o["boxes"].cpu(), "scores": o["scores"].cpu(),
+    rank, world = data.distributed_info()
+    mine, out = x[rank::world], []
+    for i in range(0, len(mine), LOC_TEST_BATCH):
+        out += [{key: v.cpu() if torch.is_tensor(v) else v for key, v in o.items()}
+                for o in localise(model, dense, mine[i:i + LOC_TEST_BATCH], args.scales,
+                                  args.merge_threshold, k)]
+    out = data.gather_shards(out)
+    dets = [{"boxes": o["boxes"], "scores": o["scores"],
              "labels": torch.full((len(o["boxes"]),), o["label"])} for o in out]
     guess_labels = torch.stack([o["guess_labels"] for o in out])
     guess_boxes = torch.stack([o["guess_boxes"] for o in out])
@@ -885,22 +922,148 @@ def evaluate_localisation(model, x, box0, label0, gts, args, mean_box, num_class
             "baseline_mean_box_iou50": float((mean >= 0.5).float().mean())}
 
 
-def device_batches(x, y, boxes, batch_size, seed, epoch, mean, std, img_size, flip=True):
-    """The in-memory shapes-det training set: seeded shuffles, the whole image resized to the
-    training size, mirrors with their boxes (§4.2 trains on whole-window views of the object)."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    idx = torch.randperm(len(y), generator=g)
-    for b in range(len(y) // batch_size):
-        j = idx[b * batch_size:(b + 1) * batch_size].to(x.device)
-        xb = ((x[j].float() / 255) - mean) / std
-        xb = F.interpolate(xb, size=(img_size, img_size), mode="bilinear", antialias=True)
-        bb = boxes[j] * (img_size / x.shape[-1])
-        if flip:
-            m = (torch.rand(len(j), generator=g) < 0.5).to(x.device)
-            xb = torch.where(m[:, None, None, None], xb.flip(3), xb)
-            fb = torch.stack([img_size - bb[:, 2], bb[:, 1], img_size - bb[:, 0], bb[:, 3]], 1)
-            bb = torch.where(m[:, None], fb, bb)
-        yield xb, y[j], bb
+# ---------------------------------------------------------------------------------------------
+# The three tasks: each reads its data and gives main() its training batches and its test
+
+# What main() needs of a task: the data set's `classes` and `info` (in_channels, the
+# normalisation's mean and std, sizes (train, val, test)); the network's head: `outputs` (C, or
+# C + 1 with detection's background class) and `regressor` (§4's box head, trained after the
+# --epochs of classification for --loc-epochs); `steps` per epoch; `batches(epoch, model)`, the
+# epoch's training batches (x, y, boxes) (the model scores detection's hard negatives); and
+# `evaluate(model)`, the test's figures, of which results.json keeps `keys`.
+Task = collections.namedtuple("Task", "classes info outputs regressor steps batches evaluate keys")
+
+
+class EpochBatches:
+    """An epoch's batches from a generator, with their number: a loader as far as
+    data.dry_run_batches (which cuts it to 2 batches under --dry-run) and the training loop go."""
+
+    def __init__(self, steps, batches):
+        self.steps, self.batches = steps, batches
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def dry_run_images(args, batch, *parts):
+    """A test over tensors or lists of images (no loader): under --dry-run only the first 2
+    batches' worth of every rank's share; otherwise the parts as given."""
+    if not args.dry_run:
+        return parts
+    return tuple(p[:data.DRY_RUN_STEPS * batch * args.world] for p in parts)
+
+
+def classification_task(args, device, rank):
+    """§3 on ImageNet: DataLoaders with §3.1's 256 resize, random crops and mirrors; whole
+    normalised images for the dense test. In-memory sets: on the device, jittered by
+    jitter_batch. The test: the single centre crop and §3.3's dense evaluation."""
+    if args.data == "imagenet":
+        bs = args.batch_size // args.world
+        norm = [v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+        train_set = data.classification_dataset(
+            "imagenet", "train", args.data_dir, quick=args.quick,
+            transform=v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True),
+                                  v2.RandomCrop(args.img_size), v2.RandomHorizontalFlip(), *norm]))
+        test_set = data.classification_dataset("imagenet", "test", args.data_dir, quick=args.quick,
+                                               transform=v2.Compose([v2.ToImage(), *norm]))
+        train_loader = data.make_loader(train_set, bs, True, args.workers, device, seed=args.seed)
+        test_loader = data.make_loader(test_set, 16, False, args.workers, device,
+                                       collate_fn=list_collate)
+        classes = getattr(train_set, "names", None) or train_set.dataset.names
+        info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
+                "sizes": (len(train_set), 0, len(test_set))}
+    else:
+        train_loader, _, test_loader, info = data.classification_loaders(
+            args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
+            args.quick, args.seed, augment=False, eval_batch_size=TEST_BATCH,
+            train_split=data.train_split(args), limit=args.limit)
+        classes = info["classes"]
+    train, test_loader = data.dry_run_batches(args, train_loader, test_loader)
+
+    def batches(epoch, model):
+        data.set_epoch(train_loader, epoch)  # the loader itself: `train` may be dry_run's wrapper
+        return EpochBatches(len(train), (
+            (jitter_batch(x.to(device), args.img_size, args.crop_scale)
+             if args.data != "imagenet" else x.to(device), y.to(device), None) for x, y in train))
+
+    return Task(classes, info, len(classes), False, len(train), batches,
+                lambda model: evaluate(model, test_loader, args, device, len(classes)),
+                ["test_error", "test_accuracy", "balanced_error", "single_crop_error",
+                 "dense_error", "top5_error", "single_crop_top5_error"])
+
+
+def localisation_task(args, device, rank):
+    """§4 on shapes-det or the ImageNet boxes: whole images and the largest object's box in
+    memory; every rank draws the same global batch (device_batches) and keeps its 1/world
+    slice. The test: the classification figures and §4's localisation ones."""
+    x_tr, box_tr, y_tr, _, classes = detection_arrays("train", args)
+    x_te, box_te, y_te, gts_te, _ = detection_arrays("test", args)
+    mean, std = data.channel_stats(x_tr)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    x_tr, box_tr, y_tr = x_tr.to(device), box_tr.to(device), y_tr.to(device)
+    info = {"in_channels": 3, "mean": mean, "std": std, "sizes": (len(y_tr), 0, len(y_te))}
+    steps = len(y_tr) // args.batch_size  # global batches, sliced across the ranks
+
+    def batches(epoch, model):
+        return data.dry_run_batches(args, EpochBatches(steps, (
+            tuple(t[rank::args.world] for t in b) for b in device_batches(
+                x_tr, y_tr, box_tr, args.batch_size, args.seed, epoch, mean_t, std_t,
+                args.img_size))))
+
+    def evaluate_task(model):
+        x, box, y, gts = dry_run_images(args, LOC_TEST_BATCH, x_te, box_te, y_te, gts_te)
+        xt = ((x.to(device).float() / 255) - mean_t) / std_t
+        mine, ys = xt[rank::args.world], y[rank::args.world]  # this rank's share, gathered
+        test = evaluate(model, [(mine[i:i + TEST_BATCH], ys[i:i + TEST_BATCH])
+                                for i in range(0, len(ys), TEST_BATCH)], args, device,
+                        len(classes))
+        test.update(evaluate_localisation(model, xt, box.to(device), y, gts, args,
+                                          box_tr.float().mean(0), len(classes)))
+        return test
+
+    return Task(classes, info, len(classes), True, len(batches(0, None)), batches, evaluate_task,
+                ["test_error", "test_accuracy", "single_crop_error", "dense_error", "map",
+                 "iou50_rate", "mean_iou", "loc_error", "loc_error_top5",
+                 "baseline_whole_image_iou50", "baseline_mean_box_iou50"])
+
+
+def detection_task(args, device, rank):
+    """§5 on shapes-det or VOC: whole scenes in memory (for training, those with objects), the
+    training windows cut from them by window_batches: a positive and a random or hard negative
+    per scene in the classification epochs, the positives alone for the regressor. The test:
+    VOC07 AP of `detect` over every object of every test scene."""
+    x_tr, scene_tr, _, _, classes = scene_arrays("train", args)
+    keep = [i for i, t in enumerate(scene_tr) if len(t["labels"])]  # scenes with objects
+    x_tr, scene_tr = x_tr[keep].to(device), [scene_tr[i] for i in keep]
+    x_te, _, gts_te, sizes_te, _ = scene_arrays("test", args)
+    mean, std = data.channel_stats(x_tr)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    args.num_classes = len(classes)
+    info = {"in_channels": 3, "mean": mean, "std": std, "sizes": (len(scene_tr), 0, len(x_te))}
+    steps = len(scene_tr) // (args.batch_size // 2)
+
+    def batches(epoch, model):  # the regressor learns from the positive windows only
+        return data.dry_run_batches(args, EpochBatches(steps, window_batches(
+            x_tr, scene_tr, args.batch_size, args.seed, epoch, mean_t, std_t, args, model, rank,
+            args.world, positives_only=epoch >= args.epochs)))
+
+    def evaluate_task(model):
+        x, gts, sizes = dry_run_images(args, DET_TEST_BATCH, x_te, gts_te, sizes_te)
+        xt = ((x.to(device).float() / 255) - mean_t) / std_t
+        return evaluate_detection(model, xt, gts, sizes, classes, args)[0]
+
+    return Task(classes, info, len(classes) + 1, True, len(batches(0, None)), batches,
+                evaluate_task, ["map", "detections_per_image", "ap"])
+
+
+TASKS = {"classification": classification_task, "localisation": localisation_task,
+         "detection": detection_task}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -918,13 +1081,9 @@ def get_args_parser():
                                 "dense multi-scale evaluation, localisation by box regression "
                                 "with greedy merging and detection with a background class, on "
                                 "ImageNet, VOC, CIFAR, MNIST or the shapes sets.")
-    p.add_argument("--data", default="imagenet",
-                   help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                        "fashion-mnist | shapes (classification) | shapes-det "
-                        "(localisation or detection) | voc (detection)")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, "imagenet", "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
+                       "fashion-mnist | shapes (classification) | shapes-det (localisation or "
+                       "detection) | voc (detection)")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="fast", choices=["fast", "accurate", "alexnet"],
@@ -960,9 +1119,11 @@ def get_args_parser():
                    help="detection: per-class NMS IoU threshold (default 0.3)")
     p.add_argument("--detect", default=None, metavar="IMAGE",
                    help="draw the detections of --weights (a --task detection checkpoint) on "
-                   "IMAGE into OUT/<stem>_detections.png and print them")
-    p.add_argument("--min-score", type=float, default=0.5,
-                   help="--detect: the smallest class posterior drawn (default 0.5)")
+                   "IMAGE into OUT/<stem>_detections.png (default OUT: runs/overfeat-DATA, "
+                   "DATA the checkpoint's) and print them")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="the score threshold for drawing detections (--detect): the smallest "
+                   "class posterior drawn (default 0.5)")
     p.add_argument("--dropout", type=float, default=0.5,
                    help="dropout after the hidden FC layers (default: 0.5, §3.1)")
     p.add_argument("--merge-threshold", type=float, default=0.5,
@@ -976,27 +1137,33 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=None,
                    help="SGD momentum (default: 0.6, §3.1; 0.9 on the small sets)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="(default: 1e-5, §3.1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default="runs/overfeat", help="results.json and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true",
-                   help="torchvision's AlexNet ImageNet weights (needs --variant alexnet)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs as if killed, without testing (to test "
-                   "--resume)")
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
+                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+                          pretrained_help="torchvision's AlexNet ImageNet weights (needs "
+                          "--variant alexnet)")
     return p
+
+
+def choose_task(args):
+    """--task: its default for --data (classification on classification sets, localisation on
+    shapes-det, detection on voc), and the checks that it fits the data set."""
+    task = data.task_of(args.data)
+    if task == "segmentation":
+        raise data.DataError(f"'{args.data}' is a {task} data set; overfeat.py needs "
+                             f"classification data, shapes-det or voc")
+    if args.task is None:
+        args.task = "classification" if task == "classification" else \
+            ("localisation" if args.data == "shapes-det" else "detection")
+    if not ((args.task == "classification" and task == "classification") or
+            (args.task == "localisation" and args.data in ("shapes-det", "imagenet")) or
+            (args.task == "detection" and task == "detection")):
+        raise data.DataError(f"--task {args.task} does not fit --data {args.data}: "
+                             f"classification on classification sets, localisation on "
+                             f"shapes-det or imagenet, detection on shapes-det or voc")
+    if (args.holdout or args.limit) and args.task != "classification":
+        raise data.DataError(f"--holdout and --limit apply to classification; {args.task} "
+                             f"trains on the training split and tests on the test split")
+    data.train_split(args)  # ImageNet has no held-out split here
 
 
 def resolve_defaults(args):
@@ -1029,7 +1196,7 @@ def resolve_defaults(args):
 def detect_command(args):
     """--detect IMAGE: the detection net of a --task detection checkpoint (--weights) over one
     image, as at test time (the image resized to the training scenes' square, 5 scales, NMS);
-    the boxes scoring >= --min-score drawn with their class and score into
+    the boxes scoring >= --score-threshold drawn with their class and score into
     OUT/<stem>_detections.png and printed one per line, in the image's pixels."""
     if not args.weights:
         raise data.DataError("--detect needs --weights, a checkpoint of a --task detection run")
@@ -1039,6 +1206,7 @@ def detect_command(args):
         raise data.DataError(f"{args.weights} is not a checkpoint of overfeat.py --task "
                              f"detection; train one first (--data shapes-det --task detection)")
     classes = state["classes"]
+    args.out = args.out or os.path.join("runs", f"overfeat-{train['data']}")
     device = data.select_device(args.device, args.cuda)
     model = overfeat(train["variant"], len(classes) + 1, 3, train["width"], train["img_size"],
                      regressor=True, box_classes=len(classes) if train["class_specific"] else 1)
@@ -1053,7 +1221,7 @@ def detect_command(args):
          None]) / torch.tensor(norm["std"], device=device)[:, None, None]
     scales = train["det_scales"]
     d = detect(model, DenseNet(model).eval(), x, scales, len(classes), nms_iou=train["nms_iou"])[0]
-    keep = d["scores"] >= args.min_score
+    keep = d["scores"] >= args.score_threshold
     boxes = d["boxes"][keep].cpu() * torch.tensor([W / S, H / S, W / S, H / S])
     scores, labels = d["scores"][keep].cpu(), d["labels"][keep].cpu()
     names = [f"{classes[int(c)]} {float(p):.2f}" for c, p in zip(labels, scores)]
@@ -1078,89 +1246,26 @@ def main(argv=None):
     t0 = time.time()
     if args.detect:
         return detect_command(args)
-    task = data.task_of(args.data)
-    if task == "segmentation":
-        raise data.DataError(f"'{args.data}' is a {task} data set; overfeat.py needs "
-                             f"classification data, shapes-det or voc")
-    if args.task is None:
-        args.task = "classification" if task == "classification" else \
-            ("localisation" if args.data == "shapes-det" else "detection")
-    if not ((args.task == "classification" and task == "classification") or
-            (args.task == "localisation" and args.data in ("shapes-det", "imagenet")) or
-            (args.task == "detection" and task == "detection")):
-        raise data.DataError(f"--task {args.task} does not fit --data {args.data}: "
-                             f"classification on classification sets, localisation on "
-                             f"shapes-det or imagenet, detection on shapes-det or voc")
-    localisation, detection = args.task == "localisation", args.task == "detection"
-    if (args.holdout or args.limit) and args.task != "classification":
-        raise data.DataError(f"--holdout and --limit apply to classification; {args.task} "
-                             f"trains on the training split and tests on the test split")
-    data.train_split(args)  # ImageNet has no held-out split here
+    choose_task(args)
     resolve_defaults(args)
-    device = data.select_device(args.device, args.cuda)
-    data.start_run(args)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
+    stages = args.epochs, args.loc_epochs
+    device, rank, world, is_main = data.setup(args, "overfeat.py")
+    if args.dry_run:  # one epoch per stage; a stage that is off (0 epochs) stays off
+        args.epochs, args.loc_epochs = (min(e, 1) for e in stages)
+    detection = args.task == "detection"
     if args.batch_size <= 0 or args.batch_size % (args.world * (2 if detection else 1)):
         raise data.DataError(f"--batch-size {args.batch_size} must be a positive multiple of "
                              f"the {args.world} processes" + (" x 2 (a positive and a negative "
                              "window per scene)" if detection else ""))
 
-    # Data. ImageNet: §3.1's 256 resize, random crops and mirrors; whole normalised images for
-    # the dense test. In-memory sets: on the device, jittered by jitter_batch. Localisation
-    # (shapes-det, imagenet boxes): whole images and the largest object's box. Detection
-    # (shapes-det, voc): whole scenes, training windows cut from them by window_batches.
-    if detection:  # §5: whole scenes in memory, windows cut from them on the fly
-        x_tr, scene_tr, _, _, classes = scene_arrays("train", args)
-        keep = [i for i, t in enumerate(scene_tr) if len(t["labels"])]  # scenes with objects
-        x_tr, scene_tr = x_tr[keep].to(device), [scene_tr[i] for i in keep]
-        x_te, _, gts_te, sizes_te, _ = scene_arrays("test", args)
-        mean, std = data.channel_stats(x_tr)
-        mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        args.num_classes = len(classes)
-        info = {"in_channels": 3, "mean": mean, "std": std,
-                "sizes": (len(scene_tr), 0, len(x_te))}
-        steps = len(scene_tr) // (args.batch_size // 2)
-    elif localisation:
-        x_tr, box_tr, y_tr, _, classes = detection_arrays("train", args)
-        x_te, box_te, y_te, gts_te, _ = detection_arrays("test", args)
-        mean, std = data.channel_stats(x_tr)
-        mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-        x_tr, box_tr, y_tr = x_tr.to(device), box_tr.to(device), y_tr.to(device)
-        info = {"in_channels": 3, "mean": mean, "std": std,
-                "sizes": (len(y_tr), 0, len(y_te))}
-        steps = len(y_tr) // args.batch_size  # global batches, sliced across the ranks
-    elif args.data == "imagenet":  # classification
-        bs = args.batch_size // args.world
-        norm = [v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
-        train_set = data.classification_dataset(
-            "imagenet", "train", args.data_dir, quick=args.quick,
-            transform=v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True),
-                                  v2.RandomCrop(args.img_size), v2.RandomHorizontalFlip(), *norm]))
-        test_set = data.classification_dataset("imagenet", "test", args.data_dir, quick=args.quick,
-                                               transform=v2.Compose([v2.ToImage(), *norm]))
-        train_loader = data.make_loader(train_set, bs, True, args.workers, device, seed=args.seed)
-        test_loader = data.make_loader(test_set, 16, False, args.workers, device,
-                                       collate_fn=list_collate, shard=False)
-        classes = getattr(train_set, "names", None) or train_set.dataset.names
-        info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
-                "sizes": (len(train_set), 0, len(test_set))}
-        steps = len(train_loader)
-    else:
-        train_loader, _, test_loader, info = data.classification_loaders(
-            args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
-            args.quick, args.seed, augment=False, eval_batch_size=250,
-            train_split=data.train_split(args), limit=args.limit)
-        classes, steps = info["classes"], len(train_loader)
+    # Data: the task's training batches and its test (classification_task, localisation_task,
+    # detection_task)
+    task = TASKS[args.task](args, device, rank)
+    classes, info = task.classes, task.info
     n_train, n_val, n_test = info["sizes"]
 
-    # detection: C + 1 outputs, the last one "background" (§5)
-    model = overfeat(args.variant, len(classes) + detection, info["in_channels"], args.width,
-                     args.img_size, regressor=localisation or detection, dropout=args.dropout,
+    model = overfeat(args.variant, task.outputs, info["in_channels"], args.width, args.img_size,
+                     regressor=task.regressor, dropout=args.dropout,
                      box_classes=len(classes) if args.class_specific else 1)
     init_weights(model, args.init)
     model.to(device)
@@ -1178,10 +1283,10 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda e: lr_factor(e, args.lr_steps))
     scaler = data.grad_scaler(device, args.amp)
+    normalisation = {"mean": info["mean"], "std": info["std"]}
     config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
               "arch": arch, "parameters": count_parameters(model),
-              "normalisation": {"mean": info["mean"], "std": info["std"]},
-              "departures": DEPARTURES}
+              "normalisation": normalisation, "departures": DEPARTURES}
     if is_main:
         print(f"overfeat.py: {arch} on {args.data} ({n_train} train / {n_val} val / {n_test} "
               f"test) at {args.img_size}, dense scales "
@@ -1197,87 +1302,43 @@ def main(argv=None):
                                                           scheduler, scaler)
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
-    net = model
-    if args.world > 1:
-        # With a regressor, each phase leaves the other head unused on every rank: DDP must
-        # look for unused parameters (their gradients stay None, so SGD leaves them frozen).
-        net = torch.nn.parallel.DistributedDataParallel(model,
-                                                        find_unused_parameters=model.regressor
-                                                        is not None)
-    if args.compile:
-        net = torch.compile(net)
+    # With a regressor, each phase leaves the other head unused on every rank: DDP must look
+    # for unused parameters (their gradients stay None, so SGD leaves them frozen).
+    net = data.wrap(model, args, find_unused_parameters=task.regressor)
 
-    total_epochs = args.epochs + (args.loc_epochs if localisation or detection else 0)
+    # Training: --epochs of classification, then (with a regressor) --loc-epochs of regression
+    total_epochs = args.epochs + (args.loc_epochs if task.regressor else 0)
     if not args.eval_only:
-        progress = metrics.Progress(steps, total_epochs, args.log_every,
+        progress = metrics.Progress(task.steps, total_epochs, args.log_every,
                                     start_epoch=start_epoch, enabled=is_main, model=model)
         for epoch in range(start_epoch, total_epochs):
             phase = "classify" if epoch < args.epochs else "regress"
-            if detection:  # the regressor learns from the positive windows only
-                batches = window_batches(x_tr, scene_tr, args.batch_size, args.seed, epoch,
-                                         mean_t, std_t, args, model, rank, args.world,
-                                         positives_only=phase == "regress")
-                loss = train_one_epoch(net, batches, optimizer, scaler, args, device, epoch,
-                                       progress, phase)
-            elif localisation:
-                # every rank draws the same global batch and keeps its 1/world slice
-                batches = (tuple(t[rank::args.world] for t in b) for b in device_batches(
-                    x_tr, y_tr, box_tr, args.batch_size, args.seed, epoch, mean_t, std_t,
-                    args.img_size))
-                loss = train_one_epoch(net, batches, optimizer, scaler, args, device, epoch,
-                                       progress, phase)
-            else:
-                data.set_epoch(train_loader, epoch)
-                batches = ((jitter_batch(x.to(device), args.img_size, args.crop_scale)
-                            if args.data != "imagenet" else x.to(device), y.to(device), None)
-                           for x, y in train_loader)
-                loss = train_one_epoch(net, batches, optimizer, scaler, args, device, epoch,
-                                       progress, phase)
+            loss = train_one_epoch(net, task.batches(epoch, model), optimizer, scaler, args,
+                                   device, epoch, progress, phase)
             scheduler.step()
             history.append({"epoch": epoch + 1, "phase": phase, "train_loss": loss,
                             "lr": optimizer.param_groups[0]["lr"]})
             if is_main:
                 print(f"epoch {epoch + 1}/{total_epochs} ({phase}) train_loss {loss:.4f}")
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes),
-                                         normalisation={"mean": info["mean"], "std": info["std"]})
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history, classes=list(classes),
+                                     normalisation=normalisation)
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
-                if args.world > 1:  # every rank leaves the group together
-                    torch.distributed.destroy_process_group()
                 return None
 
-    if detection:
-        xt = ((x_te.to(device).float() / 255) - mean_t) / std_t
-        test, _ = evaluate_detection(model, xt, gts_te, sizes_te, classes, args)
-        keys = ["map", "detections_per_image", "ap"]
-        if is_main:
+    # Test, with the unwrapped model
+    test = task.evaluate(model)
+    if is_main:
+        if "ap" in test:
             print("AP per class: " + ", ".join(f"{c} {100 * a:.1f}%"
                                                for c, a in test["ap"].items()))
-    elif localisation:
-        model.eval()
-        xt = ((x_te.to(device).float() / 255) - mean_t) / std_t
-        loader = [(xt[i:i + 250], y_te[i:i + 250]) for i in range(0, len(y_te), 250)]
-        test = evaluate(model, loader, args, device)
-        test.update(evaluate_localisation(model, xt, box_te.to(device), y_te, gts_te, args,
-                                          box_tr.float().mean(0), len(classes)))
-        keys = ["test_error", "test_accuracy", "single_crop_error", "dense_error", "map",
-                "iou50_rate", "mean_iou", "loc_error", "loc_error_top5",
-                "baseline_whole_image_iou50",
-                "baseline_mean_box_iou50"]
-    else:
-        test = evaluate(model, test_loader, args, device)
-        keys = ["test_error", "test_accuracy", "balanced_error", "single_crop_error",
-                "dense_error", "top5_error", "single_crop_top5_error"]
-    if is_main:
-        print(" ".join(f"{k} {100 * test[k]:.2f}%" for k in keys
-                       if k in test and k not in ("ap", "detections_per_image")))
-    results = metrics.write_results(
+        print(" ".join(f"{k} {100 * test[k]:.2f}%" for k in task.keys
+                       if k in test and k not in ("ap", "detections_per_image")) +
+              f" on {test['samples']} test images")
+    return metrics.write_results(
         os.path.join(args.out, "results.json"), "overfeat.py", args.data,
-        {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
-        seconds=time.time() - t0, history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
-    return results
+        {k: test[k] for k in task.keys if k in test}, paper=PAPER, config=config,
+        device=str(device), seconds=time.time() - t0, history=history) if is_main else None
 
 
 DEPARTURES = [
@@ -1312,7 +1373,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"overfeat.py: error: {data.error_line(e)}")
+    data.run_main(main, "overfeat.py")

@@ -2,9 +2,10 @@
 and 3, torchvision's AlexNet layout, offset max-pooling and dense evaluation, the regression
 targets and greedy merge of §4, and main() end to end; detection (§5): training windows and hard
 negatives, dense box decoding, the real VOC and ImageNet box files (tiny, written here), --detect,
-resume; and 2 torchrun processes against 1."""
+resume; 2 torchrun processes against 1; and --dry-run of classification and of detection."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -521,7 +522,8 @@ def test_voc_detection_on_real_files_then_detect_draws_the_boxes(tmp_path, tiny_
     Image.fromarray(torch.randint(0, 256, (40, 70, 3), dtype=torch.uint8).numpy()).save(png)
     capsys.readouterr()
     d = overfeat.main(["--detect", png, "--weights", os.path.join(out, "checkpoint.pt"),
-                       "--out", str(tmp_path / "drawn"), "--device", "cpu", "--min-score", "0"])
+                       "--out", str(tmp_path / "drawn"), "--device", "cpu",
+                       "--score-threshold", "0"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert d["path"] == str(tmp_path / "drawn" / "street_detections.png")
     assert Image.open(d["path"]).size == (70, 40)
@@ -625,3 +627,53 @@ def test_at_init_output_depends_on_input_and_eval_mode_learns():
     model = overfeat.overfeat("fast", 6, 3, 0.125, overfeat.SMALL_INPUT["fast"])
     overfeat.init_weights(model, "kaiming")
     assert_learns_in_eval_mode(model, x, y, 40, 0.01, 0.6)
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys,
+                                                                          monkeypatch):
+    # The paper's settings (the fast net at full width, 41M parameters at 103 pixels; 90 epochs
+    # of batch 128: cut to 1 epoch of 2 steps of the batch 2 asked for) on shapes. Stand-ins for
+    # time: --limit 16 (rendering the set's 12,000 images takes longer here than the test's
+    # budget), test batches of 1 image instead of 250 and the first 2 of the 3 test scales (the
+    # full-width net's dense test, mirrors and 4 pooling offsets, costs ~1 s per image and scale
+    # on this CPU): 2 batches, 2 of the 16 test images.
+    monkeypatch.setattr(overfeat, "TEST_BATCH", 1)
+    out = tmp_path / "dry"
+    r = overfeat.main(["--data", "shapes", "--device", "cpu", "--dry-run", "--batch-size", "2",
+                       "--limit", "16", "--scales", "103", "129", "--out", str(out),
+                       "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert re.search(r"^test_error .* on 2 test images$", said, re.M)
+    assert r["config"]["dry_run"] is True and r["config"]["width"] == 1.0
+    assert r["config"]["epochs"] == 1 and [h["phase"] for h in r["history"]] == ["classify"]
+    assert overfeat.data.load_checkpoint(str(out / "checkpoint.pt"),
+                                         "overfeat-fast-103")["epoch"] == 0
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
+
+
+def test_dry_run_of_detection_takes_two_steps_per_stage(tmp_path, capsys, monkeypatch):
+    # §5 on shapes-det with the paper's settings (the fast net at full width, hard negatives):
+    # each stage, the classifier with its background windows then the regressor, 1 epoch of 2
+    # steps, and 2 test batches. Stand-ins for time: 16 training / 10 test scenes instead of
+    # 9,000 / 2,000 (rendering them takes longer here than the test's budget; --limit is
+    # classification's), test batches of 1 scene instead of 50, and the first 2 of the 5 test
+    # scales (the largest, 412 pixels, costs ~9 GMAC per scene at full width).
+    monkeypatch.setattr(overfeat.data, "shapes_size",
+                        lambda split, quick=False: {"train": 16, "test": 10}[split])
+    monkeypatch.setattr(overfeat, "DET_TEST_BATCH", 1)
+    out = tmp_path / "dry"
+    r = overfeat.main(["--data", "shapes-det", "--task", "detection", "--device", "cpu",
+                       "--dry-run", "--batch-size", "2", "--det-scales", "103", "146",
+                       "--out", str(out), "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch (\d)/2 step (\d+)/(\d+) ", said, re.M) == \
+        [("1", "1", "2"), ("1", "2", "2"), ("2", "1", "2"), ("2", "2", "2")]
+    assert re.search(r"^map .* on 2 test images$", said, re.M)
+    assert [h["phase"] for h in r["history"]] == ["classify", "regress"]
+    assert (r["config"]["epochs"], r["config"]["loc_epochs"], r["config"]["negatives"],
+            r["config"]["width"], r["config"]["dry_run"]) == (1, 1, "hard", 1.0, True)
+    state = overfeat.data.load_checkpoint(str(out / "checkpoint.pt"), "overfeat-fast-103-det")
+    assert state["epoch"] == 1 and state["classes"] == list(overfeat.data.SHAPES_CLASSES)
+    assert set(json.loads((out / "results.json").read_text())["metrics"]) == \
+        {"map", "detections_per_image", "ap"}
