@@ -1275,17 +1275,23 @@ def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
 Runtime = collections.namedtuple("Runtime", ["device", "rank", "world", "is_main"])
 
 
-def setup(args, script, pretrained_is_the_model=True):
+def default_out(name, data_name):
+    """`--out`'s default: runs/NAME-DATA (NAME: the script's, or its variant family's)."""
+    name = os.path.splitext(os.path.basename(name))[0]
+    return os.path.join("runs", f"{name}-{data_name}" if data_name else name)
+
+
+def setup(args, script, pretrained_is_the_model=True, name=None):
     """Everything a script does between parsing its flags and reading data, in this order:
-    the device (`--device`/`--cuda`), `--out` (default runs/SCRIPT-DATA; checked by `start_run`
+    the device (`--device`/`--cuda`), `--out` (default runs/NAME-DATA, NAME the script's unless
+    given, e.g. googlenet.py's "nin" for NIN; checked by `start_run`
     before any data is read), the torchrun process group, the seed (rank r: seed + r), the
     kernels (`--deterministic`, else cuDNN autotuning and TF32 on CUDA) and `--dry-run` (at most
     one epoch; the script wraps its loaders with `dry_run_batches`). Sets args.world; returns
     Runtime(device, rank, world, is_main)."""
     device = select_device(args.device, args.cuda)
     if args.out is None:
-        name = os.path.splitext(os.path.basename(script))[0]
-        args.out = os.path.join("runs", f"{name}-{args.data}" if args.data else name)
+        args.out = default_out(name or script, args.data)
     start_run(args, pretrained_is_the_model)
     rank, args.world = init_distributed(device)
     torch.manual_seed(args.seed + rank)  # the CPU and every CUDA device

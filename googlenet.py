@@ -27,7 +27,6 @@ Departures are listed in DEPARTURES and printed at start.
 """
 import argparse
 import os
-import sys
 import time
 from collections import OrderedDict, namedtuple
 
@@ -388,8 +387,7 @@ def imagenet_loaders(args, device):
             v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
     train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
                              seed=args.seed)
-    test = data.make_loader(test_set, 8, False, args.workers, device, collate_fn=list_collate,
-                            shard=False)
+    test = data.make_loader(test_set, 8, False, args.workers, device, collate_fn=list_collate)
     classes = getattr(train_set, "names", None) or train_set.dataset.names
     info = {"classes": classes, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
             "in_channels": 3, "sizes": (len(train_set), 0, len(test_set))}
@@ -417,18 +415,15 @@ def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progres
             ema.update_parameters(model)
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    if args.world > 1:  # the mean over every rank's samples, as one process would report it
-        t = torch.tensor([total, n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, n = t.tolist()
-    return total / max(n, 1)
+    return metrics.global_mean(total, n, device)  # over every rank's samples
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, crops=1):
+def evaluate(model, loader, args, device, num_classes, crops=1):
     """Small sets: the single view. ImageNet (whole images): the centre crop, and with crops=10 /
     144 the ten-crop (AlexNet's, on the image resized to 256) or the §7 144-crop test, whose
-    averaged softmax gives test_error / top5_error; single_crop_* are the centre crop's."""
+    averaged softmax gives test_error / top5_error; single_crop_* are the centre crop's. `model`
+    is the unwrapped one: under torchrun each rank tests its share and the outputs are gathered."""
     model.eval()
     multi, single, targets = [], [], []
     for x, y in loader:
@@ -448,14 +443,8 @@ def evaluate(model, loader, args, device, crops=1):
         targets.append(y.cpu())
     y, p1 = torch.cat(targets), torch.cat(single).cpu()
     out = torch.cat(multi).cpu() if multi else p1
-    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
-         "balanced_error": metrics.balanced_error_rate(out, y, out.shape[1]),
-         "single_crop_error": metrics.error_rate(p1, y),
-         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
-    if out.shape[1] >= 100:
-        r["top5_error"] = metrics.topk_error(out, y, 5)
-        r["single_crop_top5_error"] = metrics.topk_error(p1, y, 5)
-    return r
+    out, p1, y = data.gather_shards(out, p1, y)
+    return metrics.classification_report(out, y, num_classes, views={"single_crop": p1})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,13 +462,8 @@ def arch_name(args):
 def get_args_parser():
     p = data.ArgumentParser(description="GoogLeNet (Szegedy et al. 2014) and NIN (Lin et al. "
                                 "2013) on ImageNet, CIFAR, MNIST or the synthetic shapes set.")
-    p.add_argument("--data", default=None,
-                   help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                        "fashion-mnist | shapes (default: imagenet; cifar10 for "
-                        "--variant nin)")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, None, "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
+                       "fashion-mnist | shapes; imagenet for GoogLeNet, cifar10 for --variant nin")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper", "nin"],
@@ -516,25 +500,11 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9, §6)")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="(default: 2e-4 for GoogLeNet, 1e-4 for NIN: neither paper states one)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default=None, help="results.json and checkpoints go here "
-                   "(default: runs/googlenet or runs/nin)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from torchvision's ImageNet weights (IMAGENET1K_V1)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK) +
-                   "; --variant nin: " + data.quick_help(QUICK_NIN, "the same images"))
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    data.add_runtime_args(p, data.quick_help(QUICK) + "; --variant nin: " +
+                          data.quick_help(QUICK_NIN, "the same images"), workers=4,
+                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+                          pretrained_help="start from torchvision's ImageNet weights "
+                          "(IMAGENET1K_V1)")
     return p
 
 
@@ -547,7 +517,6 @@ def resolve_defaults(args):
         raise data.DataError("--naive and --pretrained are GoogLeNet options; drop them with "
                              "--variant nin")
     args.no_aux = args.no_aux or nin
-    args.out = args.out or f"runs/{'nin' if nin else 'googlenet'}"
     data.apply_quick(args, QUICK_NIN if nin else QUICK)
     args.width = args.width or 1.0
     args.epochs = args.epochs or EPOCHS["nin" if nin else "googlenet"]
@@ -572,22 +541,20 @@ def resolve_defaults(args):
         args.polyak = POLYAK if imagenet and not nin else 0.0
     if not 0 <= args.polyak < 1:
         raise data.DataError(f"--polyak {args.polyak}: the decay must be in [0, 1) (0: off)")
-    if args.batch_size % args.world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
-                             f"{args.world} processes")
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
-    device = data.select_device(args.device, args.cuda)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    resolve_defaults(args)
-    data.start_run(args)
+    resolve_defaults(args)  # --quick included
     imagenet, nin = args.data == "imagenet", args.variant == "nin"
-    torch.manual_seed(args.seed + rank)
+    # --out by default runs/googlenet-DATA or runs/nin-DATA: the two families' runs apart
+    device, rank, world, is_main = data.setup(args, "googlenet.py",
+                                              name="nin" if nin else None)
+    if args.batch_size % args.world:
+        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
+                             f"{args.world} processes")
 
     # Data. ImageNet: §6 crops and distortions, whole test images for §7. Small sets: the whole
     # set on the device with data.py's padding + random crop + flip.
@@ -599,6 +566,8 @@ def main(argv=None):
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=250,
             size=args.img_size, train_split=split, limit=args.limit)
+    train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
+                                                                 test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
     model = googlenet(len(classes), not args.no_aux, args.variant, info["in_channels"],
@@ -651,11 +620,7 @@ def main(argv=None):
     elif args.eval_only:
         ema = None  # nothing averaged to test: the weights themselves
 
-    net = model
-    if args.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    net = data.wrap(model, args)
     final = ema.module if ema is not None else model  # §6: the averaged weights are tested
 
     if not args.eval_only:
@@ -668,18 +633,20 @@ def main(argv=None):
             scheduler.step()
             row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"]}
             if val_loader is not None:  # ImageNet has none: its official val set is the test set
-                row["val_error"] = evaluate(final, val_loader, args, device)["test_error"]
+                row["val_error"] = evaluate(final, val_loader, args, device,
+                                           len(classes))["test_error"]
             history.append(row)
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else "") +
                       f" lr {row['lr']:.3g}")
-                extra = {"ema": ema.state_dict()} if ema is not None else {}
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes),
-                                         **extra)
+            extra = {"ema": ema.state_dict()} if ema is not None else {}
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history, classes=list(classes), **extra)
+            if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                return None
 
-    test = evaluate(final, test_loader, args, device, crops=args.test_crops)
+    test = evaluate(final, test_loader, args, device, len(classes), crops=args.test_crops)
     keys = ["test_error", "test_accuracy", "balanced_error", "single_crop_error", "top5_error",
             "single_crop_top5_error"]
     if is_main:
@@ -692,8 +659,6 @@ def main(argv=None):
         {k: test[k] for k in keys if k in test}, paper=NIN_PAPER if nin else PAPER,
         config=config, device=str(device), seconds=time.time() - t0,
         history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -736,7 +701,4 @@ DEPARTURES_NIN = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"googlenet.py: error: {data.error_line(e)}")
+    data.run_main(main, "googlenet.py")

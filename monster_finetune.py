@@ -23,7 +23,6 @@ on their gradients. After the frozen epochs they are trained with everything els
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
@@ -132,25 +131,21 @@ def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progres
         scaler.update()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    if args.world > 1:
-        t = torch.tensor([total, n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, n = t.tolist()
-    return total / max(n, 1)
+    return metrics.global_mean(total, n, device)  # over every rank's samples
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device):
+def evaluate(model, loader, args, device, num_classes):
+    """The (unwrapped) model's figures on the whole set: under torchrun each rank evaluates its
+    share and the outputs are gathered."""
     model.eval()
     probs, targets = [], []
     for x, y in loader:
         with data.autocast(device, args.amp):
             probs.append(model(x).float().softmax(1).cpu())
         targets.append(y.cpu())
-    y, out = torch.cat(targets), torch.cat(probs)
-    return {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
-            "balanced_error": metrics.balanced_error_rate(out, y, out.shape[1]),
-            "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+    out, y = data.gather_shards(torch.cat(probs), torch.cat(targets))
+    return metrics.classification_report(out, y, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,18 +154,11 @@ def evaluate(model, loader, args, device):
 def get_args_parser():
     p = data.ArgumentParser(description="The lecture's fine-tuning example: a trained AlexNet's "
                                 "first layer, frozen then fine-tuned, under residual blocks.")
-    p.add_argument("--data", default="cifar10",
-                   help="cifar10 | cifar100 | cifar10-jpg | shapes (RGB sets; default: "
-                        "cifar10)")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, "cifar10", "cifar10 | cifar100 | cifar10-jpg | shapes (RGB sets)")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--alexnet-weights", default=None, metavar="PATH",
                    help="a trained AlexNet: torchvision's state_dict or an alexnet.py checkpoint")
-    p.add_argument("--pretrained", action="store_true",
-                   help="torchvision's ImageNet AlexNet (IMAGENET1K_V1) for the first layer")
     p.add_argument("--scratch", action="store_true",
                    help="no trained AlexNet: the first layer starts from a random init")
     p.add_argument("--frozen-epochs", type=int, default=None,
@@ -190,37 +178,24 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=LR, help=f"SGD learning rate (default: {LR})")
     p.add_argument("--momentum", type=float, default=0.0, help="(default: 0, as the lecture)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0, as the lecture)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=0,
-                   help="loader processes (unused: the set is held on the device)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default="runs/monster_finetune",
-                   help="results.json and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a monster_finetune.py checkpoint to start from")
-    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK) +
-                   "; without --pretrained or --alexnet-weights, the first layer from scratch")
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs as if killed (to test --resume)")
+    data.add_runtime_args(p, data.quick_help(QUICK) + "; without --pretrained or "
+                          "--alexnet-weights, the first layer from scratch", workers=0,
+                          workers_help="unused: the set is held on the device",
+                          weights_help="a monster_finetune.py checkpoint to start from",
+                          pretrained_help="torchvision's ImageNet AlexNet (IMAGENET1K_V1) for "
+                          "the first layer (a base network: --eval-only needs --weights)")
     return p
 
 
 def run(args):
     """One training run of the recipe in `args`; returns the results dict."""
     t0 = time.time()
-    device = data.select_device(args.device, args.cuda)
-    data.start_run(args, pretrained_is_the_model=False)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
+    # the stages of the run (frozen, then fine-tuned), before --dry-run cuts --epochs to 1
+    stages = (args.frozen_epochs > 0) + (args.frozen_epochs < args.epochs)
+    device, rank, world, is_main = data.setup(args, "monster_finetune.py",
+                                              pretrained_is_the_model=False)
+    if args.dry_run:  # one epoch of 2 steps per stage the real run has
+        args.epochs, args.frozen_epochs = stages, min(args.frozen_epochs, 1)
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -243,7 +218,8 @@ def run(args):
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     train_loader = data.DeviceLoader(x, y, args.batch_size // args.world, True, device, mean, std,
                                      seed=args.seed)
-    test_loader = data.DeviceLoader(x_test, y_test, 500, False, device, mean, std, shard=False)
+    test_loader = data.DeviceLoader(x_test, y_test, 500, False, device, mean, std)
+    train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
     model = Monster(args.blocks, args.channels, len(classes),
                     first[0].shape[0] if first is not None else 64, x.shape[-1])
@@ -280,20 +256,15 @@ def run(args):
     if args.resume:
         start_epoch, history = data.resume_training_state(ckpt_path, "monster", model, optimizer,
                                                           scheduler, scaler)
-    net = model
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
                                     start_epoch=start_epoch, enabled=is_main, model=model)
         for epoch in range(start_epoch, args.epochs):
             frozen = epoch < args.frozen_epochs
-            if args.world > 1 and (epoch == start_epoch or epoch == args.frozen_epochs):
-                model.freeze_features(frozen)  # DDP registers the parameters that get gradients
-                net = torch.nn.parallel.DistributedDataParallel(model)
-                net = torch.compile(net) if args.compile else net
-            elif args.compile and epoch == start_epoch:
-                net = torch.compile(model)
             model.freeze_features(frozen)
+            if epoch == start_epoch or (args.world > 1 and epoch == args.frozen_epochs):
+                net = data.wrap(model, args)  # DDP registers the parameters that get gradients
             train_loader.set_epoch(epoch)
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
                                    progress)
@@ -302,13 +273,12 @@ def run(args):
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}"
                       f"{' (AlexNet layer frozen)' if frozen else ''}")
-                data.save_training_state(ckpt_path, "monster", model, optimizer, scheduler,
-                                         scaler, epoch, vars(args), history,
-                                         classes=list(classes))
+            data.save_training_state(ckpt_path, "monster", model, optimizer, scheduler, scaler,
+                                     epoch, vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
-    test = evaluate(model, test_loader, args, device)
+    test = evaluate(model, test_loader, args, device, len(classes))
     if is_main:  # the lecture's line
         print(f"test_error {100 * test['test_error']:.02f}% ({test['errors']}/{test['samples']})")
     results = metrics.write_results(
@@ -316,8 +286,6 @@ def run(args):
         {k: test[k] for k in ("test_error", "test_accuracy", "balanced_error")}, paper=PAPER,
         config=config, device=str(device), seconds=time.time() - t0,
         history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -340,8 +308,10 @@ def main(argv=None):
         raise data.DataError("give either --pretrained or --alexnet-weights, not both")
     if not args.compare:
         return run(args)
-    # The comparison: the same recipe frozen-then-fine-tuned, never frozen, and from scratch.
-    base, out = vars(args).copy(), args.out
+    # The comparison: the same recipe frozen-then-fine-tuned, never frozen, and from scratch,
+    # each in its own folder under --out (default: data.setup's, runs/monster_finetune-DATA).
+    out = args.out = args.out or data.default_out("monster_finetune.py", args.data)
+    base = vars(args).copy()
     results = {}
     for name, change in (("finetune", {}), ("never_frozen", {"frozen_epochs": 0}),
                          ("scratch", {"scratch": True, "pretrained": False,
@@ -372,7 +342,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"monster_finetune.py: error: {data.error_line(e)}")
+    data.run_main(main, "monster_finetune.py")

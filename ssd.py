@@ -2,9 +2,9 @@
 Shot MultiBox Detector", ECCV 2016, arXiv:1512.02325.
 
     python ssd.py --data voc --pretrained --cuda            # SSD300, VOC07+12 -> VOC07 test
-    python ssd.py --data voc --pretrained --size 512 --cuda # SSD512
+    python ssd.py --data voc --pretrained --img-size 512 --cuda  # SSD512
     python ssd.py --data shapes-det --quick                 # offline: a 96-pixel SSD, CPU minutes
-    python ssd.py --detect photo.jpg --weights runs/ssd/checkpoint.pt --out runs/ssd
+    python ssd.py --detect photo.jpg --weights runs/ssd-voc/checkpoint.pt --out runs/ssd-detect
     torchrun --nproc_per_node=2 ssd.py --data voc --pretrained   # data-parallel, same global batch
 
 Paper (Table 1, VOC2007 test, trained on 07+12): SSD300 74.3 % mAP, SSD512 76.8 % mAP (VOC07
@@ -28,7 +28,6 @@ Departures: DEPARTURES, printed at start.
 import argparse
 import math
 import os
-import sys
 import time
 from collections import OrderedDict
 
@@ -198,7 +197,7 @@ class SSD(nn.Module):
             c_in = c2
             channels.append(c2)
         if min(sides) < 1:
-            raise ValueError(f"--size {size} is too small for SSD's layers (maps {sides})")
+            raise ValueError(f"--img-size {size} is too small for SSD's layers (maps {sides})")
         self.extras = nn.ModuleList(extras)
         self.map_sizes = sides
         m = len(sides)
@@ -525,11 +524,7 @@ def train_one_epoch(net, model, loader, optimizer, scaler, args, device, epoch, 
         total += torch.tensor([loss.item(), l_conf.item(), l_loc.item()], dtype=torch.float64)
         n += 1
         progress.step(len(x) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    if args.world > 1:  # the mean over every rank's batches
-        t = torch.cat([total, torch.tensor([n], dtype=torch.float64)]).to(device)
-        torch.distributed.all_reduce(t)
-        total, n = t[:3].cpu(), int(t[3])
-    return (total / max(n, 1)).tolist()
+    return [metrics.global_mean(t, n, device) for t in total.tolist()]  # over every rank's batches
 
 
 @torch.no_grad()
@@ -538,7 +533,8 @@ def detect(model, x, sizes, args):
     with data.autocast(x.device, args.amp):
         scores, offsets = model(x)
     out = []
-    for d, (h, w) in zip(postprocess(scores, offsets, model.anchors), sizes):
+    for d, (h, w) in zip(postprocess(scores, offsets, model.anchors, nms_iou=args.nms_iou),
+                         sizes):
         scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=d["boxes"].device)
         out.append({"boxes": (d["boxes"] * scale).cpu(), "scores": d["scores"].cpu(),
                     "labels": d["labels"].cpu()})
@@ -547,27 +543,29 @@ def detect(model, x, sizes, args):
 
 @torch.no_grad()
 def evaluate(model, loader, args, device):
-    """VOC AP per class and mAP (07 11-point unless --voc12-ap) of the detections in the
-    original pixels, difficult objects ignored (metrics.detection_map)."""
+    """VOC AP per class and mAP (07 11-point unless --voc12-ap) of the (unwrapped) model's
+    detections in the original pixels, difficult objects ignored (metrics.detection_map): under
+    torchrun each rank evaluates its share and the detections and ground truths are gathered."""
     model.eval()
     dets, gts = [], []
     for x, targets in loader:
         dets += detect(model, x.to(device), [t["orig_size"] for t in targets], args)
         gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
+    dets, gts = data.gather_shards(dets, gts)
     r = metrics.detection_map(dets, gts, model.num_classes, use_07_metric=not args.voc12_ap)
-    return {"map": r["map"], "ap": r["ap"], "num_gt": r["num_gt"],
+    return {"map": r["map"], "ap": r["ap"], "num_gt": r["num_gt"], "samples": len(dets),
             "detections_per_image": sum(len(d["scores"]) for d in dets) / max(len(dets), 1)}
 
 
 def detect_image(model, path, classes, args, device, mean, std):
-    """--detect: the boxes scoring >= --detect-threshold on one image, drawn into
+    """--detect: the boxes scoring >= --score-threshold on one image, drawn into
     OUT/<stem>_detections.png, one printed line per box."""
     image = data.load_image(path)
     x = EvalTransform(model.size, mean, std)(image, {"boxes": torch.zeros(0, 4),
                                                      "labels": None, "difficult": None})[0]
     model.eval()
     d = detect(model, x[None].to(device), [tuple(image.shape[-2:])], args)[0]
-    keep = d["scores"] >= args.detect_threshold
+    keep = d["scores"] >= args.score_threshold
     boxes, scores, labels = d["boxes"][keep], d["scores"][keep], d["labels"][keep]
     names = [f"{classes[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
     drawn = image.as_subclass(torch.Tensor)
@@ -579,7 +577,7 @@ def detect_image(model, path, classes, args, device, mean, std):
     Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out)
     for name, b in zip(names, boxes.tolist()):
         print(f"{name} box {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}")
-    print(f"{len(names)} detection(s) >= {args.detect_threshold} written to {out}")
+    print(f"{len(names)} detection(s) >= {args.score_threshold} written to {out}")
     return {"boxes": boxes, "scores": scores, "labels": labels, "path": out}
 
 
@@ -589,13 +587,14 @@ def detect_image(model, path, classes, args, device, mean, std):
 def get_args_parser():
     p = data.ArgumentParser(description="SSD (Liu et al. 2016): single-shot multibox "
                                 "detection on Pascal VOC or the synthetic shapes-det set.")
-    p.add_argument("--data", default="voc", help="voc (07+12 trainval -> 07 test) | shapes-det")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
-    p.add_argument("--size", type=int, default=None,
-                   help="input side: 300 (SSD300, default) or 512 (SSD512); other sizes build a "
-                   "reduced SSD whose extra layers halve the map down to 1x1 (--quick: 96)")
+    g = data.add_data_args(p, "voc", "voc (07+12 trainval -> 07 test) | shapes-det")
+    g.add_argument("--data-size", type=int, default=64,
+                   help="shapes-det: side at which the synthetic images are rendered (default: 64)")
+    g.add_argument("--limit", type=int, default=None,
+                   help="only the first N images of each split (smoke tests)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="network input side: 300 (SSD300, default) or 512 (SSD512); other sizes "
+                   "build a reduced SSD whose extra layers halve the map down to 1x1 (--quick: 96)")
     p.add_argument("--width", type=float, default=None,
                    help="channel multiplier of every layer (default: 1 = the paper; --quick 0.25)")
     p.add_argument("--bn", action=argparse.BooleanOptionalAction, default=None,
@@ -603,15 +602,11 @@ def get_args_parser():
                    "scratch; on with --quick)")
     p.add_argument("--box-scales", default=None, choices=["caffe", "paper"],
                    help="default-box scales: the released Caffe models' (default) or eq. (4)'s")
-    p.add_argument("--img-size", type=int, default=64,
-                   help="shapes-det: side at which the synthetic images are rendered (default 64)")
     p.add_argument("--zoom-out", type=float, default=None,
                    help="largest zoom-out expansion factor (default: the paper's 4; --quick 2)")
     p.add_argument("--augment", default=None, choices=["paper", "light", "none"],
                    help="paper: §2.2's photometric distortion, zoom-out, IoU crop, flip "
                    "(default); light: photometric distortion and flip (--quick); none: resize")
-    p.add_argument("--limit", type=int, default=None,
-                   help="only the first N images of each split (smoke tests)")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"passes over the training set (default: {EPOCHS} = the release's 120k iterations of 32 "
                    f"on VOC07+12; --quick: 12 on shapes-det, 2 on VOC)")
@@ -628,34 +623,19 @@ def get_args_parser():
     p.add_argument("--detect", default=None, metavar="IMAGE",
                    help="detect objects in IMAGE with --weights, write "
                    "OUT/<stem>_detections.png")
-    p.add_argument("--detect-threshold", type=float, default=0.5,
-                   help="--detect: lowest score drawn (default 0.5)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=None,
-                   help="loader processes (default: 4 on VOC, 1 on shapes-det)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default="runs/ssd", help="results.json and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true",
-                   help="torchvision's VGG-16 ImageNet weights for the base (fc6/fc7 subsampled "
-                   "into conv6/conv7)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="shapes-det: a 96-pixel SSD at width 0.25 with BN, Adam and the light "
-                   "augmentation, 12 epochs on 2,000 images (minutes on a CPU); VOC: 256 "
-                   "images, 2 epochs")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs as if killed, without testing (to test "
-                   "--resume)")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="lowest class score drawn by --detect (default: 0.5)")
+    p.add_argument("--nms-iou", type=float, default=NMS_IOU,
+                   help="per-class NMS drops a box overlapping a higher-scored one by more than "
+                   f"this IoU, at test and --detect (default: {NMS_IOU}, §3)")
+    data.add_runtime_args(
+        p, "shapes-det: a 96-pixel SSD at width 0.25 with BN, Adam and the light augmentation, "
+        "12 epochs on 2,000 images (minutes on a CPU); VOC: 256 images, 2 epochs", workers=None,
+        workers_help="DataLoader processes (default: 4 on VOC, 1 on shapes-det)", log_every=50,
+        weights_help="a checkpoint of this script to start from or evaluate; its model settings "
+        "(--img-size --width --bn --box-scales) apply unless given",
+        pretrained_help="torchvision's VGG-16 ImageNet weights for the base (fc6/fc7 subsampled "
+        "into conv6/conv7)")
     return p
 
 
@@ -664,7 +644,9 @@ def resolve_defaults(args, saved=None):
     defaults: the paper's SSD300 on VOC, a small BN SSD on shapes-det with --quick."""
     small = args.quick and args.data == "shapes-det"
     saved = saved or {}
-    for key, default in (("size", 96 if small else 300), ("width", 0.25 if small else 1.0),
+    if "size" in saved and "data_size" not in saved:  # a checkpoint from before the renames
+        saved = {**saved, "img_size": saved["size"]}  # (--size was the network's input side)
+    for key, default in (("img_size", 96 if small else 300), ("width", 0.25 if small else 1.0),
                          ("bn", small), ("box_scales", "caffe")):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, default))
@@ -686,13 +668,13 @@ def resolve_defaults(args, saved=None):
 
 
 def arch_name(args):
-    return f"ssd{args.size}" + ("" if args.width == 1.0 else f"-w{args.width:g}") + \
+    return f"ssd{args.img_size}" + ("" if args.width == 1.0 else f"-w{args.width:g}") + \
         ("-bn" if args.bn else "")
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size", "data_size")
     t0 = time.time()
     if args.detect is None:
         data.check_task(args.data, "detection")
@@ -701,19 +683,15 @@ def main(argv=None):
                              "script, e.g. OUT/checkpoint.pt)")
     saved_state = data.load_checkpoint(args.weights) if args.weights else None
     resolve_defaults(args, (saved_state or {}).get("args"))
-    device = data.select_device(args.device, args.cuda)
-    data.start_run(args, pretrained_is_the_model=False)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
-    if args.batch_size % args.world:
+    device, rank, world, is_main = data.setup(args, "ssd.py", pretrained_is_the_model=False)
+    if args.batch_size % world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
-                             f"{args.world} processes")
+                             f"{world} processes")
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD  # torchvision's VGG-16 normalisation
     classes = (saved_state or {}).get("classes") or \
         (data.VOC_CLASSES if args.data == "voc" else data.SHAPES_CLASSES)
 
-    model = SSD(len(classes), args.size, args.width, args.bn, args.box_scales)
+    model = SSD(len(classes), args.img_size, args.width, args.bn, args.box_scales)
     arch = arch_name(args)
     if args.pretrained:
         load_pretrained(model)
@@ -728,16 +706,16 @@ def main(argv=None):
 
     # Data: the paper's augmentation on every training image, the plain resize for the test.
     kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick,
-              size=args.img_size)
-    augment = train_transforms(args.size, mean, std, args.zoom_out, args.augment)
+              size=args.data_size)
+    augment = train_transforms(args.img_size, mean, std, args.zoom_out, args.augment)
     train_set = data.detection_dataset(args.data, "train", train_difficult=TRAIN_DIFFICULT, **kw)
     test_set = data.detection_dataset(args.data, "test",
-                                      transforms=EvalTransform(args.size, mean, std), **kw)
+                                      transforms=EvalTransform(args.img_size, mean, std), **kw)
     if args.limit:
         train_set, test_set = (torch.utils.data.Subset(s, range(min(len(s), args.limit)))
                                for s in (train_set, test_set))
     train_set = SeededAugment(train_set, augment, args.seed)
-    bs = args.batch_size // args.world
+    bs = args.batch_size // world
 
     def train_loader_for(epoch):
         """A fresh loader per epoch, its workers holding this epoch's SeededAugment, its
@@ -747,11 +725,11 @@ def main(argv=None):
                                   collate_fn=data.detection_collate,
                                   seed=args.seed * 100003 + epoch)
         data.set_epoch(loader, epoch)
-        return loader
+        return data.dry_run_batches(args, loader)
 
     train_loader = train_loader_for(0)
-    test_loader = data.make_loader(test_set, 32, False, args.workers, device,
-                                   collate_fn=data.detection_collate, shard=False)
+    test_loader = data.dry_run_batches(args, data.make_loader(
+        test_set, 32, False, args.workers, device, collate_fn=data.detection_collate))
 
     # §3.1: SGD, momentum 0.9, weight decay 5e-4, lr 1e-3; / 10 at 2/3 and 5/6 of training (the
     # release's 80k and 100k of 120k iterations).
@@ -768,7 +746,7 @@ def main(argv=None):
     if is_main:
         print(f"ssd.py: {arch} on {args.data} ({len(train_set)} train / {len(test_set)} test), "
               f"maps {model.map_sizes}, {len(model.anchors):,} default boxes, "
-              f"{config['parameters']:,} parameters, device {device}, {args.world} process(es)")
+              f"{config['parameters']:,} parameters, device {device}, {world} process(es)")
         for d in DEPARTURES:
             print(f"  departure from the paper: {d}")
 
@@ -779,13 +757,9 @@ def main(argv=None):
                                                           scheduler, scaler)
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
-    net = model
-    if args.world > 1:
-        # BatchNorm (--bn) normalises with each process's own batch statistics (no SyncBN):
-        # under torchrun the BN runs differ slightly from one process on the global batch.
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    # BatchNorm (--bn) normalises with each process's own batch statistics (no SyncBN): under
+    # torchrun the BN runs differ slightly from one process on the global batch.
+    net = data.wrap(model, args)
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
@@ -799,24 +773,22 @@ def main(argv=None):
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f} (conf {l_conf:.4f}"
                       f" loc {l_loc:.4f})")
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes))
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
-                if args.world > 1:
-                    torch.distributed.destroy_process_group()
                 return None
 
     test = evaluate(model, test_loader, args, device)
     if is_main:
         print(f"map {100 * test['map']:.2f}% ({'area' if args.voc12_ap else 'VOC07 11-point'} "
-              f"AP, {test['detections_per_image']:.1f} detections/image)")
+              f"AP, {test['samples']} images, {test['detections_per_image']:.1f} "
+              f"detections/image)")
         print("  " + " ".join(f"{c} {100 * a:.1f}" for c, a in zip(classes, test["ap"])))
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "ssd.py", args.data,
-        {"map": test["map"], "ap": dict(zip(classes, test["ap"]))}, paper=PAPER, config=config,
-        device=str(device), seconds=time.time() - t0, history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
+        {"map": test["map"], "ap": dict(zip(classes, test["ap"])), "samples": test["samples"]},
+        paper=PAPER, config=config, device=str(device), seconds=time.time() - t0,
+        history=history) if is_main else None
     return results
 
 
@@ -850,7 +822,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"ssd.py: error: {data.error_line(e)}")
+    data.run_main(main, "ssd.py")

@@ -5,7 +5,7 @@ Real-Time Object Detection", CVPR 2016, arXiv:1506.02640.
     python yolo.py --data voc --backbone-weights runs/yolo-pre/backbone.pt --cuda  # detection
     python yolo.py --data voc --variant fast --cuda                     # Fast YOLO (9 convs)
     python yolo.py --data shapes-det --quick   # offline: shapes pretraining, then detection, CPU
-    python yolo.py --detect IMAGE --weights runs/yolo/checkpoint.pt --out runs/yolo-detect
+    python yolo.py --detect IMAGE --weights runs/yolo-voc/checkpoint.pt --out runs/yolo-detect
     torchrun --nproc_per_node=2 yolo.py --data voc                      # data-parallel
 
 Paper (Table 1, VOC 2007 test, trained on VOC2007+2012): YOLO 63.4 mAP at 45 fps, Fast YOLO
@@ -24,13 +24,12 @@ darknet's smallest (x, y, w, h) RMSE when every IoU is 0), the
 confidence target is that IoU, lambda_noobj=0.5 on the confidence of every other predictor,
 squared class-probability error in the cells holding an object; summed, divided by the batch size.
 Test: class score = P(class | object) x confidence (each clamped at 0: the outputs are linear),
-threshold, per-class NMS 0.5.
+threshold, per-class NMS at IoU 0.5.
 Departures: DEPARTURES, printed at start and stored in results.json.
 """
 import argparse
 import math
 import os
-import sys
 import time
 from collections import OrderedDict
 
@@ -254,7 +253,7 @@ def yolo_loss(pred, target, B, lambda_coord=5.0, lambda_noobj=0.5):
 
 
 @torch.no_grad()
-def decode(pred, B, img_size, conf_threshold=0.005, nms_threshold=0.5, top_k=100):
+def decode(pred, B, img_size, conf_threshold=0.005, nms_iou=0.5, top_k=100):
     """§2 test time: per image, every predictor x class gets the score P(class | object) x
     confidence (each clamped at 0); scores below the threshold are dropped, per-class NMS (torchvision batched_nms),
     the top_k best kept. Returns [{"boxes" (K, 4) XYXY in pixels of the img_size x img_size
@@ -275,7 +274,7 @@ def decode(pred, B, img_size, conf_threshold=0.005, nms_threshold=0.5, top_k=100
         bb, ss = b[idx], s[idx, cls]
         ok = (bb[:, 2] > bb[:, 0]) & (bb[:, 3] > bb[:, 1])                   # not empty
         bb, ss, cls = bb[ok], ss[ok], cls[ok]
-        keep = torchvision.ops.batched_nms(bb, ss, cls, nms_threshold)[:top_k]
+        keep = torchvision.ops.batched_nms(bb, ss, cls, nms_iou)[:top_k]
         out.append({"boxes": bb[keep], "scores": ss[keep], "labels": cls[keep]})
     return out
 
@@ -376,11 +375,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         n += len(x)
         progress.step(len(x) * args.world, terms["loss"].item(), optimizer.param_groups[0]["lr"],
                       epoch)
-    if args.world > 1:
-        t = torch.tensor([*sums.values(), n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        sums, n = dict(zip(sums, t[:-1].tolist())), t[-1].item()
-    return {k: v / max(n, 1) for k, v in sums.items()}
+    return {k: metrics.global_mean(v, n, device) for k, v in sums.items()}  # over every rank
 
 
 @torch.no_grad()
@@ -388,7 +383,7 @@ def predict(model, x, args, device, sizes, conf_threshold):
     """(raw output, detections) of a batch; boxes mapped back to each original image's pixels."""
     with data.autocast(device, args.amp):
         out = model(x.to(device)).float()
-    dets = decode(out, args.boxes, args.img_size, conf_threshold, args.nms_threshold, args.top_k)
+    dets = decode(out, args.boxes, args.img_size, conf_threshold, args.nms_iou, args.top_k)
     for d, (h, w) in zip(dets, sizes):
         scale = torch.tensor([w, h, w, h], device=out.device) / args.img_size
         d.update(boxes=(d["boxes"] * scale).cpu(), scores=d["scores"].cpu(),
@@ -399,8 +394,8 @@ def predict(model, x, args, device, sizes, conf_threshold):
 @torch.no_grad()
 def evaluate(model, loader, args, device, num_classes):
     """VOC AP per class and mAP (metrics.detection_map, 11-point VOC07 unless --voc12-ap) of the
-    detections above --conf-threshold on the original images; every rank evaluates the whole
-    test set (the loader is not sharded)."""
+    (unwrapped) model's detections above --conf-threshold on the original images: under
+    torchrun each rank evaluates its share and the detections and ground truths are gathered."""
     model.eval()
     dets, gts, loss, n = [], [], 0.0, 0
     for x, target, gt, sizes in loader:
@@ -408,8 +403,10 @@ def evaluate(model, loader, args, device, num_classes):
         loss += yolo_loss(out, target.to(device), args.boxes, args.lambda_coord,
                           args.lambda_noobj)["loss"].item() * len(x)
         n, dets, gts = n + len(x), dets + d, gts + gt
+    dets, gts = data.gather_shards(dets, gts)
     r = metrics.detection_map(dets, gts, num_classes, use_07_metric=not args.voc12_ap)
-    return {"map": r["map"], "ap": r["ap"], "num_gt": r["num_gt"], "test_loss": loss / max(n, 1),
+    return {"map": r["map"], "ap": r["ap"], "num_gt": r["num_gt"],
+            "test_loss": metrics.global_mean(loss, n, device), "samples": len(dets),
             "detections_per_image": sum(len(d["scores"]) for d in dets) / max(len(dets), 1)}
 
 
@@ -425,16 +422,14 @@ def pretrain(args, device, rank):
     """§2.2: the backbone (first 20 convolutions of the full net), average-pooling and a fully
     connected layer trained for classification at --pretrain-size (224 on ImageNet); SGD with
     momentum and weight decay, cosine lr decay (the paper gives no pretraining schedule).
-    Writes OUT/backbone.pt for --backbone-weights and OUT/results.json (top-1 error)."""
+    Writes OUT/backbone.pt for --backbone-weights and OUT/results.json (top-1 error); None
+    after --stop-after."""
     t0, is_main = time.time(), rank == 0
     data.check_task(args.pretrain, "classification")
     train_loader, _, test_loader, info = data.classification_loaders(
         args.pretrain, args.batch_size // args.world, device, args.data_dir, not args.no_download,
-        args.quick, args.seed, workers=args.workers, size=args.pretrain_size)
-    for loader in (train_loader, test_loader) if args.limit else ():  # in-memory sets only
-        if isinstance(loader, data.DeviceLoader):
-            loader.images, loader.labels = loader.images[:args.limit], loader.labels[:args.limit]
-            loader.dataset = loader.images
+        args.quick, args.seed, workers=args.workers, size=args.pretrain_size, limit=args.limit)
+    train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
     yolo = YOLO(args.variant, 1, args.grid, args.boxes, args.width, args.img_size, args.bn,
                 dropped=args.drop_strides)
     model = Classifier(yolo.backbone, yolo.backbone_channels, len(info["classes"])).to(device)
@@ -447,7 +442,7 @@ def pretrain(args, device, rank):
     start, history = 0, []
     if args.resume:
         start, history = data.resume_training_state(ckpt, arch, model, optimizer, scheduler, scaler)
-    net = model if args.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    net = data.wrap(model, args)
     progress = metrics.Progress(len(train_loader), args.epochs, args.log_every, start, is_main,
                                 model=model)
     for epoch in range(start, args.epochs):
@@ -463,28 +458,32 @@ def pretrain(args, device, rank):
             progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
         scheduler.step()
         history.append({"epoch": epoch + 1, "train_loss": loss.item()})
-        if is_main:
-            data.save_training_state(ckpt, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history)
+        data.save_training_state(ckpt, arch, model, optimizer, scheduler, scaler, epoch,
+                                 vars(args), history)
+        if args.stop_after is not None and epoch + 1 >= args.stop_after:
+            return None
+    # The test split, each rank its share (gathered), with the unwrapped model.
     model.eval()
     with torch.no_grad():
         outs = [(model(x.to(device)).float().cpu(), y.cpu()) for x, y in test_loader]
-    err = metrics.error_rate(torch.cat([o for o, _ in outs]), torch.cat([y for _, y in outs]))
+    out, y = data.gather_shards(torch.cat([o for o, _ in outs]), torch.cat([y for _, y in outs]))
+    test = metrics.classification_report(out, y, len(info["classes"]))
     results = None
     if is_main:
         data.save_checkpoint(os.path.join(args.out, "backbone.pt"),
                              {"arch": arch_name(args, True), "model": yolo.backbone.state_dict()})
-        print(f"pretraining top-1 error {100 * err:.2f}%; backbone written to "
+        print(f"pretraining top-1 error {100 * test['test_error']:.2f}% "
+              f"({test['errors']}/{test['samples']}); backbone written to "
               f"{os.path.join(args.out, 'backbone.pt')}")
         results = metrics.write_results(
-            os.path.join(args.out, "results.json"), "yolo.py", args.pretrain,
-            {"test_error": err}, paper=PAPER, config={**vars(args), "arch": arch}, device=str(device),
-            seconds=time.time() - t0, history=history)
+            os.path.join(args.out, "results.json"), "yolo.py", args.pretrain, test, paper=PAPER,
+            config={**vars(args), "arch": arch}, device=str(device), seconds=time.time() - t0,
+            history=history)
     return results
 
 
 def detect(args, device):
-    """--detect IMAGE: the boxes above --show-threshold drawn with class names and scores into
+    """--detect IMAGE: the boxes above --score-threshold drawn with class names and scores into
     OUT/<stem>_detections.png, one line printed per box. The network's shape (variant, width,
     img-size, grid, boxes, bn) and the class names come from the checkpoint when it holds them."""
     if not args.weights:
@@ -501,7 +500,7 @@ def detect(args, device):
     image = data.load_image(args.detect)
     h, w = image.shape[-2:]
     x = train_transforms(args.img_size, False)(image)[None]
-    _, (d,) = predict(model.eval(), x, args, device, [(h, w)], args.show_threshold)
+    _, (d,) = predict(model.eval(), x, args, device, [(h, w)], args.score_threshold)
     names = [f"{classes[k]} {s:.2f}" for k, s in zip(d["labels"].tolist(), d["scores"].tolist())]
     for name, box in zip(names, d["boxes"].tolist()):
         print(f"{name} box ({box[0]:.1f}, {box[1]:.1f}, {box[2]:.1f}, {box[3]:.1f})")
@@ -521,11 +520,11 @@ def detect(args, device):
 def get_args_parser():
     p = data.ArgumentParser(description="YOLO v1 (Redmon et al. 2016): one-shot detection on "
                                 "Pascal VOC or the synthetic shapes-det set.")
-    p.add_argument("--data", default="voc", help="voc | shapes-det (default: voc)")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
-    p.add_argument("--data-size", type=int, default=64, help="shapes-det image size (default 64)")
+    g = data.add_data_args(p, "voc", "voc | shapes-det")
+    g.add_argument("--data-size", type=int, default=64,
+                   help="shapes-det: side at which the synthetic images are rendered (default: 64)")
+    g.add_argument("--limit", type=int, default=None,
+                   help="use only the first N training and test images (smoke runs, tests)")
     p.add_argument("--variant", default=None, choices=["full", "fast"],
                    help=f"YOLO (24 convs, Fig. 3) or Fast YOLO (9 convs) (default: full; "
                    f"{QUICK['variant']} with --quick)")
@@ -563,9 +562,11 @@ def get_args_parser():
                    help="§2.2's scaling/translation/HSV jitter (default: on)")
     p.add_argument("--conf-threshold", type=float, default=0.005,
                    help="class-score threshold for the mAP (default: 0.005)")
-    p.add_argument("--show-threshold", type=float, default=0.2,
-                   help="class-score threshold for --detect (default: 0.2)")
-    p.add_argument("--nms-threshold", type=float, default=0.5, help="NMS IoU (default: 0.5)")
+    p.add_argument("--score-threshold", type=float, default=0.2,
+                   help="lowest class score drawn by --detect (default: 0.2)")
+    p.add_argument("--nms-iou", type=float, default=0.5,
+                   help="per-class NMS drops a box overlapping a higher-scored one by more than "
+                   "this IoU, at test and --detect (default: 0.5, §2)")
     p.add_argument("--top-k", type=int, default=100, help="detections kept per image (default 100)")
     p.add_argument("--voc12-ap", action="store_true",
                    help="area under the PR curve (VOC2010+) instead of VOC07's 11-point AP")
@@ -584,30 +585,11 @@ def get_args_parser():
                    help="peak lr of --pretrain-epochs (default: 2e-2)")
     p.add_argument("--detect", default=None, metavar="IMAGE",
                    help="draw the detections of --weights on IMAGE into OUT")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=None,
-                   help="loader processes (default: 4 for voc, 0 for shapes-det)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default="runs/yolo", help="results.json and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true",
-                   help="(no published PyTorch YOLO v1 weights: an error; see --backbone-weights)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true",
-                   help="shapes-det on a CPU in minutes: Fast YOLO, width 1/4, 64 px, S=4, shapes "
-                   "pretraining then detection (see QUICK and DEPARTURES)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N training and test images (smoke runs, tests)")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs as if killed (to test --resume)")
+    data.add_runtime_args(
+        p, "shapes-det on a CPU in minutes: Fast YOLO, width 1/4, 64 px, S=4, shapes pretraining "
+        "then detection (see QUICK and DEPARTURES)", workers=None,
+        workers_help="DataLoader processes (default: 4 for voc, 0 for shapes-det)", log_every=50,
+        pretrained_help="(no published PyTorch YOLO v1 weights: an error; see --backbone-weights)")
     return p
 
 
@@ -642,18 +624,17 @@ def main(argv=None):
         raise data.DataError(f"--pretrain-epochs {args.pretrain_epochs}: must be >= 0")
     t0 = time.time()
     resolve_defaults(args)
-    device = data.select_device(args.device, args.cuda)
-    if args.detect:
-        return detect(args, device)
+    if args.detect:  # draws into --out (default runs/yolo-DATA), a run's own folder included
+        args.out = args.out or os.path.join("runs", f"yolo-{args.data}")
+        return detect(args, data.select_device(args.device, args.cuda))
     if not args.pretrain:
         data.check_task(args.data, "detection")
-    data.start_run(args)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
-    if args.batch_size % args.world:
+    device, rank, world, is_main = data.setup(args, "yolo.py")
+    if args.dry_run and args.pretrain_epochs:  # both stages, each 1 epoch of 2 steps
+        args.pretrain_epochs = 1
+    if args.batch_size % world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
-                             f"{args.world} processes")
+                             f"{world} processes")
     if args.pretrain:
         return pretrain(args, device, rank)
     if args.pretrain_epochs and not (args.backbone_weights or args.weights or args.resume or
@@ -667,16 +648,16 @@ def main(argv=None):
                                     "pretrain_size": args.data_size if args.data == "shapes-det"
                                     else args.pretrain_size, "stop_after": None})
         pretrain(pre, device, rank)
-        if args.world > 1:
+        if world > 1:
             torch.distributed.barrier()  # the main rank has written backbone.pt
         args.backbone_weights = os.path.join(pre.out, "backbone.pt")
 
     # Data: per-sample v2 transforms (boxes follow), targets encoded in the loader.
     train_set, test_set, classes = detection_sets(args, args.grid)
-    train_loader = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
+    train_loader = data.make_loader(train_set, args.batch_size // world, True, args.workers,
                                     device, collate_fn=collate, seed=args.seed)
-    test_loader = data.make_loader(test_set, 64, False, args.workers, device, collate_fn=collate,
-                                   shard=False)
+    test_loader = data.make_loader(test_set, 64, False, args.workers, device, collate_fn=collate)
+    train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
     model = YOLO(args.variant, len(classes), args.grid, args.boxes, args.width, args.img_size,
                  args.bn, args.dropout, args.drop_strides).to(device)
@@ -702,7 +683,7 @@ def main(argv=None):
     if is_main:
         print(f"yolo.py: {arch} on {args.data} ({len(train_set)} train / {len(test_set)} test) at "
               f"{args.img_size}, S={args.grid} B={args.boxes} C={len(classes)}, "
-              f"{config['parameters']:,} parameters, device {device}, {args.world} process(es)")
+              f"{config['parameters']:,} parameters, device {device}, {world} process(es)")
         for d in DEPARTURES:
             print(f"  departure from the paper: {d}")
 
@@ -713,11 +694,7 @@ def main(argv=None):
                                                           scheduler, scaler)
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
-    net = model
-    if args.world > 1:  # BN statistics (--bn) stay per process: each rank normalises its share
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    net = data.wrap(model, args)  # BN statistics (--bn) stay per process under torchrun
 
     seen, t_train = 0, time.time()
     if not args.eval_only:
@@ -736,8 +713,8 @@ def main(argv=None):
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} " +
                       " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes))
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -745,15 +722,14 @@ def main(argv=None):
     test = evaluate(model, test_loader, args, device, len(classes))
     test["train_images_per_s"] = seen / max(t_train, 1e-9)  # includes data loading
     if is_main:
-        print(f"test mAP {100 * test['map']:.2f}% ({config['ap_metric']}), " + ", ".join(
-            f"{c} {100 * a:.1f}" for c, a in zip(classes, test["ap"]) if a == a))
+        print(f"test mAP {100 * test['map']:.2f}% ({config['ap_metric']}, {test['samples']} "
+              f"images), " + ", ".join(f"{c} {100 * a:.1f}"
+                                       for c, a in zip(classes, test["ap"]) if a == a))
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "yolo.py", args.data, test,
         paper={**PAPER, "map": PAPER["fast_map" if args.variant == "fast" else "map"]},
         config=config, device=str(device), seconds=time.time() - t0,
         history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -781,7 +757,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"yolo.py: error: {data.error_line(e)}")
+    data.run_main(main, "yolo.py")

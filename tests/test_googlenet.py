@@ -320,3 +320,25 @@ def test_polyak_averaging_is_on_for_imagenet_and_off_for_short_runs():
     assert polyak("--data", "shapes", "--polyak", "0.9") == 0.9
     with pytest.raises(googlenet.data.DataError, match="decay must be in"):
         polyak("--data", "shapes", "--polyak", "1.5")
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):
+    # The paper's settings (the torchvision layout at full width with both auxiliary heads, lr
+    # 0.1, 90 epochs cut to 1 of 2 steps, the batch cut to 2) on shapes; the test is 2 batches of
+    # 250. Two departures for CPU-test time, neither in the network: --img-size 16 (--quick's)
+    # instead of 32, since 500 test images at 32x32 through the full-width net cost ~4x as much,
+    # and --limit 600, since rendering the whole set (12,000 images) would take longer than the
+    # run; 600 test images still show the cut to 500.
+    out = tmp_path / "dry"
+    results = googlenet.main(["--data", "shapes", "--device", "cpu", "--dry-run", "--batch-size",
+                              "2", "--img-size", "16", "--limit", "600", "--out", str(out),
+                              "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert re.search(r"^test_error .* \(\d+/500, 1 crop\(s\)\)", said, re.M)  # 2 batches of 250
+    config = results["config"]
+    assert config["dry_run"] is True and config["epochs"] == 1 and config["sizes"]["test"] == 600
+    assert (config["arch"], config["width"], config["lr"]) == ("googlenet", 1.0, 0.1)
+    state = data.load_checkpoint(str(out / "checkpoint.pt"), "googlenet")
+    assert state["epoch"] == 0 and len(state["history"]) == 1
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True

@@ -2,6 +2,7 @@
 comparison runs, and main() end to end."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torchvision
 
 import alexnet
+import data
 import monster_finetune as mf
 from conftest import command
 
@@ -143,3 +145,36 @@ def test_at_init_output_depends_on_input_and_eval_mode_learns():
     x, y = shapes_batch(16, 32)
     torch.manual_seed(0)
     assert_learns_in_eval_mode(mf.Monster(4, 16, 6, 64, 32), x, y, 40, 0.01, 0.6)
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):
+    # The lecture's network (16 blocks of 64) and recipe from a random first layer (--scratch:
+    # no frozen stage), 100 epochs cut to 1 of 2 steps, batch 2, on shapes; the test is 2
+    # batches of 500. --limit 1200: rendering the whole set (12,000 images) would take longer
+    # than the run; 1,200 test images still show the cut to 1,000.
+    out = tmp_path / "dry"
+    results = mf.main(["--data", "shapes", "--scratch", "--device", "cpu", "--dry-run",
+                       "--batch-size", "2", "--limit", "1200", "--out", str(out),
+                       "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert re.search(r"^test_error [\d.]+% \(\d+/1000\)$", said, re.M)
+    config = results["config"]
+    assert config["dry_run"] is True and (config["epochs"], config["frozen_epochs"]) == (1, 0)
+    assert (config["blocks"], config["channels"], config["sizes"]["test"]) == (16, 64, 1200)
+    state = data.load_checkpoint(str(out / "checkpoint.pt"), "monster")
+    assert state["epoch"] == 0 and [h["frozen"] for h in state["history"]] == [False]
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
+
+
+def test_dry_run_of_a_fine_tuning_run_takes_both_stages(tmp_path, capsys):
+    # From a trained AlexNet the run has two stages (frozen for half of the epochs, then
+    # fine-tuned): the dry run takes 2 steps of each. A small net: this checks the stages only.
+    _, tv_path, _, _ = save_alexnets(tmp_path)
+    results = mf.main(["--data", "shapes", "--alexnet-weights", tv_path, "--device", "cpu",
+                       "--dry-run", "--batch-size", "2", "--blocks", "1", "--channels", "8",
+                       "--limit", "600", "--out", str(tmp_path / "dry"), "--log-every", "1"])
+    steps = re.findall(r"^epoch (\d)/2 step (\d+)/2 ", capsys.readouterr().out, re.M)
+    assert steps == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert [h["frozen"] for h in results["history"]] == [True, False]
+    assert (results["config"]["epochs"], results["config"]["frozen_epochs"]) == (2, 1)

@@ -5,6 +5,7 @@ decimation, inference, resume, torchrun, the real VOC path, --detect and bad inp
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -15,10 +16,10 @@ from PIL import Image
 
 import data
 import ssd
-from conftest import command, ddp_result, write_voc
+from conftest import command, ddp_result, ddp_results_json, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--device", "cpu", "--size", "32", "--width", "0.0625", "--log-every", "1000"]
+TINY = ["--device", "cpu", "--img-size", "32", "--width", "0.0625", "--log-every", "1000"]
 
 
 def test_ssd300_default_boxes_count_and_first_cells_by_hand():
@@ -269,11 +270,32 @@ def test_kill_and_resume_equals_an_uninterrupted_run_and_detect(tmp_path, capsys
     ckpt = str(tmp_path / "full" / "checkpoint.pt")
     capsys.readouterr()
     r = ssd.main(["--detect", path, "--weights", ckpt, "--out", str(tmp_path / "det"),
-                  "--device", "cpu", "--detect-threshold", "0"])
+                  "--device", "cpu", "--score-threshold", "0"])
     assert os.path.exists(str(tmp_path / "det" / "shapes_detections.png"))
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(r["scores"]) + 1 and 0 < len(r["scores"]) <= 200
     assert r["boxes"].max() <= 48 and lines[-1].endswith("shapes_detections.png")
+    # --nms-iou reaches the NMS: at IoU 1 nothing is suppressed
+    kept = ssd.main(["--detect", path, "--weights", ckpt, "--out", str(tmp_path / "det"),
+                     "--device", "cpu", "--score-threshold", "0", "--nms-iou", "1"])
+    assert len(kept["scores"]) > len(r["scores"])
+
+
+def test_model_settings_come_from_the_checkpoint_unless_given():
+    parse = ssd.get_args_parser().parse_args
+    args = parse(["--data", "shapes-det"])
+    ssd.resolve_defaults(args, {"img_size": 96, "width": 0.25, "bn": True, "box_scales": "paper",
+                                "data_size": 48})
+    assert (args.img_size, args.width, args.bn, args.box_scales) == (96, 0.25, True, "paper")
+    assert args.data_size == 64  # the data are the run's own, not the checkpoint's
+    args = parse(["--img-size", "128"])
+    ssd.resolve_defaults(args, {"img_size": 96})
+    assert args.img_size == 128
+    # a checkpoint from before the renames: its --size was the input side, its img_size the
+    # render size
+    args = parse([])
+    ssd.resolve_defaults(args, {"size": 300, "img_size": 64})
+    assert args.img_size == 300
 
 
 def test_real_voc_path_on_tiny_files(tmp_path):
@@ -287,7 +309,8 @@ def test_real_voc_path_on_tiny_files(tmp_path):
     r = ssd.main(["--data", "voc", "--data-dir", str(tmp_path), "--no-download", "--out", out,
                   "--epochs", "1", "--batch-size", "2", "--workers", "0", *TINY])
     m = r["metrics"]
-    assert set(m) == {"map", "ap"} and list(m["ap"]) == list(data.VOC_CLASSES)
+    assert set(m) == {"map", "ap", "samples"} and list(m["ap"]) == list(data.VOC_CLASSES)
+    assert m["samples"] == 3
     assert r["config"]["default_boxes"] == len(ssd.SSD(20, 32, 0.0625).anchors)
     assert r["config"]["train_difficult"] is True  # the release's use_difficult_gt
     # AP only for classes with non-difficult boxes in the test set: dog and car
@@ -333,7 +356,7 @@ def test_overfit_one_batch_and_learn_above_chance(tmp_path):
     model = ssd.SSD(6, 64, 0.25, bn=True)
     targets = [{"boxes": g["boxes"] / 64, "labels": g["labels"]} for g in gts]
     cls, off = ssd.build_targets(targets, model.anchors)
-    args = type("A", (), {"amp": False})()
+    args = type("A", (), {"amp": False, "nms_iou": ssd.NMS_IOU})()
 
     def batch_map():
         model.eval()
@@ -362,21 +385,25 @@ def metrics_map(dets, gts):
 
 
 SSD_DDP = ["--data", "shapes-det", "--limit", "8", "--batch-size", "8", "--epochs", "1",
-           "--augment", "none", "--lr", "0.01", "--workers", "0", "--stop-after", "1", *TINY]
+           "--augment", "none", "--lr", "0.01", "--workers", "0", *TINY]
 
 
 @pytest.mark.slow
 @pytest.mark.ddp("ssd", "ssd", SSD_DDP)
 def test_torchrun_two_processes_equal_one_process(tmp_path, ddp_runs):
     # One step on the same global batch of 8 (the whole --limit 8 set, no augmentation, no BN):
-    # the global positive count normalises both, so the weights agree.
-    ssd.main([*SSD_DDP, "--out", str(tmp_path / "one")])
+    # the global positive count normalises both, so the weights agree; then each process
+    # evaluates 4 of the 8 test images and the gathered detections give one process's mAP.
+    one = ssd.main([*SSD_DDP, "--out", str(tmp_path / "one")])
     a = torch.load(str(tmp_path / "one" / "checkpoint.pt"), weights_only=True)
     b = torch.load(str(ddp_result(ddp_runs, "ssd") / "checkpoint.pt"), weights_only=True)
     assert b["args"]["world"] == 2
     assert abs(a["history"][0]["train_loss"] - b["history"][0]["train_loss"]) < 1e-4
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+    two = ddp_results_json(ddp_runs, "ssd")["metrics"]
+    assert one["metrics"]["samples"] == two["samples"] == 8
+    assert two["map"] == pytest.approx(one["metrics"]["map"], abs=1e-4)
 
 
 def test_paper_augmentation_is_seeded_per_epoch_and_image_and_boxes_follow():
@@ -399,3 +426,24 @@ def test_paper_augmentation_is_seeded_per_epoch_and_image_and_boxes_follow():
     plain = ssd.train_transforms(32, data.IMAGENET_MEAN, data.IMAGENET_STD, kind="none")
     image, target = ds[0]
     assert torch.allclose(plain(image, target)[1]["boxes"], target["boxes"] / 2)
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):
+    # The paper's settings (VGG-16 at width 1 without BN, SGD at 1e-3, the paper's augmentation,
+    # 232 epochs, batch 32 -> 2) cut to 1 epoch of 2 steps and 2 test batches of 32. Input 96 px
+    # (--quick's), not 300: SSD300's dry run costs ~110 CPU seconds on this 2-core CPU (about a
+    # minute with both cores, two thirds of it the 64 test images).
+    # At 96 the extra layers are the reduced ones (halving the map to 1x1: maps 12, 6, 3, 2, 1);
+    # the VGG-16 base, conv6/conv7, L2Norm and the heads are the paper's.
+    out = tmp_path / "dry"
+    r = ssd.main(["--data", "shapes-det", "--img-size", "96", "--batch-size", "2", "--device",
+                  "cpu", "--dry-run", "--out", str(out), "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert r["metrics"]["samples"] == 2 * 32 and re.search(r"^map .*, 64 images, ", said, re.M)
+    assert r["config"]["dry_run"] is True and r["config"]["epochs"] == 1
+    assert (r["config"]["width"], r["config"]["bn"], r["config"]["augment"]) == (1.0, False,
+                                                                                 "paper")
+    assert r["config"]["data_size"] == 64 and r["config"]["maps"] == [12, 6, 3, 2, 1]
+    assert data.load_checkpoint(str(out / "checkpoint.pt"), "ssd96")["epoch"] == 0
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True

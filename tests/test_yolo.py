@@ -5,6 +5,7 @@ one-line errors and a learning test."""
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 
 import data
 import yolo
-from conftest import command, write_voc
+from conftest import command, ddp_results_json, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny configuration for end-to-end runs: --quick's network (Fast YOLO, 2 strides dropped) at
@@ -200,14 +201,20 @@ def test_inference_scores_and_nms_remove_a_duplicate():
     pred[0, 0, 1, 5:10] = torch.tensor([0.02, 0.5, 0.6, 0.6, 0.8])
     pred[0, 0, 0, 10:] = torch.tensor([0.1, 0.8, 0.1])
     pred[0, 0, 1, 10:] = torch.tensor([0.1, 0.7, 0.2])
-    (d,) = yolo.decode(pred, B, 100, conf_threshold=0.1, nms_threshold=0.5)
+    (d,) = yolo.decode(pred, B, 100, conf_threshold=0.1, nms_iou=0.5)
     # class scores = P(class | object) x confidence: 0.72 (kept), 0.56 (suppressed), and the
     # class-2 score 0.16 of the second box survives (NMS is per class); 0.09, 0.08 < 0.1.
     assert d["labels"].tolist() == [1, 2]
     assert torch.allclose(d["scores"], torch.tensor([0.72, 0.16]))
     assert torch.allclose(d["boxes"][0], torch.tensor([32.0, 7.0, 68.0, 43.0]), atol=1e-4)
-    (d,) = yolo.decode(pred, B, 100, conf_threshold=0.1, nms_threshold=1.0)
+    (d,) = yolo.decode(pred, B, 100, conf_threshold=0.1, nms_iou=1.0)
     assert len(d["scores"]) == 3  # without suppression the duplicate is there
+    # the test and --detect take the IoU from --nms-iou (predict, as the parser gives it)
+    for iou, n in (("0.5", 2), ("1", 3)):
+        args = yolo.get_args_parser().parse_args(["--nms-iou", iou, "--img-size", "100"])
+        _, (d,) = yolo.predict(lambda x: pred, torch.zeros(1), args, torch.device("cpu"),
+                               [(100, 100)], 0.1)
+        assert len(d["scores"]) == n
 
 
 def test_lr_schedule_fractions():
@@ -252,7 +259,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     path = str(tmp_path / "shape.png")
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
     out = yolo.main(["--detect", path, "--weights", os.path.join(a, "checkpoint.pt"), "--out",
-                     str(tmp_path / "det"), "--show-threshold", "0", "--device", "cpu"])
+                     str(tmp_path / "det"), "--score-threshold", "0", "--device", "cpu"])
     assert os.path.isfile(tmp_path / "det" / "shape_detections.png")
     assert 0 < len(out["scores"]) <= 100 and out["boxes"].shape[1] == 4
 
@@ -332,3 +339,60 @@ def test_bad_input_is_a_one_line_error(tmp_path):
                          "not found")):
         with pytest.raises(data.DataError, match=words):
             yolo.main(TINY + argv + ["--out", str(tmp_path / "bad")])
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):
+    # The paper's settings (the full network at width 1, S=7, SGD, 135 epochs, batch 64 -> 2)
+    # cut to 1 epoch of 2 steps and 2 test batches of 64. Input 64 px (the rendered size: a 1 x 1
+    # last map, fc1 1024 -> 4096), not the paper's 448: there fc1 (7 x 7 x 1024 -> 4096, 205M
+    # weights) and the convolutions make the 2 training steps alone take 65 s on this 2-core
+    # CPU (measured) and the 128 test images several minutes.
+    out = tmp_path / "dry"
+    r = yolo.main(["--data", "shapes-det", "--img-size", "64", "--batch-size", "2", "--device",
+                   "cpu", "--dry-run", "--out", str(out), "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert r["metrics"]["samples"] == 2 * 64 and re.search(r"^test mAP .*, 128 images\)", said,
+                                                           re.M)
+    assert r["config"]["dry_run"] is True and r["config"]["epochs"] == 1
+    assert (r["config"]["variant"], r["config"]["width"], r["config"]["grid"]) == ("full", 1, 7)
+    assert data.load_checkpoint(str(out / "checkpoint.pt"), "yolo-full-w1")["epoch"] == 0
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
+
+
+def test_dry_run_cuts_every_stage_to_one_epoch_of_two_steps(tmp_path, capsys):
+    # --pretrain-epochs chains §2.2's pre-training before detection: under --dry-run both stages
+    # run, each for 1 epoch of 2 steps (the tiny network: the stages, not the sizes, are tested).
+    out = tmp_path / "dry"
+    r = yolo.main(TINY + ["--pretrain-epochs", "5", "--epochs", "3", "--dry-run", "--out",
+                          str(out), "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")] * 2
+    pre = json.loads((out / "pretrain" / "results.json").read_text())
+    assert pre["config"]["dry_run"] is True and pre["config"]["epochs"] == 1
+    assert data.load_checkpoint(str(out / "pretrain" / "checkpoint.pt"),
+                                "yolo-fast-w0.0625-bn-pretrain")["epoch"] == 0
+    assert (r["config"]["pretrain_epochs"], r["config"]["epochs"]) == (1, 1)
+    assert r["config"]["backbone_weights"] == str(out / "pretrain" / "backbone.pt")
+
+
+# One step on the same global batch (the whole --limit 8 set), without batch norm, augmentation
+# or dropout, so that 2 processes and 1 train the same weights.
+YOLO_DDP = TINY + ["--limit", "8", "--batch-size", "8", "--epochs", "1", "--no-bn",
+                   "--no-augment", "--workers", "0"]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp("yolo", "yolo", YOLO_DDP)
+def test_torchrun_two_processes_equal_one_process(tmp_path, ddp_runs):
+    # Each process evaluates 4 of the 8 test images; the gathered detections and ground truths
+    # give one process's mAP, box counts and test loss.
+    one = yolo.main(YOLO_DDP + ["--out", str(tmp_path / "one")])
+    two = ddp_results_json(ddp_runs, "yolo")
+    assert two["history"][0]["train_loss"] == pytest.approx(one["history"][0]["train_loss"],
+                                                            rel=1e-5)
+    m1, m2 = one["metrics"], two["metrics"]
+    assert m1["samples"] == m2["samples"] == 8 and m1["num_gt"] == m2["num_gt"]
+    assert m2["map"] == pytest.approx(m1["map"], abs=1e-4)
+    assert m2["test_loss"] == pytest.approx(m1["test_loss"], rel=1e-4)
+    assert m2["detections_per_image"] == pytest.approx(m1["detections_per_image"], abs=0.2)
