@@ -741,6 +741,53 @@ def parse_voc_xml(path, classes=VOC_CLASSES):
             "names": names, "size": (width, height)}
 
 
+class ImageNetBoxes(Dataset):
+    """ILSVRC-2012 localisation: the images of imagenet_dataset (DIR/imagenet/{train,val}/
+    <wnid>/*.JPEG: torchvision's ImageNet layout, whose devkit step sorts val into class folders)
+    with the boxes of the ILSVRC XML files (VOC's format: annotation/size, object/name = a wnid,
+    object/bndbox/xmin ymin xmax ymax, read by parse_voc_xml as 1-based corners) found in
+    DIR/imagenet/bbox/{train,val}/, per class (<wnid>/<stem>.xml, as the train box archive
+    unpacks) or flat (<stem>.xml, as the val one). Names map to class indices in the order of
+    imagenet_dataset (sorted wnids). Train keeps the images that have boxes (ILSVRC boxes a
+    subset of them); in val every image must have its file."""
+
+    def __init__(self, split, data_dir=None, transforms=None):
+        base = imagenet_dataset(split, data_dir)
+        self.classes, self.transforms = list(base.classes), transforms
+        folder = "train" if split == "train" else "val"
+        root = os.path.join(data_dir or default_data_dir(), "imagenet", "bbox", folder)
+        if not os.path.isdir(root):
+            raise DataError(f"ImageNet bounding boxes not found: put the ILSVRC {folder} "
+                                 f"XML files in {root} (<wnid>/<image>.xml or <image>.xml)")
+        self.samples = []
+        for path, label in base.samples:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            found = [p for p in (os.path.join(root, self.classes[label], stem + ".xml"),
+                                 os.path.join(root, stem + ".xml")) if os.path.isfile(p)]
+            if found:
+                self.samples.append((path, found[0]))
+            elif split != "train":
+                raise DataError(f"no bounding-box file for {path} in {root}; every "
+                                     f"validation image needs {stem}.xml")
+        if not self.samples:
+            raise DataError(f"no bounding-box XML in {root} matches an image of "
+                                 f"{os.path.dirname(os.path.dirname(base.samples[0][0]))}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, xml = self.samples[i]
+        image = load_image(path)
+        ann = parse_voc_xml(xml, self.classes)
+        if not len(ann["labels"]):
+            raise DataError(f"{xml} holds no object box; fix or remove the file")
+        target = {"boxes": tv_tensors.BoundingBoxes(ann["boxes"], format="XYXY",
+                                                    canvas_size=image.shape[-2:]),
+                  "labels": ann["labels"], "difficult": ann["difficult"], "image_id": i}
+        return self.transforms(image, target) if self.transforms else (image, target)
+
+
 def _voc_files(root, year, image_set, task, download):
     """(image paths, annotation paths) of one VOC split, downloading it with torchvision when absent."""
     cls = torchvision.datasets.VOCDetection if task == "detection" else \

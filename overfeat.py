@@ -36,7 +36,7 @@ at 6 scales; the last max-pooling is done at every offset (dx, dy) in {0..k-1}^2
 over space and averaged over scales and mirrors (`dense_evaluate`).
 Localisation (§4): features frozen, a regression head (2 hidden layers, 4 outputs: the box edges
 relative to each location) trained with an l2 loss at several scales; the boxes of all locations
-and scales are merged greedily (§4.3, `greedy_merge`). ImageNet boxes: `ImageNetBoxes` (layout
+and scales are merged greedily (§4.3, `greedy_merge`). ImageNet boxes: `data.ImageNetBoxes` (layout
 in its docstring). Detection (§5): the same net with C + 1 outputs (the last is background),
 trained on windows cut from the scenes, one positive and one random or "most offending" negative
 per scene (`window_batches`); tested densely at 5 scales, a box per location from the regressor,
@@ -727,59 +727,12 @@ def list_collate(batch):
     return [im for im, _ in batch], torch.tensor([y for _, y in batch])
 
 
-class ImageNetBoxes(torch.utils.data.Dataset):
-    """ILSVRC-2012 localisation: the images of data.imagenet_dataset (DIR/imagenet/{train,val}/
-    <wnid>/*.JPEG: torchvision's ImageNet layout, whose devkit step sorts val into class folders)
-    with the boxes of the ILSVRC XML files (VOC's format: annotation/size, object/name = a wnid,
-    object/bndbox/xmin ymin xmax ymax, read by data.parse_voc_xml as 1-based corners) found in
-    DIR/imagenet/bbox/{train,val}/, per class (<wnid>/<stem>.xml, as the train box archive
-    unpacks) or flat (<stem>.xml, as the val one). Names map to class indices in the order of
-    data.imagenet_dataset (sorted wnids). Train keeps the images that have boxes (ILSVRC boxes a
-    subset of them); in val every image must have its file."""
-
-    def __init__(self, split, data_dir=None, transforms=None):
-        base = data.imagenet_dataset(split, data_dir)
-        self.classes, self.transforms = list(base.classes), transforms
-        folder = "train" if split == "train" else "val"
-        root = os.path.join(data_dir or data.default_data_dir(), "imagenet", "bbox", folder)
-        if not os.path.isdir(root):
-            raise data.DataError(f"ImageNet bounding boxes not found: put the ILSVRC {folder} "
-                                 f"XML files in {root} (<wnid>/<image>.xml or <image>.xml)")
-        self.samples = []
-        for path, label in base.samples:
-            stem = os.path.splitext(os.path.basename(path))[0]
-            found = [p for p in (os.path.join(root, self.classes[label], stem + ".xml"),
-                                 os.path.join(root, stem + ".xml")) if os.path.isfile(p)]
-            if found:
-                self.samples.append((path, found[0]))
-            elif split != "train":
-                raise data.DataError(f"no bounding-box file for {path} in {root}; every "
-                                     f"validation image needs {stem}.xml")
-        if not self.samples:
-            raise data.DataError(f"no bounding-box XML in {root} matches an image of "
-                                 f"{os.path.dirname(os.path.dirname(base.samples[0][0]))}")
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, xml = self.samples[i]
-        image = data.load_image(path)
-        ann = data.parse_voc_xml(xml, self.classes)
-        if not len(ann["labels"]):
-            raise data.DataError(f"{xml} holds no object box; fix or remove the file")
-        target = {"boxes": tv_tensors.BoundingBoxes(ann["boxes"], format="XYXY",
-                                                    canvas_size=image.shape[-2:]),
-                  "labels": ann["labels"], "difficult": ann["difficult"], "image_id": i}
-        return self.transforms(image, target) if self.transforms else (image, target)
-
-
 def detection_arrays(split, args):
     """Localisation sets in memory: images uint8 (N, 3, S, S) (shapes-det as rendered, S = 64;
     imagenet resized to S = 256 squares, boxes following), the largest object's box (N, 4) and
     class (N,) (the localisation target, as ILSVRC's one object per image), all ground truths."""
     if args.data == "imagenet":
-        ds = ImageNetBoxes(split, args.data_dir, v2.Resize((256, 256), antialias=True))
+        ds = data.ImageNetBoxes(split, args.data_dir, v2.Resize((256, 256), antialias=True))
         if args.quick:  # a fixed small subset, as data.classification_dataset's
             keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:2000]
             ds.samples = [ds.samples[i] for i in keep.sort().values.tolist()]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import data
 import overfeat
 from conftest import command
 
@@ -565,7 +566,7 @@ def test_imagenet_box_xml_loader_and_localisation_run(tmp_path):
     # written second); a quick localisation run over these files; corrupt / missing XML -> a
     # one-line DataError.
     wnids = write_imagenet_boxes(str(tmp_path))
-    ds = overfeat.ImageNetBoxes("test", str(tmp_path))
+    ds = data.ImageNetBoxes("test", str(tmp_path))
     assert ds.classes == wnids and len(ds) == 4
     image, target = ds[2]  # val, second class
     assert image.shape == (3, 40, 60) and target["labels"].tolist() == [1, 1]
@@ -587,10 +588,10 @@ def test_imagenet_box_xml_loader_and_localisation_run(tmp_path):
     with open(bad, "w") as f:
         f.write("<annotation><size>")
     with pytest.raises(overfeat.data.DataError, match="corrupt annotation"):
-        overfeat.ImageNetBoxes("test", str(tmp_path))[0]
+        data.ImageNetBoxes("test", str(tmp_path))[0]
     os.remove(bad)
     with pytest.raises(overfeat.data.DataError, match="no bounding-box file for .*val0.JPEG"):
-        overfeat.ImageNetBoxes("test", str(tmp_path))
+        data.ImageNetBoxes("test", str(tmp_path))
 
 
 def test_detection_flags_bad_input_is_a_data_error():
