@@ -33,7 +33,6 @@ epochs for 90 (torchvision's reference; see DEPARTURES), random-size crops, flip
 import argparse
 import math
 import os
-import sys
 import time
 
 import torch
@@ -302,7 +301,7 @@ def imagenet_loaders(args, device):
     test_set = data.classification_dataset("imagenet", "test", transform=test_tf, **kw)
     train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
                              seed=args.seed)
-    test = data.make_loader(test_set, 50, False, args.workers, device, shard=False)
+    test = data.make_loader(test_set, 50, False, args.workers, device)  # rank r: r, r + W, ...
     classes = getattr(train_set, "names", None) or train_set.dataset.names
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3, "image_size": size,
             "sizes": (len(train_set), 0, len(test_set))}
@@ -334,11 +333,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         scheduler.step()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), lr, epoch)
-    if args.world > 1:  # the mean over every rank's samples, as one process would report it
-        t = torch.tensor([total, n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, n = t.tolist()
-    return total / max(n, 1)
+    return metrics.global_mean(total, n, device)  # over every rank's samples
 
 
 @torch.no_grad()
@@ -355,9 +350,10 @@ def predict(model, x, size, ten_crop=False, channels_last=False):
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, ten_crop=False):
+def evaluate(model, loader, args, device, num_classes, ten_crop=False):
     """Single-crop error (and ten-crop error with ten_crop, then test_error is the ten-crop one),
-    accuracy, balanced error, and top-5 error when there are >= 100 classes."""
+    accuracy, balanced error, and top-5 error when there are >= 100 classes, of the (unwrapped)
+    model on the whole set: under torchrun each rank evaluates its share, gathered here."""
     model.eval()
     single, tens, targets = [], [], []
     size = args.img_size or 10 ** 9  # small sets: the image as it is
@@ -368,17 +364,14 @@ def evaluate(model, loader, args, device, ten_crop=False):
             if ten_crop:
                 tens.append(predict(model, x, size, True).cpu())
         targets.append(y.cpu())
-    y, p1 = torch.cat(targets), torch.cat(single)
-    out = torch.cat(tens) if ten_crop else p1
-    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
-         "balanced_error": metrics.balanced_error_rate(out, y, out.shape[1]),
-         "single_crop_error": metrics.error_rate(p1, y),
-         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
+    if ten_crop:
+        p1, out, y = data.gather_shards(torch.cat(single), torch.cat(tens), torch.cat(targets))
+    else:
+        p1, y = data.gather_shards(torch.cat(single), torch.cat(targets))
+        out = p1
+    r = metrics.classification_report(out, y, num_classes, views={"single_crop": p1})
     if ten_crop:
         r["ten_crop_error"] = r["test_error"]
-    if out.shape[1] >= 100:
-        r["top5_error"] = metrics.topk_error(out, y, 5)
-        r["single_crop_top5_error"] = metrics.topk_error(p1, y, 5)
     return r
 
 
@@ -391,13 +384,9 @@ def get_args_parser():
     p.add_argument("--depth", type=int, default=20,
                    help=f"CIFAR 6n+2 (the paper's {CIFAR_DEPTHS}) or ImageNet {IMAGENET_DEPTHS} "
                    "(default: 20)")
-    p.add_argument("--data", default=None,
-                   help="cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
-                        "fashion-mnist | shapes (default: cifar10 for CIFAR depths, "
-                        "imagenet otherwise)")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, None, "cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
+                       "fashion-mnist | shapes; cifar10 for a CIFAR depth, imagenet for an "
+                       "ImageNet one")
     data.add_holdout_arg(p, why="§4.2 chose its schedule on a 45k/5k split")
     data.add_limit_arg(p)
     p.add_argument("--img-size", type=int, default=None,
@@ -407,7 +396,8 @@ def get_args_parser():
                    help="10-crop test (default: on for ImageNet, as Table 3; off otherwise)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training length in passes; the lr milestones keep their fractions "
-                   "(default: the paper's 64k iterations on small sets, 90 epochs on ImageNet)")
+                   "(default: the paper's 64k iterations on small sets, 90 epochs on ImageNet; "
+                   "--stop-after cuts a run short on this schedule)")
     p.add_argument("--warmup-iters", type=int, default=None,
                    help="iterations at lr/10 before the schedule (default: 400 for ResNet-110 "
                    "and -1202 on small sets, §4.2; else 0)")
@@ -416,33 +406,16 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default=None, help="results.json and checkpoints go here "
-                   "(default: runs/resnetDEPTH)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from torchvision's ImageNet weights (ImageNet depths only)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs as if killed, without testing (the "
-                   "schedule is still that of --epochs; used to test --resume)")
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
+                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+                          pretrained_help="start from torchvision's ImageNet weights (ImageNet "
+                          "depths only)")
     return p
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
+    data.check_positive(args, "batch_size", "epochs", "lr", "img_size")
     t0 = time.time()
     if not (is_cifar_depth(args.depth) or args.depth in IMAGENET_DEPTHS):
         raise data.DataError(f"unknown ResNet depth {args.depth}; use 6n+2 (CIFAR, e.g. "
@@ -452,7 +425,6 @@ def main(argv=None):
     data.check_task(args.data, "classification")
     imagenet = args.data == "imagenet"
     recipe = "imagenet" if imagenet else "cifar"  # the recipe follows the data, the net the depth
-    args.out = args.out or f"runs/resnet{args.depth}"
     data.apply_quick(args, QUICK)
     args.batch_size = args.batch_size or (256 if imagenet else 128)
     if args.img_size is not None and args.data not in ("imagenet", "shapes"):
@@ -468,11 +440,7 @@ def main(argv=None):
     if args.warmup_iters is None:
         args.warmup_iters = CIFAR_RECIPE["warmup"] if recipe == "cifar" and args.depth >= 110 \
             else 0
-    device = data.select_device(args.device, args.cuda)
-    data.start_run(args)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
+    device, rank, world, is_main = data.setup(args, "resnet.py")  # --dry-run: 1 epoch
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -487,6 +455,8 @@ def main(argv=None):
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
             train_split=split, size=args.img_size, limit=args.limit)
+    train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
+                                                                 test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
     model = resnet(args.depth, len(classes), info["in_channels"]).to(device)
@@ -529,11 +499,7 @@ def main(argv=None):
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
-    net = model
-    if args.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    net = data.wrap(model, args)
 
     if not args.eval_only:
         progress = metrics.Progress(steps_per_epoch, epochs, args.log_every,
@@ -546,18 +512,19 @@ def main(argv=None):
                                    epoch, progress, steps)
             row = {"epoch": epoch + 1, "iteration": scheduler.last_epoch, "train_loss": loss}
             if val_loader is not None:
-                row["val_error"] = evaluate(net, val_loader, args, device)["test_error"]
+                row["val_error"] = evaluate(model, val_loader, args, device,
+                                           len(classes))["test_error"]
             history.append(row)
             if is_main:
                 print(f"epoch {epoch + 1}/{epochs} iteration {row['iteration']} train_loss "
                       f"{loss:.4f}" + (f" val_error {100 * row['val_error']:.2f}%"
                                        if "val_error" in row else ""))
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes))
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
-    test = evaluate(net, test_loader, args, device, ten_crop=args.ten_crop)
+    test = evaluate(model, test_loader, args, device, len(classes), ten_crop=args.ten_crop)
     keys = ["test_error", "test_accuracy", "balanced_error", "single_crop_error",
             "ten_crop_error", "top5_error", "single_crop_top5_error"]
     if is_main:
@@ -571,8 +538,6 @@ def main(argv=None):
         os.path.join(args.out, "results.json"), "resnet.py", args.data,
         {k: test[k] for k in keys if k in test}, paper=paper_figures(args.depth), config=config,
         device=str(device), seconds=time.time() - t0, history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -597,7 +562,4 @@ DEPARTURES_IMAGENET = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"resnet.py: error: {data.error_line(e)}")
+    data.run_main(main, "resnet.py")

@@ -4,7 +4,7 @@ for deep neural networks", CVPR 2017, arXiv:1611.05431.
     python resnext.py                                          # ResNeXt-29 8x64d on CIFAR-10 (§5.3)
     python resnext.py --cardinality 16 --data cifar100         # ResNeXt-29 16x64d on CIFAR-100
     python resnext.py --depth 50 --data imagenet               # ResNeXt-50 32x4d (§5.1)
-    python resnext.py --depth 101 --width 8 --eval-only --pretrained   # torchvision's 101 32x8d
+    python resnext.py --depth 101 --bottleneck-width 8 --eval-only --pretrained  # 101 32x8d
     python resnext.py --data shapes --quick                    # offline, seconds on a CPU
     torchrun --nproc_per_node=2 resnext.py                     # data-parallel, same global batch
 
@@ -18,12 +18,12 @@ The block (Fig. 3): the ResNet bottleneck whose 3x3 convolution is split into C 
 of d channels each: 1x1 to C*d, grouped 3x3 (C groups), 1x1 to the output. Fig. 3(a) (C separate
 1x1-3x3-1x1 paths, summed), (b) and (c) are the same function (§3.3); this file uses (c), the
 grouped convolution, and the tests check the equivalence with (a) on shared weights.
-ImageNet depths 50/101/152 (Table 1): the ResNet-50/101/152 layout with d = width * (stage
-width / 64), torchvision's module names (resnext50_32x4d, resnext101_32x8d, resnext101_64x4d
-load strictly). CIFAR depth 9n+2 (29 = the paper's): a 3x3 stem with 64 maps, 3 stages of n
-blocks with output widths 256, 512, 1024 on 32, 16, 8 maps (§5.3, as the authors' code: stage
-widths 64, 128, 256 times 4), projection shortcuts where the shape changes, global average
-pooling, fc.
+ImageNet depths 50/101/152 (Table 1): the ResNet-50/101/152 layout with d = bottleneck width
+(--bottleneck-width, the first stage's d) * (stage width / 64), torchvision's module names
+(resnext50_32x4d, resnext101_32x8d, resnext101_64x4d load strictly). CIFAR depth 9n+2 (29 = the
+paper's): a 3x3 stem with 64 maps, 3 stages of n blocks with output widths 256, 512, 1024 on 32,
+16, 8 maps (§5.3, as the authors' code: stage widths 64, 128, 256 times 4), projection shortcuts
+where the shape changes, global average pooling, fc.
 
 Recipe. CIFAR (§5.3): SGD momentum 0.9, batch 128, weight decay 5e-4, lr 0.1 divided by 10 at
 epochs 150 and 225 of 300; 4-pixel padding, random crop, flip (as ResNet). ImageNet (§4): SGD
@@ -31,9 +31,7 @@ momentum 0.9, batch 256, weight decay 1e-4, lr 0.1 divided by 10 three times (fb
 schedule, every 30 epochs: here at 30, 60, 90 of 100), scale augmentation, 224 single-crop test
 of the 256-resized image.
 """
-import argparse
 import os
-import sys
 import time
 
 import torch
@@ -59,7 +57,8 @@ IMAGENET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 # --quick on the small sets: the first 2,000 / 500 images, a thin net of the family (ResNeXt-20
 # 2x4d, base 16) and a budget of steps (batch 64: 31 steps an epoch). On Fashion-MNIST ResNeXt-11
 # ended at 27.6 % (batch 64) and 28.2 % (batch 32) test error, ResNeXt-20 at 25.4 %.
-QUICK = {"depth": 20, "cardinality": 2, "width": 4, "base": 16, "epochs": 15, "batch_size": 64}
+QUICK = {"depth": 20, "cardinality": 2, "bottleneck_width": 4, "base": 16, "epochs": 15,
+         "batch_size": 64}
 CIFAR_RECIPE = dict(epochs=300, milestones=(150, 225), batch_size=128, lr=0.1, weight_decay=5e-4)
 IMAGENET_RECIPE = dict(epochs=100, milestones=(30, 60, 90), batch_size=256, lr=0.1,
                        weight_decay=1e-4)
@@ -186,7 +185,7 @@ def torchvision_name(depth, cardinality, width):
     if name is None:
         raise data.DataError(f"--pretrained: torchvision has no ResNeXt-{depth} {cardinality}x"
                              f"{width}d weights; use one of " +
-                             ", ".join(f"--depth {d} --cardinality {c} --width {w}"
+                             ", ".join(f"--depth {d} --cardinality {c} --bottleneck-width {w}"
                                        for d, c, w in TORCHVISION))
     return name
 
@@ -235,7 +234,7 @@ def imagenet_loaders(args, device):
     test_set = data.classification_dataset("imagenet", "test", transform=test_tf, **kw)
     train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
                              seed=args.seed)
-    test = data.make_loader(test_set, 50, False, args.workers, device, shard=False)
+    test = data.make_loader(test_set, 50, False, args.workers, device)  # rank r: r, r + W, ...
     classes = getattr(train_set, "names", None) or train_set.dataset.names
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
             "sizes": (len(train_set), 0, len(test_set))}
@@ -260,17 +259,14 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         scaler.update()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    if args.world > 1:  # the mean over every rank's samples, as one process would report it
-        t = torch.tensor([total, n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, n = t.tolist()
-    return total / max(n, 1)
+    return metrics.global_mean(total, n, device)  # over every rank's samples
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device):
+def evaluate(model, loader, args, device, num_classes):
     """Single-view error (the 224 centre crop on ImageNet, the 32x32 image on CIFAR), accuracy,
-    balanced error, and top-5 error when there are >= 100 classes."""
+    balanced error, and top-5 error when there are >= 100 classes, of the (unwrapped) model on
+    the whole set: under torchrun each rank evaluates its share, gathered here."""
     model.eval()
     probs, targets = [], []
     for x, y in loader:
@@ -280,13 +276,8 @@ def evaluate(model, loader, args, device):
         with data.autocast(device, args.amp):
             probs.append(model(x).float().softmax(1).cpu())
         targets.append(y.cpu())
-    y, out = torch.cat(targets), torch.cat(probs)
-    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
-         "balanced_error": metrics.balanced_error_rate(out, y, out.shape[1]),
-         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
-    if out.shape[1] >= 100:
-        r["top5_error"] = metrics.topk_error(out, y, 5)
-    return r
+    out, y = data.gather_shards(torch.cat(probs), torch.cat(targets))
+    return metrics.classification_report(out, y, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,19 +290,15 @@ def get_args_parser():
                    help="CIFAR 9n+2 (the paper's 29) or ImageNet 50, 101, 152 (default: 29)")
     p.add_argument("--cardinality", type=int, default=None,
                    help="C, the number of paths (default: 8 for CIFAR, 32 for ImageNet)")
-    p.add_argument("--width", type=int, default=None,
-                   help="d, the channels per path in the first stage (default: 64 for CIFAR, "
-                   "4 for ImageNet)")
+    p.add_argument("--bottleneck-width", type=int, default=None,
+                   help="d, the paper's bottleneck width: the channels per path in the first "
+                   "stage, doubled per stage (default: 64 for CIFAR, 4 for ImageNet)")
     p.add_argument("--base", type=int, default=None,
                    help="stem channels and first-stage width, doubled per stage (default: the "
                    "paper's 64)")
-    p.add_argument("--data", default=None,
-                   help="cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
-                        "fashion-mnist | shapes (default: cifar10 for depth 29, "
-                        "imagenet otherwise)")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, None, "cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
+                       "fashion-mnist | shapes; cifar10 for a CIFAR depth (the default 29), "
+                       "imagenet for an ImageNet one")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--epochs", type=int, default=None,
@@ -323,30 +310,17 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="(default: 5e-4 on small sets, 1e-4 on ImageNet)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default=None, help="results.json and checkpoints go here "
-                   "(default: runs/resnextDEPTH_CxDd)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from torchvision's ImageNet weights (50 32x4d, 101 32x8d, 101 64x4d)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format (default: on; PyTorch's channels-first CPU "
-                   "kernels for grouped convolutions are far slower: bench/bench_classifiers.py)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK) +
-                   "; on ImageNet the subset and 2 epochs")
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop after this many epochs as if killed, without testing (the "
-                   "schedule is still that of --epochs; used to test --resume)")
+    # Channels-last is this script's default (set below; the runtime's --channels-last is then a
+    # no-op): PyTorch's channels-first CPU kernels for grouped convolutions are far slower.
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="channels-first memory format (default: channels-last here, since "
+                   "PyTorch's channels-first CPU kernels for grouped convolutions are far "
+                   "slower: bench/bench_classifiers.py)")
+    data.add_runtime_args(p, data.quick_help(QUICK) + "; on ImageNet the subset and 2 epochs",
+                          workers=4, workers_help="DataLoader processes (ImageNet only; "
+                          "default: 4)", pretrained_help="start from torchvision's ImageNet "
+                          "weights (50 32x4d, 101 32x8d, 101 64x4d)")
+    p.set_defaults(channels_last=True)
     return p
 
 
@@ -364,33 +338,29 @@ def resolve_defaults(args):
     imagenet = args.data == "imagenet"
     args.base = args.base or 64
     args.cardinality = args.cardinality or (8 if cifar_net else 32)
-    args.width = args.width or (64 if cifar_net else 4)
+    args.bottleneck_width = args.bottleneck_width or (64 if cifar_net else 4)
     args.batch_size = args.batch_size or (256 if imagenet else 128)
     args.weight_decay = args.weight_decay if args.weight_decay is not None else \
         (1e-4 if imagenet else 5e-4)
     if args.epochs is None and args.quick:
         args.epochs = 2
-    args.arch = f"resnext{args.depth}_{args.cardinality}x{args.width}d" + \
+    args.arch = f"resnext{args.depth}_{args.cardinality}x{args.bottleneck_width}d" + \
         ("" if args.base == 64 else f"_base{args.base}")
-    args.out = args.out or f"runs/{args.arch}"
     if args.pretrained:  # before any data or model is built
-        torchvision_name(args.depth, args.cardinality, args.width)
+        torchvision_name(args.depth, args.cardinality, args.bottleneck_width)
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
+    data.check_positive(args, "batch_size", "epochs", "lr", "bottleneck_width", "cardinality",
+                        "base")
     t0 = time.time()
     resolve_defaults(args)
     weights = data.load_checkpoint(args.weights, args.arch) if args.weights else None  # checked first
     data.check_task(args.data, "classification")
     imagenet = args.data == "imagenet"
     recipe = "imagenet" if imagenet else "cifar"  # the recipe follows the data, the net the depth
-    device = data.select_device(args.device, args.cuda)
-    data.start_run(args)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
+    device, rank, world, is_main = data.setup(args, "resnext.py")  # --dry-run: 1 epoch
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -405,14 +375,16 @@ def main(argv=None):
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
             train_split=split, limit=args.limit)
+    train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
+                                                                 test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
-    model = resnext(args.depth, args.cardinality, args.width, len(classes),
+    model = resnext(args.depth, args.cardinality, args.bottleneck_width, len(classes),
                     info["in_channels"], args.base).to(device)
     if args.pretrained:
         if args.base != 64:
             raise data.DataError("--pretrained needs --base 64 (the published weights)")
-        load_pretrained(model, args.depth, args.cardinality, args.width)
+        load_pretrained(model, args.depth, args.cardinality, args.bottleneck_width)
     if args.weights:
         data.load_weights(model, weights, args.weights)
     if args.channels_last:
@@ -428,7 +400,8 @@ def main(argv=None):
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}
     if is_main:
-        print(f"resnext.py: ResNeXt-{args.depth} ({args.cardinality}x{args.width}d) on {args.data} "
+        print(f"resnext.py: ResNeXt-{args.depth} ({args.cardinality}x{args.bottleneck_width}d) on "
+              f"{args.data} "
               f"({n_train} train / {n_val} val / {n_test} test), {config['parameters']:,} "
               f"parameters, device {device}, {args.world} process(es); {epochs} epochs, lr "
               f"{args.lr} / 10 at {milestones}, weight decay {args.weight_decay}")
@@ -443,11 +416,7 @@ def main(argv=None):
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
-    net = model
-    if args.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    net = data.wrap(model, args)
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), epochs, args.log_every,
@@ -459,17 +428,18 @@ def main(argv=None):
             row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"]}
             scheduler.step()
             if val_loader is not None:
-                row["val_error"] = evaluate(net, val_loader, args, device)["test_error"]
+                row["val_error"] = evaluate(model, val_loader, args, device,
+                                           len(classes))["test_error"]
             history.append(row)
             if is_main:
                 print(f"epoch {epoch + 1}/{epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
-                data.save_training_state(ckpt_path, args.arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes))
+            data.save_training_state(ckpt_path, args.arch, model, optimizer, scheduler, scaler,
+                                     epoch, vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
-    test = evaluate(net, test_loader, args, device)
+    test = evaluate(model, test_loader, args, device, len(classes))
     if is_main:
         print(f"test_error {100 * test['test_error']:.2f}% ({test['errors']}/{test['samples']}) "
               f"balanced_error {100 * test['balanced_error']:.2f}%" +
@@ -478,18 +448,15 @@ def main(argv=None):
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "resnext.py", args.data,
         {k: test[k] for k in keys if k in test},
-        paper=paper_figures(args.depth, args.cardinality, args.width, args.data), config=config,
-        device=str(device), seconds=time.time() - t0, history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
+        paper=paper_figures(args.depth, args.cardinality, args.bottleneck_width, args.data),
+        config=config, device=str(device), seconds=time.time() - t0,
+        history=history) if is_main else None
     return results
 
 
 DEPARTURES = [
     "stride of a down-sampling block on its grouped 3x3 convolution (torchvision's layout, whose "
     "weights load here; the paper's Fig. 3 does not say, its code strides the 3x3 as well)",
-    "by default the last 5k CIFAR training images are held out for validation (the paper trains "
-    "on all 50k: --trainval)",
     "inputs normalised with the training set's per-channel mean and deviation",
     "plain SGD momentum (the authors' fb.resnet.torch code uses Nesterov momentum; the paper "
     "does not mention it)",
@@ -500,7 +467,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"resnext.py: error: {data.error_line(e)}")
+    data.run_main(main, "resnext.py")

@@ -2,6 +2,7 @@
 of §4.2, torchvision compatibility, and main() end to end."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -157,6 +158,28 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):
+    # The paper's settings (ResNet-20, §4.2's 64k iterations at lr 0.1: cut to 1 epoch of 2
+    # steps) on shapes at the paper's 32x32, batch 2. --limit 1001: rendering the whole shapes
+    # set (12,000 images) takes ~30 s of this CPU, longer than the dry run itself; 1,001 test
+    # images are 3 batches of 500, of which the dry run evaluates 2 (and 1,001 training images
+    # 500 steps, of which it takes 2).
+    out = tmp_path / "dry"
+    results = resnet.main(["--data", "shapes", "--device", "cpu", "--dry-run", "--batch-size",
+                           "2", "--limit", "1001", "--out", str(out), "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert re.search(r"^test_error .* \(\d+/1000\) ", said, re.M)  # 2 batches of 500
+    config = results["config"]
+    assert config["dry_run"] is True and config["epochs"] == 1
+    assert (config["arch"], config["iterations"], config["steps_per_epoch"]) == ("resnet20", 2, 2)
+    assert config["sizes"] == {"train": 1001, "val": 0, "test": 1001} and config["img_size"] == 32
+    assert [row["iteration"] for row in results["history"]] == [2]
+    ckpt = data.load_checkpoint(str(out / "checkpoint.pt"), "resnet20")
+    assert ckpt["epoch"] == 0 and ckpt["scheduler"]["last_epoch"] == 2
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
 
 
 def test_bad_input_is_a_clear_error(tmp_path):
