@@ -30,7 +30,6 @@ reported as well. Departures are listed in DEPARTURES and printed at start.
 """
 import argparse
 import os
-import sys
 import time
 from collections import OrderedDict
 
@@ -228,11 +227,7 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         scaler.update()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    if args.world > 1:  # the mean over every rank's samples, as one process would report it
-        t = torch.tensor([total, n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, n = t.tolist()
-    return total / max(n, 1)
+    return metrics.global_mean(total, n, device)  # over every rank's samples
 
 
 @torch.no_grad()
@@ -251,9 +246,11 @@ def predict(model, x, size, ten_crop=False, channels_last=False):
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, ten_crop=False):
+def evaluate(model, loader, args, device, num_classes, ten_crop=False):
     """Single-crop error (and ten-crop error with ten_crop, then test_error is the ten-crop one),
-    accuracy, balanced error, and top-5 error when there are >= 100 classes."""
+    accuracy, balanced error, and top-5 error when there are >= 100 classes, of the (unwrapped)
+    model on the whole set: under torchrun each rank evaluates its share and the outputs are
+    gathered."""
     model.eval()
     single, tens, targets = [], [], []
     for x, y in loader:
@@ -263,19 +260,12 @@ def evaluate(model, loader, args, device, ten_crop=False):
             if ten_crop:
                 tens.append(predict(model, x, args.img_size, True).cpu())
         targets.append(y.cpu())
-    y, p1 = torch.cat(targets), torch.cat(single)
-    out = torch.cat(tens) if ten_crop else p1
-    num_classes = out.shape[1]
-    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
-         "balanced_error": metrics.balanced_error_rate(out, y, num_classes),
-         "single_crop_error": metrics.error_rate(p1, y),
-         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
-    if ten_crop:
-        r["ten_crop_error"] = r["test_error"]
-    if num_classes >= 100:
-        r["top5_error"] = metrics.topk_error(out, y, 5)
-        r["single_crop_top5_error"] = metrics.topk_error(p1, y, 5)
-    return r
+    if not ten_crop:
+        p1, y = data.gather_shards(torch.cat(single), torch.cat(targets))
+        return metrics.classification_report(p1, y, num_classes, views={"single_crop": p1})
+    out, p1, y = data.gather_shards(torch.cat(tens), torch.cat(single), torch.cat(targets))
+    r = metrics.classification_report(out, y, num_classes, views={"single_crop": p1})
+    return {**r, "ten_crop_error": r["test_error"]}
 
 
 def classify(args, device):
@@ -321,12 +311,8 @@ def get_args_parser():
     p = data.ArgumentParser(description="AlexNet (Krizhevsky et al. 2012) on ImageNet, CIFAR, "
                                 "MNIST or the synthetic shapes set; --classify IMAGE for the "
                                 "lecture's top-15 demo.")
-    p.add_argument("--data", default="imagenet",
-                   help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                        "fashion-mnist | shapes")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, "imagenet", "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
+                       "fashion-mnist | shapes")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper"],
@@ -351,25 +337,13 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {LR}, §5)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §5)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default="runs/alexnet", help="results.json and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from torchvision's ImageNet weights (IMAGENET1K_V1)")
     p.add_argument("--classify", default=None, metavar="IMAGE",
-                   help="print the 15 best classes of IMAGE (needs --weights or --pretrained)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+                   help="print the 15 best classes of IMAGE (needs --weights or --pretrained; "
+                   "no --data, writes nothing)")
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
+                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+                          pretrained_help="start from torchvision's ImageNet weights "
+                          "(IMAGENET1K_V1)")
     return p
 
 
@@ -382,9 +356,8 @@ def main(argv=None):
         args.width = 1.0
     args.batch_size = args.batch_size or BATCH_SIZE
     args.lr = args.lr or LR
-    device = data.select_device(args.device, args.cuda)
-    if args.classify:
-        return classify(args, device)
+    if args.classify:  # one image in, 15 lines out: no --out, no process group, no data set
+        return classify(args, data.select_device(args.device, args.cuda))
     data.check_task(args.data, "classification")
     imagenet = args.data == "imagenet"
     if args.img_size is None:
@@ -393,10 +366,7 @@ def main(argv=None):
         args.ten_crop = imagenet
     if args.init is None:
         args.init = "variant" if imagenet else "kaiming"
-    data.start_run(args)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
+    device, rank, world, is_main = data.setup(args, "alexnet.py")
     if args.epochs is None:
         args.epochs = EPOCHS
     if args.batch_size % args.world:
@@ -413,7 +383,6 @@ def main(argv=None):
         eval_batch_size=100 if imagenet else 250, size=args.img_size if imagenet else None,
         square=True, train_split=data.train_split(args), limit=args.limit)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
-    colour = None
     if imagenet and args.ten_crop:
         big = round(args.img_size * 256 / 224)
         test_set = data.classification_dataset("imagenet", "test", args.data_dir, quick=args.quick,
@@ -422,8 +391,11 @@ def main(argv=None):
                                                    v2.CenterCrop(big),
                                                    v2.ToDtype(torch.float32, scale=True),
                                                    v2.Normalize(info["mean"], info["std"])]))
-        test_loader = data.make_loader(test_set, 100, False, args.workers, device, shard=False)
-    elif not imagenet and info["in_channels"] == 3:
+        test_loader = data.make_loader(test_set, 100, False, args.workers, device)
+    train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
+                                                                 test_loader)
+    colour = None
+    if not imagenet and info["in_channels"] == 3:
         eigval, eigvec = data.colour_pca(train_loader.images.cpu())
         colour = (eigval.to(device), eigvec.to(device),
                   torch.tensor(info["std"], device=device).view(1, 3, 1, 1))
@@ -466,11 +438,7 @@ def main(argv=None):
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
-    net = model
-    if args.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    net = data.wrap(model, args)
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
@@ -482,15 +450,18 @@ def main(argv=None):
             scheduler.step()
             row = {"epoch": epoch + 1, "train_loss": loss}
             if val_loader is not None:  # ImageNet has none: its official val set is the test set
-                row["val_error"] = evaluate(net, val_loader, args, device)["test_error"]
+                row["val_error"] = evaluate(model, val_loader, args, device,
+                                           len(classes))["test_error"]
             history.append(row)
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes))
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history, classes=list(classes))
+            if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                return None
 
-    test = evaluate(net, test_loader, args, device, ten_crop=args.ten_crop)
+    test = evaluate(model, test_loader, args, device, len(classes), ten_crop=args.ten_crop)
     keys = ["test_error", "test_accuracy", "balanced_error", "single_crop_error",
             "ten_crop_error", "top5_error", "single_crop_top5_error"]
     if is_main:
@@ -503,8 +474,6 @@ def main(argv=None):
         os.path.join(args.out, "results.json"), "alexnet.py", args.data,
         {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
         seconds=time.time() - t0, history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -527,7 +496,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"alexnet.py: error: {data.error_line(e)}")
+    data.run_main(main, "alexnet.py")

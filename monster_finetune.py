@@ -3,7 +3,7 @@
 layer is frozen for the first half of training and fine-tuned after.
 
     python monster_finetune.py --pretrained                       # torchvision's AlexNet layer
-    python monster_finetune.py --alexnet-weights runs/alexnet/checkpoint.pt   # alexnet.py's
+    python monster_finetune.py --alexnet-weights runs/alexnet-imagenet/checkpoint.pt   # alexnet.py's
     python monster_finetune.py --pretrained --compare             # + never frozen + from scratch
     python monster_finetune.py --data shapes --quick --scratch    # offline smoke run
     torchrun --nproc_per_node=2 monster_finetune.py --pretrained  # data-parallel, same global batch

@@ -28,7 +28,6 @@ Departures are listed in DEPARTURES and printed at start.
 """
 import copy
 import os
-import sys
 import time
 
 import torch
@@ -58,6 +57,7 @@ BATCH_SIZE, LR = 256, 0.01  # §3.1: "batch size was set to 256 ... learning rat
 QUICK = {"width": 0.125, "epochs": 30, "batch_size": 32}
 LR_STEPS = (30, 50, 65)   # fixed-step fallback for ImageNet (no held-out val): see DEPARTURES
 POOL = 7                  # 224 / 2^5: the size of the last feature map, fc6's window
+EVAL_BATCH_SIZE = 250     # val and dense-test batch of the in-memory sets (ImageNet: 16 images)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,18 +294,17 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         scaler.update()
         total, n = total + loss.item() * len(y), n + len(y)
         progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    if args.world > 1:  # the mean over every rank's samples, as one process would report it
-        t = torch.tensor([total, n], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        total, n = t.tolist()
-    return total / max(n, 1)
+    return metrics.global_mean(total, n, device)  # over every rank's samples
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, dense=True):
+def evaluate(model, loader, args, device, num_classes, dense=True):
     """dense=False: the plain network on the loader's images (the val error that drives the lr).
     dense=True: §3.2, test_error = multi-scale dense (Q in --test-scales, with mirror images),
-    single_scale_error = dense at Q = (S_min + S_max) / 2 without mirror (Table 3's protocol)."""
+    single_scale_error = dense at Q = (S_min + S_max) / 2 without mirror (Table 3's protocol).
+    `model` is the unwrapped one; under torchrun each rank evaluates its share of the set and the
+    posteriors are gathered, so every rank gets the whole set's figures (the same val error for
+    the plateau schedule)."""
     model.eval()
     fc = fully_convolutional(model).eval() if dense else None
     multi, single, targets = [], [], []
@@ -320,18 +319,11 @@ def evaluate(model, loader, args, device, dense=True):
                     x = v2.functional.resize(x, [args.crop_size], antialias=True)
                 multi.append(model(x).float().softmax(1).cpu())
         targets.append(y.cpu())
-    y, out = torch.cat(targets), torch.cat(multi)
-    num_classes = out.shape[1]
-    r = {"test_error": metrics.error_rate(out, y), "test_accuracy": metrics.accuracy(out, y),
-         "balanced_error": metrics.balanced_error_rate(out, y, num_classes),
-         "errors": int((out.argmax(1) != y).sum()), "samples": len(y)}
-    if dense:
-        r["single_scale_error"] = metrics.error_rate(torch.cat(single), y)
-    if num_classes >= 100:
-        r["top5_error"] = metrics.topk_error(out, y, 5)
-        if dense:
-            r["single_scale_top5_error"] = metrics.topk_error(torch.cat(single), y, 5)
-    return r
+    if not dense:
+        out, y = data.gather_shards(torch.cat(multi), torch.cat(targets))
+        return metrics.classification_report(out, y, num_classes)
+    out, p1, y = data.gather_shards(torch.cat(multi), torch.cat(single), torch.cat(targets))
+    return metrics.classification_report(out, y, num_classes, views={"single_scale": p1})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,12 +337,8 @@ def get_args_parser():
     p = data.ArgumentParser(description="VGG-19 (Simonyan & Zisserman 2014) on ImageNet, "
                                 "CIFAR, MNIST or the synthetic shapes set, with the paper's scale "
                                 "jittering and dense multi-scale test.")
-    p.add_argument("--data", default="imagenet",
-                   help="imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                        "fashion-mnist | shapes")
-    p.add_argument("--data-dir", default=data.default_data_dir(),
-                   help="data root (default: $PYTORCH_DATA_DIR or ./data)")
-    p.add_argument("--no-download", action="store_true", help="never download a data set")
+    data.add_data_args(p, "imagenet", "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
+                       "fashion-mnist | shapes")
     data.add_holdout_arg(p, default=None, why="on for the small sets, whose default lr schedule, §3.1's plateau, needs it")
     data.add_limit_arg(p)
     p.add_argument("--bn", action="store_true",
@@ -382,23 +370,10 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {LR}, §3.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §3.1)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: best available)")
-    p.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
-    p.add_argument("--workers", type=int, default=4, help="loader processes (ImageNet only)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default="runs/vgg19", help="results.json and checkpoints go here")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (without it, such a folder is refused)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --weights on the test set")
-    p.add_argument("--weights", default=None, help="a checkpoint or state_dict to start from")
-    p.add_argument("--pretrained", action="store_true",
-                   help="start from torchvision's ImageNet weights (IMAGENET1K_V1)")
-    p.add_argument("--amp", action="store_true", help="bf16/fp16 autocast")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--quick", action="store_true", help=data.quick_help(QUICK))
-    p.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
+                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+                          pretrained_help="start from torchvision's ImageNet weights "
+                          "(IMAGENET1K_V1 of vgg19, or of vgg19_bn with --bn)")
     return p
 
 
@@ -431,11 +406,7 @@ def main(argv=None):
     data.check_task(args.data, "classification")
     resolve_defaults(args)
     imagenet = args.data == "imagenet"
-    device = data.select_device(args.device, args.cuda)
-    data.start_run(args)
-    rank, args.world = data.init_distributed(device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
+    device, rank, world, is_main = data.setup(args, "vgg19.py")  # --dry-run: 1 epoch
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -455,7 +426,7 @@ def main(argv=None):
                                   v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
         train_loader = data.make_loader(train_set, bs, True, args.workers, device, seed=args.seed)
         test_loader = data.make_loader(test_set, 16, False, args.workers, device,
-                                       collate_fn=list_collate, shard=False)
+                                       collate_fn=list_collate)
         val_loader = None
         classes = getattr(train_set, "names", None) or train_set.dataset.names
         info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
@@ -463,13 +434,16 @@ def main(argv=None):
     else:
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
-            args.quick, args.seed, augment=False, eval_batch_size=250,
+            args.quick, args.seed, augment=False, eval_batch_size=EVAL_BATCH_SIZE,
             train_split=data.train_split(args), limit=args.limit)
         classes = info["classes"]
         if info["in_channels"] == 3:  # PCA colour from the training set's own RGB covariance
             eigval, eigvec = data.colour_pca(train_loader.images.cpu())
             colour = (eigval.to(device), eigvec.to(device),
                       torch.tensor(info["std"], device=device).view(1, 3, 1, 1))
+    # --dry-run: 2 training steps, and 2 batches of the val split and of the dense test
+    train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
+                                                                 test_loader)
     if args.lr_schedule == "plateau" and val_loader is None:
         raise data.DataError(f"--lr-schedule plateau needs a val split, which {args.data} lacks; "
                              f"use --lr-schedule steps")
@@ -510,11 +484,7 @@ def main(argv=None):
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
 
-    net = model
-    if args.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
-    if args.compile:
-        net = torch.compile(net)
+    net = data.wrap(model, args)
 
     if not args.eval_only:
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
@@ -525,7 +495,8 @@ def main(argv=None):
                                    progress, colour)
             row = {"epoch": epoch + 1, "train_loss": loss}
             if val_loader is not None:  # ImageNet has none: its official val set is the test set
-                row["val_error"] = evaluate(model, val_loader, args, device, dense=False)["test_error"]
+                row["val_error"] = evaluate(model, val_loader, args, device, len(classes),
+                                           dense=False)["test_error"]
             if args.lr_schedule == "plateau":
                 scheduler.step(row["val_error"])
             else:
@@ -536,10 +507,12 @@ def main(argv=None):
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else "") +
                       f" lr {row['lr']:.2g}")
-                data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler,
-                                         epoch, vars(args), history, classes=list(classes))
+            data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
+                                     vars(args), history, classes=list(classes))
+            if args.stop_after is not None and epoch + 1 >= args.stop_after:
+                return None
 
-    test = evaluate(model, test_loader, args, device, dense=True)
+    test = evaluate(model, test_loader, args, device, len(classes), dense=True)
     keys = ["test_error", "test_accuracy", "balanced_error", "single_scale_error", "top5_error",
             "single_scale_top5_error"]
     if is_main:
@@ -552,8 +525,6 @@ def main(argv=None):
         os.path.join(args.out, "results.json"), "vgg19.py", args.data,
         {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
         seconds=time.time() - t0, history=history) if is_main else None
-    if args.world > 1:
-        torch.distributed.destroy_process_group()
     return results
 
 
@@ -576,7 +547,4 @@ DEPARTURES = [
 ]
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (data.DataError, ValueError) as e:
-        sys.exit(f"vgg19.py: error: {data.error_line(e)}")
+    data.run_main(main, "vgg19.py")

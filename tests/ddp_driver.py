@@ -11,11 +11,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# One process group for all the runs: each script joins it if none is there (data.py's
-# init_distributed) and leaves it at its end; re-creating it for every script lost connections
-# between the two processes here, so leaving is deferred to the end.
-destroy = torch.distributed.destroy_process_group
-torch.distributed.destroy_process_group = lambda *args, **kwargs: None
+# One process group for all the runs: each script's main() joins it if none is there (data.py's
+# init_distributed) and never leaves it (data.run_main, not called here, does that for a real
+# command line); re-creating it for every script lost connections between the two processes.
 
 for script, argv in json.loads(sys.argv[1]):
     out = argv[argv.index("--out") + 1]
@@ -26,4 +24,4 @@ for script, argv in json.loads(sys.argv[1]):
         with open(os.path.join(out, f"ERROR-rank{os.environ.get('RANK', '0')}"), "w") as f:
             f.write(traceback.format_exc())
 if torch.distributed.is_initialized():
-    destroy()
+    torch.distributed.destroy_process_group()

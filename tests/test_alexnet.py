@@ -174,8 +174,9 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     tiny = ["--width", "0.125", "--variant", "paper", "--init", "variant", "--limit", "512"]
     full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
-    run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
-    resumed, out_cut = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
+    cut, out_cut = run(tmp_path, "cut", "--epochs", "2", "--stop-after", "1", *tiny)  # "killed"
+    assert cut is None and not os.path.exists(os.path.join(out_cut, "results.json"))
+    resumed, _ = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
     ckpt = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)
@@ -247,3 +248,33 @@ def test_at_init_output_depends_on_input_and_eval_mode_learns(variant):
     model = alexnet.alexnet(6, variant, 3, 0.25)
     alexnet.kaiming_init(model)
     assert_learns_in_eval_mode(model, x, y, 60, 0.01, 0.6)
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys,
+                                                                         monkeypatch):
+    # The paper's network and recipe (torchvision layout at full width, 57M parameters with 6
+    # classes; batch 128, 90 epochs: cut to 1 epoch of 2 steps at batch 2) on shapes at the
+    # script's 96x96. --limit 600: rendering the whole 12,000-image set alone costs ~11 CPU
+    # seconds here; 600 test images are 3 evaluation batches of 250, of which 2 are evaluated.
+    evaluated, real = [], alexnet.evaluate
+
+    def evaluate(*args, **kwargs):  # the number of images each evaluation saw
+        r = real(*args, **kwargs)
+        evaluated.append(r["samples"])
+        return r
+    monkeypatch.setattr(alexnet, "evaluate", evaluate)
+    out = tmp_path / "dry"
+    results = alexnet.main(["--data", "shapes", "--device", "cpu", "--dry-run", "--batch-size",
+                            "2", "--out", str(out), "--log-every", "1", "--limit", "600"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert evaluated == [500]  # the test only (no --holdout): 2 batches of 250
+    assert re.search(r"^test_error .* \(\d+/500, single crop\)", said, re.M)
+    config = results["config"]
+    assert config["dry_run"] is True and config["epochs"] == 1 and config["width"] == 1.0
+    assert config["img_size"] == 96 and config["variant"] == "torchvision"
+    assert config["parameters"] == 61_100_840 - 994 * 4097  # torchvision's, fc8 of 6 classes
+    assert len(results["history"]) == 1
+    ckpt = data.load_checkpoint(str(out / "checkpoint.pt"), "alexnet-torchvision")
+    assert ckpt["epoch"] == 0 and ckpt["args"]["dry_run"] is True
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True

@@ -219,8 +219,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # patience 0: the lr changes every epoch; 256 images (the code path, not learning)
     tiny = ["--batch-size", "128", "--patience", "0", "--limit", "256"]
     full, out_full = run(tmp_path, "full", "--epochs", "3", *tiny)
-    run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
-    resumed, out_cut = run(tmp_path, "cut", "--epochs", "3", "--resume", *tiny)
+    cut, out_cut = run(tmp_path, "cut", "--epochs", "3", "--stop-after", "1", *tiny)  # "killed"
+    assert cut is None and not os.path.exists(os.path.join(out_cut, "results.json"))
+    resumed, _ = run(tmp_path, "cut", "--epochs", "3", "--resume", *tiny)
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
@@ -286,3 +287,40 @@ def test_with_bn_the_fixed_fc_std_is_kept_and_eval_mode_follows_training():
     model = vgg19.vgg19(6, True, 3, 0.125)
     assert abs(float(model.classifier[3].weight.std()) - 0.01) < 0.001
     assert_learns_in_eval_mode(model, x, y, 40, 0.01, 0.6)
+
+
+def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys,
+                                                                         monkeypatch):
+    # The paper's configuration E at full width (no BN, 139.6M parameters with 6 classes) and
+    # §3.1's recipe on shapes (batch 256, 74 epochs, the plateau schedule on the val split: cut
+    # to 1 epoch of 2 steps at batch 2), the §3.2 dense test at Q = 32, 40, 48 + mirror images.
+    # Smaller for this CPU, and why: the evaluation batch is 2, not 250 (one batch of 250 through
+    # the full-width dense test, 7 views each, took 6 minutes here, loaded), and --limit 8 renders 8
+    # images per split instead of 12,000 (~11 CPU seconds); 8 images are 4 batches of 2, of
+    # which 2 are trained on and 2 evaluated, in the val split and in the test.
+    monkeypatch.setattr(vgg19, "EVAL_BATCH_SIZE", 2)
+    evaluated, real = [], vgg19.evaluate
+
+    def evaluate(*args, **kwargs):  # (dense?, the number of images it saw) of each evaluation
+        r = real(*args, **kwargs)
+        evaluated.append((kwargs["dense"], r["samples"]))
+        return r
+    monkeypatch.setattr(vgg19, "evaluate", evaluate)
+    out = tmp_path / "dry"
+    results = vgg19.main(["--data", "shapes", "--device", "cpu", "--dry-run", "--batch-size", "2",
+                          "--out", str(out), "--log-every", "1", "--limit", "8"])
+    said = capsys.readouterr().out
+    assert re.findall(r"^epoch 1/1 step (\d+)/(\d+) ", said, re.M) == [("1", "2"), ("2", "2")]
+    assert evaluated == [(False, 4), (True, 4)]  # the val split (plateau), then the dense test
+    assert re.search(r"^epoch 1/1 train_loss \S+ val_error \S+ lr 0.01$", said, re.M)
+    assert re.search(r"^test_error .* \(\d+/4, dense, Q \[32, 40, 48\] \+ mirror\)", said, re.M)
+    config = results["config"]
+    assert config["dry_run"] is True and config["epochs"] == 1 and config["width"] == 1.0
+    assert config["bn"] is False and config["lr_schedule"] == "plateau" and config["holdout"]
+    assert config["parameters"] == vgg19.TORCHVISION_PARAMETERS - 994 * 4097  # fc8: 6 classes
+    assert set(results["metrics"]) == {"test_error", "test_accuracy", "balanced_error",
+                                       "single_scale_error"}
+    assert len(results["history"]) == 1 and "val_error" in results["history"][0]
+    ckpt = data.load_checkpoint(str(out / "checkpoint.pt"), "vgg19")
+    assert ckpt["epoch"] == 0 and ckpt["args"]["dry_run"] is True
+    assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
