@@ -59,6 +59,26 @@ QUICK = {"width": 0.25, "img_size": 64, "epochs": 30, "batch_size": 32}
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # §3.3: n = 5, alpha = 1e-4, beta = 0.75, k = 2
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "biases at 2x the lr without weight decay, as the released nets train them (cuda-convnet's "
+    "epsB, Caffe's bvlc_alexnet); §5's update rule is written for every weight",
+    "one device: the two GPUs of §3.2 become groups=2 in conv2/conv4/conv5 (paper variant); "
+    "LRN runs over all 96/256 maps of both towers (as Caffe's reference), not within each tower",
+    "conv1 padding 2 on 224 crops (the paper's 224 gives 54x54 maps without it; 227 is needed)",
+    "LRN in PyTorch's convention b = a / (k + alpha/n sum a^2)^beta with alpha = 1e-4, n = 5 "
+    "(cuda-convnet's and Caffe's); the paper's formula read literally is alpha = 5e-4 here",
+    "AdaptiveAvgPool2d(6) before fc6 (identity at 224) so that small inputs run",
+    "lr / 10 at fixed epochs 30, 60, 80 of 90 instead of 'when the validation error stopped "
+    "improving': the ILSVRC val set is our test set, and fixed steps make resume exact",
+    "torchvision variant: torchvision's layout and PyTorch's default init (64-192-384-256-256, "
+    "no LRN, dropout before fc6/fc7); the paper's N(0, 0.01)/bias-1 init is the paper variant's",
+    "small sets (shapes, CIFAR, MNIST): 32x32 images upsampled bilinearly on the device to "
+    "--img-size (96; 64 with --quick), pad-4 random crops + flips before upsampling instead of "
+    "224-of-256 crops, PCA colour from the training set's own RGB covariance",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -476,24 +496,6 @@ def main(argv=None):
         seconds=time.time() - t0, history=history) if is_main else None
     return results
 
-
-DEPARTURES = [
-    "biases at 2x the lr without weight decay, as the released nets train them (cuda-convnet's "
-    "epsB, Caffe's bvlc_alexnet); §5's update rule is written for every weight",
-    "one device: the two GPUs of §3.2 become groups=2 in conv2/conv4/conv5 (paper variant); "
-    "LRN runs over all 96/256 maps of both towers (as Caffe's reference), not within each tower",
-    "conv1 padding 2 on 224 crops (the paper's 224 gives 54x54 maps without it; 227 is needed)",
-    "LRN in PyTorch's convention b = a / (k + alpha/n sum a^2)^beta with alpha = 1e-4, n = 5 "
-    "(cuda-convnet's and Caffe's); the paper's formula read literally is alpha = 5e-4 here",
-    "AdaptiveAvgPool2d(6) before fc6 (identity at 224) so that small inputs run",
-    "lr / 10 at fixed epochs 30, 60, 80 of 90 instead of 'when the validation error stopped "
-    "improving': the ILSVRC val set is our test set, and fixed steps make resume exact",
-    "torchvision variant: torchvision's layout and PyTorch's default init (64-192-384-256-256, "
-    "no LRN, dropout before fc6/fc7); the paper's N(0, 0.01)/bias-1 init is the paper variant's",
-    "small sets (shapes, CIFAR, MNIST): 32x32 images upsampled bilinearly on the device to "
-    "--img-size (96; 64 with --quick), pad-4 random crops + flips before upsampling instead of "
-    "224-of-256 crops, PCA colour from the training set's own RGB covariance",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "alexnet.py")

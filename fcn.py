@@ -73,6 +73,26 @@ QUICK = {"width": 0.125, "epochs": 4, "batch_size": 16, "lr": 1e-3, "momentum": 
          "optimizer": "adam", "weight_decay": 0.0}
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "default --arch 8s trains FCN-8s from VGG-16 at once with unscaled skips; the paper's staged "
+    "32s -> 16s -> 8s training is --init-from (the reference at-once net scales pool4/pool3 by "
+    "0.01/0.0001, not done here)",
+    "VOC2012 train (1,464 images) -> val: the paper trains on SBD's 8,498 (+ VOC) and reports "
+    "on a VOC2011 val subset; epochs default to the reference's 100,000 iterations",
+    "all up-samplings fixed bilinear by default (the reference nets' lr_mult 0; CVPR learned "
+    "the 2x ones): --learn-upsampling learns them",
+    "without --pretrained, He-initialised convolutions (the paper always starts from VGG-16)",
+    "--quick (shapes-seg, from scratch): width 1/8, batch norm (--bn), batch 16, pixel-mean "
+    "loss, Adam lr 1e-3, no weight decay, 4 epochs (the paper's batch 1, summed loss, SGD lr "
+    "1e-10, momentum 0.99 assume ImageNet weights and 500x500 images; without batch norm the "
+    "narrow net stayed at the all-background prediction, with Adam or SGD)",
+    "images are normalised by ImageNet mean/std (torchvision's VGG-16), not Caffe's BGR means; "
+    "in the SGD recipe conv1_1's gradient is scaled by (255 std)^2 so that each layer takes "
+    "the reference's steps at its lr (CAFFE_CONV1_GRAD_SCALE)",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -644,24 +664,6 @@ def main(argv=None):
         history=history, confusion=cm) if is_main else None
     return results
 
-
-DEPARTURES = [
-    "default --arch 8s trains FCN-8s from VGG-16 at once with unscaled skips; the paper's staged "
-    "32s -> 16s -> 8s training is --init-from (the reference at-once net scales pool4/pool3 by "
-    "0.01/0.0001, not done here)",
-    "VOC2012 train (1,464 images) -> val: the paper trains on SBD's 8,498 (+ VOC) and reports "
-    "on a VOC2011 val subset; epochs default to the reference's 100,000 iterations",
-    "all up-samplings fixed bilinear by default (the reference nets' lr_mult 0; CVPR learned "
-    "the 2x ones): --learn-upsampling learns them",
-    "without --pretrained, He-initialised convolutions (the paper always starts from VGG-16)",
-    "--quick (shapes-seg, from scratch): width 1/8, batch norm (--bn), batch 16, pixel-mean "
-    "loss, Adam lr 1e-3, no weight decay, 4 epochs (the paper's batch 1, summed loss, SGD lr "
-    "1e-10, momentum 0.99 assume ImageNet weights and 500x500 images; without batch norm the "
-    "narrow net stayed at the all-background prediction, with Adam or SGD)",
-    "images are normalised by ImageNet mean/std (torchvision's VGG-16), not Caffe's BGR means; "
-    "in the SGD recipe conv1_1's gradient is scaled by (255 std)^2 so that each layer takes "
-    "the reference's steps at its lr (CAFFE_CONV1_GRAD_SCALE)",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "fcn.py")

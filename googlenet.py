@@ -75,6 +75,46 @@ QUICK_NIN = {"width": 0.25, "epochs": 40, "batch_size": 64, "lr": 0.05, "lr_step
 GoogLeNetOutputs = namedtuple("GoogLeNetOutputs", ["logits", "aux_logits2", "aux_logits1"])
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "--variant torchvision (default): BatchNorm after every conv instead of LocalRespNorm, a 3x3 "
+    "kernel in the third inception branch where Table 1 has 5x5 (torchvision's known quirk, "
+    "pytorch/vision#906), a 2x2/2 last max-pool, adaptive 4x4 aux pooling, main dropout 0.2 (the "
+    "paper: 40 %); --variant paper follows Table 1 (with Glorot init, which the paper does not "
+    "state)",
+    "--variant torchvision from scratch: He (fan-out) init of the convolutions instead of "
+    "torchvision's trunc_normal(0.01), under which BN's running statistics go stale (eval-mode "
+    "loss at chance while the training loss falls); torchvision's layout is unchanged",
+    "lr schedule of §6 (x 0.96 every 8 epochs) for 90 epochs (the paper gives no length): the lr "
+    "ends at 0.96^11 = 64 % of its start (BVLC's reference solver, same step, runs 10M "
+    "iterations of 32 = 250 epochs, to 28 %); from lr 0.1 (0.01 for --variant paper), weight "
+    "decay 2e-4 (BVLC's solver; the paper states none), biases at 2x lr without decay (BVLC's "
+    "net), batch 256 (not stated; the paper used asynchronous SGD on a CPU cluster)",
+    "Polyak averaging as an exponential moving average of weights and BN buffers, decay 0.9999, "
+    "on by default on ImageNet (the paper does not give its averaging); off on the small sets, "
+    "whose short runs an average of this length would lag",
+    "photometric distortions as ColorJitter(0.5, 0.5, 0.5) plus AlexNet's PCA lighting noise (the "
+    "paper cites Howard's distortions without their parameters); per-channel normalisation",
+    "single-crop figure: the centre 224 crop of the image resized to 256 (Table 5's crop is not "
+    "stated); the 10-crop test (--test-crops 10) is AlexNet's on the image resized to 256",
+    "small sets (shapes, CIFAR, MNIST): conv1 at stride 1 and no maxpool1/maxpool2, so 32x32 "
+    "images give 32/16/8 maps (224 gives 28/14/7); data.py's pad-and-crop + flip augmentation, "
+    "single-view test; --width < 1 narrows every layer (CPU tests only)",
+]
+DEPARTURES_NIN = [
+    "lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at epochs 150 and 225 of 300 "
+    "(fixed steps; NIN §4.1 lowers the lr when the training accuracy stops improving, twice; the "
+    "decay is that of public reproductions, the paper states none)",
+    "init and per-layer rates of the authors' released Caffe model (the paper gives none): "
+    "N(0, 0.05) weights (std rescaled by sqrt(fan-in ratio) at --width < 1 or on grey images), "
+    "zero biases at 2x the lr without weight decay, cccp6 at 0.1x the lr; ReLU kept after the "
+    "last 1x1 conv before global average pooling, as there",
+    "augmentation: data.py's 4-pixel pad-and-crop + flip (the paper's 8.81 % used translation and "
+    "flipping; its 10.41 % none); per-channel normalisation instead of global contrast "
+    "normalisation and ZCA whitening",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -663,44 +703,6 @@ def main(argv=None):
         history=history) if is_main else None
     return results
 
-
-DEPARTURES = [
-    "--variant torchvision (default): BatchNorm after every conv instead of LocalRespNorm, a 3x3 "
-    "kernel in the third inception branch where Table 1 has 5x5 (torchvision's known quirk, "
-    "pytorch/vision#906), a 2x2/2 last max-pool, adaptive 4x4 aux pooling, main dropout 0.2 (the "
-    "paper: 40 %); --variant paper follows Table 1 (with Glorot init, which the paper does not "
-    "state)",
-    "--variant torchvision from scratch: He (fan-out) init of the convolutions instead of "
-    "torchvision's trunc_normal(0.01), under which BN's running statistics go stale (eval-mode "
-    "loss at chance while the training loss falls); torchvision's layout is unchanged",
-    "lr schedule of §6 (x 0.96 every 8 epochs) for 90 epochs (the paper gives no length): the lr "
-    "ends at 0.96^11 = 64 % of its start (BVLC's reference solver, same step, runs 10M "
-    "iterations of 32 = 250 epochs, to 28 %); from lr 0.1 (0.01 for --variant paper), weight "
-    "decay 2e-4 (BVLC's solver; the paper states none), biases at 2x lr without decay (BVLC's "
-    "net), batch 256 (not stated; the paper used asynchronous SGD on a CPU cluster)",
-    "Polyak averaging as an exponential moving average of weights and BN buffers, decay 0.9999, "
-    "on by default on ImageNet (the paper does not give its averaging); off on the small sets, "
-    "whose short runs an average of this length would lag",
-    "photometric distortions as ColorJitter(0.5, 0.5, 0.5) plus AlexNet's PCA lighting noise (the "
-    "paper cites Howard's distortions without their parameters); per-channel normalisation",
-    "single-crop figure: the centre 224 crop of the image resized to 256 (Table 5's crop is not "
-    "stated); the 10-crop test (--test-crops 10) is AlexNet's on the image resized to 256",
-    "small sets (shapes, CIFAR, MNIST): conv1 at stride 1 and no maxpool1/maxpool2, so 32x32 "
-    "images give 32/16/8 maps (224 gives 28/14/7); data.py's pad-and-crop + flip augmentation, "
-    "single-view test; --width < 1 narrows every layer (CPU tests only)",
-]
-DEPARTURES_NIN = [
-    "lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at epochs 150 and 225 of 300 "
-    "(fixed steps; NIN §4.1 lowers the lr when the training accuracy stops improving, twice; the "
-    "decay is that of public reproductions, the paper states none)",
-    "init and per-layer rates of the authors' released Caffe model (the paper gives none): "
-    "N(0, 0.05) weights (std rescaled by sqrt(fan-in ratio) at --width < 1 or on grey images), "
-    "zero biases at 2x the lr without weight decay, cccp6 at 0.1x the lr; ReLU kept after the "
-    "last 1x1 conv before global average pooling, as there",
-    "augmentation: data.py's 4-pixel pad-and-crop + flip (the paper's 8.81 % used translation and "
-    "flipping; its 10.41 % none); per-channel normalisation instead of global contrast "
-    "normalisation and ZCA whitening",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "googlenet.py")

@@ -56,6 +56,18 @@ C3_TABLE = ["X   XXX  XXXX XX",
             "   XXX  XXXX XXX"]
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "1998 variant: linear output + cross-entropy instead of RBF units with fixed bitmap codes",
+    "SGD with momentum on mini-batches instead of stochastic diagonal Levenberg-Marquardt "
+    "on single samples; the 20 passes and the schedule's shape are the paper's",
+    "inputs normalised by the training set's mean/std instead of [-0.1, 1.175]",
+    "1998 variant: biases start at 0 (Appendix A's U(-2.4/F_i, 2.4/F_i) is given for the "
+    "weights); --augment: the lecture's 3-pixel random crops (the paper's distortions are "
+    "affine), the lr milestones scale with --epochs",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -330,16 +342,6 @@ def main(argv=None):
         history=history) if is_main else None
     return results
 
-
-DEPARTURES = [
-    "1998 variant: linear output + cross-entropy instead of RBF units with fixed bitmap codes",
-    "SGD with momentum on mini-batches instead of stochastic diagonal Levenberg-Marquardt "
-    "on single samples; the 20 passes and the schedule's shape are the paper's",
-    "inputs normalised by the training set's mean/std instead of [-0.1, 1.175]",
-    "1998 variant: biases start at 0 (Appendix A's U(-2.4/F_i, 2.4/F_i) is given for the "
-    "weights); --augment: the lecture's 3-pixel random crops (the paper's distortions are "
-    "affine), the lr milestones scale with --epochs",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "lenet5.py")

@@ -44,6 +44,19 @@ PAPER = {"reference": "EE-559 lecture, fine-tuning example (Monster)", "data": "
          "test_error": None, "note": "the lecture gives no figure"}
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "inputs normalised with ImageNet's mean and deviation, which the trained AlexNet layer "
+    "expects (the lecture feeds [0, 1] images)",
+    "no AlexNet download at import: the layer comes from --pretrained or --alexnet-weights, and "
+    "without either the script stops unless --scratch asks for a random first layer",
+    "with --quick: 4 blocks of 16 channels on a small subset (CPU smoke runs only); without "
+    "--pretrained or --alexnet-weights it trains the first layer from scratch",
+    "grey images (MNIST, Fashion-MNIST) are replicated to 3 channels for the AlexNet layer; "
+    "28x28 inputs give a 6x6 final map where 32x32 give 7x7",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -329,17 +342,6 @@ def main(argv=None):
                               paper=PAPER, config=base)
     return results
 
-
-DEPARTURES = [
-    "inputs normalised with ImageNet's mean and deviation, which the trained AlexNet layer "
-    "expects (the lecture feeds [0, 1] images)",
-    "no AlexNet download at import: the layer comes from --pretrained or --alexnet-weights, and "
-    "without either the script stops unless --scratch asks for a random first layer",
-    "with --quick: 4 blocks of 16 channels on a small subset (CPU smoke runs only); without "
-    "--pretrained or --alexnet-weights it trains the first layer from scratch",
-    "grey images (MNIST, Fashion-MNIST) are replicated to 3 channels for the AlexNet layer; "
-    "28x28 inputs give a 6x6 final map where 32x32 give 7x7",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "monster_finetune.py")

@@ -91,6 +91,39 @@ QUICK = {"width": 0.125, "epochs": 8, "batch_size": 32, "loc_epochs": 6}
 TEST_BATCH, LOC_TEST_BATCH, DET_TEST_BATCH = 250, 100, 50
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "lr x 0.5 after epochs 30, 50, 60, 70, 80 as §3.1, but the total (90) is our choice: the "
+    "paper does not state it",
+    "small sets (shapes, CIFAR, MNIST): images upsampled on the device to 103 (fast) / 113 "
+    "(accurate) / 63 (alexnet) pixels, the smallest inputs that keep every layer; one jitter "
+    "scale per batch; He init (--init kaiming): N(0, 1e-2) stays at chance on 2,000 images; "
+    "lr 1e-2 and momentum 0.9 (§3.1's 5e-2 diverges with He init, 0.6 barely moves); the "
+    "quick nets leave chance only after ~10 epochs (quick default: 8)",
+    "dense test: softmax at each location, max over locations and offsets, mean over scales and "
+    "mirrors; the paper does not say whether the max is over scores or probabilities; rescaling "
+    "is bilinear with antialiasing, scales are the smallest side (the paper's Table 5 gives both "
+    "sides)",
+    "localisation: the regressor is a convolution over the fc window on the (non-offset) pooled "
+    "maps, trained at 2 scales (img-size and 1.5 x) on every location of the whole training "
+    "image (the paper drops locations whose window overlaps the box by < 50 % and trains at 6 "
+    "scales); class-agnostic (class-specific only for detection, --class-specific)",
+    "§4.3 match score: centre distance / image size + (1 - IoU) (the paper: 'the sum of the "
+    "distance between centers and the intersection area', units unspecified); merged box = mean "
+    "of the two, confidence = the sum; top classes k = 1",
+    "--variant alexnet (torchvision's layout) is not in the paper: it is the only published "
+    "ImageNet weight set (--pretrained); OverFeat's own Lua weights are not loaded",
+    "detection (§5): per step one positive window per scene (a square of 1.3-2 x the object "
+    "around it, jittered) and one background window (IoU < 0.3 with every object; with "
+    "--negatives hard the most offending of 4 random ones, scored by the current net); then "
+    "the regressor on the positive windows, features and classifier frozen; test: one pooling "
+    "offset, 5 scales (a window covers 1 to 1/4 of the scene), score = the class posterior, "
+    "per-class NMS (IoU 0.3) instead of §4.3's greedy merge (quadratic in thousands of boxes); "
+    "voc scenes are held in memory as 2 x img-size squares (fine for --quick; a full VOC run "
+    "needs ~20 GB), imagenet localisation images as 256 x 256 squares likewise",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -1293,37 +1326,6 @@ def main(argv=None):
         {k: test[k] for k in task.keys if k in test}, paper=PAPER, config=config,
         device=str(device), seconds=time.time() - t0, history=history) if is_main else None
 
-
-DEPARTURES = [
-    "lr x 0.5 after epochs 30, 50, 60, 70, 80 as §3.1, but the total (90) is our choice: the "
-    "paper does not state it",
-    "small sets (shapes, CIFAR, MNIST): images upsampled on the device to 103 (fast) / 113 "
-    "(accurate) / 63 (alexnet) pixels, the smallest inputs that keep every layer; one jitter "
-    "scale per batch; He init (--init kaiming): N(0, 1e-2) stays at chance on 2,000 images; "
-    "lr 1e-2 and momentum 0.9 (§3.1's 5e-2 diverges with He init, 0.6 barely moves); the "
-    "quick nets leave chance only after ~10 epochs (quick default: 8)",
-    "dense test: softmax at each location, max over locations and offsets, mean over scales and "
-    "mirrors; the paper does not say whether the max is over scores or probabilities; rescaling "
-    "is bilinear with antialiasing, scales are the smallest side (the paper's Table 5 gives both "
-    "sides)",
-    "localisation: the regressor is a convolution over the fc window on the (non-offset) pooled "
-    "maps, trained at 2 scales (img-size and 1.5 x) on every location of the whole training "
-    "image (the paper drops locations whose window overlaps the box by < 50 % and trains at 6 "
-    "scales); class-agnostic (class-specific only for detection, --class-specific)",
-    "§4.3 match score: centre distance / image size + (1 - IoU) (the paper: 'the sum of the "
-    "distance between centers and the intersection area', units unspecified); merged box = mean "
-    "of the two, confidence = the sum; top classes k = 1",
-    "--variant alexnet (torchvision's layout) is not in the paper: it is the only published "
-    "ImageNet weight set (--pretrained); OverFeat's own Lua weights are not loaded",
-    "detection (§5): per step one positive window per scene (a square of 1.3-2 x the object "
-    "around it, jittered) and one background window (IoU < 0.3 with every object; with "
-    "--negatives hard the most offending of 4 random ones, scored by the current net); then "
-    "the regressor on the positive windows, features and classifier frozen; test: one pooling "
-    "offset, 5 scales (a window covers 1 to 1/4 of the scene), score = the class posterior, "
-    "per-class NMS (IoU 0.3) instead of §4.3's greedy merge (quadratic in thousands of boxes); "
-    "voc scenes are held in memory as 2 x img-size squares (fine for --quick; a full VOC run "
-    "needs ~20 GB), imagenet localisation images as 256 x 256 squares likewise",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "overfeat.py")

@@ -84,6 +84,28 @@ def paper_figures(depth):
             "(10-crop)", "data": "imagenet", "test_error": top1, "top5_error": top5}
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES_CIFAR = [
+    "inputs normalised with the training set's per-channel mean and deviation (the paper "
+    "subtracts the per-pixel mean)",
+    "ResNet-110/1202 warm-up: a fixed 400 iterations at lr 0.01, not 'until the training error "
+    "is below 80 %' (about 400 iterations in the paper), so that resume is exact",
+    "one process holds the whole batch of 128 (the paper: two GPUs, BN statistics per GPU); "
+    "under torchrun BN statistics are per process, as in the paper",
+]
+DEPARTURES_IMAGENET = [
+    "bottleneck stride on the 3x3 convolution (torchvision's 'v1.5'); the paper strides the "
+    "first 1x1 of conv3_1, conv4_1, conv5_1",
+    "lr / 10 every 30 epochs for 90 epochs (torchvision's reference recipe) instead of 'when the "
+    "error plateaus' for up to 60e4 iterations (= 120 epochs at batch 256)",
+    "scale augmentation by RandomResizedCrop (8-100 % of the area, aspect 3/4-4/3) instead of "
+    "the short side resized to a random size in [256, 480] and a random 224 crop",
+    "per-channel mean/std normalisation (the paper subtracts the per-pixel mean)",
+    "10-crop test on the central 256x256 square of the image resized to 256 (not on the whole "
+    "resized image); single-crop figures are the 224 centre crop",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -540,26 +562,6 @@ def main(argv=None):
         device=str(device), seconds=time.time() - t0, history=history) if is_main else None
     return results
 
-
-DEPARTURES_CIFAR = [
-    "inputs normalised with the training set's per-channel mean and deviation (the paper "
-    "subtracts the per-pixel mean)",
-    "ResNet-110/1202 warm-up: a fixed 400 iterations at lr 0.01, not 'until the training error "
-    "is below 80 %' (about 400 iterations in the paper), so that resume is exact",
-    "one process holds the whole batch of 128 (the paper: two GPUs, BN statistics per GPU); "
-    "under torchrun BN statistics are per process, as in the paper",
-]
-DEPARTURES_IMAGENET = [
-    "bottleneck stride on the 3x3 convolution (torchvision's 'v1.5'); the paper strides the "
-    "first 1x1 of conv3_1, conv4_1, conv5_1",
-    "lr / 10 every 30 epochs for 90 epochs (torchvision's reference recipe) instead of 'when the "
-    "error plateaus' for up to 60e4 iterations (= 120 epochs at batch 256)",
-    "scale augmentation by RandomResizedCrop (8-100 % of the area, aspect 3/4-4/3) instead of "
-    "the short side resized to a random size in [256, 480] and a random 224 crop",
-    "per-channel mean/std normalisation (the paper subtracts the per-pixel mean)",
-    "10-crop test on the central 256x256 square of the image resized to 256 (not on the whole "
-    "resized image); single-crop figures are the 224 centre crop",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "resnet.py")

@@ -109,6 +109,37 @@ def default_boxes(map_sizes, ratios, scales):
     return torch.cat(out)
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "default-box scales of the released Caffe models (0.1, 0.2, 0.37, 0.54, 0.71, 0.88; 1.05 "
+    "for the last extra box) rather than eq. (4)'s 0.2..0.9 (--box-scales paper); widths and "
+    "heights clipped to [0, 1]; centres (i + 0.5) / f_k as §2.2 (Caffe uses its step sizes)",
+    "inputs normalised with torchvision's ImageNet mean/std in RGB (Caffe: BGR mean subtraction), "
+    "for torchvision's VGG-16 weights",
+    "the release's schedule (ssd_pascal.py, not §3.1's 40k + 10k + 10k for VOC2007), counted "
+    "in epochs: lr / 10 at 2/3 and 5/6 of --epochs (120k iterations at batch 32 = 232 epochs "
+    "of VOC07+12); one lr and weight decay for every parameter (Caffe doubles the bias lr and "
+    "does not decay biases)",
+    "trains on the difficult objects too, as the release (use_difficult_gt); they are ignored "
+    "in the evaluation, as VOC's",
+    "augmentation via torchvision.transforms.v2 (the release's photometric distortion as "
+    "CaffeDistort, RandomZoomOut, RandomIoUCrop, flip); CaffeDistort's saturation step blends "
+    "with the grey image (torchvision's adjust_saturation) where Caffe scales HSV's S channel; "
+    "the IoU crop is skipped on images without a box; each (epoch, image) draws its "
+    "augmentation from its own seed (exact --resume and torchrun)",
+    "a default box is positive when its IoU exceeds 0.5 (the paper's words; Caffe: >= 0.5)",
+    "without --pretrained the VGG-16 base starts from He init (the paper always starts from "
+    "ImageNet weights); --bn (vgg16_bn layout, BN after every convolution) is a CPU option",
+    "--quick on shapes-det: a 96-pixel SSD on the 64-pixel images upsampled (maps 12, 6, 3, 2, "
+    "1, 866 default boxes; the extra layers halve the map; at 64 pixels only 43 % of the "
+    "objects have a default box of IoU > 0.5, at 96 67 %), width 0.25, BatchNorm after every "
+    "convolution, from scratch with Adam (lr 1e-3) for 12 epochs (SGD at lr 1e-2 diverges, at "
+    "1e-3 learns too slowly for minutes on a CPU), the light augmentation (photometric "
+    "distortion and flip: the zoom-out and IoU crop need far longer training; measured 3.5 % "
+    "mAP with them vs 9.7 % without at 64 pixels after 6 epochs)",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -791,35 +822,6 @@ def main(argv=None):
         history=history) if is_main else None
     return results
 
-
-DEPARTURES = [
-    "default-box scales of the released Caffe models (0.1, 0.2, 0.37, 0.54, 0.71, 0.88; 1.05 "
-    "for the last extra box) rather than eq. (4)'s 0.2..0.9 (--box-scales paper); widths and "
-    "heights clipped to [0, 1]; centres (i + 0.5) / f_k as §2.2 (Caffe uses its step sizes)",
-    "inputs normalised with torchvision's ImageNet mean/std in RGB (Caffe: BGR mean subtraction), "
-    "for torchvision's VGG-16 weights",
-    "the release's schedule (ssd_pascal.py, not §3.1's 40k + 10k + 10k for VOC2007), counted "
-    "in epochs: lr / 10 at 2/3 and 5/6 of --epochs (120k iterations at batch 32 = 232 epochs "
-    "of VOC07+12); one lr and weight decay for every parameter (Caffe doubles the bias lr and "
-    "does not decay biases)",
-    "trains on the difficult objects too, as the release (use_difficult_gt); they are ignored "
-    "in the evaluation, as VOC's",
-    "augmentation via torchvision.transforms.v2 (the release's photometric distortion as "
-    "CaffeDistort, RandomZoomOut, RandomIoUCrop, flip); CaffeDistort's saturation step blends "
-    "with the grey image (torchvision's adjust_saturation) where Caffe scales HSV's S channel; "
-    "the IoU crop is skipped on images without a box; each (epoch, image) draws its "
-    "augmentation from its own seed (exact --resume and torchrun)",
-    "a default box is positive when its IoU exceeds 0.5 (the paper's words; Caffe: >= 0.5)",
-    "without --pretrained the VGG-16 base starts from He init (the paper always starts from "
-    "ImageNet weights); --bn (vgg16_bn layout, BN after every convolution) is a CPU option",
-    "--quick on shapes-det: a 96-pixel SSD on the 64-pixel images upsampled (maps 12, 6, 3, 2, "
-    "1, 866 default boxes; the extra layers halve the map; at 64 pixels only 43 % of the "
-    "objects have a default box of IoU > 0.5, at 96 67 %), width 0.25, BatchNorm after every "
-    "convolution, from scratch with Adam (lr 1e-3) for 12 epochs (SGD at lr 1e-2 diverges, at "
-    "1e-3 learns too slowly for minutes on a CPU), the light augmentation (photometric "
-    "distortion and flip: the zoom-out and IoU crop need far longer training; measured 3.5 % "
-    "mAP with them vs 9.7 % without at 64 pixels after 6 epochs)",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "ssd.py")

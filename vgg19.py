@@ -60,6 +60,26 @@ POOL = 7                  # 224 / 2^5: the size of the last feature map, fc6's w
 EVAL_BATCH_SIZE = 250     # val and dense-test batch of the in-memory sets (ImageNet: 16 images)
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "initialisation: the paper initialised E from the trained shallower net A (§3.1); we train "
+    "from scratch with torchvision's He (Kaiming) init (--init kaiming) or Glorot's (--init "
+    "glorot), which the paper notes works without pre-training; without BN at --width w < 1 "
+    "the FC layers' N(0, 0.01) becomes N(0, 0.01 / sqrt(w)) so that each keeps its full-width gain",
+    "lr schedule: ReduceLROnPlateau (factor 0.1, --patience 3, at most 3 times) on the held-out "
+    "val error for sets with a val split; on ImageNet (whose official val set is our test set) "
+    "fixed steps at epochs 30, 50, 65 of 74",
+    "AdaptiveAvgPool2d(7) before fc6 (identity at 224, torchvision's layout) so that 32x32 inputs "
+    "run; the dense net pools maps smaller than 7x7 up to 7 in the same way",
+    "--bn (vgg19_bn) adds BatchNorm, which the 2014 paper does not have",
+    "dense test: rescaling is bilinear with antialiasing (the paper does not say which filter); "
+    "the multi-crop test of §3.2 / Table 5 is not implemented",
+    "32x32 sets (shapes, CIFAR, MNIST): S ~ U{32..48}, 32 crops, test Q in {32, 40, 48}, one S "
+    "per batch (rescaled on the device) instead of per image; PCA colour from the training set's "
+    "own RGB covariance; --width < 1 narrows every layer (CPU tests only)",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -540,24 +560,6 @@ def main(argv=None):
         seconds=time.time() - t0, history=history) if is_main else None
     return results
 
-
-DEPARTURES = [
-    "initialisation: the paper initialised E from the trained shallower net A (§3.1); we train "
-    "from scratch with torchvision's He (Kaiming) init (--init kaiming) or Glorot's (--init "
-    "glorot), which the paper notes works without pre-training; without BN at --width w < 1 "
-    "the FC layers' N(0, 0.01) becomes N(0, 0.01 / sqrt(w)) so that each keeps its full-width gain",
-    "lr schedule: ReduceLROnPlateau (factor 0.1, --patience 3, at most 3 times) on the held-out "
-    "val error for sets with a val split; on ImageNet (whose official val set is our test set) "
-    "fixed steps at epochs 30, 50, 65 of 74",
-    "AdaptiveAvgPool2d(7) before fc6 (identity at 224, torchvision's layout) so that 32x32 inputs "
-    "run; the dense net pools maps smaller than 7x7 up to 7 in the same way",
-    "--bn (vgg19_bn) adds BatchNorm, which the 2014 paper does not have",
-    "dense test: rescaling is bilinear with antialiasing (the paper does not say which filter); "
-    "the multi-crop test of §3.2 / Table 5 is not implemented",
-    "32x32 sets (shapes, CIFAR, MNIST): S ~ U{32..48}, 32 crops, test Q in {32, 40, 48}, one S "
-    "per batch (rescaled on the device) instead of per image; PCA colour from the training set's "
-    "own RGB covariance; --width < 1 narrows every layer (CPU tests only)",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "vgg19.py")

@@ -77,6 +77,31 @@ QUICK = {"img_size": 64, "width": 0.25, "grid": 4, "epochs": 15, "batch_size": 3
          "pretrain_epochs": 30}
 
 
+# What this script does otherwise than the paper (printed at start, stored in results.json)
+DEPARTURES = [
+    "w and h are predicted as their square roots (darknet's sqrt=1): the loss's sqrt(w_hat) of "
+    "a linear output that can be negative is undefined otherwise; boxes decode to w = output^2",
+    "one object per cell: when several centres fall in one cell the largest box is kept (the "
+    "paper does not say which)",
+    "lr warm-up 1e-3 -> 1e-2 over the first 5/135 of training, per iteration (the paper: 'the "
+    "first epochs'); the steps at 75/135 and 105/135 of --epochs",
+    "augmentation: v2.RandomAffine(translate 0.2, scale 0.8-1.2) + v2.ColorJitter(brightness and "
+    "saturation x 1/1.5..1.5) for the paper's HSV exposure/saturation; images resized to "
+    "img-size x img-size first; inputs normalised with ImageNet mean/std",
+    "Fast YOLO's layout is darknet's v1 yolo-tiny.cfg (9 convs 16..1024) with the two FCs of "
+    "the full net; the paper gives only '9 layers, fewer filters'",
+    "pretraining: cosine lr decay over --epochs at --pretrain-size (the paper: a week on "
+    "ImageNet, 88% top-5, no schedule given); --bn (not the default) is YOLOv2's batch norm",
+    "--quick (offline shapes-det): Fast YOLO at width 0.25 on 64 px with its last two stride-2 "
+    "steps dropped (--drop-strides 2: a 4 x 4 last map = S, as 448 px gives 7 x 7 in the paper), "
+    "S=4, batch norm, batch 32; the backbone first pretrained 30 epochs on shapes "
+    "classification at lr 2e-2 (cosine), then 15 detection epochs at lr 2e-3 without dropout; "
+    "§2.2's schedule shape and augmentation kept (from scratch the classes stay at chance)",
+    "--drop-strides N and --clip-grad are ours (both off by default; --clip-grad is off in "
+    "--quick too)",
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -732,29 +757,6 @@ def main(argv=None):
         history=history) if is_main else None
     return results
 
-
-DEPARTURES = [
-    "w and h are predicted as their square roots (darknet's sqrt=1): the loss's sqrt(w_hat) of "
-    "a linear output that can be negative is undefined otherwise; boxes decode to w = output^2",
-    "one object per cell: when several centres fall in one cell the largest box is kept (the "
-    "paper does not say which)",
-    "lr warm-up 1e-3 -> 1e-2 over the first 5/135 of training, per iteration (the paper: 'the "
-    "first epochs'); the steps at 75/135 and 105/135 of --epochs",
-    "augmentation: v2.RandomAffine(translate 0.2, scale 0.8-1.2) + v2.ColorJitter(brightness and "
-    "saturation x 1/1.5..1.5) for the paper's HSV exposure/saturation; images resized to "
-    "img-size x img-size first; inputs normalised with ImageNet mean/std",
-    "Fast YOLO's layout is darknet's v1 yolo-tiny.cfg (9 convs 16..1024) with the two FCs of "
-    "the full net; the paper gives only '9 layers, fewer filters'",
-    "pretraining: cosine lr decay over --epochs at --pretrain-size (the paper: a week on "
-    "ImageNet, 88% top-5, no schedule given); --bn (not the default) is YOLOv2's batch norm",
-    "--quick (offline shapes-det): Fast YOLO at width 0.25 on 64 px with its last two stride-2 "
-    "steps dropped (--drop-strides 2: a 4 x 4 last map = S, as 448 px gives 7 x 7 in the paper), "
-    "S=4, batch norm, batch 32; the backbone first pretrained 30 epochs on shapes "
-    "classification at lr 2e-2 (cosine), then 15 detection epochs at lr 2e-3 without dropout; "
-    "§2.2's schedule shape and augmentation kept (from scratch the classes stay at chance)",
-    "--drop-strides N and --clip-grad are ours (both off by default; --clip-grad is off in "
-    "--quick too)",
-]
 
 if __name__ == "__main__":
     data.run_main(main, "yolo.py")
