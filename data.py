@@ -247,6 +247,9 @@ def render_shapes(seed, index, size=64, max_shapes=4, split="train"):
     return image, boxes, torch.tensor(labels, dtype=torch.int64), torch.from_numpy(mask), labels[0]
 
 
+SHAPES_MIN_SIZE = 16  # below it, some images have no room for a shape
+
+
 def shapes_size(split, quick=False):
     """Number of images of each split of the shapes sets (quick: a tiny set for seconds-long runs)."""
     if quick:
@@ -264,6 +267,10 @@ class ShapesDataset(Dataset):
     def __init__(self, task="shapes", split="train", n=None, size=64, seed=0, max_shapes=4,
                  transforms=None, quick=False):
         check_split(task, split, ("train", "val", "trainval", "test"))
+        if size < SHAPES_MIN_SIZE:  # measured: at 8 px 96 of 1,500 images hold no shape at all
+            raise DataError(f"{task} images of {size}x{size} pixels are too small to hold a "
+                            f"shape; draw them at {SHAPES_MIN_SIZE} or more (the script's "
+                            f"--img-size or --data-size)")
         self.task, self.size, self.seed, self.max_shapes = task, size, seed, max_shapes
         self.transforms = transforms
         # "trainval" is train followed by val: the same images, so a final run sees both.

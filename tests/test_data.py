@@ -797,3 +797,10 @@ def test_every_classification_script_trains_on_the_whole_training_set_by_default
     with pytest.raises(data.DataError, match="ImageNet has no held-out split"):
         args = resnet.get_args_parser().parse_args(["--data", "imagenet", "--holdout"])
         data.train_split(args)
+
+
+def test_shapes_too_small_to_hold_a_shape_is_a_one_line_error():
+    with pytest.raises(data.DataError, match="8x8 pixels are too small to hold a shape; draw "
+                                             "them at 16 or more"):
+        data.ShapesDataset("shapes", "train", n=10, size=8)
+    assert len(data.ShapesDataset("shapes", "train", n=10, size=16)) == 10

@@ -501,3 +501,16 @@ def test_localisation_error_is_ilsvrcs_top1_and_top5_measure():
                                       k=1) == 1.0
     with pytest.raises(ValueError, match="guesses per image"):
         metrics.localisation_error(labels[:, :3], boxes[:, :3], gt_labels, gt_boxes, k=5)
+
+
+def test_classification_report_counts_by_hand_and_uses_the_data_sets_classes():
+    # 4 samples, 3 classes in the data set; the scores' arg-max is [0, 1, 1, 2], targets [0, 1, 2, 2]
+    out = torch.tensor([[3., 1, 0], [0, 2, 1], [0, 5, 1], [0, 0, 9]])
+    y = torch.tensor([0, 1, 2, 2])
+    p1 = torch.tensor([[3., 1, 0], [2, 0, 1], [0, 5, 1], [0, 0, 9]])  # a view wrong twice
+    r = metrics.classification_report(out, y, 3, views={"single_crop": p1})
+    assert (r["test_error"], r["test_accuracy"], r["errors"], r["samples"]) == (0.25, 0.75, 1, 4)
+    assert r["balanced_error"] == pytest.approx((0 + 0 + 0.5) / 3)  # per-class errors 0, 0, 1/2
+    assert r["single_crop_error"] == 0.5 and "top5_error" not in r
+    big = metrics.classification_report(torch.eye(100), torch.arange(100), 100)
+    assert big["top5_error"] == 0.0 and big["test_error"] == 0.0
