@@ -369,6 +369,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "alexnet.py", ("variant", "width", "img_size"),
+                          may_differ=("ten_crop",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     data.apply_quick(args, QUICK)

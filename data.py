@@ -1182,7 +1182,8 @@ class DeviceLoader:
 
 def classification_loaders(name, batch_size, device="cpu", data_dir=None, download=True,
                            quick=False, seed=0, augment=True, workers=2, eval_batch_size=500,
-                           train_split="train", size=None, square=False, limit=None):
+                           train_split="train", size=None, square=False, limit=None,
+                           test_only=False, stats=None):
     """(train, val, test) loaders and an info dict for a classification set.
 
     In-memory sets (MNIST, CIFAR, shapes) get `DeviceLoader`s normalised with the statistics of
@@ -1191,38 +1192,50 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
     None: the official validation set is the test set). `batch_size` is per process; under
     torchrun each rank evaluates its share of the evaluation sets (`gather_shards`). `augment`: True for
     `augment_for(name)`, False, or a script's own {"padding", "flip"} (in-memory sets only).
+    `test_only` (--eval-only): only the test split is read (train and val are None); an
+    in-memory set then takes `stats` (mean, std: a checkpoint's "normalisation") and without
+    them reads the training images for their statistics only.
     info = {"classes", "mean", "std", "in_channels", "image_size", "sizes": (train, val, test)}."""
     check_task(name, "classification")
     if name == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-        train_set = classification_dataset(name, "train", data_dir, download, quick=quick,
-                                           transform=classification_transforms(name, augment, mean,
-                                                                               std, size, square))
         test_set = classification_dataset(name, "test", data_dir, download, quick=quick,
                                           transform=classification_transforms(name, False, mean,
                                                                               std, size))
-        train = make_loader(train_set, batch_size, True, workers, device, seed=seed)
         test = make_loader(test_set, eval_batch_size, False, workers, device)
-        classes = getattr(train_set, "names", None) or getattr(train_set.dataset, "names")
+        train_set, train = [], None
+        if not test_only:
+            train_set = classification_dataset(
+                name, "train", data_dir, download, quick=quick,
+                transform=classification_transforms(name, augment, mean, std, size, square))
+            train = make_loader(train_set, batch_size, True, workers, device, seed=seed)
+        classes = getattr(test_set, "names", None) or getattr(test_set.dataset, "names")
         info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
                 "image_size": size or 224, "sizes": (len(train_set), 0, len(test_set))}
         return train, None, test, info
     # The data (shapes images, the held-out split) are fixed; `seed` only shuffles and augments.
     kw = dict(data_dir=data_dir, download=download, quick=quick, size=size or 32, limit=limit)
-    x, y, classes = classification_arrays(name, train_split, **kw)
-    x_test, y_test, _ = classification_arrays(name, "test", **kw)
-    mean, std = channel_stats(x)
-    if augment is True:
-        augment = augment_for(name)
-    train = DeviceLoader(x, y, batch_size, True, device, mean, std, augment or None, seed=seed)
-    val, n_val = None, 0  # "trainval": the held-out images are in the training set
-    if train_split == "train":
-        x_val, y_val, _ = classification_arrays(name, "val", **kw)
-        val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std)
-        n_val = len(y_val)
+    x_test, y_test, classes = classification_arrays(name, "test", **kw)
+    train = val = None
+    n_train = n_val = 0  # "trainval": the held-out images are in the training set
+    if test_only and stats is not None:
+        mean, std = (tuple(map(float, s)) for s in stats)
+    else:
+        x, y, _ = classification_arrays(name, train_split, **kw)
+        mean, std = channel_stats(x)
+    if not test_only:
+        if augment is True:
+            augment = augment_for(name)
+        train = DeviceLoader(x, y, batch_size, True, device, mean, std, augment or None,
+                             seed=seed)
+        n_train = len(y)
+        if train_split == "train":
+            x_val, y_val, _ = classification_arrays(name, "val", **kw)
+            val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std)
+            n_val = len(y_val)
     test = DeviceLoader(x_test, y_test, eval_batch_size, False, device, mean, std)
-    info = {"classes": classes, "mean": mean, "std": std, "in_channels": x.shape[1],
-            "image_size": x.shape[-1], "sizes": (len(y), n_val, len(y_test))}
+    info = {"classes": classes, "mean": mean, "std": std, "in_channels": x_test.shape[1],
+            "image_size": x_test.shape[-1], "sizes": (n_train, n_val, len(y_test))}
     return train, val, test, info
 
 
@@ -1248,8 +1261,21 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         """Every number given on the command line is finite (`--lr nan` or `--lr inf` would
         otherwise pass a `> 0` check and train on NaNs); loader and logging flags are in range
-        (`--workers -1` would reach the DataLoader as a traceback)."""
-        ns, extra = super().parse_known_args(args, namespace)
+        (`--workers -1` would reach the DataLoader as a traceback). The result is an `Args`,
+        whose `given` names the flags typed (`adopt_checkpoint` holds them to a checkpoint's)."""
+        ns, extra = super().parse_known_args(args, Args() if namespace is None else namespace)
+        if isinstance(ns, Args):  # parsed again with no defaults: what is left was typed
+            defaults = [(a, a.default) for a in self._actions]
+            saved, self._defaults = self._defaults, {}
+            try:
+                for a, _ in defaults:
+                    a.default = argparse.SUPPRESS
+                typed, _ = super().parse_known_args(args, argparse.Namespace())
+            finally:
+                self._defaults = saved
+                for a, d in defaults:
+                    a.default = d
+            ns.given = set(vars(typed))
         for name, least in self.AT_LEAST.items():
             value = getattr(ns, name, None)
             if value is not None and value < least:
@@ -1259,6 +1285,12 @@ class ArgumentParser(argparse.ArgumentParser):
                 if isinstance(v, float) and not math.isfinite(v):
                     self.error(f"--{name.replace('_', '-')} {v}: must be a finite number")
         return ns, extra
+
+
+class Args(argparse.Namespace):
+    """Parsed flags. `given`, the flags typed on the command line, is a slot: it stays out of
+    vars(args), so out of results.json and checkpoints."""
+    __slots__ = ("given",)
 
 
 # The runtime flags every script takes, with the same names and meanings (the README lists them
@@ -1353,6 +1385,77 @@ def setup(args, script, pretrained_is_the_model=True, name=None):
     if args.dry_run and hasattr(args, "epochs"):  # one epoch; 0 (a stage that is off) stays 0
         args.epochs = 1 if args.epochs is None else min(args.epochs, 1)
     return Runtime(device, rank, args.world, rank == 0)
+
+
+# How a run runs, not what it trains or tests: never taken from a checkpoint (a resumed run may
+# move to another device, worker count, precision or output folder).
+HOW_IT_RUNS = ("data_dir", "no_download", "device", "cuda", "workers", "out", "resume",
+               "overwrite", "eval_only", "weights", "pretrained", "amp", "channels_last",
+               "compile", "deterministic", "log_every", "dry_run", "stop_after", "script")
+# Taken from a resumed run's checkpoint unless given, and then free to differ: a run may be
+# lengthened, or drawn or tested at another threshold.
+MAY_DIFFER = ("epochs", "score_threshold", "nms_iou", "classify", "detect", "segment")
+
+
+def adopt_checkpoint(args, script, model_flags, may_differ=(), name=None):
+    """A checkpoint is enough: call it first, right after parsing. `--resume` takes every setting
+    of the run in --out (the checkpoint.pt there) but HOW_IT_RUNS; `--weights CKPT` (training
+    from it, `--eval-only`, or predicting) takes the flags that build the network,
+    `model_flags`, and when evaluating or predicting also `--data` unless given (evaluating on
+    another set with the same classes stays possible). A flag typed on the command line that
+    contradicts the checkpoint is a one-line error naming both values (MAY_DIFFER and the
+    script's `may_differ`, e.g. its test scales, excepted: they are taken unless given). A
+    bare state_dict (torchvision's weights, an older checkpoint) has no settings: nothing is
+    taken. A checkpoint of another script is an error. Sets args.script (in results.json).
+    Returns the checkpoint's state (None without --resume/--weights)."""
+    given = getattr(args, "given", set())
+    predicting = any(getattr(args, k, None) for k in ("classify", "detect", "segment"))
+    if getattr(args, "resume", False):
+        path = os.path.join(args.out or default_out(name or script, args.data), "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise DataError(f"--resume: {path} not found; give the --out (or --data) of the run "
+                            f"to continue, or drop --resume")
+        keys = None  # every saved setting
+    elif getattr(args, "weights", None):
+        path, keys = args.weights, list(model_flags) + (
+            ["data", *may_differ] if args.eval_only or predicting else [])
+    else:
+        args.script = script
+        return None
+    state = load_checkpoint(path)
+    saved = state.get("args")
+    if isinstance(saved, dict) and saved.get("script") not in (None, script):
+        raise DataError(f"{path} was written by {saved['script']}, not {script}; run "
+                        f"{saved['script']} with it, or pass a checkpoint of {script}")
+    if isinstance(saved, dict) and (saved.get("script") == script or keys is None):
+        for k in (saved if keys is None else keys):
+            if k in HOW_IT_RUNS or k not in saved or not hasattr(args, k):
+                continue
+            new, old = getattr(args, k), saved[k]
+            if k in given and _plain(new) != _plain(old):
+                if k in MAY_DIFFER or k in may_differ or (k == "data" and keys is not None):
+                    continue
+                raise DataError(f"{_flag(k, new)} contradicts {path}, trained with "
+                                f"{_flag(k, old)}; drop {_flag(k)} (the checkpoint's value "
+                                f"is used) or pass another checkpoint")
+            if k not in given:
+                setattr(args, k, list(old) if isinstance(old, tuple) else old)
+    args.script = script
+    return state
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _flag(name, value=argparse.SUPPRESS):
+    """A flag as typed: `--width 0.25`, `--bn`, `no --bn` (False or None); no value: `--bn`."""
+    flag = "--" + name.replace("_", "-")
+    if value is argparse.SUPPRESS:
+        return flag
+    if isinstance(value, bool) or value is None:
+        return flag if value else f"no {flag}"
+    return f"{flag} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
 
 
 def set_kernels(device, deterministic):

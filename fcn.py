@@ -540,18 +540,11 @@ def arch_name(args):
         ("" if args.width == 1.0 else f"-w{args.width:g}")
 
 
-def adopt_checkpoint_config(args, path):
-    """--eval-only / --segment: take the architecture, width and classes from an fcn.py
-    checkpoint, so the weights alone are enough. Returns the state and the class names."""
-    state = data.load_checkpoint(path)
-    if str(state.get("arch", "")).startswith("fcn") and isinstance(state.get("args"), dict):
-        args.arch, args.width = state["args"]["arch"], state["args"]["width"]
-        args.bn = state["args"].get("bn", False)
-    return state, state.get("classes")
-
-
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    state = data.adopt_checkpoint(args, "fcn.py", ("arch", "bn", "width", "learn_upsampling",
+                                                   "normalize"),
+                                  may_differ=("data_size",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "data_size")
     t0 = time.time()
     data.check_task(args.data, "segmentation")
@@ -564,9 +557,7 @@ def main(argv=None):
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
-    state, classes = None, None
-    if args.weights:
-        state, classes = adopt_checkpoint_config(args, args.weights)
+    classes = state.get("classes") if args.weights else None
 
     # --segment: one image, no data set.
     if args.segment:
@@ -596,7 +587,7 @@ def main(argv=None):
         copied = init_from(model, args.init_from)
         if is_main:
             print(f"initialised {len(copied)} tensors from {args.init_from}")
-    if state is not None:
+    if args.weights:
         if state.get("arch") not in (None, arch):
             raise data.DataError(f"checkpoint {args.weights} is of '{state['arch']}', not '{arch}'")
         data.load_weights(model, state, args.weights)

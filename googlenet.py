@@ -587,6 +587,10 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "googlenet.py", ("variant", "naive", "no_aux", "width",
+                                                 "img_size", "transform_input", "polyak"),
+                          may_differ=("test_crops",),
+                          name="nin" if args.variant == "nin" else None)
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     resolve_defaults(args)  # --quick included

@@ -255,6 +255,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    state = data.adopt_checkpoint(args, "lenet5.py", ("variant",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     data.check_task(args.data, "classification")
@@ -274,7 +275,8 @@ def main(argv=None):
     train_loader, val_loader, test_loader, info = data.classification_loaders(
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
         args.quick, args.seed, augment=AUGMENT if args.augment else False, eval_batch_size=1000,
-        train_split=data.train_split(args), limit=args.limit)
+        train_split=data.train_split(args), limit=args.limit, test_only=args.eval_only,
+        stats=(state or {}).get("normalisation"))
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
@@ -327,7 +329,7 @@ def main(argv=None):
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history)
+                                     vars(args), history, normalisation=(mean, std))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 

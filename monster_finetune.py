@@ -39,7 +39,7 @@ import metrics
 EPOCHS, BATCH_SIZE, LR = 100, 64, 1e-2        # nb_epochs, batch_size, optim.SGD(lr=1e-2)
 NB_RESIDUAL_BLOCKS, NB_CHANNELS = 16, 64
 # --quick: the first 2,000 / 500 images, a smaller net and 10 epochs (310 steps at batch 64).
-QUICK = {"blocks": 4, "channels": 16, "epochs": 10}
+QUICK = {"blocks": 4, "channels": 16, "epochs": 20}
 PAPER = {"reference": "EE-559 lecture, fine-tuning example (Monster)", "data": "cifar10",
          "test_error": None, "note": "the lecture gives no figure"}
 
@@ -304,6 +304,7 @@ def run(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "monster_finetune.py", ("blocks", "channels"))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     data.check_task(args.data, "classification")
     if args.data == "imagenet":

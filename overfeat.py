@@ -1226,6 +1226,9 @@ def detect_command(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "overfeat.py", ("variant", "width", "img_size", "task",
+                                                "class_specific"),
+                          may_differ=("scales", "det_scales", "merge_threshold"))
     data.check_positive(args, "batch_size", "lr", "width", "img_size")
     if min(args.epochs or 0, args.loc_epochs or 0) < 0:  # 0 is allowed: regressor on fixed features
         raise data.DataError("--epochs and --loc-epochs must be >= 0")

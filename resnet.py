@@ -437,6 +437,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "resnet.py", ("depth", "img_size"), may_differ=("ten_crop",))
     data.check_positive(args, "batch_size", "epochs", "lr", "img_size")
     t0 = time.time()
     if not (is_cifar_depth(args.depth) or args.depth in IMAGENET_DEPTHS):

@@ -366,6 +366,7 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "resnext.py", ("depth", "cardinality", "bottleneck_width", "base"))
     data.check_positive(args, "batch_size", "epochs", "lr", "bottleneck_width", "cardinality",
                         "base")
     t0 = time.time()

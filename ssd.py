@@ -670,17 +670,14 @@ def get_args_parser():
     return p
 
 
-def resolve_defaults(args, saved=None):
-    """Explicit flags first, then (for --weights) the checkpoint's own model settings, then the
-    defaults: the paper's SSD300 on VOC, a small BN SSD on shapes-det with --quick."""
+def resolve_defaults(args):
+    """Explicit flags (and a checkpoint's own model settings: data.adopt_checkpoint) first, then
+    the defaults: the paper's SSD300 on VOC, a small BN SSD on shapes-det with --quick."""
     small = args.quick and args.data == "shapes-det"
-    saved = saved or {}
-    if "size" in saved and "data_size" not in saved:  # a checkpoint from before the renames
-        saved = {**saved, "img_size": saved["size"]}  # (--size was the network's input side)
     for key, default in (("img_size", 96 if small else 300), ("width", 0.25 if small else 1.0),
                          ("bn", small), ("box_scales", "caffe")):
         if getattr(args, key) is None:
-            setattr(args, key, saved.get(key, default))
+            setattr(args, key, default)
     if args.epochs is None:
         args.epochs = (12 if small else 2) if args.quick else EPOCHS
     if args.optimizer is None:
@@ -705,6 +702,8 @@ def arch_name(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "ssd.py", ("img_size", "width", "bn", "box_scales"),
+                          may_differ=("data_size",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size", "data_size")
     t0 = time.time()
     if args.detect is None:
@@ -713,7 +712,7 @@ def main(argv=None):
         raise data.DataError("--detect needs --weights CHECKPOINT (a model trained by this "
                              "script, e.g. OUT/checkpoint.pt)")
     saved_state = data.load_checkpoint(args.weights) if args.weights else None
-    resolve_defaults(args, (saved_state or {}).get("args"))
+    resolve_defaults(args)
     device, rank, world, is_main = data.setup(args, "ssd.py", pretrained_is_the_model=False)
     if args.batch_size % world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "

@@ -434,6 +434,9 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "vgg19.py", ("bn", "width", "crop_size", "scale_min",
+                                             "scale_max"),
+                          may_differ=("test_scales",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     data.check_task(args.data, "classification")

@@ -510,13 +510,11 @@ def pretrain(args, device, rank):
 def detect(args, device):
     """--detect IMAGE: the boxes above --score-threshold drawn with class names and scores into
     OUT/<stem>_detections.png, one line printed per box. The network's shape (variant, width,
-    img-size, grid, boxes, bn) and the class names come from the checkpoint when it holds them."""
+    img-size, grid, boxes, bn: data.adopt_checkpoint) and the class names come from the
+    checkpoint when it holds them."""
     if not args.weights:
         raise data.DataError("--detect needs --weights PATH (a checkpoint.pt written by training)")
-    state = data.load_checkpoint(args.weights)
-    for k in ("variant", "width", "img_size", "grid", "boxes", "bn", "drop_strides"):
-        if k in state.get("args", {}):
-            setattr(args, k, state["args"][k])
+    state = data.load_checkpoint(args.weights)  # its settings are args' (data.adopt_checkpoint)
     classes = state.get("classes") or \
         (data.VOC_CLASSES if args.data == "voc" else data.SHAPES_CLASSES)
     model = YOLO(args.variant, len(classes), args.grid, args.boxes, args.width, args.img_size,
@@ -644,6 +642,9 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    data.adopt_checkpoint(args, "yolo.py", ("variant", "img_size", "width", "bn", "grid",
+                                            "drop_strides", "boxes"),
+                          may_differ=("data_size", "conf_threshold", "top_k"))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size", "pretrain_lr")
     if args.pretrain_epochs is not None and args.pretrain_epochs < 0:
         raise data.DataError(f"--pretrain-epochs {args.pretrain_epochs}: must be >= 0")

@@ -106,6 +106,32 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_is_enough_to_resume_and_to_evaluate(tmp_path):
+    # The resumed run and the evaluation are given no setting of the run: it trained with
+    # --augment, the 1998 net, 512 images, lr 0.02 for 2 epochs on shapes, and both take all of
+    # that from the checkpoint (the defaults are the lecture's net, MNIST, 20 epochs, lr 0.05).
+    tiny = ["--variant", "1998", "--limit", "512", "--augment", "--lr", "0.02"]
+    full, _ = run(tmp_path, "full", *tiny)
+    assert run(tmp_path, "cut", "--stop-after", "1", *tiny)[0] is None  # "killed" after epoch 1
+    cut = str(tmp_path / "cut")
+    resumed = lenet5.main(["--resume", "--out", cut, "--device", "cpu"])
+    assert resumed["history"] == full["history"] and resumed["metrics"] == full["metrics"]
+    assert resumed["config"]["augment"] is True and resumed["config"]["script"] == "lenet5.py"
+    ckpt = os.path.join(cut, "checkpoint.pt")
+    again = lenet5.main(["--eval-only", "--weights", ckpt, "--out", str(tmp_path / "e"),
+                         "--device", "cpu", "--quick", "--limit", "512"])  # the same 500 images
+    assert again["data"] == "shapes" and again["metrics"] == full["metrics"]
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}  # only the test split
+    # a flag that contradicts the checkpoint is one line naming both values
+    with pytest.raises(data.DataError, match=re.escape(
+            f"--variant lecture contradicts {ckpt}, trained with --variant 1998; drop --variant")):
+        lenet5.main(["--eval-only", "--weights", ckpt, "--variant", "lecture", "--device", "cpu",
+                     "--out", str(tmp_path / "f")])
+    with pytest.raises(data.DataError, match=re.escape(
+            f"--lr 0.1 contradicts {ckpt}, trained with --lr 0.02")):
+        lenet5.main(["--resume", "--out", cut, "--lr", "0.1", "--device", "cpu"])
+
+
 def test_bad_input_is_a_one_line_error():
     for argv, message in ((["--data", "voc"], "'voc' is a detection data set"),
                           (["--data", "cifar10"], "lenet5.py trains on mnist"),

@@ -2,6 +2,7 @@
 import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -166,6 +167,61 @@ def test_eval_only_without_weights_is_an_error_not_an_untrained_score(tmp_path, 
                        ("" if base else " or --pretrained") + ": without it"):
         module.main(["--eval-only", "--device", "cpu", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+# A flag that builds each script's network: the value a checkpoint was trained with, another
+TRAINED_WITH = {"lenet5": ("variant", "1998", "lecture"), "alexnet": ("width", 0.5, "0.25"),
+                "vgg19": ("width", 0.5, "0.25"), "resnet": ("depth", 32, "20"),
+                "resnext": ("cardinality", 4, "8"), "googlenet": ("width", 0.5, "0.25"),
+                "overfeat": ("variant", "accurate", "fast"), "monster_finetune": ("blocks", 4, "8"),
+                "yolo": ("grid", 4, "7"), "ssd": ("img_size", 512, "300"),
+                "fcn": ("arch", "16s", "32s")}
+TASK_SET = {"yolo": "shapes-det", "ssd": "shapes-det", "fcn": "shapes-seg"}
+
+
+class Reached(Exception):
+    """Raised by a stand-in for data.setup: the flags as the run would have used them."""
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_eval_only_and_resume_take_the_settings_of_the_checkpoint(tmp_path, script,
+                                                                   monkeypatch):
+    module = importlib.import_module(script)
+    key, trained, other = TRAINED_WITH[script]
+    flag = "--" + key.replace("_", "-")
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = str(run / "checkpoint.pt")
+    torch.save({"model": {}, "args": {
+        "script": f"{script}.py", key: trained, "data": TASK_SET.get(script, "shapes"),
+        "seed": 7, "epochs": 3, "device": "cuda:3", "workers": 9}}, ckpt)
+
+    def reached(args, *a, **k):
+        raise Reached(dict(vars(args)))
+    monkeypatch.setattr(data, "setup", reached)
+    base = ["--device", "cpu", "--out", str(tmp_path / "e")]
+    with pytest.raises(Reached) as e:  # --weights: the network's flags and the data set
+        module.main(["--eval-only", "--weights", ckpt, *base])
+    seen = e.value.args[0]
+    assert (seen[key], seen["data"], seen["seed"]) == (trained, TASK_SET.get(script, "shapes"), 0)
+    with pytest.raises(data.DataError, match=re.escape(
+            f"{flag} {other} contradicts {ckpt}, trained with {flag} {trained}; drop {flag}")):
+        module.main(["--eval-only", "--weights", ckpt, flag, other, *base])
+    with pytest.raises(Reached) as e:  # --resume: every setting but how the run runs
+        module.main(["--resume", "--out", str(run), "--workers", "0"])
+    seen = e.value.args[0]
+    assert (seen[key], seen["seed"], seen["workers"], seen["device"]) == (trained, 7, 0, None)
+    with pytest.raises(Reached) as e:  # it may be lengthened
+        module.main(["--resume", "--out", str(run), "--epochs", "5"])
+    assert e.value.args[0]["epochs"] == 5
+    with pytest.raises(data.DataError, match=re.escape(
+            f"--seed 1 contradicts {ckpt}, trained with --seed 7")):
+        module.main(["--resume", "--out", str(run), "--seed", "1"])
+    other_script = "resnet" if script != "resnet" else "lenet5"
+    torch.save({"model": {}, "args": {"script": f"{other_script}.py"}}, ckpt)
+    with pytest.raises(data.DataError, match=re.escape(
+            f"{ckpt} was written by {other_script}.py, not {script}.py")):
+        module.main(["--eval-only", "--weights", ckpt, *base])
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
