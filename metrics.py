@@ -8,7 +8,8 @@ its formula. This module imports only torch, torchvision, numpy and the standard
     two classes     tp_fp_rates, roc_curve, auc
     detection       box_iou, voc_ap, detection_map  (the Pascal VOC protocol)
     segmentation    segmentation_scores (pixel accuracy, mean accuracy, IoU = SA, mean IU, fw IU)
-    records         Progress, write_results, read_results, summarise_runs (run_all.sh's table)
+    records         Progress, write_results, read_results, summarise_runs (`python metrics.py
+                    PATH...`: the table of any runs, run_all.sh's included)
 """
 import csv
 import datetime
@@ -485,6 +486,7 @@ def write_results(path, script, data, metrics, paper=None, config=None, device=N
             f.write(text + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the results from other users
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -551,20 +553,28 @@ def _cell(x, percent=False):
     return str(x).replace("|", "\\|")
 
 
-def write_summary(rows, md_path, csv_path=None, title="Results"):
-    """results/summary.md (a Markdown table, figures in percent) and .csv (raw fractions)."""
-    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+def summary_lines(rows):
+    """The rows as a Markdown table (figures in percent), one string per line."""
     head = ("run", "script", "data", "metric", "ours", "paper", "epochs", "device", "time (s)",
             "status", "command")
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [_cell(r["run"]), _cell(r["script"]), _cell(r["data"]), _cell(r["metric"]),
                  _cell(r["ours"], True), _cell(r["paper"], True), _cell(r["epochs"]),
                  _cell(r["device"]), _cell(r["seconds"]), _cell(r["status"]),
                  f"`{r['command']}`" if r["command"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines
+
+
+def write_summary(rows, md_path, csv_path=None, title="Results"):
+    """summary.md (a Markdown table, figures in percent) and/or .csv (raw fractions)."""
+    for path in (md_path, csv_path):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write("\n".join([f"# {title}", "", *summary_lines(rows)]) + "\n")
     if csv_path:
         with open(csv_path, "w", newline="") as f:
             w = csv.DictWriter(f, SUMMARY_COLUMNS)
@@ -572,18 +582,34 @@ def write_summary(rows, md_path, csv_path=None, title="Results"):
             w.writerows(rows)
 
 
-def summarise_runs(root, md_path=None, csv_path=None):
-    """Rows for every run folder of `root` written by run_all.sh: root/<run>/command.txt,
-    status.txt ("<exit code> <seconds>"), error.txt (the failing run's error line) and
-    results.json. Writes the summary files when paths are given; returns the rows."""
+def find_runs(paths):
+    """Every run folder under `paths` (each a run folder or a folder of them, searched at any
+    depth), sorted: a folder holding a results.json, or the status.txt of a run_all.sh run that
+    failed before writing one. Returns (name, folder) pairs; the name is the folder's path below
+    the PATH given (the PATH's own name for a run folder given itself)."""
+    found = []
+    for root in paths:
+        for folder, subfolders, files in os.walk(root):
+            subfolders.sort()
+            if "results.json" in files or "status.txt" in files:
+                name = os.path.basename(os.path.abspath(root)) if os.path.samefile(folder, root) \
+                    else os.path.relpath(folder, root)
+                found.append((name, folder))
+    return found
+
+
+def summarise_runs(paths, md_path=None, csv_path=None):
+    """One row per run folder under `paths` (`find_runs`), whoever made it. A run_all.sh folder
+    also holds command.txt, status.txt ("<exit code> <seconds>") and error.txt (a failed run's
+    error line); any other folder is read from its results.json alone (a damaged one is a row
+    marked failed, naming the file). Writes the summary files when paths are given; returns the
+    rows."""
     rows = []
-    for run in sorted(os.listdir(root)):
-        folder = os.path.join(root, run)
-        if not os.path.isfile(os.path.join(folder, "status.txt")):
-            continue
+    for run, folder in find_runs([paths] if isinstance(paths, str) else paths):
         read = lambda name: open(os.path.join(folder, name)).read().strip() \
             if os.path.isfile(os.path.join(folder, name)) else ""
-        code, seconds = (read("status.txt").split() + ["1", ""])[:2]
+        status = read("status.txt")
+        code, seconds = (status.split() + ["1", ""])[:2] if status else ("0", "")
         record, error = None, read("error.txt") or f"exit code {code}"
         if code == "0":
             try:
@@ -597,11 +623,35 @@ def summarise_runs(root, md_path=None, csv_path=None):
     return rows
 
 
+def main(argv=None):
+    """python metrics.py PATH... [--md FILE] [--csv FILE]: the table of every run under the
+    PATHs, printed and written to the files named (run_all.sh calls it on its runs folder)."""
+    import argparse
+    p = argparse.ArgumentParser(prog="metrics.py", description="Tabulate the runs under each "
+                                "PATH (a run folder, or a folder of run folders at any depth): "
+                                "one row per results.json, whoever wrote it.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--md", help="also write the table as Markdown to this file")
+    p.add_argument("--csv", help="also write the rows as CSV (fractions, not percent)")
+    args = p.parse_args(argv)
+    for path in args.paths:
+        if not os.path.isdir(path):
+            p.exit(2, f"metrics.py: error: {path} is not a folder (give run folders or folders "
+                      f"of them)\n")
+    rows = summarise_runs(args.paths)
+    if not rows:
+        p.exit(1, f"metrics.py: error: no results.json under {' '.join(args.paths)}\n")
+    print("\n".join(summary_lines(rows)))
+    if args.md:
+        write_summary(rows, args.md, args.csv)
+    elif args.csv:
+        write_summary(rows, None, args.csv)
+    failed = [r["run"] for r in rows if not r["status"].startswith("ok")]
+    print(f"{len(rows)} run(s), {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}"
+          + "".join(f"; {kind} in {f}" for kind, f in (("table", args.md), ("rows", args.csv))
+                    if f))
+    return rows
+
+
 if __name__ == "__main__":
-    # python metrics.py RUNS_DIR SUMMARY.md [SUMMARY.csv]: what run_all.sh calls at the end.
-    if len(sys.argv) not in (3, 4) or not os.path.isdir(sys.argv[1]):
-        sys.exit("usage: python metrics.py RUNS_DIR SUMMARY.md [SUMMARY.csv]")
-    rows = summarise_runs(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
-    failed = [r["run"] for r in rows if r["status"] != "ok"]
-    print(f"{len(rows)} run(s), {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
-          f"summary in {sys.argv[2]}")
+    main()

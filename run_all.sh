@@ -148,7 +148,7 @@ for r in "${RUNS[@]}"; do
     fi
 done
 
-python metrics.py "$OUT/runs" "$OUT/summary.md" "$OUT/summary.csv"
+python metrics.py "$OUT/runs" --md "$OUT/summary.md" --csv "$OUT/summary.csv"
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "run_all.sh: ${#FAILED[@]} run(s) failed: ${FAILED[*]}" >&2
     exit 1

@@ -72,3 +72,42 @@ def test_run_all_rejects_unknown_names_and_flags(tmp_path):
         assert p.returncode == 2 and p.stderr.startswith("run_all.sh: error:"), p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "runs").exists()
+
+
+def test_metrics_tabulates_any_run_folders_whoever_made_them(tmp_path, capsys):
+    # Run folders written by the scripts themselves (no run_all.sh files), nested at any depth,
+    # one damaged; a run folder given on its own; a folder without runs is an error.
+    rec = dict(metrics={"test_error": 0.25}, paper={"data": "mnist", "test_error": 0.0095},
+               config={"epochs": 3}, device="cpu", seconds=12.0)
+    metrics.write_results(str(tmp_path / "runs" / "lenet5-mnist" / "results.json"), "lenet5.py",
+                          "mnist", **rec)
+    metrics.write_results(str(tmp_path / "runs" / "yolo-shapes-det" / "pretrain" /
+                              "results.json"), "yolo.py", "shapes", {"test_error": 0.5})
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "results.json").write_text("{not json")
+    assert os.stat(tmp_path / "runs" / "lenet5-mnist" / "results.json").st_mode & 0o777 == 0o644
+    capsys.readouterr()
+    rows = metrics.main([str(tmp_path / "runs"), "--md", str(tmp_path / "t.md"),
+                         "--csv", str(tmp_path / "t.csv")])
+    said = capsys.readouterr().out
+    assert [r["run"] for r in rows] == ["broken", "lenet5-mnist", "yolo-shapes-det/pretrain"]
+    lenet = rows[1]
+    assert (lenet["script"], lenet["ours"], lenet["paper"], lenet["epochs"], lenet["seconds"],
+            lenet["status"]) == ("lenet5.py", 0.25, 0.0095, 3, 12.0, "ok")
+    assert rows[0]["status"].startswith("failed: ") and "broken/results.json" in rows[0]["status"]
+    assert "| lenet5-mnist | lenet5.py | mnist | test_error | 25.00 % | 0.95 % | 3 |" in said
+    assert said.strip().endswith("3 run(s), 1 failed: broken; table in " + str(tmp_path / "t.md")
+                                 + "; rows in " + str(tmp_path / "t.csv"))
+    assert open(tmp_path / "t.md").read().count("\n| ") == 4  # the header and 3 rows
+    assert len(list(csv.DictReader(open(tmp_path / "t.csv")))) == 3
+    one = metrics.main([str(tmp_path / "runs" / "lenet5-mnist")])
+    assert [r["run"] for r in one] == ["lenet5-mnist"]
+    for argv, message in (([str(tmp_path / "nowhere")], "is not a folder"),
+                          ([str(tmp_path / "runs" / "broken" / "results.json")], "is not a folder")):
+        with pytest.raises(SystemExit) as e:
+            metrics.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        metrics.main([str(tmp_path / "empty")])
+    assert e.value.code == 1 and "no results.json under" in capsys.readouterr().err
