@@ -41,6 +41,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, ConcatDataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+import metrics  # measures, records and pictures: data.py's runtime writes with them
+
 # ----------------------------------------------------------------------------------------------
 # Names, classes, constants
 
@@ -127,15 +129,60 @@ def check_split(name, split, allowed):
         raise DataError(f"data set '{name}' has no split '{split}'; use one of {', '.join(allowed)}")
 
 
-def load_image(path):
-    """An RGB image as a uint8 `tv_tensors.Image` (3, H, W); DataError names a corrupt file."""
+def load_image(path, mine=False):
+    """An RGB image as a uint8 `tv_tensors.Image` (3, H, W); DataError names a corrupt file as a
+    data set's (fetch it again) or, `mine`, as the user's own image (--classify/--detect/...)."""
     try:
         with Image.open(path) as im:
             return tv_tensors.Image(v2.functional.pil_to_tensor(im.convert("RGB")))
     except FileNotFoundError:
+        if mine:
+            raise DataError(f"{path} does not exist; give an image file or a folder of them")
         raise DataError(f"image file not found: {path}; the data set is incomplete, fetch it again")
     except (OSError, ValueError) as e:
+        if mine:
+            raise DataError(f"{path} is not an image ({e})")
         raise DataError(f"cannot read image {path} ({e}); the file is corrupt: fetch it again")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                  ".pgm")
+
+
+def user_images(path):
+    """The user's images named by PATH (--classify/--detect/--segment): the file itself, or the
+    image files (by suffix, IMAGE_SUFFIXES) of a folder and its subfolders, sorted. DataError:
+    "PATH does not exist", "FOLDER holds no image files"."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DataError(f"{path} does not exist; give an image file or a folder of them")
+    found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not found:
+        raise DataError(f"{path} holds no image files ({' '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def predict_images(path, predict, out, kind):
+    """Run `predict(image_path, picture_path) -> list of dicts` (what was found in one image,
+    its picture drawn at picture_path) on every image of PATH (`user_images`), the pictures
+    named OUT/<stem>_<kind>.png. One image given that is not an image is an error; in a folder
+    it is reported, kept with its error, and the others go on. Returns the rows
+    ({"image", "picture", "found"} or {"image", "error"}) for metrics.write_predictions."""
+    paths, rows = user_images(path), []
+    for p in paths:
+        stem = os.path.splitext(os.path.relpath(p, path) if os.path.isdir(path) else
+                                os.path.basename(p))[0].replace(os.sep, "_")
+        picture = os.path.join(out, f"{stem}_{kind}.png")
+        try:
+            rows.append({"image": p, "picture": picture, "found": predict(p, picture)})
+        except DataError as e:
+            if len(paths) == 1:
+                raise
+            print(f"skipped {p}: {error_line(e)}")
+            rows.append({"image": p, "error": error_line(e)})
+    return rows
 
 
 def image_size(path):
@@ -148,6 +195,51 @@ def image_size(path):
         raise DataError(f"image file not found: {path}; the data set is incomplete, fetch it again")
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path} ({e}); the file is corrupt: fetch it again")
+
+
+# The side and channels of each in-memory set's images: a user's image is made one of them.
+IN_MEMORY_SHAPE = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32),
+                   "cifar100": (3, 32), "cifar10-jpg": (3, 32), "shapes": (3, 32)}
+
+
+def test_input(image, name, mean, std, size=None):
+    """A user's image (uint8 (3, H, W)) as the test split of `name` gives its images: ImageNet's
+    short side 256 and centre `size` (224) crop; an in-memory set's side (28 or 32, or `size`
+    for shapes, drawn at any side) and channels (grey for the digits), squashed to a square as
+    those sets' images are. Normalised with (mean, std); returns (1, C, h, w) float."""
+    x = image.as_subclass(torch.Tensor)
+    if name == "imagenet":
+        x = v2.functional.center_crop(v2.functional.resize(x, 256, antialias=True), size or 224)
+    else:
+        channels, side = IN_MEMORY_SHAPE.get(name, (3, 32))
+        side = size if name == "shapes" and size else side
+        if channels == 1:
+            x = v2.functional.rgb_to_grayscale(x)
+        x = v2.functional.resize(x, [side, side], antialias=True)
+    x = v2.functional.normalize(x.float() / 255, list(mean), list(std))
+    return x[None]
+
+
+def classify_images(path, out, forward, classes, name, mean, std, size=None, k=5):
+    """--classify PATH (an image or a folder, `user_images`): each image made a test input of
+    `name` (`test_input`), `forward(x) -> logits (1, num_classes)` (the script's single-view
+    test), its top-k classes printed with their names and probabilities, as the lecture's
+    top-15 printout, and drawn (OUT/<stem>_classes.png); all of them in OUT/predictions.json and
+    .csv. Returns the rows."""
+    def one(p, picture):
+        image = load_image(p, mine=True)
+        with torch.no_grad():
+            probs = forward(test_input(image, name, mean, std, size)).float().softmax(-1)[0]
+        p_top, i_top = probs.topk(min(k, len(classes)))
+        top = [(classes[i], float(q)) for q, i in zip(p_top, i_top.tolist())]
+        print(f"{p}:")
+        for rank, (c, q) in enumerate(top):
+            print(f"  #{rank + 1} {100 * q:6.2f}% {c}")
+        metrics.draw_classification(image, top, picture)
+        return [{"rank": r + 1, "class": c, "probability": q} for r, (c, q) in enumerate(top)]
+    rows = predict_images(path, one, out, "classes")
+    metrics.write_predictions(out, rows)
+    return rows
 
 
 def _download_error(archive, url, where, reason):

@@ -11,6 +11,7 @@ its formula. This module imports only torch, torchvision, numpy and the standard
     records         Progress, write_results, read_results, summarise_runs (`python metrics.py
                     PATH...`: the table of any runs, run_all.sh's included)
 """
+import collections
 import csv
 import datetime
 import json
@@ -508,6 +509,183 @@ def read_results(path):
     if not isinstance(record, dict) or "script" not in record or "metrics" not in record:
         raise ValueError(f"{path} is not a results.json: it lacks 'script' or 'metrics'")
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures of predictions: what a classifier, a detector or a segmenter found in an image, drawn
+# on the image upscaled to at least MIN_SIDE pixels, one colour per class (VOC's colour map),
+# labels kept inside the picture, a legend of the classes drawn. torchvision draws the boxes and
+# masks; PIL (torchvision's own image library) the text.
+
+MIN_SIDE = 512
+
+
+def voc_palette(n=256):
+    """VOC's colour map as a flat [r, g, b, ...] list (PIL's putpalette): the bits of the class
+    index spread over R, G, B from the top bit down; 255 (void) is (224, 224, 192)."""
+    pal = []
+    for c in range(n):
+        r = g = b = 0
+        cid = c
+        for j in range(8):
+            r |= ((cid >> 0) & 1) << (7 - j)
+            g |= ((cid >> 1) & 1) << (7 - j)
+            b |= ((cid >> 2) & 1) << (7 - j)
+            cid >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def class_colour(k):
+    """The colour of class index k (0-based, no background): VOC's colour of label k + 1, the
+    colour FCN's masks give the same class."""
+    pal = voc_palette(k + 2)
+    return tuple(pal[3 * (k + 1):3 * (k + 2)])
+
+
+def _text_colour(rgb):
+    return (0, 0, 0) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140 else (255, 255, 255)
+
+
+def _font(size):
+    from PIL import ImageFont
+    return ImageFont.load_default(size=size)  # Pillow's scalable built-in font: no font file
+
+
+def upscale(image, min_side=MIN_SIDE):
+    """uint8 image (C, H, W) resized (bilinear) so that its short side is at least `min_side`;
+    returns it and the factor (1 when it was large enough already)."""
+    h, w = image.shape[-2:]
+    s = max(1.0, min_side / min(h, w))
+    if s > 1:
+        image = torchvision.transforms.v2.functional.resize(
+            image, [round(h * s), round(w * s)], antialias=True)
+    return image.expand(3, -1, -1).contiguous(), s
+
+
+def _with_legend(image, entries, title=None):
+    """The image (uint8 (3, H, W)) with a strip below it: a colour swatch and a text per entry
+    ((rgb, text) pairs), wrapped over as many lines as the width needs. Returns a PIL image."""
+    from PIL import Image, ImageDraw
+    W, H = image.shape[-1], image.shape[-2]
+    font, pad = _font(max(14, W // 40)), max(6, W // 100)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + pad
+    items = ([(None, title)] if title else []) + list(entries)
+    x, y, placed = pad, pad, []
+    for rgb, text in items:
+        w = probe.textlength(text, font=font) + (line_h + pad if rgb else 0) + 2 * pad
+        if x + w > W and x > pad:
+            x, y = pad, y + line_h
+        placed.append((x, y, rgb, text))
+        x += w
+    strip = line_h + y + pad if items else 0
+    canvas = Image.new("RGB", (W, H + strip), (255, 255, 255))
+    canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for x, y, rgb, text in placed:
+        if rgb:
+            draw.rectangle([x, H + y, x + line_h - pad, H + y + line_h - pad], fill=rgb,
+                           outline=(0, 0, 0))
+            x += line_h
+        draw.text((x, H + y), text, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def draw_detections(image, boxes, labels, scores, classes, path, min_side=MIN_SIDE):
+    """Boxes (K, 4) in the image's pixels, class indices and scores drawn on the upscaled image,
+    each labelled "class score" inside the picture (above its box, or inside it at the top edge;
+    a label that would cover another moves down), and a legend of the classes drawn with their
+    counts. Writes the PNG at `path`; returns the PIL image."""
+    from PIL import Image, ImageDraw
+    img, s = upscale(torch.as_tensor(image).to(torch.uint8), min_side)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) * s
+    labels = [int(k) for k in labels]
+    colours = [class_colour(k) for k in labels]
+    if len(labels):
+        img = torchvision.utils.draw_bounding_boxes(img, boxes, colors=colours,
+                                                    width=max(2, img.shape[-1] // 200))
+    canvas = Image.fromarray(img.permute(1, 2, 0).numpy())
+    draw, font = ImageDraw.Draw(canvas), _font(max(13, img.shape[-1] // 45))
+    W, H = canvas.size
+    taken = []
+    for box, k, score, rgb in sorted(zip(boxes.tolist(), labels, [float(x) for x in scores],
+                                         colours), key=lambda t: -t[2]):
+        text = f"{classes[k]} {score:.2f}"
+        l, t, r, b = draw.textbbox((0, 0), text, font=font)
+        w, h = r - l + 6, b - t + 6
+        x = min(max(0, box[0]), W - w)
+        y = box[1] - h if box[1] - h >= 0 else max(0, box[1])
+        while any(x < tx + tw and tx < x + w and y < ty + th and ty < y + h
+                  for tx, ty, tw, th in taken) and y + h < H:
+            y += h
+        y = min(y, H - h)
+        taken.append((x, y, w, h))
+        draw.rectangle([x, y, x + w, y + h], fill=rgb)
+        draw.text((x + 3 - l, y + 3 - t), text, fill=_text_colour(rgb), font=font)
+    counts = collections.Counter(labels)
+    picture = _with_legend(torch.from_numpy(np.array(canvas)).permute(2, 0, 1),
+                           [(class_colour(k), f"{classes[k]} ({n})")
+                            for k, n in sorted(counts.items())],
+                           None if counts else "no detection above the threshold")
+    _save(picture, path)
+    return picture
+
+
+def draw_segmentation(image, pred, classes, path, min_side=MIN_SIDE, background=0):
+    """A label map (H, W) of class indices (0 = `classes[0]`, the background, left uncoloured)
+    over the upscaled image at half opacity, with a legend of the classes found and their share
+    of the pixels. Writes the PNG at `path`; returns the PIL image."""
+    img, s = upscale(torch.as_tensor(image).to(torch.uint8), min_side)
+    pred = torch.as_tensor(pred)
+    big = torch.nn.functional.interpolate(pred[None, None].float(), size=img.shape[-2:],
+                                          mode="nearest")[0, 0].long()
+    found = [int(k) for k in pred.unique() if int(k) != background and 0 <= int(k) < len(classes)]
+    if found:  # VOC's colour of label k: class_colour(k - 1)
+        img = torchvision.utils.draw_segmentation_masks(
+            img, torch.stack([big == k for k in found]), alpha=0.5,
+            colors=[class_colour(k - 1) for k in found])
+    share = {k: float((pred == k).float().mean()) for k in found}
+    picture = _with_legend(img, [(class_colour(k - 1), f"{classes[k]} {100 * share[k]:.1f} %")
+                                 for k in sorted(found, key=lambda k: -share[k])],
+                           None if found else f"only {classes[background]}")
+    _save(picture, path)
+    return picture
+
+
+def draw_classification(image, top, path, min_side=MIN_SIDE):
+    """The upscaled image with its top-k classes and probabilities ((name, probability) pairs,
+    best first) listed below it. Writes the PNG at `path`; returns the PIL image."""
+    img, _ = upscale(torch.as_tensor(image).to(torch.uint8), min_side)
+    picture = _with_legend(img, [(None, f"{i + 1}. {name} {100 * p:.1f} %")
+                                 for i, (name, p) in enumerate(top)])
+    _save(picture, path)
+    return picture
+
+
+def _save(picture, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    picture.save(path)
+
+
+def write_predictions(folder, rows, name="predictions"):
+    """What a --classify/--detect/--segment run found: FOLDER/NAME.json (the rows as given, one
+    dict per image) and FOLDER/NAME.csv (one line per row of each image's "found" list, beside
+    the image's path). Returns the two paths."""
+    os.makedirs(folder, exist_ok=True)
+    json_path, csv_path = (os.path.join(folder, f"{name}.{ext}") for ext in ("json", "csv"))
+    with open(json_path, "w") as f:
+        json.dump(_plain(rows), f, indent=1)
+    flat = [{"image": r["image"], **item} for r in rows for item in r.get("found", [])] + \
+        [{"image": r["image"], "error": r["error"]} for r in rows if "error" in r]
+    keys = list(dict.fromkeys(k for row in flat for k in row)) or ["image"]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(_plain(flat))
+    print(f"{len(rows)} image(s): pictures in {folder}, what was found in {json_path} and "
+          f"{csv_path}")
+    return json_path, csv_path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """What every script shares at run time: flags checked before a run, a diverging run stopped."""
+import csv
 import importlib
+import json
 import math
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -295,3 +298,81 @@ def test_eval_shards_are_strided_without_padding_and_gather_restores_the_order(m
     monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
     y, dets = data.gather_shards(shards[1], [f"d{i}" for i in shards[1].tolist()])
     assert y.tolist() == list(range(7)) and dets == [f"d{i}" for i in range(7)]
+
+
+# ---------------------------------------------------------------------------- predictions
+
+def test_classify_images_of_a_folder_prints_draws_and_records_the_top_classes(tmp_path, capsys):
+    from PIL import Image
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (250, 250, 250)).save(folder / "bright.png")
+    Image.new("RGB", (20, 20), (5, 5, 5)).save(folder / "sub" / "dark.jpg")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "notes.txt").write_text("not an image, not looked at")
+    seen = []
+
+    def forward(x):  # grey 28x28 like MNIST, normalised: brighter images score class 1
+        seen.append(tuple(x.shape))
+        m = x.mean()
+        return torch.stack([-m, m, torch.zeros(())])[None]
+    classes = ("zero", "one", "two")
+    rows = data.classify_images(str(folder), str(tmp_path / "out"), forward, classes, "mnist",
+                                (0.5,), (0.25,), k=2)
+    said = capsys.readouterr().out
+    assert seen == [(1, 1, 28, 28)] * 2
+    assert [os.path.relpath(r["image"], folder) for r in rows] == \
+        ["bright.png", "broken.jpg", os.path.join("sub", "dark.jpg")]
+    bright, broken, dark = rows
+    assert [f["class"] for f in bright["found"]] == ["one", "two"]
+    assert [f["class"] for f in dark["found"]] == ["zero", "two"]
+    assert sum(f["probability"] for f in bright["found"]) < 1
+    assert "is not an image" in broken["error"] and f"skipped {folder / 'broken.jpg'}" in said
+    assert f"{folder / 'bright.png'}:\n  #1 " in said
+    picture = Image.open(bright["picture"])
+    assert bright["picture"] == str(tmp_path / "out" / "bright_classes.png")
+    assert dark["picture"] == str(tmp_path / "out" / "sub_dark_classes.png")
+    assert min(picture.size) >= 512
+    saved = json.load(open(tmp_path / "out" / "predictions.json"))
+    assert saved[0]["found"][0]["class"] == "one" and saved[1]["error"] == broken["error"]
+    lines = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [(os.path.basename(l["image"]), l["rank"], l["class"]) for l in lines[:4]] == \
+        [("bright.png", "1", "one"), ("bright.png", "2", "two"), ("dark.jpg", "1", "zero"),
+         ("dark.jpg", "2", "two")]
+    assert lines[4]["error"] == broken["error"]
+    # the user's own files are named as theirs, never as a data set to fetch again
+    for path, message in ((folder / "broken.jpg", "broken.jpg is not an image"),
+                          (tmp_path / "nope.jpg", "nope.jpg does not exist; give an image file "
+                                                  "or a folder of them")):
+        with pytest.raises(data.DataError, match=re.escape(message)) as e:
+            data.classify_images(str(path), str(tmp_path / "o2"), forward, classes, "mnist",
+                                 (0.5,), (0.25,))
+        assert "fetch" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="empty holds no image files"):
+        data.user_images(str(tmp_path / "empty"))
+
+
+def test_detection_and_segmentation_pictures_are_large_coloured_and_labelled_inside(tmp_path):
+    from PIL import Image
+    image = torch.full((3, 48, 64), 200, dtype=torch.uint8)
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 20.0, 20.0], [40.0, 30.0, 64.0, 48.0]])
+    picture = metrics.draw_detections(image, boxes, [0, 0, 2], [0.9, 0.8, 0.7],
+                                      ("circle", "square", "star"), str(tmp_path / "d.png"))
+    assert Image.open(tmp_path / "d.png").size == picture.size
+    W = picture.size[0]
+    assert W >= 512 and picture.size[1] > 512  # 48 px -> 512, and the legend below
+    pixels = torch.from_numpy(np.array(picture))
+    found = {tuple(c) for c in pixels.reshape(-1, 3).unique(dim=0).tolist()}
+    assert metrics.class_colour(0) in found and metrics.class_colour(2) in found
+    assert metrics.class_colour(1) not in found  # only the classes drawn, each its own colour
+    assert metrics.class_colour(0) != metrics.class_colour(2)
+    mask = torch.zeros(48, 64, dtype=torch.long)
+    mask[10:20, 10:30] = 2
+    seg = metrics.draw_segmentation(image, mask, ("background", "circle", "square"),
+                                    str(tmp_path / "s.png"))
+    assert min(seg.size) >= 512
+    rgb = torch.from_numpy(np.array(seg))
+    y, x = int(15 * 512 / 48), int(20 * 512 / 48)  # inside the square, upscaled
+    expected = (torch.tensor(metrics.class_colour(1)) * 0.5 + 200 * 0.5)
+    assert (rgb[y, x].float() - expected).abs().max() <= 2
