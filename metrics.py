@@ -254,7 +254,9 @@ def detection_map(detections, ground_truths, num_classes, iou_threshold=0.5, use
     voc_ap. A class without non-difficult box has AP NaN, left out of the mean; one with boxes
     but no detection has AP 0.
 
-    Returns {"ap": [C floats], "map": float, "num_gt": [C non-difficult counts]}."""
+    Returns {"ap": [C floats], "map": float, "num_gt": [C non-difficult counts], "pr": per class
+    (recall, precision) arrays over its ranked detections, None without boxes or detections:
+    the precision-recall curves (`plot_pr`)}."""
     if len(detections) != len(ground_truths):
         raise ValueError(f"{len(detections)} images of detections for {len(ground_truths)} "
                          f"images of ground truth")
@@ -294,11 +296,12 @@ def detection_map(detections, ground_truths, num_classes, iou_threshold=0.5, use
     num_gt = np.bincount(gt_lab[~gt_diff], minlength=C)
     order = np.argsort(-det_score, kind="stable")  # one sort; each class keeps this order
     sorted_lab = det_lab[order]
-    ap = []
+    ap, pr = [], []  # pr: per class (recall, precision) over its ranked detections, or None
     for c in range(C):
         k = order[sorted_lab == c]  # detections of class c by decreasing score
         if num_gt[c] == 0 or len(k) == 0:
             ap.append(math.nan if num_gt[c] == 0 else 0.0)
+            pr.append(None)
             continue
         hit, g = best_iou[k] >= iou_threshold, best_gt[k]
         ignored = hit & gt_diff[np.where(hit, g, 0)]
@@ -311,9 +314,10 @@ def detection_map(detections, ground_truths, num_classes, iou_threshold=0.5, use
         tp, fp = np.cumsum(tp), np.cumsum(fp)
         recall, precision = tp / num_gt[c], tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
         ap.append(voc_ap(recall, precision, use_07_metric))
+        pr.append((recall, precision))
     valid = [a for a in ap if not math.isnan(a)]
     return {"ap": ap, "map": float(np.mean(valid)) if valid else math.nan,
-            "num_gt": num_gt.tolist()}
+            "num_gt": num_gt.tolist(), "pr": pr}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,11 +359,24 @@ def classification_report(out, target, num_classes, views=None):
     """The figures every classification script reports for its test: error, accuracy, balanced
     error (over `num_classes`, the data set's classes, not the output's width), the error count,
     and top-5 error where there are >= 100 classes; `views` {name: output} adds the error (and
-    top-5 error) of other views of the same images, e.g. {"single_crop": p1}."""
+    top-5 error) of other views of the same images, e.g. {"single_crop": p1}. Also the error of
+    each class (None for a class without test images), the confusion matrix (rows = truth) and,
+    for two classes, the ROC curve of class 1's probability and its AUC (`write_results` draws
+    them)."""
     out, target = _tensor(out), _tensor(target)
+    confusion = confusion_matrix(_predictions(out), target, num_classes)
+    totals = confusion.sum(1)
     r = {"test_error": error_rate(out, target), "test_accuracy": accuracy(out, target),
          "balanced_error": balanced_error_rate(out, target, num_classes),
-         "errors": int((_predictions(out) != target).sum()), "samples": len(target)}
+         "errors": int((_predictions(out) != target).sum()), "samples": len(target),
+         "per_class_error": [float(1 - confusion[c, c] / totals[c]) if totals[c] else None
+                             for c in range(num_classes)],
+         "confusion": confusion.tolist()}
+    if num_classes == 2 and out.ndim == 2 and 0 < int(target.sum()) < len(target):
+        # two classes: the ROC of the softmax score of class 1, and its area
+        fpr, tpr, _ = roc_curve(out.float().softmax(1)[:, 1], target)
+        r["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+        r["auc"] = auc(fpr, tpr)
     for name, view in (views or {}).items():
         r[f"{name}_error"] = error_rate(view, target)
     if num_classes >= 100:
@@ -493,10 +510,159 @@ def write_results(path, script, data, metrics, paper=None, config=None, device=N
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    pictures = draw_run_pictures(record, folder)
+    if pictures:
+        print("pictures: " + " ".join(pictures))
     checkpoint = os.path.join(os.path.dirname(path), "checkpoint.pt")
     print(f"results: {path}" + (f"  checkpoint: {checkpoint}" if os.path.isfile(checkpoint)
                                  else ""), flush=True)
     return record
+
+
+def class_records(report, classes, max_confusion=100):
+    """The per-class part of a classification report for results.json (write_results' extras):
+    {"per_class_error": {class: error}}, the confusion matrix {"classes", "counts"} (rows =
+    truth) for at most `max_confusion` classes, and for two classes "roc" and "auc"."""
+    rec = {"per_class_error": dict(zip(classes, report["per_class_error"]))}
+    if len(classes) <= max_confusion:
+        rec["confusion"] = {"classes": list(classes), "counts": report["confusion"]}
+    if "roc" in report:
+        rec.update(roc=report["roc"], auc=report["auc"])
+    return rec
+
+
+def detection_records(result, classes, points=200):
+    """The precision-recall curve of each class of a `detection_map` result for results.json
+    (write_results' extras): {"pr": {class: {"ap", "recall", "precision"}}}, each curve cut to
+    at most `points` points (evenly over its ranked detections, the last one kept)."""
+    pr = {}
+    for name, ap, curve in zip(classes, result["ap"], result["pr"]):
+        if curve is None:
+            continue
+        recall, precision = (np.asarray(c) for c in curve)
+        keep = np.unique(np.r_[np.linspace(0, len(recall) - 1, points).round().astype(int)])
+        pr[name] = {"ap": ap, "recall": recall[keep].tolist(),
+                    "precision": precision[keep].tolist()}
+    return {"pr": pr}
+
+
+# Curves drawn beside each results.json (REPRO_NO_PLOTS=1 turns them off: the tests set it,
+# but for the tests of the pictures themselves, to keep ~100 runs from drawing 2-3 figures each)
+def draw_run_pictures(record, folder):
+    """curves.png (training losses, validation/test measures and the learning rate per epoch,
+    from the history), confusion.png (classifiers, <= 100 classes), roc.png (two classes) and
+    pr.png (detectors' precision-recall per class), as the record holds them. Needs
+    matplotlib (requirements.txt); without it one line says so and nothing is drawn."""
+    if os.environ.get("REPRO_NO_PLOTS") == "1":
+        return []
+    try:
+        from matplotlib.figure import Figure  # imported here: only drawing needs it
+    except ImportError:
+        print("pictures not drawn: matplotlib is not installed (pip install -r requirements.txt)")
+        return []
+    written = []
+    for name, draw, key in (("curves", plot_curves, "history"),
+                            ("confusion", plot_confusion, "confusion"),
+                            ("roc", plot_roc, "roc"), ("pr", plot_pr, "pr")):
+        if record.get(key):
+            path = os.path.join(folder, f"{name}.png")
+            fig = draw(Figure, record)
+            if fig is not None:
+                fig.savefig(path)
+                written.append(path)
+    return written
+
+
+def plot_curves(Figure, record):
+    """One panel each for the losses, the other measures (errors, mAP, IoU...) and the lr, per
+    epoch; None when the history has no numeric column."""
+    history = record["history"]
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(history)]
+    keys = list(dict.fromkeys(k for r in history for k, v in r.items() if k not in
+                              ("epoch", "iteration") and isinstance(v, (int, float)) and
+                              not isinstance(v, bool)))
+    groups = [("loss", [k for k in keys if "loss" in k]),
+              ("measures", [k for k in keys if "loss" not in k and "lr" != k[-2:]]),
+              ("learning rate", [k for k in keys if k[-2:] == "lr"])]
+    groups = [(title, ks) for title, ks in groups if ks]
+    if not groups:
+        return None
+    fig = Figure(figsize=(4.2 * len(groups), 3.4), dpi=100)
+    fig.subplots_adjust(left=0.1 / len(groups) + 0.04, right=0.98, bottom=0.16, top=0.86,
+                        wspace=0.32)
+    for ax, (title, ks) in zip(np.atleast_1d(fig.subplots(1, len(groups))), groups):
+        for k in ks:
+            pts = [(e, r[k]) for e, r in zip(epochs, history) if isinstance(r.get(k), (int, float))]
+            ax.plot(*zip(*pts), marker="o", markersize=3, label=k)
+        if title == "learning rate" and all(r.get(k, 1) > 0 for r in history for k in ks):
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{record.get('script', '')} on {record.get('data', '')}", fontsize=10)
+    return fig
+
+
+def plot_confusion(Figure, record):
+    """The confusion matrix, each row (true class) as fractions of its images, counts written in
+    the cells for up to 20 classes."""
+    names, counts = record["confusion"]["classes"], np.asarray(record["confusion"]["counts"])
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(names)
+    side = min(12, 2.5 + 0.45 * n)
+    fig = Figure(figsize=(side + 1.2, side), dpi=100)
+    ax = fig.subplots()
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    if n <= 30:
+        ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(n), names, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rows[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    err = record.get("metrics", {}).get("test_error")
+    ax.set_title("confusion matrix" + (f" (test error {100 * err:.2f} %)" if err is not None
+                                       else ""))
+    fig.subplots_adjust(left=0.2, bottom=0.2, right=0.88, top=0.92)
+    return fig
+
+
+def plot_roc(Figure, record):
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.subplots()
+    ax.plot(record["roc"]["fpr"], record["roc"]["tpr"], label=f"AUC {record['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.15, bottom=0.12, right=0.96, top=0.92)
+    return fig
+
+
+def plot_pr(Figure, record):
+    fig = Figure(figsize=(6.5, 4.5), dpi=100)
+    ax = fig.subplots()
+    for name, c in record["pr"].items():
+        ax.plot(c["recall"], c["precision"], label=f"{name} (AP {100 * c['ap']:.1f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    m = record.get("metrics", {}).get("map")
+    ax.set_title("precision-recall per class" + (f" (mAP {100 * m:.1f})" if m is not None
+                                                 else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.subplots_adjust(left=0.1, bottom=0.12, right=0.68, top=0.92)
+    return fig
 
 
 def read_results(path):

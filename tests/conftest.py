@@ -13,6 +13,9 @@ import data  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The runs the tests make draw no curves.png/confusion.png (~0.3 s a figure here, ~100 runs):
+# the tests of those pictures turn them back on (monkeypatch.delenv). Subprocesses inherit it.
+os.environ["REPRO_NO_PLOTS"] = "1"
 
 
 def pytest_configure(config):

@@ -514,3 +514,43 @@ def test_classification_report_counts_by_hand_and_uses_the_data_sets_classes():
     assert r["single_crop_error"] == 0.5 and "top5_error" not in r
     big = metrics.classification_report(torch.eye(100), torch.arange(100), 100)
     assert big["top5_error"] == 0.0 and big["test_error"] == 0.0
+
+
+def test_a_run_draws_its_curves_confusion_roc_and_pr_beside_results_json(tmp_path, monkeypatch,
+                                                                         capsys):
+    pytest.importorskip("matplotlib")  # in requirements.txt; a bare interpreter says so instead
+    monkeypatch.delenv("REPRO_NO_PLOTS")
+    out = torch.tensor([[2.0, 0.1], [0.3, 1.0], [1.5, 0.2], [0.1, 0.4], [0.2, 2.2]])
+    y = torch.tensor([0, 1, 1, 1, 0])
+    report = metrics.classification_report(out, y, 2)
+    assert report["confusion"] == [[1, 1], [1, 2]]  # rows = truth
+    assert report["per_class_error"] == [0.5, pytest.approx(1 / 3)]
+    # AUC by hand: P(s+ > s-) over the 3 x 2 (positive, negative) pairs of class-1 probabilities
+    p1 = out.softmax(1)[:, 1]
+    pairs = [(p1[i] > p1[j]).item() for i in (1, 2, 3) for j in (0, 4)]
+    assert report["auc"] == pytest.approx(sum(pairs) / 6)
+    classes = ("cat", "dog")
+    extra = metrics.class_records(report, classes)
+    assert extra["per_class_error"] == {"cat": 0.5, "dog": pytest.approx(1 / 3)}
+    dets = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20.0, 20, 30, 30]]),
+             "scores": torch.tensor([0.9, 0.4]), "labels": torch.tensor([0, 1])}]
+    gts = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [50.0, 50, 60, 60]]),
+            "labels": torch.tensor([0, 1])}]
+    dm = metrics.detection_map(dets, gts, 2)
+    recall, precision = dm["pr"][0]
+    assert recall.tolist() == [1.0] and precision.tolist() == [1.0] and dm["ap"][1] == 0.0
+    extra.update(metrics.detection_records(dm, classes))
+    assert extra["pr"]["dog"] == {"ap": 0.0, "recall": [0.0], "precision": [0.0]}
+    history = [{"epoch": e, "train_loss": 1 / e, "val_error": 0.5 / e, "lr": 0.1 / e,
+                "frozen": e < 2} for e in (1, 2, 3)]
+    metrics.write_results(str(tmp_path / "results.json"), "x.py", "shapes",
+                          {"test_error": report["test_error"], "map": dm["map"]},
+                          history=history, **extra)
+    said = capsys.readouterr().out
+    for name in ("curves", "confusion", "roc", "pr"):
+        assert os.path.getsize(tmp_path / f"{name}.png") > 5000, name
+    assert said.startswith("pictures: " + str(tmp_path / "curves.png"))
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["confusion"] == {"classes": ["cat", "dog"], "counts": [[1, 1], [1, 2]]}
+    monkeypatch.setenv("REPRO_NO_PLOTS", "1")
+    assert metrics.draw_run_pictures(saved, str(tmp_path / "none")) == []
