@@ -1128,27 +1128,76 @@ def distributed_info():
     return 0, 1
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order of (seed, epoch) and nothing else: a permutation of the set drawn from
+    a generator seeded with (seed, epoch) (DistributedSampler's), rank r of W taking every W-th
+    index (the last incomplete round dropped, so every rank takes as many steps). It yields
+    (index, epoch) pairs, which `Seeded` turns into a per-sample random state: whichever worker
+    process loads a sample, persistent or new, its augmentation is the same, so a resumed run
+    sees exactly the batches of an uninterrupted one."""
+
+    def __init__(self, n, seed=0, rank=0, world=1):
+        self.n, self.seed, self.rank, self.world, self.epoch = n, seed, rank, world, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.world
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)  # as DistributedSampler
+        order = torch.randperm(self.n, generator=g)[:len(self) * self.world]
+        return iter([(int(i), self.epoch) for i in order[self.rank::self.world]])
+
+
+class Seeded(Dataset):
+    """A training set whose sample i of epoch e is drawn under the random state of
+    (seed, epoch, i) (`EpochSampler` passes (i, e)): torch's generator, which torchvision's
+    transforms use, is seeded for that one sample (in the main process inside a fork of it, so
+    the training's own random stream is untouched). Attributes pass through to the set."""
+
+    def __init__(self, dataset, seed=0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name in ("dataset", "seed"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        i, epoch = key
+        state = (self.seed * 1_000_003 + epoch) * 1_000_003 + i
+        if torch.utils.data.get_worker_info() is not None:  # a worker's own generator
+            torch.manual_seed(state)
+            return self.dataset[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(state)
+            return self.dataset[i]
+
+
 def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=None, seed=0,
                 drop_last=None, shard=True):
-    """A DataLoader; under torchrun a DistributedSampler shards the training set so each rank sees
-    1/world of every epoch (call `set_epoch(loader, epoch)` at each epoch), and an evaluation
-    set is split without padding (rank r: samples r, r + W, ...; `gather_shards` puts every
-    rank's outputs back in the set's order). `batch_size` is per process. `shard=False` gives
-    every rank the whole set."""
+    """A DataLoader. Training: `EpochSampler` + `Seeded`, so the order and every sample's
+    augmentation depend on (seed, epoch, sample) only (call `set_epoch(loader, epoch)` at each
+    epoch): the same with 0 or N workers, persistent or not, resumed or not; under torchrun each
+    rank takes its 1/world of every epoch. Evaluation: in order, and under torchrun split
+    without padding (rank r: samples r, r + W, ...; `gather_shards` puts every rank's outputs
+    back in the set's order). `batch_size` is per process. `shard=False` gives every rank the
+    whole set."""
     rank, world = distributed_info() if shard else (0, 1)
     workers = min(workers, os.cpu_count() or 1)  # more processes than cores only slow it down
-    sampler = None
-    if world > 1 and train:
-        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True,
-                                                      seed=seed, drop_last=True)
-    elif world > 1:  # evaluation: rank r takes samples r, r + W, ...; `gather_shards` rejoins them
-        sampler = range(rank, len(dataset), world)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
-                        sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                        pin_memory=torch.device(device).type == "cuda",
+    sampler = range(rank, len(dataset), world) if world > 1 else None
+    if train:
+        dataset, sampler = Seeded(dataset, seed), EpochSampler(len(dataset), seed, rank, world)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=collate_fn, pin_memory=torch.device(device).type == "cuda",
                         drop_last=train if drop_last is None else drop_last,
                         persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed))  # not the global one
     loader.seed = seed
     return loader
 
@@ -1184,8 +1233,6 @@ def set_epoch(loader, epoch):
     target = loader if isinstance(loader, DeviceLoader) else getattr(loader, "sampler", None)
     if hasattr(target, "set_epoch"):
         target.set_epoch(epoch)
-    elif getattr(loader, "generator", None) is not None and hasattr(loader, "seed"):
-        loader.generator.manual_seed(loader.seed * 1_000_003 + epoch)
 
 
 def random_crop_flip(x, padding, flip=True, generator=None):

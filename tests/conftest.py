@@ -1,5 +1,6 @@
 """Writers of small data sets in their real on-disk formats, so the real loading code is tested."""
 import os
+import pathlib
 import pickle
 import struct
 import sys
@@ -28,21 +29,22 @@ def ddp_runs(request, tmp_path_factory):
     """The torchrun runs of every selected test marked `ddp(name, script, argv)`, all in ONE
     torchrun of 2 gloo processes (tests/ddp_driver.py): each process imports torch once for all
     of them, not once per test. Returns {name: its --out folder}; a run that failed has an
-    ERROR-rank<r> file there with its traceback (see `ddp_result`)."""
+    ERROR-rank<r> file there with its traceback (see `ddp_result`). A test may carry several
+    marks, run in the order written; `out=NAME` runs in run NAME's folder (to --resume it)."""
     import json
     import subprocess
     plan, base = {}, tmp_path_factory.mktemp("ddp")
-    for item in request.session.items:
-        marker = item.get_closest_marker("ddp")
-        if marker:
+    for item in request.session.items:  # a test's marks run in the order written, top first
+        for marker in reversed(list(item.iter_markers("ddp"))):
             name, script, argv = marker.args
-            plan[name] = [script, [*argv, "--out", str(base / name)]]
+            out = base / marker.kwargs.get("out", name)  # out=: another run's folder (--resume)
+            plan[name] = [script, [*argv, "--out", str(out)]]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         "--standalone", os.path.join(ROOT, "tests", "ddp_driver.py"),
                         json.dumps(list(plan.values()))], cwd=ROOT, capture_output=True,
                        text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    return {name: base / name for name in plan}
+    return {name: pathlib.Path(argv[-1]) for name, (_, argv) in plan.items()}
 
 
 def command(script, argv):

@@ -23,5 +23,7 @@ for script, argv in json.loads(sys.argv[1]):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"ERROR-rank{os.environ.get('RANK', '0')}"), "w") as f:
             f.write(traceback.format_exc())
+    if torch.distributed.is_initialized():  # the next run starts when rank 0 has written this
+        torch.distributed.barrier()         # one's files (a --resume reads its checkpoint)
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()

@@ -526,8 +526,47 @@ def test_device_loader_shards_like_distributed_sampler(monkeypatch):
     ds = torch.utils.data.TensorDataset(torch.arange(11))
     loader = data.make_loader(ds, 2, train=False, workers=0)  # evaluation: strided, no padding
     assert torch.cat([b[0] for b in loader]).tolist() == [1, 3, 5, 7, 9]
-    loader = data.make_loader(ds, 2, train=True, workers=0)
-    assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+    shards = []
+    for rank in range(2):
+        monkeypatch.setattr(data, "distributed_info", lambda r=rank: (r, 2))
+        loader = data.make_loader(ds, 2, train=True, workers=0)
+        shards.append(torch.cat([b[0] for b in loader]).tolist())
+        assert len(loader) == 2  # 11 // 2 = 5 per rank: 2 full batches each
+    assert not set(shards[0]) & set(shards[1])
+
+
+class RandomAugmentation(torch.utils.data.Dataset):
+    """Sample i and a draw of torch's generator, as a random transform makes one."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return torch.tensor(i), torch.rand(())
+
+
+def epochs_of(loader, epochs):
+    seen = []
+    for e in epochs:
+        data.set_epoch(loader, e)
+        seen.append([(int(i), float(r)) for b in loader for i, r in zip(*b)])
+    return seen
+
+
+def test_training_batches_depend_on_seed_epoch_and_sample_only_whatever_the_workers():
+    # The order and each sample's random augmentation are functions of (seed, epoch, sample):
+    # 0 workers or 2 persistent ones, an uninterrupted loader or a new one started at epoch 1
+    # (a resumed run), give the same batches; another epoch or seed gives others.
+    ds = RandomAugmentation()
+    straight = epochs_of(data.make_loader(ds, 4, True, workers=0, seed=3), [0, 1])
+    assert epochs_of(data.make_loader(ds, 4, True, workers=2, seed=3), [0, 1]) == straight
+    assert epochs_of(data.make_loader(ds, 4, True, workers=2, seed=3), [1]) == straight[1:]
+    assert straight[0] != straight[1]
+    assert sorted(i for i, _ in straight[0]) == list(range(24))
+    assert epochs_of(data.make_loader(ds, 4, True, workers=0, seed=4), [0]) != straight[:1]
+    before = torch.get_rng_state()  # the main process's own stream is untouched
+    epochs_of(data.make_loader(ds, 4, True, workers=0, seed=3), [0])
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_detection_loader_on_shapes_det():

@@ -376,3 +376,26 @@ def test_detection_and_segmentation_pictures_are_large_coloured_and_labelled_ins
     y, x = int(15 * 512 / 48), int(20 * 512 / 48)  # inside the square, upscaled
     expected = (torch.tensor(metrics.class_colour(1)) * 0.5 + 200 * 0.5)
     assert (rgb[y, x].float() - expected).abs().max() <= 2
+
+
+# ---------------------------------------------------------------------------- exact resume
+
+RESUME = ["--data", "shapes", "--quick", "--device", "cpu", "--epochs", "2", "--batch-size",
+          "16", "--limit", "96", "--log-every", "100000"]
+
+
+@pytest.mark.ddp("resume-full", "alexnet", RESUME)
+@pytest.mark.ddp("resume-cut", "alexnet", [*RESUME, "--stop-after", "1"])
+@pytest.mark.ddp("resume-resumed", "alexnet", [*RESUME, "--resume"], out="resume-cut")
+def test_two_processes_killed_after_an_epoch_resume_to_the_uninterrupted_run(ddp_runs):
+    # AlexNet's dropout draws from each rank's own generator (seed + rank): the checkpoint holds
+    # both ranks' states and each takes its own back, so the resumed run ends where the
+    # uninterrupted one does, bit for bit.
+    from conftest import ddp_results_json
+    full = ddp_results_json(ddp_runs, "resume-full")
+    resumed = ddp_results_json(ddp_runs, "resume-resumed")
+    assert resumed["history"] == full["history"] and resumed["metrics"] == full["metrics"]
+    a = torch.load(ddp_runs["resume-full"] / "checkpoint.pt", weights_only=True)
+    b = torch.load(ddp_runs["resume-cut"] / "checkpoint.pt", weights_only=True)
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["cpu"], b["rng"][1]["cpu"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
