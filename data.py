@@ -1509,14 +1509,16 @@ def default_out(name, data_name):
 def setup(args, script, pretrained_is_the_model=True, name=None):
     """Everything a script does between parsing its flags and reading data, in this order:
     the device (`--device`/`--cuda`), `--out` (default runs/NAME-DATA, NAME the script's unless
-    given, e.g. googlenet.py's "nin" for NIN; checked by `start_run`
+    given, e.g. googlenet.py's "nin" for NIN; runs/NAME-DATA-eval with --eval-only; checked by
+    `start_run`
     before any data is read), the torchrun process group, the seed (rank r: seed + r), the
     kernels (`--deterministic`, else cuDNN autotuning and TF32 on CUDA) and `--dry-run` (at most
     one epoch; the script wraps its loaders with `dry_run_batches`). Sets args.world; returns
     Runtime(device, rank, world, is_main)."""
     device = select_device(args.device, args.cuda)
-    if args.out is None:
-        args.out = default_out(name or script, args.data)
+    if args.out is None:  # an evaluation of a run's checkpoint writes beside it, not over it
+        args.out = default_out(name or script, args.data) + \
+            ("-eval" if getattr(args, "eval_only", False) else "")
     start_run(args, pretrained_is_the_model)
     rank, args.world = init_distributed(device)
     torch.manual_seed(args.seed + rank)  # the CPU and every CUDA device
