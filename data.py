@@ -112,8 +112,11 @@ def task_of(name):
                         ("segmentation", SEGMENTATION)):
         if name in names:
             return task
+    if str(name).startswith("folder:"):  # the user's own tree (`image_folder`)
+        return "classification"
     known = ", ".join(CLASSIFICATION + DETECTION + SEGMENTATION)
-    raise DataError(f"unknown data set '{name}'; choose one of: {known}")
+    raise DataError(f"unknown data set '{name}'; choose one of: {known}, or folder:DIR (your "
+                    f"own DIR/train/<class>/*, DIR/val/<class>/* images)")
 
 
 def check_task(name, task):
@@ -197,22 +200,15 @@ def image_size(path):
         raise DataError(f"cannot read image {path} ({e}); the file is corrupt: fetch it again")
 
 
-# The side and channels of each in-memory set's images: a user's image is made one of them.
-IN_MEMORY_SHAPE = {"mnist": (1, 28), "fashion-mnist": (1, 28), "cifar10": (3, 32),
-                   "cifar100": (3, 32), "cifar10-jpg": (3, 32), "shapes": (3, 32)}
-
-
-def test_input(image, name, mean, std, size=None):
-    """A user's image (uint8 (3, H, W)) as the test split of `name` gives its images: ImageNet's
-    short side 256 and centre `size` (224) crop; an in-memory set's side (28 or 32, or `size`
-    for shapes, drawn at any side) and channels (grey for the digits), squashed to a square as
-    those sets' images are. Normalised with (mean, std); returns (1, C, h, w) float."""
+def test_input(image, mean, std, channels=3, side=224, imagenet=False):
+    """A user's image (uint8 (3, H, W)) as a test split gives its images: ImageNet's short side
+    256 and centre `side` (224) crop, or an in-memory set's `channels` (1: grey, as the digits)
+    and side, squashed to a square as those sets' images are (CIFAR's 32, MNIST's 28).
+    Normalised with (mean, std); returns (1, C, h, w) float."""
     x = image.as_subclass(torch.Tensor)
-    if name == "imagenet":
-        x = v2.functional.center_crop(v2.functional.resize(x, 256, antialias=True), size or 224)
+    if imagenet:
+        x = v2.functional.center_crop(v2.functional.resize(x, 256, antialias=True), side)
     else:
-        channels, side = IN_MEMORY_SHAPE.get(name, (3, 32))
-        side = size if name == "shapes" and size else side
         if channels == 1:
             x = v2.functional.rgb_to_grayscale(x)
         x = v2.functional.resize(x, [side, side], antialias=True)
@@ -220,16 +216,35 @@ def test_input(image, name, mean, std, size=None):
     return x[None]
 
 
-def classify_images(path, out, forward, classes, name, mean, std, size=None, k=5):
-    """--classify PATH (an image or a folder, `user_images`): each image made a test input of
-    `name` (`test_input`), `forward(x) -> logits (1, num_classes)` (the script's single-view
-    test), its top-k classes printed with their names and probabilities, as the lecture's
-    top-15 printout, and drawn (OUT/<stem>_classes.png); all of them in OUT/predictions.json and
-    .csv. Returns the rows."""
+def prediction_settings(state, path):
+    """What --classify needs from a checkpoint beside the weights, written by every
+    classification script's `save_training_state(..., **test_settings(info))`: (classes,
+    (mean, std), (channels, side)). A one-line error for a checkpoint without them."""
+    if state is None or not all(k in state for k in ("classes", "normalisation", "input_shape")):
+        raise DataError(f"{path} holds no class names and input settings (a bare state_dict or "
+                        f"an older checkpoint); pass a checkpoint this script wrote")
+    return list(state["classes"]), tuple(state["normalisation"]), tuple(state["input_shape"])
+
+
+def test_settings(info):
+    """The checkpoint's record of what a test input is (`prediction_settings` reads it back):
+    the classes, the normalisation and the input's (channels, side)."""
+    return {"classes": list(info["classes"]), "normalisation": (info["mean"], info["std"]),
+            "input_shape": (info["in_channels"], info["image_size"])}
+
+
+def classify_images(path, out, forward, classes, mean, std, input_shape=(3, 224),
+                    imagenet=False, k=5):
+    """--classify PATH (an image or a folder, `user_images`): each image made a test input
+    (`test_input`), `forward(x) -> logits (1, num_classes)` (the script's single-view test),
+    its top-k classes printed with their names and probabilities, as the lecture's top-15
+    printout, and drawn (OUT/<stem>_classes.png); all of them in OUT/predictions.json and .csv.
+    Returns the rows."""
     def one(p, picture):
         image = load_image(p, mine=True)
         with torch.no_grad():
-            probs = forward(test_input(image, name, mean, std, size)).float().softmax(-1)[0]
+            x = test_input(image, mean, std, *input_shape, imagenet=imagenet)
+            probs = forward(x).float().softmax(-1)[0]
         p_top, i_top = probs.topk(min(k, len(classes)))
         top = [(classes[i], float(q)) for q, i in zip(p_top, i_top.tolist())]
         print(f"{p}:")
@@ -495,6 +510,45 @@ def cifar10_jpg(root, train):
     return torch.stack(images), torch.tensor(labels), CIFAR10_CLASSES
 
 
+FOLDER_SIZE = 32  # `folder:DIR` images are held as 32x32 RGB, as CIFAR's
+
+
+def image_folder(root, train, size=FOLDER_SIZE):
+    """`--data folder:DIR`, the user's own images in torchvision's ImageFolder layout:
+    DIR/train/<class>/* and DIR/val/<class>/* (val is the test split; `--holdout` holds a tenth
+    of train out), each image squashed to size x size RGB and held in memory as CIFAR's (the
+    networks that take larger inputs upsample them on the device, as they do CIFAR). The classes
+    are train's folder names, sorted; val may not have others. One-line errors name the folder
+    or image at fault."""
+    split = os.path.join(root, "train" if train else "val")
+    layout = "DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg"
+    for where in (os.path.join(root, "train"), split):
+        if not os.path.isdir(where):
+            raise DataError(f"--data folder:{root}: {where} does not exist; the images go in "
+                            f"{layout}")
+    classes = sorted(d for d in os.listdir(os.path.join(root, "train"))
+                     if os.path.isdir(os.path.join(root, "train", d)))
+    if len(classes) < 2:
+        raise DataError(f"--data folder:{root}: {os.path.join(root, 'train')} holds "
+                        f"{len(classes)} class folder(s); a classifier needs 2 or more ({layout})")
+    extra = sorted(set(d for d in os.listdir(split) if os.path.isdir(os.path.join(split, d)))
+                   - set(classes))
+    if extra:
+        raise DataError(f"--data folder:{root}: {os.path.join(split, extra[0])} is a class that "
+                        f"{os.path.join(root, 'train')} does not have")
+    images, labels = [], []
+    for label, c in enumerate(classes):
+        where = os.path.join(split, c)
+        files = user_images(where) if os.path.isdir(where) else []
+        for path in files:
+            im = load_image(path, mine=True).as_subclass(torch.Tensor)
+            images.append(v2.functional.resize(im, [size, size], antialias=True))
+            labels.append(label)
+    if not images:
+        raise DataError(f"--data folder:{root}: {split} holds no images ({layout})")
+    return torch.stack(images), torch.tensor(labels), tuple(classes)
+
+
 def _idx_folder(folder, train):
     """A split's (images, labels) idx files in `folder`, each the plain file (as torchvision
     unpacks them) or else its .gz; None for a file that is not there."""
@@ -575,7 +629,7 @@ def classification_arrays(name, split, data_dir=None, download=True, quick=False
     `limit` (--limit) then keeps only the first `limit` images (smoke tests of the code path).
     """
     check_task(name, "classification")
-    if name not in IN_MEMORY:
+    if name not in IN_MEMORY and not name.startswith("folder:"):
         raise DataError(f"'{name}' does not fit in memory; use classification_dataset()")
     check_split(name, split, ("train", "val", "trainval", "test"))
     if name == "shapes":
@@ -585,7 +639,9 @@ def classification_arrays(name, split, data_dir=None, download=True, quick=False
         y = torch.tensor([ds.render(i)[4] for i in range(n)])
         return x, y, SHAPES_CLASSES
     root = data_dir or default_data_dir()
-    if name == "cifar10-jpg":
+    if name.startswith("folder:"):
+        x, y, classes = image_folder(name[len("folder:"):], split != "test")
+    elif name == "cifar10-jpg":
         x, y, classes = cifar10_jpg(root, split != "test")
     else:
         ds = _torchvision_classification(name, split != "test", root, download)
@@ -598,7 +654,7 @@ def classification_arrays(name, split, data_dir=None, download=True, quick=False
         raise DataError(f"{name}: label {bad} is outside the {len(classes)} classes; the label "
                         f"file under {root} is corrupt, delete it and fetch it again")
     if split in ("train", "val"):
-        train_idx, val_idx = split_indices(len(y), VAL_FRACTION[name], seed=0)
+        train_idx, val_idx = split_indices(len(y), VAL_FRACTION.get(name, 1 / 10), seed=0)
         idx = train_idx if split == "train" else val_idx
         x, y = x[idx], y[idx]
     if quick:
@@ -1518,7 +1574,8 @@ def setup(args, script, pretrained_is_the_model=True, name=None):
     device = select_device(args.device, args.cuda)
     if args.out is None:  # an evaluation of a run's checkpoint writes beside it, not over it
         args.out = default_out(name or script, args.data) + \
-            ("-eval" if getattr(args, "eval_only", False) else "")
+            ("-predictions" if predicting(args) else "-eval" if getattr(args, "eval_only", False)
+             else "")
     start_run(args, pretrained_is_the_model)
     rank, args.world = init_distributed(device)
     torch.manual_seed(args.seed + rank)  # the CPU and every CUDA device
@@ -1538,6 +1595,11 @@ HOW_IT_RUNS = ("data_dir", "no_download", "device", "cuda", "workers", "out", "r
 MAY_DIFFER = ("epochs", "score_threshold", "nms_iou", "classify", "detect", "segment")
 
 
+def predicting(args):
+    """The run predicts on the user's images (--classify, --detect or --segment PATH)."""
+    return any(getattr(args, k, None) for k in ("classify", "detect", "segment"))
+
+
 def adopt_checkpoint(args, script, model_flags, may_differ=(), name=None):
     """A checkpoint is enough: call it first, right after parsing. `--resume` takes every setting
     of the run in --out (the checkpoint.pt there) but HOW_IT_RUNS; `--weights CKPT` (training
@@ -1550,7 +1612,6 @@ def adopt_checkpoint(args, script, model_flags, may_differ=(), name=None):
     taken. A checkpoint of another script is an error. Sets args.script (in results.json).
     Returns the checkpoint's state (None without --resume/--weights)."""
     given = getattr(args, "given", set())
-    predicting = any(getattr(args, k, None) for k in ("classify", "detect", "segment"))
     if getattr(args, "resume", False):
         path = os.path.join(args.out or default_out(name or script, args.data), "checkpoint.pt")
         if not os.path.isfile(path):
@@ -1559,7 +1620,7 @@ def adopt_checkpoint(args, script, model_flags, may_differ=(), name=None):
         keys = None  # every saved setting
     elif getattr(args, "weights", None):
         path, keys = args.weights, list(model_flags) + (
-            ["data", *may_differ] if args.eval_only or predicting else [])
+            ["data", *may_differ] if args.eval_only or predicting(args) else [])
     else:
         args.script = script
         return None
@@ -1788,12 +1849,16 @@ def start_run(args, pretrained_is_the_model=True):
     """What every script checks before it reads data: `--eval-only` has weights to evaluate
     (`--weights`, or `--pretrained` where that flag loads the whole model rather than a base
     network to train from), and `--out` is usable (`prepare_out`)."""
-    if getattr(args, "eval_only", False) and not (
-            args.weights or (pretrained_is_the_model and getattr(args, "pretrained", False))):
+    flag = "--eval-only" if getattr(args, "eval_only", False) else \
+        next((f"--{k}" for k in ("classify", "detect", "segment") if getattr(args, k, None)),
+             None)
+    if flag and not (args.weights or (pretrained_is_the_model and
+                                      getattr(args, "pretrained", False))):
         what = "--weights CKPT" + (" or --pretrained" if pretrained_is_the_model and
                                    hasattr(args, "pretrained") else "")
-        raise DataError(f"--eval-only needs {what}: without it the test would score an untrained "
-                        f"network")
+        raise DataError(f"{flag} needs {what}: without it " +
+                        ("the test would score" if flag == "--eval-only" else "it would run") +
+                        " an untrained network")
     prepare_out(args.out, args.resume, args.overwrite)
 
 

@@ -233,7 +233,8 @@ def evaluate(model, loader, args, device, num_classes):
 def get_args_parser():
     p = data.ArgumentParser(description="LeNet-5 (LeCun et al. 1998) on MNIST, Fashion-MNIST "
                                 "or the synthetic shapes set.")
-    data.add_data_args(p, "mnist", "mnist | fashion-mnist | shapes")
+    data.add_data_args(p, "mnist", "mnist | fashion-mnist | shapes | folder:DIR (your own "
+                       "DIR/train/<class>/*, DIR/val/<class>/* images, held at 32x32)")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="lecture", choices=["lecture", "1998"],
@@ -247,6 +248,9 @@ def get_args_parser():
     p.add_argument("--augment", action="store_true",
                    help="random translations of up to 3 pixels, the lecture's RandomCrop(28, "
                         "padding=3), no flips (the paper's figure without them is 0.95%%)")
+    p.add_argument("--classify", metavar="PATH",
+                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
+                        "and drawn into --out with predictions.json/.csv (needs --weights)")
     data.add_runtime_args(p, data.quick_help(QUICK), workers=0,
                           workers_help="unused: the set is held on the device",
                           pretrained_help="(no published LeNet-5 weights)")
@@ -259,12 +263,20 @@ def main(argv=None):
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     data.check_task(args.data, "classification")
-    if args.data not in ("mnist", "fashion-mnist", "shapes"):
-        raise data.DataError(f"lenet5.py trains on mnist, fashion-mnist or shapes, not '{args.data}'")
+    if args.data not in ("mnist", "fashion-mnist", "shapes") and \
+            not args.data.startswith("folder:"):
+        raise data.DataError(f"lenet5.py trains on mnist, fashion-mnist, shapes or folder:DIR, "
+                             f"not '{args.data}'")
     if args.pretrained:
         raise data.DataError("there are no published LeNet-5 weights; use --weights PATH")
     data.apply_quick(args, QUICK)
     device, rank, world, is_main = data.setup(args, "lenet5.py")
+    if args.classify:  # the user's images through the checkpoint's network: no data set read
+        classes, (mean, std), shape = data.prediction_settings(state, args.weights)
+        model = lenet5(args.variant, len(classes), *shape).to(device).eval()
+        data.load_weights(model, state, args.weights)
+        return data.classify_images(args.classify, args.out, lambda x: model(x.to(device)),
+                                    classes, mean, std, shape)
     if args.epochs is None:
         args.epochs = EPOCHS
     if args.batch_size % args.world:
@@ -329,7 +341,7 @@ def main(argv=None):
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, normalisation=(mean, std))
+                                     vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -341,7 +353,7 @@ def main(argv=None):
         os.path.join(args.out, "results.json"), "lenet5.py", args.data,
         {k: test[k] for k in ("test_error", "test_accuracy", "balanced_error")},
         paper=PAPER, config=config, device=str(device), seconds=time.time() - t0,
-        history=history) if is_main else None
+        history=history, **metrics.class_records(test, classes)) if is_main else None
     return results
 
 

@@ -130,6 +130,46 @@ def test_a_checkpoint_is_enough_to_resume_and_to_evaluate(tmp_path):
     with pytest.raises(data.DataError, match=re.escape(
             f"--lr 0.1 contradicts {ckpt}, trained with --lr 0.02")):
         lenet5.main(["--resume", "--out", cut, "--lr", "0.1", "--device", "cpu"])
+    # --classify: a folder of the user's images through that network, no data set read
+    from PIL import Image
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for i in range(2):
+        image = data.render_shapes(0, i, 48, split="test")[0]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"s{i}.png")
+    rows = lenet5.main(["--classify", str(mine), "--weights", ckpt, "--device", "cpu", "--out",
+                        str(tmp_path / "p")])
+    assert [len(r["found"]) for r in rows] == [5, 5]
+    assert {f["class"] for f in rows[0]["found"]} <= set(data.SHAPES_CLASSES)
+    assert (tmp_path / "p" / "predictions.csv").is_file()
+    assert (tmp_path / "p" / "s1_classes.png").is_file()
+
+
+def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
+    # --data folder:DIR: DIR/train/<class>/*, DIR/val/<class>/* (val is the test split), held at
+    # 32x32; the class names are the folders'. Bright against dark images: two classes.
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 24), ("val", 8)):
+        for c, level in (("dark", 40), ("light", 200)):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(
+                    tmp_path / "tree" / split / c / f"{i}.jpg")
+    r = lenet5.main(["--data", f"folder:{tmp_path / 'tree'}", "--epochs", "3", "--batch-size",
+                     "8", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert r["config"]["sizes"] == {"train": 48, "val": 0, "test": 16}
+    assert r["per_class_error"] == {"dark": 0.0, "light": 0.0} and r["auc"] == 1.0
+    assert r["confusion"]["classes"] == ["dark", "light"]
+    (tmp_path / "tree" / "val" / "cat").mkdir()
+    with pytest.raises(data.DataError, match="val/cat is a class that .*train does not have"):
+        lenet5.main(["--data", f"folder:{tmp_path / 'tree'}", "--device", "cpu", "--out",
+                     str(tmp_path / "x")])
+    with pytest.raises(data.DataError, match="nowhere/train does not exist; the images go in "
+                                             "DIR/train/<class>"):
+        lenet5.main(["--data", f"folder:{tmp_path / 'nowhere'}", "--device", "cpu", "--out",
+                     str(tmp_path / "y")])
 
 
 def test_bad_input_is_a_one_line_error():

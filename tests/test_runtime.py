@@ -317,8 +317,8 @@ def test_classify_images_of_a_folder_prints_draws_and_records_the_top_classes(tm
         m = x.mean()
         return torch.stack([-m, m, torch.zeros(())])[None]
     classes = ("zero", "one", "two")
-    rows = data.classify_images(str(folder), str(tmp_path / "out"), forward, classes, "mnist",
-                                (0.5,), (0.25,), k=2)
+    rows = data.classify_images(str(folder), str(tmp_path / "out"), forward, classes, (0.5,),
+                                (0.25,), (1, 28), k=2)
     said = capsys.readouterr().out
     assert seen == [(1, 1, 28, 28)] * 2
     assert [os.path.relpath(r["image"], folder) for r in rows] == \
@@ -345,8 +345,8 @@ def test_classify_images_of_a_folder_prints_draws_and_records_the_top_classes(tm
                           (tmp_path / "nope.jpg", "nope.jpg does not exist; give an image file "
                                                   "or a folder of them")):
         with pytest.raises(data.DataError, match=re.escape(message)) as e:
-            data.classify_images(str(path), str(tmp_path / "o2"), forward, classes, "mnist",
-                                 (0.5,), (0.25,))
+            data.classify_images(str(path), str(tmp_path / "o2"), forward, classes, (0.5,),
+                                 (0.25,), (1, 28))
         assert "fetch" not in str(e.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="empty holds no image files"):
