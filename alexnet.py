@@ -369,8 +369,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.adopt_checkpoint(args, "alexnet.py", ("variant", "width", "img_size"),
-                          may_differ=("ten_crop",))
+    state = data.adopt_checkpoint(args, "alexnet.py", ("variant", "width", "img_size"),
+                                  may_differ=("ten_crop",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     data.apply_quick(args, QUICK)
@@ -403,7 +403,8 @@ def main(argv=None):
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
         args.quick, args.seed, augment=True, workers=args.workers,
         eval_batch_size=100 if imagenet else 250, size=args.img_size if imagenet else None,
-        square=True, train_split=data.train_split(args), limit=args.limit)
+        square=True, train_split=data.train_split(args), limit=args.limit,
+        test_only=args.eval_only, stats=(state or {}).get("normalisation"))  # the test split alone
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
     if imagenet and args.ten_crop:
         big = round(args.img_size * 256 / 224)
@@ -416,8 +417,8 @@ def main(argv=None):
         test_loader = data.make_loader(test_set, 100, False, args.workers, device)
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
-    colour = None
-    if not imagenet and info["in_channels"] == 3:
+    colour = None  # training only: --eval-only has no training images to take it from
+    if train_loader is not None and not imagenet and info["in_channels"] == 3:
         eigval, eigvec = data.colour_pca(train_loader.images.cpu())
         colour = (eigval.to(device), eigvec.to(device),
                   torch.tensor(info["std"], device=device).view(1, 3, 1, 1))
@@ -479,7 +480,8 @@ def main(argv=None):
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes))
+                                     vars(args), history, classes=list(classes),
+                                     normalisation=(info["mean"], info["std"]))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 

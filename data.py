@@ -1219,8 +1219,8 @@ class Seeded(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getattr__(self, name):
-        if name in ("dataset", "seed"):
+    def __getattr__(self, name):  # e.g. .classes; never Subset's __getitems__ (keys are pairs)
+        if name in ("dataset", "seed") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

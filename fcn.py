@@ -362,17 +362,18 @@ def class_names(name):
 
 def segmentation_sets(args):
     """(train, test) sets with the paper's pipeline: no augmentation (PAMI §4.3: mirroring and
-    jittering gave no noticeable improvement), whole images, ImageNet mean/std normalisation."""
+    jittering gave no noticeable improvement), whole images, ImageNet mean/std normalisation.
+    --eval-only: train is None (its images and masks are not read: nothing is taken from them)."""
     kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick,
               transforms=data.segmentation_transforms(False))
     if args.data == "shapes-seg":
         kw["size"] = args.data_size
-    train = data.segmentation_dataset(args.data, "train", **kw)
+    train = None if args.eval_only else data.segmentation_dataset(args.data, "train", **kw)
     test = data.segmentation_dataset(args.data, "test", **kw)
     if args.limit:
-        train = torch.utils.data.Subset(train, range(min(args.limit, len(train))))
-        test = torch.utils.data.Subset(test, range(min(args.limit, len(test))))
-    if len(train) == 0 or len(test) == 0:
+        train, test = (None if d is None else torch.utils.data.Subset(
+            d, range(min(args.limit, len(d)))) for d in (train, test))
+    if (train is not None and len(train) == 0) or len(test) == 0:
         raise data.DataError(f"'{args.data}' has an empty train or test split; check --data-dir")
     return train, test
 
@@ -566,18 +567,22 @@ def main(argv=None):
         data.load_weights(model, state, args.weights)
         return segment(model, args.segment, args.out, classes, device)
 
-    train_set, test_set = segmentation_sets(args)
-    classes = train_set.classes if hasattr(train_set, "classes") else train_set.dataset.classes
-    train_loader = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
-                                    device, pad_collate, seed=args.seed)
+    train_set, test_set = segmentation_sets(args)  # --eval-only: train_set None
+    classes = test_set.classes if hasattr(test_set, "classes") else test_set.dataset.classes
+    train_loader, n_train = None, 0
+    if train_set is not None:
+        train_loader = data.make_loader(train_set, args.batch_size // args.world, True,
+                                        args.workers, device, pad_collate, seed=args.seed)
+        n_train = len(train_set)
     # The paper evaluates whole images one by one; shapes-seg images share a size: batched.
     # Under torchrun rank r tests images r, r + W, ... (evaluate sums the confusion matrices).
     test_loader = data.make_loader(test_set, 50 if args.data == "shapes-seg" else 1, False,
                                    args.workers, device, pad_collate)
     train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
-    if args.epochs is None:
+    if args.epochs is None:  # --eval-only: no schedule to size; the checkpoint's epochs
         args.epochs = QUICK["epochs"] if args.quick else \
-            math.ceil(ITERATIONS * args.batch_size / len(train_set))
+            math.ceil(ITERATIONS * args.batch_size / n_train) if n_train else \
+            ((state or {}).get("args") or {}).get("epochs")
 
     model = FCN(args.arch, len(classes), args.width, args.learn_upsampling, args.bn, args.dropout)
     arch = arch_name(args)
@@ -609,9 +614,11 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)  # fixed lr (§4.3)
     scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "parameters": count_parameters(model),
-              "crop_offsets": model.offsets, "departures": DEPARTURES}
+              "crop_offsets": model.offsets,
+              "sizes": {"train": n_train, "val": 0, "test": len(test_set)},
+              "departures": DEPARTURES}
     if is_main:
-        print(f"fcn.py: {arch} on {args.data} ({len(train_set)} train / {len(test_set)} test, "
+        print(f"fcn.py: {arch} on {args.data} ({n_train} train / {len(test_set)} test, "
               f"{len(classes)} classes), {config['parameters']:,} trained parameters, crops "
               f"{model.offsets}, device {device}, {args.world} process(es)")
         for d in DEPARTURES:

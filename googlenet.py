@@ -420,17 +420,20 @@ def centre_crop(image, size=224, resize=256):
 
 
 def imagenet_loaders(args, device):
+    """(train, None, test, info); --eval-only reads only the val folder (train is None)."""
     kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
-    train_set = data.classification_dataset("imagenet", "train", **kw,
-                                            transform=imagenet_train_transform(args.img_size))
     test_set = data.classification_dataset(  # whole images, normalised: §7 crops them itself
         "imagenet", "test", **kw, transform=v2.Compose([
             v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
-    train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
-                             seed=args.seed)
     test = data.make_loader(test_set, 8, False, args.workers, device, collate_fn=list_collate)
-    classes = getattr(train_set, "names", None) or train_set.dataset.names
+    train_set, train = [], None
+    if not args.eval_only:
+        train_set = data.classification_dataset("imagenet", "train", **kw,
+                                                transform=imagenet_train_transform(args.img_size))
+        train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
+                                 device, seed=args.seed)
+    classes = getattr(test_set, "names", None) or test_set.dataset.names
     info = {"classes": classes, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
             "in_channels": 3, "sizes": (len(train_set), 0, len(test_set))}
     return train, None, test, info
@@ -587,10 +590,10 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.adopt_checkpoint(args, "googlenet.py", ("variant", "naive", "no_aux", "width",
-                                                 "img_size", "transform_input", "polyak"),
-                          may_differ=("test_crops",),
-                          name="nin" if args.variant == "nin" else None)
+    state = data.adopt_checkpoint(args, "googlenet.py", ("variant", "naive", "no_aux", "width",
+                                                         "img_size", "transform_input", "polyak"),
+                                  may_differ=("test_crops",),
+                                  name="nin" if args.variant == "nin" else None)
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     resolve_defaults(args)  # --quick included
@@ -611,7 +614,8 @@ def main(argv=None):
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=250,
-            size=args.img_size, train_split=split, limit=args.limit)
+            size=args.img_size, train_split=split, limit=args.limit, test_only=args.eval_only,
+            stats=(state or {}).get("normalisation"))  # --eval-only: the test split alone
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
@@ -688,7 +692,8 @@ def main(argv=None):
                       f" lr {row['lr']:.3g}")
             extra = {"ema": ema.state_dict()} if ema is not None else {}
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes), **extra)
+                                     vars(args), history, classes=list(classes),
+                                     normalisation=(info["mean"], info["std"]), **extra)
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 

@@ -223,14 +223,17 @@ def run(args):
     kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick, size=32,
               limit=args.limit)
     # The lecture trains on the whole CIFAR-10 training set (50k); --holdout leaves its 5k val
-    # split out (unused here: the script reports the test set only).
-    x, y, classes = data.classification_arrays(args.data, data.train_split(args), **kw)
-    x_test, y_test, _ = data.classification_arrays(args.data, "test", **kw)
+    # split out (unused here: the script reports the test set only). --eval-only reads the test
+    # split alone (no training image; the normalisation is ImageNet's, not the set's).
+    x_test, y_test, classes = data.classification_arrays(args.data, "test", **kw)
+    x, y = x_test[:0], y_test[:0]  # --eval-only: an empty training split
+    if not args.eval_only:
+        x, y, _ = data.classification_arrays(args.data, data.train_split(args), **kw)
     if x.shape[1] == 1:  # grey images (MNIST, Fashion-MNIST) replicated to AlexNet's 3 channels
         x, x_test = x.expand(-1, 3, -1, -1).contiguous(), x_test.expand(-1, 3, -1, -1).contiguous()
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
-    train_loader = data.DeviceLoader(x, y, args.batch_size // args.world, True, device, mean, std,
-                                     seed=args.seed)
+    train_loader = None if args.eval_only else data.DeviceLoader(
+        x, y, args.batch_size // args.world, True, device, mean, std, seed=args.seed)
     test_loader = data.DeviceLoader(x_test, y_test, 500, False, device, mean, std)
     train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 

@@ -912,12 +912,22 @@ def evaluate_localisation(model, x, box0, label0, gts, args, mean_box, num_class
 # The three tasks: each reads its data and gives main() its training batches and its test
 
 # What main() needs of a task: the data set's `classes` and `info` (in_channels, the
-# normalisation's mean and std, sizes (train, val, test)); the network's head: `outputs` (C, or
+# normalisation's mean and std, sizes (train, val, test), and in "saved" any other training-set
+# figure the test needs, kept in the checkpoint); the network's head: `outputs` (C, or
 # C + 1 with detection's background class) and `regressor` (§4's box head, trained after the
 # --epochs of classification for --loc-epochs); `steps` per epoch; `batches(epoch, model)`, the
 # epoch's training batches (x, y, boxes) (the model scores detection's hard negatives); and
-# `evaluate(model)`, the test's figures, of which results.json keeps `keys`.
+# `evaluate(model)`, the test's figures, of which results.json keeps `keys`. Under --eval-only
+# a task reads its test split alone: the training set's statistics come from `saved`, the
+# checkpoint's state (None without one: then the training images are read for them only).
 Task = collections.namedtuple("Task", "classes info outputs regressor steps batches evaluate keys")
+
+
+def saved_normalisation(saved):
+    """The (mean, std) a checkpoint's training set was normalised with, or None (no checkpoint,
+    a bare state_dict, one written before the checkpoints held it)."""
+    norm = (saved or {}).get("normalisation")
+    return (norm["mean"], norm["std"]) if isinstance(norm, dict) else None
 
 
 class EpochBatches:
@@ -942,31 +952,37 @@ def dry_run_images(args, batch, *parts):
     return tuple(p[:data.DRY_RUN_STEPS * batch * args.world] for p in parts)
 
 
-def classification_task(args, device, rank):
+def classification_task(args, device, rank, saved=None):
     """§3 on ImageNet: DataLoaders with §3.1's 256 resize, random crops and mirrors; whole
     normalised images for the dense test. In-memory sets: on the device, jittered by
-    jitter_batch. The test: the single centre crop and §3.3's dense evaluation."""
+    jitter_batch. The test: the single centre crop and §3.3's dense evaluation. --eval-only:
+    no training loader (None)."""
     if args.data == "imagenet":
         bs = args.batch_size // args.world
         norm = [v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
-        train_set = data.classification_dataset(
-            "imagenet", "train", args.data_dir, quick=args.quick,
-            transform=v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True),
-                                  v2.RandomCrop(args.img_size), v2.RandomHorizontalFlip(), *norm]))
         test_set = data.classification_dataset("imagenet", "test", args.data_dir, quick=args.quick,
                                                transform=v2.Compose([v2.ToImage(), *norm]))
-        train_loader = data.make_loader(train_set, bs, True, args.workers, device, seed=args.seed)
         test_loader = data.make_loader(test_set, 16, False, args.workers, device,
                                        collate_fn=list_collate)
-        classes = getattr(train_set, "names", None) or train_set.dataset.names
+        train_set, train_loader = [], None  # --eval-only: DIR/imagenet/train need not exist
+        if not args.eval_only:
+            train_set = data.classification_dataset(
+                "imagenet", "train", args.data_dir, quick=args.quick,
+                transform=v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True),
+                                      v2.RandomCrop(args.img_size), v2.RandomHorizontalFlip(),
+                                      *norm]))
+            train_loader = data.make_loader(train_set, bs, True, args.workers, device,
+                                            seed=args.seed)
+        classes = getattr(test_set, "names", None) or test_set.dataset.names
         info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
                 "sizes": (len(train_set), 0, len(test_set))}
     else:
         train_loader, _, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
             args.quick, args.seed, augment=False, eval_batch_size=TEST_BATCH,
-            train_split=data.train_split(args), limit=args.limit)
+            train_split=data.train_split(args), limit=args.limit, test_only=args.eval_only,
+            stats=saved_normalisation(saved))
         classes = info["classes"]
     train, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
@@ -976,24 +992,32 @@ def classification_task(args, device, rank):
             (jitter_batch(x.to(device), args.img_size, args.crop_scale)
              if args.data != "imagenet" else x.to(device), y.to(device), None) for x, y in train))
 
-    return Task(classes, info, len(classes), False, len(train), batches,
+    return Task(classes, info, len(classes), False, 0 if train is None else len(train), batches,
                 lambda model: evaluate(model, test_loader, args, device, len(classes)),
                 ["test_error", "test_accuracy", "balanced_error", "single_crop_error",
                  "dense_error", "top5_error", "single_crop_top5_error"])
 
 
-def localisation_task(args, device, rank):
+def localisation_task(args, device, rank, saved=None):
     """§4 on shapes-det or the ImageNet boxes: whole images and the largest object's box in
     memory; every rank draws the same global batch (device_batches) and keeps its 1/world
-    slice. The test: the classification figures and §4's localisation ones."""
-    x_tr, box_tr, y_tr, _, classes = detection_arrays("train", args)
-    x_te, box_te, y_te, gts_te, _ = detection_arrays("test", args)
-    mean, std = data.channel_stats(x_tr)
+    slice. The test: the classification figures and §4's localisation ones (with the baseline
+    of the mean training box, kept in the checkpoint for --eval-only)."""
+    x_te, box_te, y_te, gts_te, classes = detection_arrays("test", args)
+    norm, mean_box = saved_normalisation(saved), (saved or {}).get("mean_box")
+    if args.eval_only and norm is not None and mean_box is not None:  # the test split alone
+        (mean, std), mean_box, n_train = norm, mean_box.to(device), 0
+        x_tr = box_tr = y_tr = None
+    else:
+        x_tr, box_tr, y_tr, _, _ = detection_arrays("train", args)
+        mean, std = data.channel_stats(x_tr)
+        x_tr, box_tr, y_tr = x_tr.to(device), box_tr.to(device), y_tr.to(device)
+        mean_box, n_train = box_tr.float().mean(0), 0 if args.eval_only else len(y_tr)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    x_tr, box_tr, y_tr = x_tr.to(device), box_tr.to(device), y_tr.to(device)
-    info = {"in_channels": 3, "mean": mean, "std": std, "sizes": (len(y_tr), 0, len(y_te))}
-    steps = len(y_tr) // args.batch_size  # global batches, sliced across the ranks
+    info = {"in_channels": 3, "mean": mean, "std": std, "sizes": (n_train, 0, len(y_te)),
+            "saved": {"mean_box": mean_box.cpu()}}
+    steps = n_train // args.batch_size  # global batches, sliced across the ranks
 
     def batches(epoch, model):
         return data.dry_run_batches(args, EpochBatches(steps, (
@@ -1008,26 +1032,32 @@ def localisation_task(args, device, rank):
         test = evaluate(model, [(mine[i:i + TEST_BATCH], ys[i:i + TEST_BATCH])
                                 for i in range(0, len(ys), TEST_BATCH)], args, device,
                         len(classes))
-        test.update(evaluate_localisation(model, xt, box.to(device), y, gts, args,
-                                          box_tr.float().mean(0), len(classes)))
+        test.update(evaluate_localisation(model, xt, box.to(device), y, gts, args, mean_box,
+                                          len(classes)))
         return test
 
-    return Task(classes, info, len(classes), True, len(batches(0, None)), batches, evaluate_task,
+    return Task(classes, info, len(classes), True, len(batches(0, None)) if n_train else 0,
+                batches, evaluate_task,
                 ["test_error", "test_accuracy", "single_crop_error", "dense_error", "map",
                  "iou50_rate", "mean_iou", "loc_error", "loc_error_top5",
                  "baseline_whole_image_iou50", "baseline_mean_box_iou50"])
 
 
-def detection_task(args, device, rank):
+def detection_task(args, device, rank, saved=None):
     """§5 on shapes-det or VOC: whole scenes in memory (for training, those with objects), the
     training windows cut from them by window_batches: a positive and a random or hard negative
     per scene in the classification epochs, the positives alone for the regressor. The test:
     VOC07 AP of `detect` over every object of every test scene."""
-    x_tr, scene_tr, _, _, classes = scene_arrays("train", args)
-    keep = [i for i, t in enumerate(scene_tr) if len(t["labels"])]  # scenes with objects
-    x_tr, scene_tr = x_tr[keep].to(device), [scene_tr[i] for i in keep]
-    x_te, _, gts_te, sizes_te, _ = scene_arrays("test", args)
-    mean, std = data.channel_stats(x_tr)
+    x_te, _, gts_te, sizes_te, classes = scene_arrays("test", args)
+    norm = saved_normalisation(saved)
+    if args.eval_only and norm is not None:  # the test split alone
+        (mean, std), x_tr, scene_tr = norm, None, []
+    else:
+        x_tr, scene_tr, _, _, _ = scene_arrays("train", args)
+        keep = [i for i, t in enumerate(scene_tr) if len(t["labels"])]  # scenes with objects
+        x_tr, scene_tr = x_tr[keep].to(device), [scene_tr[i] for i in keep]
+        mean, std = data.channel_stats(x_tr)
+        scene_tr = [] if args.eval_only else scene_tr
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     args.num_classes = len(classes)
@@ -1044,8 +1074,8 @@ def detection_task(args, device, rank):
         xt = ((x.to(device).float() / 255) - mean_t) / std_t
         return evaluate_detection(model, xt, gts, sizes, classes, args)[0]
 
-    return Task(classes, info, len(classes) + 1, True, len(batches(0, None)), batches,
-                evaluate_task, ["map", "detections_per_image", "ap"])
+    return Task(classes, info, len(classes) + 1, True, len(batches(0, None)) if steps else 0,
+                batches, evaluate_task, ["map", "detections_per_image", "ap"])
 
 
 TASKS = {"classification": classification_task, "localisation": localisation_task,
@@ -1226,9 +1256,9 @@ def detect_command(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.adopt_checkpoint(args, "overfeat.py", ("variant", "width", "img_size", "task",
-                                                "class_specific"),
-                          may_differ=("scales", "det_scales", "merge_threshold"))
+    state = data.adopt_checkpoint(args, "overfeat.py", ("variant", "width", "img_size", "task",
+                                                        "class_specific"),
+                                  may_differ=("scales", "det_scales", "merge_threshold"))
     data.check_positive(args, "batch_size", "lr", "width", "img_size")
     if min(args.epochs or 0, args.loc_epochs or 0) < 0:  # 0 is allowed: regressor on fixed features
         raise data.DataError("--epochs and --loc-epochs must be >= 0")
@@ -1248,8 +1278,8 @@ def main(argv=None):
                              "window per scene)" if detection else ""))
 
     # Data: the task's training batches and its test (classification_task, localisation_task,
-    # detection_task)
-    task = TASKS[args.task](args, device, rank)
+    # detection_task); --eval-only: the test alone, the training set's statistics from --weights
+    task = TASKS[args.task](args, device, rank, state if args.eval_only else None)
     classes, info = task.classes, task.info
     n_train, n_val, n_test = info["sizes"]
 
@@ -1311,7 +1341,7 @@ def main(argv=None):
                 print(f"epoch {epoch + 1}/{total_epochs} ({phase}) train_loss {loss:.4f}")
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
                                      vars(args), history, classes=list(classes),
-                                     normalisation=normalisation)
+                                     normalisation=normalisation, **info.get("saved", {}))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 

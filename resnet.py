@@ -310,7 +310,8 @@ def schedule(recipe, steps_per_epoch, epochs=None):
 def imagenet_loaders(args, device):
     """§3.4 training pipeline with RandomResizedCrop as the scale augmentation, flips and PCA
     colour; the test loader yields the central (256/224 x size)^2 square of the image resized to
-    256/224 x size, from which both the centre crop and the ten crops are cut."""
+    256/224 x size, from which both the centre crop and the ten crops are cut. --eval-only reads
+    the val folder alone (train is None)."""
     mean, std, size = data.IMAGENET_MEAN, data.IMAGENET_STD, args.img_size
     big = round(size * 256 / 224)
     train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
@@ -319,12 +320,14 @@ def imagenet_loaders(args, device):
     test_tf = v2.Compose([v2.ToImage(), v2.Resize(big, antialias=True), v2.CenterCrop(big),
                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
-    train_set = data.classification_dataset("imagenet", "train", transform=train_tf, **kw)
     test_set = data.classification_dataset("imagenet", "test", transform=test_tf, **kw)
-    train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
-                             seed=args.seed)
     test = data.make_loader(test_set, 50, False, args.workers, device)  # rank r: r, r + W, ...
-    classes = getattr(train_set, "names", None) or train_set.dataset.names
+    train_set, train = [], None
+    if not args.eval_only:
+        train_set = data.classification_dataset("imagenet", "train", transform=train_tf, **kw)
+        train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
+                                 device, seed=args.seed)
+    classes = getattr(test_set, "names", None) or test_set.dataset.names
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3, "image_size": size,
             "sizes": (len(train_set), 0, len(test_set))}
     return train, None, test, info
@@ -437,7 +440,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.adopt_checkpoint(args, "resnet.py", ("depth", "img_size"), may_differ=("ten_crop",))
+    state = data.adopt_checkpoint(args, "resnet.py", ("depth", "img_size"),
+                                  may_differ=("ten_crop",))
     data.check_positive(args, "batch_size", "epochs", "lr", "img_size")
     t0 = time.time()
     if not (is_cifar_depth(args.depth) or args.depth in IMAGENET_DEPTHS):
@@ -477,7 +481,8 @@ def main(argv=None):
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
-            train_split=split, size=args.img_size, limit=args.limit)
+            train_split=split, size=args.img_size, limit=args.limit, test_only=args.eval_only,
+            stats=(state or {}).get("normalisation"))  # --eval-only: the test split alone
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
@@ -490,7 +495,8 @@ def main(argv=None):
         data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = len(train_loader)
+    # --eval-only has no training loader and no schedule to follow: 1 step an epoch, harmless
+    steps_per_epoch = len(train_loader) if train_loader is not None else 1
     total_iters, milestones = schedule(recipe, steps_per_epoch, args.epochs)
     epochs = math.ceil(total_iters / steps_per_epoch)  # the last one may be cut short
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
@@ -499,18 +505,22 @@ def main(argv=None):
         optimizer, lambda it: lr_factor(it, milestones, args.warmup_iters))  # per iteration
     scaler = data.grad_scaler(device, args.amp)
     departures = DEPARTURES_IMAGENET if imagenet else DEPARTURES_CIFAR
+    training = not args.eval_only  # --eval-only follows no schedule: none is reported
     config = {**vars(args), "sizes": {"train": n_train, "val": n_val, "test": n_test},
-              "arch": arch, "parameters": count_parameters(model),
-              "recipe": recipe, "iterations": total_iters, "milestones": milestones,
-              "steps_per_epoch": steps_per_epoch, "normalisation": {"mean": info["mean"],
-                                                                     "std": info["std"]},
+              "arch": arch, "parameters": count_parameters(model), "recipe": recipe,
+              "iterations": total_iters if training else None,
+              "milestones": milestones if training else None,
+              "steps_per_epoch": steps_per_epoch if training else None,
+              "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": departures}
     if is_main:
         print(f"resnet.py: ResNet-{args.depth} on {args.data} ({n_train} train / {n_val} val / "
               f"{n_test} test), {config['parameters']:,} parameters, device {device}, "
-              f"{args.world} process(es); {total_iters} iterations ({epochs} epochs of "
-              f"{steps_per_epoch}), lr {args.lr} / 10 at {milestones}" +
-              (f", warm-up {args.warmup_iters}" if args.warmup_iters else ""))
+              f"{args.world} process(es)" + (
+                  f"; {total_iters} iterations ({epochs} epochs of {steps_per_epoch}), lr "
+                  f"{args.lr} / 10 at {milestones}" +
+                  (f", warm-up {args.warmup_iters}" if args.warmup_iters else "")
+                  if training else ""))
         for d in departures:
             print(f"  departure from the paper: {d}")
 
@@ -543,7 +553,8 @@ def main(argv=None):
                       f"{loss:.4f}" + (f" val_error {100 * row['val_error']:.2f}%"
                                        if "val_error" in row else ""))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes))
+                                     vars(args), history, classes=list(classes),
+                                     normalisation=(info["mean"], info["std"]))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 

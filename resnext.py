@@ -236,7 +236,8 @@ def schedule(recipe, epochs=None):
 
 def imagenet_loaders(args, device):
     """§4: scale augmentation (RandomResizedCrop, as fb.resnet.torch which the paper follows),
-    flips and PCA colour for training; the 224 centre crop of the 256-resized image for testing."""
+    flips and PCA colour for training; the 224 centre crop of the 256-resized image for testing.
+    --eval-only reads the val folder alone (train is None)."""
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224, antialias=True),
                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
@@ -244,12 +245,14 @@ def imagenet_loaders(args, device):
     test_tf = v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
-    train_set = data.classification_dataset("imagenet", "train", transform=train_tf, **kw)
     test_set = data.classification_dataset("imagenet", "test", transform=test_tf, **kw)
-    train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers, device,
-                             seed=args.seed)
     test = data.make_loader(test_set, 50, False, args.workers, device)  # rank r: r, r + W, ...
-    classes = getattr(train_set, "names", None) or train_set.dataset.names
+    train_set, train = [], None
+    if not args.eval_only:
+        train_set = data.classification_dataset("imagenet", "train", transform=train_tf, **kw)
+        train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
+                                 device, seed=args.seed)
+    classes = getattr(test_set, "names", None) or test_set.dataset.names
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
             "sizes": (len(train_set), 0, len(test_set))}
     return train, None, test, info
@@ -366,7 +369,8 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.adopt_checkpoint(args, "resnext.py", ("depth", "cardinality", "bottleneck_width", "base"))
+    state = data.adopt_checkpoint(args, "resnext.py", ("depth", "cardinality", "bottleneck_width",
+                                                       "base"))
     data.check_positive(args, "batch_size", "epochs", "lr", "bottleneck_width", "cardinality",
                         "base")
     t0 = time.time()
@@ -389,7 +393,8 @@ def main(argv=None):
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
-            train_split=split, limit=args.limit)
+            train_split=split, limit=args.limit, test_only=args.eval_only,
+            stats=(state or {}).get("normalisation"))  # --eval-only: the test split alone
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
@@ -450,7 +455,8 @@ def main(argv=None):
                 print(f"epoch {epoch + 1}/{epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
             data.save_training_state(ckpt_path, args.arch, model, optimizer, scheduler, scaler,
-                                     epoch, vars(args), history, classes=list(classes))
+                                     epoch, vars(args), history, classes=list(classes),
+                                     normalisation=(info["mean"], info["std"]))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 

@@ -735,16 +735,21 @@ def main(argv=None):
         return detect_image(model, args.detect, classes, args, device, mean, std)
 
     # Data: the paper's augmentation on every training image, the plain resize for the test.
+    # --eval-only reads the test split alone (the normalisation is VGG's, not the set's).
     kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick,
               size=args.data_size)
     augment = train_transforms(args.img_size, mean, std, args.zoom_out, args.augment)
-    train_set = data.detection_dataset(args.data, "train", train_difficult=TRAIN_DIFFICULT, **kw)
+    train_set = None if args.eval_only else \
+        data.detection_dataset(args.data, "train", train_difficult=TRAIN_DIFFICULT, **kw)
     test_set = data.detection_dataset(args.data, "test",
                                       transforms=EvalTransform(args.img_size, mean, std), **kw)
     if args.limit:
-        train_set, test_set = (torch.utils.data.Subset(s, range(min(len(s), args.limit)))
+        train_set, test_set = (s if s is None else
+                               torch.utils.data.Subset(s, range(min(len(s), args.limit)))
                                for s in (train_set, test_set))
-    train_set = SeededAugment(train_set, augment, args.seed)
+    if train_set is not None:
+        train_set = SeededAugment(train_set, augment, args.seed)
+    n_train = 0 if train_set is None else len(train_set)
     bs = args.batch_size // world
 
     def train_loader_for(epoch):
@@ -757,7 +762,7 @@ def main(argv=None):
         data.set_epoch(loader, epoch)
         return data.dry_run_batches(args, loader)
 
-    train_loader = train_loader_for(0)
+    train_loader = None if train_set is None else train_loader_for(0)
     test_loader = data.dry_run_batches(args, data.make_loader(
         test_set, 32, False, args.workers, device, collate_fn=data.detection_collate))
 
@@ -772,9 +777,11 @@ def main(argv=None):
     scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "parameters": sum(p.numel() for p in model.parameters()),
               "default_boxes": len(model.anchors), "maps": model.map_sizes,
-              "scales": model.scales, "train_difficult": TRAIN_DIFFICULT, "departures": DEPARTURES}
+              "scales": model.scales, "train_difficult": TRAIN_DIFFICULT,
+              "sizes": {"train": n_train, "val": 0, "test": len(test_set)},
+              "departures": DEPARTURES}
     if is_main:
-        print(f"ssd.py: {arch} on {args.data} ({len(train_set)} train / {len(test_set)} test), "
+        print(f"ssd.py: {arch} on {args.data} ({n_train} train / {len(test_set)} test), "
               f"maps {model.map_sizes}, {len(model.anchors):,} default boxes, "
               f"{config['parameters']:,} parameters, device {device}, {world} process(es)")
         for d in DEPARTURES:

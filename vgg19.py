@@ -434,9 +434,9 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.adopt_checkpoint(args, "vgg19.py", ("bn", "width", "crop_size", "scale_min",
-                                             "scale_max"),
-                          may_differ=("test_scales",))
+    state = data.adopt_checkpoint(args, "vgg19.py", ("bn", "width", "crop_size", "scale_min",
+                                                     "scale_max"),
+                                  may_differ=("test_scales",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
     data.check_task(args.data, "classification")
@@ -449,38 +449,43 @@ def main(argv=None):
 
     # Data. ImageNet: §3.1's jitter as v2 transforms; the test set as whole images (normalised,
     # not resized: dense_evaluate rescales each to every Q). In-memory sets: the whole set on the
-    # device, no loader augmentation: scale_jitter_batch does §3.1 there.
+    # device, no loader augmentation: scale_jitter_batch does §3.1 there. --eval-only reads the
+    # test split alone (train_loader None; in-memory sets take the checkpoint's normalisation).
     colour = None
     if imagenet:
-        bs = args.batch_size // args.world
-        train_set = data.classification_dataset(
-            "imagenet", "train", args.data_dir, quick=args.quick,
-            transform=imagenet_train_transform(args.scale_min, args.scale_max, args.crop_size))
         test_set = data.classification_dataset(
             "imagenet", "test", args.data_dir, quick=args.quick,
             transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                                   v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
-        train_loader = data.make_loader(train_set, bs, True, args.workers, device, seed=args.seed)
         test_loader = data.make_loader(test_set, 16, False, args.workers, device,
                                        collate_fn=list_collate)
-        val_loader = None
-        classes = getattr(train_set, "names", None) or train_set.dataset.names
+        train_set, train_loader, val_loader = [], None, None
+        if not args.eval_only:
+            train_set = data.classification_dataset(
+                "imagenet", "train", args.data_dir, quick=args.quick,
+                transform=imagenet_train_transform(args.scale_min, args.scale_max,
+                                                   args.crop_size))
+            train_loader = data.make_loader(train_set, args.batch_size // args.world, True,
+                                            args.workers, device, seed=args.seed)
+        classes = getattr(test_set, "names", None) or test_set.dataset.names
         info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
                 "sizes": (len(train_set), 0, len(test_set))}
     else:
         train_loader, val_loader, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
             args.quick, args.seed, augment=False, eval_batch_size=EVAL_BATCH_SIZE,
-            train_split=data.train_split(args), limit=args.limit)
+            train_split=data.train_split(args), limit=args.limit, test_only=args.eval_only,
+            stats=(state or {}).get("normalisation"))
         classes = info["classes"]
-        if info["in_channels"] == 3:  # PCA colour from the training set's own RGB covariance
+        # PCA colour from the training set's own RGB covariance (training only)
+        if train_loader is not None and info["in_channels"] == 3:
             eigval, eigvec = data.colour_pca(train_loader.images.cpu())
             colour = (eigval.to(device), eigvec.to(device),
                       torch.tensor(info["std"], device=device).view(1, 3, 1, 1))
     # --dry-run: 2 training steps, and 2 batches of the val split and of the dense test
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
-    if args.lr_schedule == "plateau" and val_loader is None:
+    if args.lr_schedule == "plateau" and val_loader is None and not args.eval_only:
         raise data.DataError(f"--lr-schedule plateau needs a val split, which {args.data} lacks; "
                              f"use --lr-schedule steps")
     n_train, n_val, n_test = info["sizes"]
@@ -544,7 +549,8 @@ def main(argv=None):
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else "") +
                       f" lr {row['lr']:.2g}")
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes))
+                                     vars(args), history, classes=list(classes),
+                                     normalisation=(info["mean"], info["std"]))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 

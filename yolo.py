@@ -351,17 +351,19 @@ def collate(batch):
 
 def detection_sets(args, S):
     """(train, test) YoloSets: voc = VOC2007+2012 trainval -> VOC2007 test (difficult kept for
-    evaluation); shapes-det at --data-size pixels."""
+    evaluation); shapes-det at --data-size pixels. --eval-only: train is None (the training
+    annotations and images are not read; the normalisation is ImageNet's, not the set's)."""
     kw = dict(data_dir=args.data_dir, download=not args.no_download, quick=args.quick,
               size=args.data_size)
-    train, test = data.detection_dataset(args.data, "train", **kw), \
-        data.detection_dataset(args.data, "test", **kw)
-    classes = tuple(train.classes)
+    train = None if args.eval_only else data.detection_dataset(args.data, "train", **kw)
+    test = data.detection_dataset(args.data, "test", **kw)
+    classes = tuple(test.classes)
     if args.limit:  # the first N images of each split (smoke runs and tests)
-        train, test = (torch.utils.data.Subset(d, range(min(args.limit, len(d))))
-                       for d in (train, test))
-    return YoloSet(train, train_transforms(args.img_size, args.augment), S, len(classes)), \
-        YoloSet(test, train_transforms(args.img_size, False), S, len(classes)), classes
+        train, test = (None if d is None else torch.utils.data.Subset(
+            d, range(min(args.limit, len(d)))) for d in (train, test))
+    if train is not None:
+        train = YoloSet(train, train_transforms(args.img_size, args.augment), S, len(classes))
+    return train, YoloSet(test, train_transforms(args.img_size, False), S, len(classes)), classes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,9 +681,12 @@ def main(argv=None):
         args.backbone_weights = os.path.join(pre.out, "backbone.pt")
 
     # Data: per-sample v2 transforms (boxes follow), targets encoded in the loader.
-    train_set, test_set, classes = detection_sets(args, args.grid)
-    train_loader = data.make_loader(train_set, args.batch_size // world, True, args.workers,
-                                    device, collate_fn=collate, seed=args.seed)
+    train_set, test_set, classes = detection_sets(args, args.grid)  # --eval-only: train None
+    train_loader, n_train = None, 0
+    if train_set is not None:
+        train_loader = data.make_loader(train_set, args.batch_size // world, True, args.workers,
+                                        device, collate_fn=collate, seed=args.seed)
+        n_train = len(train_set)
     test_loader = data.make_loader(test_set, 64, False, args.workers, device, collate_fn=collate)
     train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
@@ -698,16 +703,17 @@ def main(argv=None):
     # §2.2: SGD, momentum 0.9, weight decay 5e-4; the schedule per iteration (warm-up).
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    steps = max(1, len(train_loader))
+    steps = max(1, 0 if train_loader is None else len(train_loader))  # --eval-only: any value
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it / (steps * args.epochs)))
     scaler = data.grad_scaler(device, args.amp)
     config = {**vars(args), "arch": arch, "classes": list(classes),
+              "sizes": {"train": n_train, "val": 0, "test": len(test_set)},
               "parameters": count_parameters(model), "map_size": list(model.map_size),
               "ap_metric": "voc12-area" if args.voc12_ap else "voc07-11point",
               "departures": DEPARTURES}
     if is_main:
-        print(f"yolo.py: {arch} on {args.data} ({len(train_set)} train / {len(test_set)} test) at "
+        print(f"yolo.py: {arch} on {args.data} ({n_train} train / {len(test_set)} test) at "
               f"{args.img_size}, S={args.grid} B={args.boxes} C={len(classes)}, "
               f"{config['parameters']:,} parameters, device {device}, {world} process(es)")
         for d in DEPARTURES:

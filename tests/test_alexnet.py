@@ -171,7 +171,17 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
     assert "top5_error" not in saved["metrics"]  # 6 classes: no top-5 figure
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+def only_the_test_split(monkeypatch):
+    """Reading any split but the test split fails: --eval-only must not touch training data."""
+    arrays = data.classification_arrays
+
+    def test_split_only(name, split, *a, **kw):
+        assert split == "test", f"--eval-only read the {split} split"
+        return arrays(name, split, *a, **kw)
+    monkeypatch.setattr(data, "classification_arrays", test_split_only)
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     tiny = ["--width", "0.125", "--variant", "paper", "--init", "variant", "--limit", "512"]
     full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
     cut, out_cut = run(tmp_path, "cut", "--epochs", "2", "--stop-after", "1", *tiny)  # "killed"
@@ -188,6 +198,36 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert biases["lr"] == pytest.approx(2 * weights["lr"])
     assert (weights["weight_decay"], biases["weight_decay"]) == (5e-4, 0.0)
     assert len(biases["params"]) == sum(k.endswith("bias") for k in a)
+    # --eval-only: the checkpoint's network (paper variant, width 0.125) and normalisation, the
+    # same 500 test images and nothing else (no training image read, no PCA colour taken)
+    only_the_test_split(monkeypatch)
+    again, _ = run(tmp_path, "e", "--eval-only", "--weights",
+                   os.path.join(out_full, "checkpoint.pt"), "--limit", "512")
+    assert again["metrics"] == full["metrics"] and again["config"]["arch"] == "alexnet-paper-w0.125"
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
+    assert again["config"]["normalisation"] == full["config"]["normalisation"]
+
+
+def imagenet_val_only(root):
+    """DIR/imagenet/val with one image of each of two classes, and no DIR/imagenet/train."""
+    from PIL import Image
+    for k, wnid in enumerate(("n01440764", "n01443537")):
+        (root / "imagenet" / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (300, 260), (k * 80, 50, 0)).save(
+            root / "imagenet" / "val" / wnid / "0.JPEG")
+    return str(root)
+
+
+def test_eval_only_on_imagenet_needs_the_val_folder_alone(tmp_path):
+    # --eval-only builds no training set: DIR/imagenet/train is not there (an eighth-width net
+    # at 64x64 on two val images, with the ten-crop test: the code path, in a second)
+    root = imagenet_val_only(tmp_path)
+    torch.save(alexnet.alexnet(2, width=0.125).state_dict(), tmp_path / "w.pt")
+    r = alexnet.main(["--data", "imagenet", "--data-dir", root, "--width", "0.125", "--img-size",
+                      "64", "--eval-only", "--weights", str(tmp_path / "w.pt"), "--workers", "0",
+                      "--device", "cpu", "--out", str(tmp_path / "e")])
+    assert r["config"]["sizes"] == {"train": 0, "val": 0, "test": 2}
+    assert "ten_crop_error" in r["metrics"]
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):

@@ -175,7 +175,8 @@ def run(tmp_path, name, *extra):
     return fcn.main(args), out
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run_and_segment_writes_pngs(tmp_path):
+def test_kill_and_resume_equals_an_uninterrupted_run_and_segment_writes_pngs(tmp_path,
+                                                                             monkeypatch):
     full, _ = run(tmp_path, "full")
     assert run(tmp_path, "cut", "--stop-after", "1")[0] is None  # "killed" after epoch 1
     cut, out = run(tmp_path, "cut", "--resume")
@@ -191,10 +192,16 @@ def test_kill_and_resume_equals_an_uninterrupted_run_and_segment_writes_pngs(tmp
     cm = np.array(saved["confusion"])
     assert cm.sum() == 8 * 32 * 32  # every test pixel counted once (no void in shapes-seg)
     assert saved["metrics"]["samples"] == 8 and saved["config"]["data_size"] == 32
-    # --eval-only with the checkpoint gives the same figures.
+    # --eval-only with the checkpoint gives the same figures from the test split alone.
+    sets = data.segmentation_dataset
+    monkeypatch.setattr(data, "segmentation_dataset", lambda name, split, *a, **kw:
+                        sets(name, split, *a, **kw) if split == "test"
+                        else pytest.fail(f"--eval-only read the {split} split"))
     again, _ = run(tmp_path, "again", "--eval-only", "--weights", os.path.join(out,
                                                                                "checkpoint.pt"))
     assert again["metrics"] == cut["metrics"]
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 8}
+    assert cut["config"]["sizes"] == {"train": 8, "val": 0, "test": 8}
     # --segment: palette PNG of class indices with VOC colours, overlay, fractions summing to 1.
     image, _, _, _, _ = data.render_shapes(0, 3, 40, split="test")
     path = str(tmp_path / "img.png")
@@ -229,6 +236,15 @@ def test_real_voc_seg_path_on_tiny_files(tmp_path):
     # fraction (dog 26 x 20 pixels; car 20 x 40 less its void first row).
     bg = (40 * 29 - 26 * 20 + 33 * 40 - 20 * 39) / (40 * 29 + 33 * 40)
     assert abs(m["baseline_pixel_acc"] - bg) < 1e-9
+    # --eval-only reads VOC2012 val alone: the training list is gone
+    os.remove(os.path.join(str(tmp_path), "VOCdevkit", "VOC2012", "ImageSets", "Segmentation",
+                           "train.txt"))
+    again = fcn.main(["--data-dir", str(tmp_path), "--no-download", "--device", "cpu",
+                      "--workers", "0", "--eval-only", "--weights",
+                      os.path.join(out, "checkpoint.pt"), "--out", str(tmp_path / "again")])
+    assert again["metrics"] == m and again["data"] == "voc-seg"
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 2}
+    assert again["config"]["epochs"] == 1  # the checkpoint's: no training set to size a schedule
     with pytest.raises(data.DataError, match="VOC2012 train not found"):
         fcn.main(["--data", "voc-seg", "--data-dir", str(tmp_path / "none"), "--no-download",
                   "--device", "cpu", "--out", out + "-none"])

@@ -225,7 +225,17 @@ def test_overfits_one_fixed_batch_with_the_auxiliary_losses():
     assert losses[-1] < losses[0] / 3, losses[::5]
 
 
-def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path):
+def only_the_test_split(monkeypatch):
+    """Reading any split but the test split fails: --eval-only must not touch training data."""
+    arrays = data.classification_arrays
+
+    def test_split_only(name, split, *a, **kw):
+        assert split == "test", f"--eval-only read the {split} split"
+        return arrays(name, split, *a, **kw)
+    monkeypatch.setattr(data, "classification_arrays", test_split_only)
+
+
+def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path, monkeypatch):
     results, out = run(tmp_path, "a", "--epochs", "1", "--width", "0.125")
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
@@ -234,12 +244,15 @@ def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path):
                                      "single_crop_error"}  # 6 classes: no top-5
     assert saved["paper"]["top5_error"] == 0.0789 and len(saved["history"]) == 1
     assert saved["history"][0]["train_loss"] > 0 and saved["config"]["aux_weight"] == 0.3
+    only_the_test_split(monkeypatch)  # the checkpoint's normalisation: no training image read
     again, _ = run(tmp_path, "b", "--width", "0.125", "--eval-only", "--weights",
                    os.path.join(out, "checkpoint.pt"))
     assert again["metrics"] == results["metrics"]
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
+    assert again["config"]["normalisation"] == results["config"]["normalisation"]
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     # NIN (same checkpoint code path, a fraction of the time); --polyak: the EMA is resumed too
     tiny = ["--variant", "nin", "--data", "shapes", "--width", "0.125", "--batch-size", "128",
             "--lr-steps", "2", "--polyak", "0.9", "--limit", "512"]
@@ -253,6 +266,12 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)
     for k in ("model", "ema"):
         assert all(torch.equal(a[k][n], b[k][n]) for n in a[k])
+    # NIN's --eval-only: the checkpoint's network (and EMA) and normalisation, the test split alone
+    only_the_test_split(monkeypatch)
+    again, _ = run(tmp_path, "e", "--eval-only", "--weights",
+                   os.path.join(out_full, "checkpoint.pt"), *tiny)
+    assert again["metrics"] == full["metrics"]
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
 
 
 def test_bad_input_is_a_one_line_error():

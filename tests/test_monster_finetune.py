@@ -69,7 +69,17 @@ def run(tmp_path, name, *extra):
                     "--log-every", "100000", *extra]), out
 
 
-def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path):
+def only_the_test_split(monkeypatch):
+    """Reading any split but the test split fails: --eval-only must not touch training data."""
+    arrays = data.classification_arrays
+
+    def test_split_only(name, split, *a, **kw):
+        assert split == "test", f"--eval-only read the {split} split"
+        return arrays(name, split, *a, **kw)
+    monkeypatch.setattr(data, "classification_arrays", test_split_only)
+
+
+def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path, monkeypatch):
     tv, tv_path, _, _ = save_alexnets(tmp_path)
     source = tv.features[0].weight.detach().clone()
     # weight decay and momentum on: still nothing may move the frozen layer
@@ -90,6 +100,12 @@ def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path):
     # the resumed run equals an uninterrupted one
     full, _ = run(tmp_path, "b", *common)
     assert full["history"] == resumed["history"] and full["metrics"] == resumed["metrics"]
+    # --eval-only: the checkpoint alone (no AlexNet layer given) on the same 500 test images
+    only_the_test_split(monkeypatch)
+    again, _ = run(tmp_path, "e", "--eval-only", "--weights",
+                   str(tmp_path / "b" / "checkpoint.pt"), "--limit", "512")
+    assert again["metrics"] == full["metrics"] and again["history"] == []
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
 
 
 @pytest.mark.slow

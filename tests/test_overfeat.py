@@ -6,6 +6,7 @@ resume; 2 torchrun processes against 1; and --dry-run of classification and of d
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -335,7 +336,8 @@ def run(tmp_path, name, *extra):
                           "--log-every", "100000", *extra]), out
 
 
-def test_quick_run_writes_single_crop_and_dense_errors_and_eval_only_repeats_them(tmp_path):
+def test_quick_run_writes_single_crop_and_dense_errors_and_eval_only_repeats_them(tmp_path,
+                                                                                   monkeypatch):
     results, out = run(tmp_path, "a", "--epochs", "1", "--batch-size", "250")
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
@@ -345,8 +347,14 @@ def test_quick_run_writes_single_crop_and_dense_errors_and_eval_only_repeats_the
     assert saved["metrics"]["test_error"] == saved["metrics"]["dense_error"]
     assert all(0 <= v <= 1 for v in saved["metrics"].values())
     assert saved["config"]["scales"] == [103, 129, 154] and len(saved["history"]) == 1
+    arrays = data.classification_arrays  # --eval-only: the test split alone (the checkpoint's
+    monkeypatch.setattr(data, "classification_arrays",  # normalisation), or this fails
+                        lambda name, split, *a, **kw: arrays(name, split, *a, **kw)
+                        if split == "test" else pytest.fail(f"--eval-only read {split}"))
     again, _ = run(tmp_path, "b", "--eval-only", "--weights", os.path.join(out, "checkpoint.pt"))
     assert again["metrics"] == results["metrics"]
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
+    assert again["config"]["normalisation"] == results["config"]["normalisation"]
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -519,6 +527,14 @@ def test_voc_detection_on_real_files_then_detect_draws_the_boxes(tmp_path, tiny_
     assert list(ap) == list(overfeat.data.VOC_CLASSES)
     assert ap["aeroplane"] is None and ap["dog"] is not None and ap["car"] is not None
     assert 0 <= r["metrics"]["map"] <= 1 and r["config"]["det_scales"] == [63, 89, 126, 178, 252]
+    # --eval-only reads VOC2007 test alone: the training annotations and images are gone
+    shutil.rmtree(os.path.join(tiny_voc, "VOCdevkit", "VOC2012"))
+    os.remove(os.path.join(tiny_voc, "VOCdevkit", "VOC2007", "ImageSets", "Main", "trainval.txt"))
+    again = overfeat.main(["--data-dir", tiny_voc, "--no-download", "--device", "cpu",
+                           "--eval-only", "--weights", os.path.join(out, "checkpoint.pt"),
+                           "--out", str(tmp_path / "again"), "--log-every", "100000"])
+    assert again["metrics"] == r["metrics"] and again["data"] == "voc"
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 2}
     png = str(tmp_path / "street.png")
     Image.fromarray(torch.randint(0, 256, (40, 70, 3), dtype=torch.uint8).numpy()).save(png)
     capsys.readouterr()
@@ -560,7 +576,7 @@ def write_imagenet_boxes(root, flat_val=True):
     return wnids
 
 
-def test_imagenet_box_xml_loader_and_localisation_run(tmp_path):
+def test_imagenet_box_xml_loader_and_localisation_run(tmp_path, monkeypatch):
     # The XML boxes (1-based corners -> continuous: xmin - 1, ymin - 1), names -> the sorted-wnid
     # class index of data.imagenet_dataset; the target of localisation = the LARGEST box (here
     # written second); a quick localisation run over these files; corrupt / missing XML -> a
@@ -584,6 +600,24 @@ def test_imagenet_box_xml_loader_and_localisation_run(tmp_path):
                        "--out", str(tmp_path / "run"), "--log-every", "100000"])
     assert {"loc_error", "loc_error_top5", "iou50_rate", "map"} <= set(r["metrics"])
     assert [h["phase"] for h in r["history"]] == ["classify", "regress"]
+    # --eval-only: no imagenet/train folder nor its boxes (the checkpoint holds the training
+    # set's normalisation and mean box, the baseline's), and classification's --pretrained
+    # --eval-only (torchvision's weights stubbed out: no download here)
+    for part in ("train", os.path.join("bbox", "train")):
+        shutil.rmtree(os.path.join(str(tmp_path), "imagenet", part))
+    again = overfeat.main(["--data-dir", str(tmp_path), "--device", "cpu", "--scales", "63", "80",
+                           "--workers", "0", "--eval-only", "--weights",
+                           str(tmp_path / "run" / "checkpoint.pt"),
+                           "--out", str(tmp_path / "again"), "--log-every", "100000"])
+    assert again["metrics"] == r["metrics"] and again["config"]["task"] == "localisation"
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 4}
+    monkeypatch.setattr(overfeat, "load_pretrained", lambda model, width: None)  # offline
+    c = overfeat.main(["--data", "imagenet", "--data-dir", str(tmp_path), "--device", "cpu",
+                       "--variant", "alexnet", "--width", "0.125", "--img-size", "63", "--scales",
+                       "63", "--workers", "0", "--pretrained", "--eval-only", "--out",
+                       str(tmp_path / "cls"), "--log-every", "100000"])
+    assert c["config"]["sizes"] == {"train": 0, "val": 0, "test": 4}
+    assert "dense_error" in c["metrics"]
     bad = os.path.join(str(tmp_path), "imagenet", "bbox", "val", f"{wnids[0]}_val0.xml")
     with open(bad, "w") as f:
         f.write("<annotation><size>")

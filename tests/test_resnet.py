@@ -125,8 +125,18 @@ def run(tmp_path, name, *extra):
                         "--log-every", "100000", *extra]), out
 
 
+def only_the_test_split(monkeypatch):
+    """Reading any split but the test split fails: --eval-only must not touch training data."""
+    arrays = data.classification_arrays
+
+    def test_split_only(name, split, *a, **kw):
+        assert split == "test", f"--eval-only read the {split} split"
+        return arrays(name, split, *a, **kw)
+    monkeypatch.setattr(data, "classification_arrays", test_split_only)
+
+
 @pytest.mark.slow
-def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
+def test_quick_run_on_shapes_learns_and_writes_results(tmp_path, monkeypatch):
     # ~20 s: ResNet-8 (n = 1 of the 6n+2 family) on 2,000 32x32 images for 10 epochs. Chance is
     # 5/6 = 0.833 error; this reaches ~0.71 (global-average-pooled networks learn which shape
     # is the largest slowly on so few images).
@@ -140,9 +150,14 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
     assert saved["config"]["iterations"] == 10 * 70 and saved["config"]["milestones"] == [350, 525]
     assert saved["history"][-1]["train_loss"] < saved["history"][0]["train_loss"]
     assert "top5_error" not in saved["metrics"]  # 6 classes
+    # --eval-only: the same figures from the test split and the checkpoint's normalisation
+    only_the_test_split(monkeypatch)
     again, _ = run(tmp_path, "b", "--depth", "8", "--img-size", "32", "--eval-only",
                    "--weights", os.path.join(out, "checkpoint.pt"))
     assert again["metrics"] == results["metrics"]
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
+    assert again["config"]["normalisation"] == saved["config"]["normalisation"]
+    assert again["config"]["iterations"] is None  # no schedule is followed
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -158,6 +173,28 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def imagenet_val_only(root):
+    """DIR/imagenet/val with one image of each of two classes, and no DIR/imagenet/train."""
+    from PIL import Image
+    for k, wnid in enumerate(("n01440764", "n01443537")):
+        (root / "imagenet" / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (300, 260), (k * 80, 50, 0)).save(
+            root / "imagenet" / "val" / wnid / "0.JPEG")
+    return str(root)
+
+
+def test_eval_only_on_imagenet_needs_the_val_folder_alone(tmp_path):
+    # --eval-only builds no training set (DIR/imagenet/train is not there) and follows no
+    # schedule (ResNet-8 at 32x32 on two val images, ten-crop test: the code path, in a second)
+    root = imagenet_val_only(tmp_path)
+    torch.save(resnet.resnet(8, 2).state_dict(), tmp_path / "w.pt")
+    r = resnet.main(["--data", "imagenet", "--data-dir", root, "--depth", "8", "--img-size",
+                     "32", "--eval-only", "--weights", str(tmp_path / "w.pt"), "--workers", "0",
+                     "--device", "cpu", "--out", str(tmp_path / "e")])
+    assert r["config"]["sizes"] == {"train": 0, "val": 0, "test": 2}
+    assert r["config"]["steps_per_epoch"] is None and "ten_crop_error" in r["metrics"]
 
 
 def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):

@@ -187,8 +187,18 @@ def run(tmp_path, name, *extra):
                          "--log-every", "100000", *extra]), out
 
 
+def only_the_test_split(monkeypatch):
+    """Reading any split but the test split fails: --eval-only must not touch training data."""
+    arrays = data.classification_arrays
+
+    def test_split_only(name, split, *a, **kw):
+        assert split == "test", f"--eval-only read the {split} split"
+        return arrays(name, split, *a, **kw)
+    monkeypatch.setattr(data, "classification_arrays", test_split_only)
+
+
 @pytest.mark.slow
-def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
+def test_quick_run_on_shapes_learns_and_writes_results(tmp_path, monkeypatch):
     # ResNeXt-11 4x4d, base 16, on 2,000 32x32 images, 7 epochs (~50 s here). Chance is 5/6 =
     # 0.833 error (a 95 % band of 0.80-0.87 on 500 images); this reaches 0.744 (0.752 with
     # --seed 1; 0.764 after 10 epochs): global-average-pooled networks learn slowly which shape
@@ -201,9 +211,13 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
     assert saved["metrics"] == results["metrics"] and saved["script"] == "resnext.py"
     assert saved["config"]["milestones"] == [4, 5] and len(saved["history"]) == 7
     assert saved["history"][-1]["train_loss"] < saved["history"][0]["train_loss"]
+    # --eval-only: the same figures from the test split and the checkpoint's normalisation
+    only_the_test_split(monkeypatch)
     again, _ = run(tmp_path, "b", "--cardinality", "4", "--eval-only", "--weights",
                    os.path.join(out, "checkpoint.pt"))
     assert again["metrics"] == results["metrics"]
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
+    assert again["config"]["normalisation"] == saved["config"]["normalisation"]
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -216,6 +230,29 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def imagenet_val_only(root):
+    """DIR/imagenet/val with one image of each of two classes, and no DIR/imagenet/train."""
+    from PIL import Image
+    for k, wnid in enumerate(("n01440764", "n01443537")):
+        (root / "imagenet" / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (300, 260), (k * 80, 50, 0)).save(
+            root / "imagenet" / "val" / wnid / "0.JPEG")
+    return str(root)
+
+
+def test_eval_only_on_imagenet_needs_the_val_folder_alone(tmp_path):
+    # --eval-only builds no training set: DIR/imagenet/train is not there (ResNeXt-11 2x4d,
+    # base 16, on two val images: the code path, in a second)
+    root = imagenet_val_only(tmp_path)
+    torch.save(resnext.resnext(11, 2, 4, 2, base=16).state_dict(), tmp_path / "w.pt")
+    r = resnext.main(["--data", "imagenet", "--data-dir", root, "--depth", "11",
+                      "--cardinality", "2", "--bottleneck-width", "4", "--base", "16",
+                      "--eval-only", "--weights", str(tmp_path / "w.pt"), "--workers", "0",
+                      "--device", "cpu", "--out", str(tmp_path / "e")])
+    assert r["config"]["sizes"] == {"train": 0, "val": 0, "test": 2}
+    assert r["metrics"]["test_error"] in (0.0, 0.5, 1.0)  # 2 images
 
 
 def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):

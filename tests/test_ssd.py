@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -281,21 +282,33 @@ def test_kill_and_resume_equals_an_uninterrupted_run_and_detect(tmp_path, capsys
     assert len(kept["scores"]) > len(r["scores"])
 
 
-def test_model_settings_come_from_the_checkpoint_unless_given():
-    parse = ssd.get_args_parser().parse_args
-    args = parse(["--data", "shapes-det"])
-    ssd.resolve_defaults(args, {"img_size": 96, "width": 0.25, "bn": True, "box_scales": "paper",
-                                "data_size": 48})
+def test_model_settings_come_from_the_checkpoint_unless_given(tmp_path, monkeypatch):
+    # A --weights checkpoint's network settings (data.adopt_checkpoint) are taken before the
+    # defaults (resolve_defaults); main() is stopped at data.setup to look at them.
+    ckpt = str(tmp_path / "ssd.pt")
+    torch.save({"model": {}, "args": {"script": "ssd.py", "data": "shapes-det", "img_size": 96,
+                                      "width": 0.25, "bn": True, "box_scales": "paper",
+                                      "data_size": 48}}, ckpt)
+
+    class Settled(Exception):
+        pass
+
+    def settings(*argv):
+        with pytest.raises(Settled) as e:
+            ssd.main(["--data", "shapes-det", "--weights", ckpt, *argv])
+        return e.value.args[0]
+
+    def stop(args, *a, **kw):
+        raise Settled(args)
+
+    monkeypatch.setattr(data, "setup", stop)
+    args = settings()
     assert (args.img_size, args.width, args.bn, args.box_scales) == (96, 0.25, True, "paper")
-    assert args.data_size == 64  # the data are the run's own, not the checkpoint's
-    args = parse(["--img-size", "128"])
-    ssd.resolve_defaults(args, {"img_size": 96})
-    assert args.img_size == 128
-    # a checkpoint from before the renames: its --size was the input side, its img_size the
-    # render size
-    args = parse([])
-    ssd.resolve_defaults(args, {"size": 300, "img_size": 64})
-    assert args.img_size == 300
+    assert args.data_size == 64  # training from it: the data are the run's own
+    assert settings("--eval-only").data_size == 48  # testing it: the checkpoint's unless given
+    assert settings("--eval-only", "--data-size", "64").data_size == 64
+    with pytest.raises(data.DataError, match="--img-size 128 contradicts"):
+        settings("--img-size", "128")
 
 
 def test_real_voc_path_on_tiny_files(tmp_path):
@@ -317,6 +330,16 @@ def test_real_voc_path_on_tiny_files(tmp_path):
     assert [c for c, a in m["ap"].items() if a is not None] == ["car", "dog"]
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["metrics"]["ap"]["dog"] == m["ap"]["dog"]
+    # --eval-only reads VOC2007 test alone: the training annotations and images are gone
+    shutil.rmtree(os.path.join(str(tmp_path), "VOCdevkit", "VOC2012"))
+    os.remove(os.path.join(str(tmp_path), "VOCdevkit", "VOC2007", "ImageSets", "Main",
+                           "trainval.txt"))
+    again = ssd.main(["--data-dir", str(tmp_path), "--no-download", "--out", str(tmp_path / "e"),
+                      "--eval-only", "--weights", os.path.join(out, "checkpoint.pt"),
+                      "--workers", "0", "--device", "cpu", "--log-every", "1000"])
+    assert again["metrics"] == m and again["data"] == "voc"
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 3}
+    assert r["config"]["sizes"] == {"train": 4, "val": 0, "test": 3}
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):

@@ -195,8 +195,18 @@ def run(tmp_path, name, *extra):
                        "--log-every", "100000", *extra]), out
 
 
+def only_the_test_split(monkeypatch):
+    """Reading any split but the test split fails: --eval-only must not touch training data."""
+    arrays = data.classification_arrays
+
+    def test_split_only(name, split, *a, **kw):
+        assert split == "test", f"--eval-only read the {split} split"
+        return arrays(name, split, *a, **kw)
+    monkeypatch.setattr(data, "classification_arrays", test_split_only)
+
+
 @pytest.mark.slow
-def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
+def test_quick_run_on_shapes_learns_and_writes_results(tmp_path, monkeypatch):
     # vgg19_bn at width 0.125 on 2,000 shapes images, 12 epochs (~50 s here): 10 epochs were
     # measured too short (0.674 / 0.758 test error over seeds 0 / 1 against the 0.75 bound).
     # The plain net's quick run is measured on Fashion-MNIST (README: 24.40 %).
@@ -210,10 +220,14 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
                                      "single_scale_error"}  # 6 classes: no top-5
     assert saved["paper"]["top5_error"] == 0.075 and len(saved["history"]) == 12
     assert saved["config"]["test_scales"] == [32, 36, 40]
-    # --eval-only with the checkpoint gives back the same test figures
+    # --eval-only with the checkpoint gives back the same test figures from the test split
+    # alone (the checkpoint's normalisation; no val split for the plateau schedule needed)
+    only_the_test_split(monkeypatch)
     again, _ = run(tmp_path, "b", "--bn", "--scale-max", "40", "--eval-only", "--weights",
                    os.path.join(out, "checkpoint.pt"))
     assert again["metrics"] == results["metrics"]
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
+    assert again["config"]["normalisation"] == saved["config"]["normalisation"]
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -228,6 +242,29 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def imagenet_val_only(root):
+    """DIR/imagenet/val with one image of each of two classes, and no DIR/imagenet/train."""
+    from PIL import Image
+    for k, wnid in enumerate(("n01440764", "n01443537")):
+        (root / "imagenet" / "val" / wnid).mkdir(parents=True)
+        Image.new("RGB", (300, 260), (k * 80, 50, 0)).save(
+            root / "imagenet" / "val" / wnid / "0.JPEG")
+    return str(root)
+
+
+def test_eval_only_on_imagenet_needs_the_val_folder_alone(tmp_path):
+    # --eval-only builds no training set: DIR/imagenet/train is not there (an eighth-width net,
+    # the dense test at Q = 48 on two val images: the code path, in a second or two)
+    root = imagenet_val_only(tmp_path)
+    torch.save(vgg19.vgg19(2, width=TINY).state_dict(), tmp_path / "w.pt")
+    r = vgg19.main(["--data", "imagenet", "--data-dir", root, "--width", str(TINY),
+                    "--crop-size", "32", "--scale-min", "48", "--scale-max", "64",
+                    "--test-scales", "48", "--eval-only", "--weights", str(tmp_path / "w.pt"),
+                    "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "e")])
+    assert r["config"]["sizes"] == {"train": 0, "val": 0, "test": 2}
+    assert r["config"]["lr_schedule"] == "steps" and "single_scale_error" in r["metrics"]
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):

@@ -241,13 +241,24 @@ def test_overfit_one_batch():
     assert loss.item() < first / 10
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     straight = yolo.main(TINY + ["--epochs", "2", "--out", a])
     assert yolo.main(TINY + ["--epochs", "2", "--out", b, "--stop-after", "1"]) is None
     resumed = yolo.main(TINY + ["--epochs", "2", "--out", b, "--resume"])
     assert straight["history"] == resumed["history"]
     assert straight["metrics"]["map"] == resumed["metrics"]["map"]
+    # --eval-only with that checkpoint renders the test scenes alone: the same figures
+    sets = data.detection_dataset
+    monkeypatch.setattr(data, "detection_dataset", lambda name, split, *a, **kw:
+                        sets(name, split, *a, **kw) if split == "test"
+                        else pytest.fail(f"--eval-only read the {split} split"))
+    again = yolo.main(TINY + ["--eval-only", "--weights", os.path.join(a, "checkpoint.pt"),
+                              "--out", str(tmp_path / "e")])
+    assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 48}
+    assert straight["config"]["sizes"] == {"train": 48, "val": 0, "test": 48}
+    assert {k: v for k, v in again["metrics"].items() if k != "train_images_per_s"} == \
+        {k: v for k, v in straight["metrics"].items() if k != "train_images_per_s"}
     sa = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)["model"]
     sb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
