@@ -437,34 +437,33 @@ def print_scores(s, classes):
         print(f"  {name:<16} " + ("   -" if v is None or v != v else f"{100 * v:6.2f}%"))
 
 
-@torch.no_grad()
 def segment(model, path, out, classes, device):
-    """--segment: the label map as a palette PNG (VOC colours), an overlay on the image, and
-    the classes found with their pixel fractions."""
-    image = data.load_image(path)
-    x = data.segmentation_transforms(False)(image).as_subclass(torch.Tensor)[None].to(device)
+    """--segment PATH (an image or a folder): per image the label map as a palette PNG of class
+    indices (VOC colours, OUT/<stem>_labels.png) and drawn over the image with a legend
+    (OUT/<stem>_overlay.png); the classes found with their pixels and fractions printed and in
+    OUT/predictions.json/.csv. Returns the rows."""
     model.eval()
-    pred = model(x).argmax(1)[0].cpu()
+
+    @torch.no_grad()
+    def one(p, picture):
+        image = data.load_image(p, mine=True)
+        x = data.segmentation_transforms(False)(image).as_subclass(torch.Tensor)[None]
+        pred = model(x.to(device)).argmax(1)[0].cpu()
+        png = Image.fromarray(pred.numpy().astype(np.uint8), mode="P")
+        png.putpalette(data.voc_palette())
+        png.save(picture[:-len("_overlay.png")] + "_labels.png")
+        metrics.draw_segmentation(image, pred, classes, picture)
+        counts = torch.bincount(pred.flatten(), minlength=len(classes))
+        found = [{"class": classes[k], "pixels": int(n), "fraction": int(n) / pred.numel()}
+                 for k, n in sorted(enumerate(counts.tolist()), key=lambda kn: -kn[1]) if n]
+        print(f"{p}:")
+        for f in found:
+            print(f"  {f['class']:<16} {100 * f['fraction']:6.2f}% of the pixels")
+        return found
     os.makedirs(out, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    png = Image.fromarray(pred.numpy().astype(np.uint8), mode="P")
-    png.putpalette(data.voc_palette())
-    label_path, overlay_path = (os.path.join(out, f"{stem}_{s}.png") for s in ("labels", "overlay"))
-    png.save(label_path)
-    pal = data.voc_palette()
-    found = [int(k) for k in pred.unique()]
-    fg = [k for k in found if k != 0]
-    over = image.as_subclass(torch.Tensor)
-    if fg:
-        over = torchvision.utils.draw_segmentation_masks(
-            over, torch.stack([pred == k for k in fg]), alpha=0.5,
-            colors=[tuple(pal[3 * k:3 * k + 3]) for k in fg])
-    Image.fromarray(over.permute(1, 2, 0).numpy()).save(overlay_path)
-    fractions = {classes[k]: float((pred == k).float().mean()) for k in found}
-    print(f"wrote {label_path} and {overlay_path}")
-    for name, f in sorted(fractions.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<16} {100 * f:6.2f}% of the pixels")
-    return fractions
+    rows = data.predict_images(path, one, out, "overlay")
+    metrics.write_predictions(out, rows)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,8 +509,10 @@ def get_args_parser():
                    help="weight decay on weights, none on biases (default: 5e-4; 0 with --quick)")
     p.add_argument("--normalize", action="store_true",
                    help="average the loss over pixels instead of summing (on with --quick)")
-    p.add_argument("--segment", default=None, metavar="IMAGE",
-                   help="segment one image with --weights, write label/overlay PNGs to --out")
+    p.add_argument("--segment", default=None, metavar="PATH",
+                   help="an image or a folder of them, segmented with --weights: label and "
+                   "overlay PNGs (OUT/<stem>_labels.png, _overlay.png) and predictions.json/.csv "
+                   "in --out")
     data.add_runtime_args(p, data.quick_help(QUICK, "shapes-seg's small split"), workers=None,
                           workers_help="DataLoader processes (default: 4; 0 for shapes-seg, "
                           "cached in memory)",
@@ -560,7 +561,7 @@ def main(argv=None):
                              f"{args.world} processes")
     classes = state.get("classes") if args.weights else None
 
-    # --segment: one image, no data set.
+    # --segment: the user's images, no data set.
     if args.segment:
         classes = classes or class_names(args.data)
         model = FCN(args.arch, len(classes), args.width, bn=args.bn).to(device)

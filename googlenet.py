@@ -435,7 +435,8 @@ def imagenet_loaders(args, device):
                                  device, seed=args.seed)
     classes = getattr(test_set, "names", None) or test_set.dataset.names
     info = {"classes": classes, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
-            "in_channels": 3, "sizes": (len(train_set), 0, len(test_set))}
+            "in_channels": 3, "image_size": args.img_size,
+            "sizes": (len(train_set), 0, len(test_set))}
     return train, None, test, info
 
 
@@ -508,7 +509,9 @@ def get_args_parser():
     p = data.ArgumentParser(description="GoogLeNet (Szegedy et al. 2014) and NIN (Lin et al. "
                                 "2013) on ImageNet, CIFAR, MNIST or the synthetic shapes set.")
     data.add_data_args(p, None, "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                       "fashion-mnist | shapes; imagenet for GoogLeNet, cifar10 for --variant nin")
+                       "fashion-mnist | shapes | folder:DIR (your own DIR/train/<class>/*, "
+                       "DIR/val/<class>/* images, held at 32x32); imagenet for GoogLeNet, "
+                       "cifar10 for --variant nin")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper", "nin"],
@@ -534,6 +537,10 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=None,
                    help=f"passes over the training set (default: {EPOCHS['googlenet']}, NIN "
                    f"{EPOCHS['nin']})")
+    p.add_argument("--classify", metavar="PATH",
+                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
+                        "and drawn into --out with predictions.json/.csv (needs --weights, or "
+                        "--pretrained for torchvision's ImageNet network)")
     p.add_argument("--lr-every", type=int, default=LR_EVERY,
                    help="GoogLeNet: epochs between the x 0.96 lr decays (default: 8, §6)")
     p.add_argument("--lr-steps", type=int, nargs="*", default=None,
@@ -588,6 +595,32 @@ def resolve_defaults(args):
         raise data.DataError(f"--polyak {args.polyak}: the decay must be in [0, 1) (0: off)")
 
 
+def classify(args, state, device):
+    """--classify PATH: the user's images through the checkpoint's network (its Polyak average
+    when it holds one, the weights §6 tests) or torchvision's ImageNet one (--pretrained), the
+    single centre view of the test (ImageNet: resize 256, centre crop); no data set read."""
+    if args.weights:
+        classes, (mean, std), shape = data.prediction_settings(state, args.weights)
+    else:  # --pretrained: the whole ImageNet network, ImageNet's classes and input
+        classes, (mean, std), shape = (data.imagenet_class_names(),
+                                       (data.IMAGENET_MEAN, data.IMAGENET_STD), (3, 224))
+    imagenet = args.data == "imagenet"
+    model = googlenet(len(classes), not args.no_aux, args.variant, shape[0], args.naive,
+                      args.width, small_input=not imagenet)
+    model.transform_input = args.transform_input
+    if args.pretrained:
+        load_pretrained(model, args)
+    else:
+        data.load_weights(model, state, args.weights)
+    if "ema" in (state or {}):
+        ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+        ema.load_state_dict(state["ema"])
+        model = ema.module
+    model.to(device).eval()
+    return data.classify_images(args.classify, args.out, lambda x: model(x.to(device)),
+                                classes, mean, std, shape, imagenet=imagenet)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     state = data.adopt_checkpoint(args, "googlenet.py", ("variant", "naive", "no_aux", "width",
@@ -601,6 +634,8 @@ def main(argv=None):
     # --out by default runs/googlenet-DATA or runs/nin-DATA: the two families' runs apart
     device, rank, world, is_main = data.setup(args, "googlenet.py",
                                               name="nin" if nin else None)
+    if args.classify:
+        return classify(args, state, device)
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -692,8 +727,7 @@ def main(argv=None):
                       f" lr {row['lr']:.3g}")
             extra = {"ema": ema.state_dict()} if ema is not None else {}
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes),
-                                     normalisation=(info["mean"], info["std"]), **extra)
+                                     vars(args), history, **data.test_settings(info), **extra)
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -709,7 +743,7 @@ def main(argv=None):
         os.path.join(args.out, "results.json"), "googlenet.py", args.data,
         {k: test[k] for k in keys if k in test}, paper=NIN_PAPER if nin else PAPER,
         config=config, device=str(device), seconds=time.time() - t0,
-        history=history) if is_main else None
+        history=history, **metrics.class_records(test, classes)) if is_main else None
     return results
 
 

@@ -726,7 +726,7 @@ def evaluate_detection(model, x, gts, sizes, classes, args):
     dm = metrics.detection_map(dets, gts, len(classes))
     return {"map": dm["map"], "ap": dict(zip(classes, dm["ap"])),
             "detections_per_image": sum(len(d["scores"]) for d in dets) / len(dets),
-            "samples": len(dets)}, dets
+            "samples": len(dets), "records": metrics.detection_records(dm, classes)}, dets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -926,8 +926,9 @@ Task = collections.namedtuple("Task", "classes info outputs regressor steps batc
 def saved_normalisation(saved):
     """The (mean, std) a checkpoint's training set was normalised with, or None (no checkpoint,
     a bare state_dict, one written before the checkpoints held it)."""
-    norm = (saved or {}).get("normalisation")
-    return (norm["mean"], norm["std"]) if isinstance(norm, dict) else None
+    norm = (saved or {}).get("normalisation")  # (mean, std); a dict in older checkpoints
+    return (norm["mean"], norm["std"]) if isinstance(norm, dict) else \
+        tuple(norm) if norm is not None else None
 
 
 class EpochBatches:
@@ -976,7 +977,7 @@ def classification_task(args, device, rank, saved=None):
                                             seed=args.seed)
         classes = getattr(test_set, "names", None) or test_set.dataset.names
         info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
-                "sizes": (len(train_set), 0, len(test_set))}
+                "image_size": args.img_size, "sizes": (len(train_set), 0, len(test_set))}
     else:
         train_loader, _, test_loader, info = data.classification_loaders(
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
@@ -1015,8 +1016,8 @@ def localisation_task(args, device, rank, saved=None):
         mean_box, n_train = box_tr.float().mean(0), 0 if args.eval_only else len(y_tr)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    info = {"in_channels": 3, "mean": mean, "std": std, "sizes": (n_train, 0, len(y_te)),
-            "saved": {"mean_box": mean_box.cpu()}}
+    info = {"in_channels": 3, "mean": mean, "std": std, "image_size": x_te.shape[-1],
+            "sizes": (n_train, 0, len(y_te)), "saved": {"mean_box": mean_box.cpu()}}
     steps = n_train // args.batch_size  # global batches, sliced across the ranks
 
     def batches(epoch, model):
@@ -1061,7 +1062,8 @@ def detection_task(args, device, rank, saved=None):
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     args.num_classes = len(classes)
-    info = {"in_channels": 3, "mean": mean, "std": std, "sizes": (len(scene_tr), 0, len(x_te))}
+    info = {"in_channels": 3, "mean": mean, "std": std, "image_size": x_te.shape[-1],
+            "sizes": (len(scene_tr), 0, len(x_te))}
     steps = len(scene_tr) // (args.batch_size // 2)
 
     def batches(epoch, model):  # the regressor learns from the positive windows only
@@ -1098,8 +1100,9 @@ def get_args_parser():
                                 "with greedy merging and detection with a background class, on "
                                 "ImageNet, VOC, CIFAR, MNIST or the shapes sets.")
     data.add_data_args(p, "imagenet", "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                       "fashion-mnist | shapes (classification) | shapes-det (localisation or "
-                       "detection) | voc (detection)")
+                       "fashion-mnist | shapes | folder:DIR (your own DIR/train/<class>/*, "
+                       "DIR/val/<class>/* images, held at 32x32) (classification) | shapes-det "
+                       "(localisation or detection) | voc (detection)")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="fast", choices=["fast", "accurate", "alexnet"],
@@ -1133,10 +1136,14 @@ def get_args_parser():
                    "1, 1.41, 2, 2.83, 4)")
     p.add_argument("--nms-iou", type=float, default=0.3,
                    help="detection: per-class NMS IoU threshold (default 0.3)")
-    p.add_argument("--detect", default=None, metavar="IMAGE",
-                   help="draw the detections of --weights (a --task detection checkpoint) on "
-                   "IMAGE into OUT/<stem>_detections.png (default OUT: runs/overfeat-DATA, "
-                   "DATA the checkpoint's) and print them")
+    p.add_argument("--classify", metavar="PATH",
+                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
+                        "and drawn into --out with predictions.json/.csv (needs --weights of a "
+                        "classification run, or --pretrained for torchvision's AlexNet)")
+    p.add_argument("--detect", default=None, metavar="PATH",
+                   help="an image or a folder of them: the detections of --weights (a --task "
+                   "detection checkpoint), printed and drawn into --out (OUT/<stem>_detections"
+                   ".png) with predictions.json/.csv")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="the score threshold for drawing detections (--detect): the smallest "
                    "class posterior drawn (default 0.5)")
@@ -1209,49 +1216,78 @@ def resolve_defaults(args):
                              f"needs a whole training window), got {min(args.scales)}")
 
 
-def detect_command(args):
-    """--detect IMAGE: the detection net of a --task detection checkpoint (--weights) over one
-    image, as at test time (the image resized to the training scenes' square, 5 scales, NMS);
-    the boxes scoring >= --score-threshold drawn with their class and score into
-    OUT/<stem>_detections.png and printed one per line, in the image's pixels."""
+def detect_command(args, state):
+    """--detect PATH (an image or a folder): the detection net of a --task detection checkpoint
+    (--weights) over each image, as at test time (the image resized to the training scenes'
+    square, the checkpoint's scales, NMS); the boxes scoring >= --score-threshold printed one
+    per line in the image's pixels and drawn into OUT/<stem>_detections.png, all of them in
+    OUT/predictions.json/.csv. Returns the rows."""
     if not args.weights:
         raise data.DataError("--detect needs --weights, a checkpoint of a --task detection run")
-    state = data.load_checkpoint(args.weights)
     train = state.get("args", {})
     if train.get("task") != "detection" or "normalisation" not in state:
         raise data.DataError(f"{args.weights} is not a checkpoint of overfeat.py --task "
                              f"detection; train one first (--data shapes-det --task detection)")
     classes = state["classes"]
-    args.out = args.out or os.path.join("runs", f"overfeat-{train['data']}")
-    device = data.select_device(args.device, args.cuda)
+    device = data.setup(args, "overfeat.py", pretrained_is_the_model=False)[0]
     model = overfeat(train["variant"], len(classes) + 1, 3, train["width"], train["img_size"],
                      regressor=True, box_classes=len(classes) if train["class_specific"] else 1)
     data.load_weights(model, state, args.weights)
     model.to(device).eval()
-    image = data.load_image(args.detect)
-    H, W = image.shape[-2:]
+    dense = DenseNet(model).eval()
     S = 64 if train["data"] == "shapes-det" else 2 * train["img_size"]
-    norm = state["normalisation"]
-    x = v2.functional.resize(image.as_subclass(torch.Tensor), [S, S], antialias=True)
-    x = (x.float()[None].to(device) / 255 - torch.tensor(norm["mean"], device=device)[:, None,
-         None]) / torch.tensor(norm["std"], device=device)[:, None, None]
-    scales = train["det_scales"]
-    d = detect(model, DenseNet(model).eval(), x, scales, len(classes), nms_iou=train["nms_iou"])[0]
-    keep = d["scores"] >= args.score_threshold
-    boxes = d["boxes"][keep].cpu() * torch.tensor([W / S, H / S, W / S, H / S])
-    scores, labels = d["scores"][keep].cpu(), d["labels"][keep].cpu()
-    names = [f"{classes[int(c)]} {float(p):.2f}" for c, p in zip(labels, scores)]
-    for name, b in zip(names, boxes.tolist()):
-        print(f"{name} box {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}")
-    drawn = torchvision.utils.draw_bounding_boxes(image.as_subclass(torch.Tensor), boxes, names,
-                                                  colors="red", width=1)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, os.path.splitext(os.path.basename(args.detect))[0] +
-                        "_detections.png")
-    v2.functional.to_pil_image(drawn).save(path)
-    print(f"{len(names)} detection(s) written to {path}")
-    return {"path": path, "boxes": boxes, "scores": scores,
-            "labels": [classes[int(c)] for c in labels]}
+    mean, std = (torch.tensor(v, device=device)[:, None, None]
+                 for v in saved_normalisation(state))
+
+    @torch.no_grad()
+    def one(path, picture):
+        image = data.load_image(path, mine=True)
+        H, W = image.shape[-2:]
+        x = v2.functional.resize(image.as_subclass(torch.Tensor), [S, S], antialias=True)
+        x = (x.float()[None].to(device) / 255 - mean) / std
+        d = detect(model, dense, x, train["det_scales"], len(classes),
+                   nms_iou=train["nms_iou"])[0]
+        keep = d["scores"] >= args.score_threshold
+        boxes = d["boxes"][keep].cpu() * torch.tensor([W / S, H / S, W / S, H / S])
+        scores, labels = d["scores"][keep].cpu(), d["labels"][keep].cpu()
+        print(f"{path}: {len(scores)} detection(s)")
+        for c, p, b in zip(labels.tolist(), scores.tolist(), boxes.tolist()):
+            print(f"  {classes[c]} {p:.2f} box {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}")
+        metrics.draw_detections(image, boxes, labels, scores, classes, picture)
+        return [{"class": classes[c], "score": p, "xmin": b[0], "ymin": b[1], "xmax": b[2],
+                 "ymax": b[3]} for c, p, b in zip(labels.tolist(), scores.tolist(),
+                                                  boxes.tolist())]
+    rows = data.predict_images(args.detect, one, args.out, "detections")
+    metrics.write_predictions(args.out, rows)
+    return rows
+
+
+def classify_command(args, state, device):
+    """--classify PATH: the user's images through a classification checkpoint's network
+    (--weights) or torchvision's AlexNet (--pretrained), as the single centre crop of the test
+    (`centre_crop`; small sets' images upsampled to --img-size as in training); no data set
+    read."""
+    if args.task != "classification":
+        raise data.DataError(f"--classify needs a classification network; {args.weights} is "
+                             f"a --task {args.task} checkpoint (use --detect for detection)")
+    if args.weights:
+        classes, (mean, std), shape = data.prediction_settings(state, args.weights)
+    else:  # --pretrained: torchvision's whole ImageNet AlexNet, its classes and input
+        classes, (mean, std), shape = (data.imagenet_class_names(),
+                                       (data.IMAGENET_MEAN, data.IMAGENET_STD), (3, 224))
+    imagenet = args.data == "imagenet"
+    model = overfeat(args.variant, len(classes), shape[0], args.width, args.img_size)
+    if args.pretrained:
+        load_pretrained(model, args.width)
+    else:
+        data.load_weights(model, state, args.weights)
+    model.to(device).eval()
+
+    def forward(x):  # ImageNet: test_input made the centre crop already (resize 256, crop)
+        x = x.to(device)
+        return model(x if imagenet else centre_crop(x, args.img_size, args.crop_scale))
+    return data.classify_images(args.classify, args.out, forward, classes, mean, std, shape,
+                                imagenet=imagenet)
 
 
 def main(argv=None):
@@ -1264,11 +1300,13 @@ def main(argv=None):
         raise data.DataError("--epochs and --loc-epochs must be >= 0")
     t0 = time.time()
     if args.detect:
-        return detect_command(args)
+        return detect_command(args, state)
     choose_task(args)
     resolve_defaults(args)
     stages = args.epochs, args.loc_epochs
     device, rank, world, is_main = data.setup(args, "overfeat.py")
+    if args.classify:
+        return classify_command(args, state, device)
     if args.dry_run:  # one epoch per stage; a stage that is off (0 epochs) stays off
         args.epochs, args.loc_epochs = (min(e, 1) for e in stages)
     detection = args.task == "detection"
@@ -1340,8 +1378,9 @@ def main(argv=None):
             if is_main:
                 print(f"epoch {epoch + 1}/{total_epochs} ({phase}) train_loss {loss:.4f}")
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes),
-                                     normalisation=normalisation, **info.get("saved", {}))
+                                     vars(args), history,
+                                     **data.test_settings({**info, "classes": classes}),
+                                     **info.get("saved", {}))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -1354,10 +1393,14 @@ def main(argv=None):
         print(" ".join(f"{k} {100 * test[k]:.2f}%" for k in task.keys
                        if k in test and k not in ("ap", "detections_per_image")) +
               f" on {test['samples']} test images")
+    # the per-class records: errors and confusion (classification), PR curves (detection)
+    records = metrics.class_records(test, classes) if args.task == "classification" else \
+        test.get("records", {})
     return metrics.write_results(
         os.path.join(args.out, "results.json"), "overfeat.py", args.data,
         {k: test[k] for k in task.keys if k in test}, paper=PAPER, config=config,
-        device=str(device), seconds=time.time() - t0, history=history) if is_main else None
+        device=str(device), seconds=time.time() - t0, history=history,
+        **records) if is_main else None
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import batched_nms, box_convert, box_iou
 from torchvision.transforms import v2
@@ -494,28 +493,6 @@ class EvalTransform:
         return self.ops(image, target)[0], gt
 
 
-class SeededAugment(torch.utils.data.Dataset):
-    """The training set with its augmentation drawn from a seed of its own per (epoch, image):
-    the same view of an image whatever the loader worker, process or order, so a resumed run
-    (whose loader workers start afresh) and a torchrun run augment as an uninterrupted one.
-    Workers hold a copy of it: `main` builds the training loader anew each epoch."""
-
-    def __init__(self, dataset, transforms, seed=0):
-        self.dataset, self.transforms, self.seed, self.epoch = dataset, transforms, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        image, target = self.dataset[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + i)
-            return self.transforms(image, target)
-
-
 def normalised_targets(targets, size, device):
     """Boxes in pixels of the size x size training view -> XYXY in [0, 1], on the device."""
     return [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device) / size,
@@ -585,31 +562,35 @@ def evaluate(model, loader, args, device):
     dets, gts = data.gather_shards(dets, gts)
     r = metrics.detection_map(dets, gts, model.num_classes, use_07_metric=not args.voc12_ap)
     return {"map": r["map"], "ap": r["ap"], "num_gt": r["num_gt"], "samples": len(dets),
+            "result": r,
             "detections_per_image": sum(len(d["scores"]) for d in dets) / max(len(dets), 1)}
 
 
 def detect_image(model, path, classes, args, device, mean, std):
-    """--detect: the boxes scoring >= --score-threshold on one image, drawn into
-    OUT/<stem>_detections.png, one printed line per box."""
-    image = data.load_image(path)
-    x = EvalTransform(model.size, mean, std)(image, {"boxes": torch.zeros(0, 4),
-                                                     "labels": None, "difficult": None})[0]
+    """--detect PATH (an image or a folder): each image's boxes scoring >= --score-threshold,
+    in its own pixels, printed one line per box and drawn into OUT/<stem>_detections.png; all of
+    them in OUT/predictions.json/.csv. Returns the rows."""
     model.eval()
-    d = detect(model, x[None].to(device), [tuple(image.shape[-2:])], args)[0]
-    keep = d["scores"] >= args.score_threshold
-    boxes, scores, labels = d["boxes"][keep], d["scores"][keep], d["labels"][keep]
-    names = [f"{classes[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
-    drawn = image.as_subclass(torch.Tensor)
-    if len(boxes):
-        drawn = torchvision.utils.draw_bounding_boxes(drawn, boxes, names, colors="yellow",
-                                                      width=2)
-    os.makedirs(args.out, exist_ok=True)
-    out = os.path.join(args.out, f"{os.path.splitext(os.path.basename(path))[0]}_detections.png")
-    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(out)
-    for name, b in zip(names, boxes.tolist()):
-        print(f"{name} box {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}")
-    print(f"{len(names)} detection(s) >= {args.score_threshold} written to {out}")
-    return {"boxes": boxes, "scores": scores, "labels": labels, "path": out}
+
+    def one(p, picture):
+        image = data.load_image(p, mine=True)
+        x = EvalTransform(model.size, mean, std)(image, {"boxes": torch.zeros(0, 4),
+                                                         "labels": None, "difficult": None})[0]
+        d = detect(model, x[None].to(device), [tuple(image.shape[-2:])], args)[0]
+        keep = d["scores"] >= args.score_threshold
+        boxes, scores, labels = d["boxes"][keep], d["scores"][keep], d["labels"][keep]
+        print(f"{p}: {len(scores)} detection(s) >= {args.score_threshold}")
+        found = [{"class": classes[c], "score": s, "xmin": b[0], "ymin": b[1], "xmax": b[2],
+                  "ymax": b[3]} for c, s, b in zip(labels.tolist(), scores.tolist(),
+                                                   boxes.tolist())]
+        for f in found:
+            print(f"  {f['class']} {f['score']:.2f} box {f['xmin']:.1f} {f['ymin']:.1f} "
+                  f"{f['xmax']:.1f} {f['ymax']:.1f}")
+        metrics.draw_detections(image, boxes, labels, scores, classes, picture)
+        return found
+    rows = data.predict_images(path, one, args.out, "detections")
+    metrics.write_predictions(args.out, rows)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,9 +632,9 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4)")
     p.add_argument("--voc12-ap", action="store_true",
                    help="area-under-curve AP (VOC2010+) instead of VOC07's 11-point AP")
-    p.add_argument("--detect", default=None, metavar="IMAGE",
-                   help="detect objects in IMAGE with --weights, write "
-                   "OUT/<stem>_detections.png")
+    p.add_argument("--detect", default=None, metavar="PATH",
+                   help="an image or a folder of them: the detections of --weights, printed and "
+                   "drawn into --out (OUT/<stem>_detections.png) with predictions.json/.csv")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="lowest class score drawn by --detect (default: 0.5)")
     p.add_argument("--nms-iou", type=float, default=NMS_IOU,
@@ -740,29 +721,20 @@ def main(argv=None):
               size=args.data_size)
     augment = train_transforms(args.img_size, mean, std, args.zoom_out, args.augment)
     train_set = None if args.eval_only else \
-        data.detection_dataset(args.data, "train", train_difficult=TRAIN_DIFFICULT, **kw)
+        data.detection_dataset(args.data, "train", transforms=augment,
+                               train_difficult=TRAIN_DIFFICULT, **kw)
     test_set = data.detection_dataset(args.data, "test",
                                       transforms=EvalTransform(args.img_size, mean, std), **kw)
     if args.limit:
         train_set, test_set = (s if s is None else
                                torch.utils.data.Subset(s, range(min(len(s), args.limit)))
                                for s in (train_set, test_set))
-    if train_set is not None:
-        train_set = SeededAugment(train_set, augment, args.seed)
     n_train = 0 if train_set is None else len(train_set)
-    bs = args.batch_size // world
-
-    def train_loader_for(epoch):
-        """A fresh loader per epoch, its workers holding this epoch's SeededAugment, its
-        shuffle seeded by the epoch: a resumed run sees the batches of an uninterrupted one."""
-        train_set.set_epoch(epoch)
-        loader = data.make_loader(train_set, bs, True, args.workers, device,
-                                  collate_fn=data.detection_collate,
-                                  seed=args.seed * 100003 + epoch)
-        data.set_epoch(loader, epoch)
-        return data.dry_run_batches(args, loader)
-
-    train_loader = None if train_set is None else train_loader_for(0)
+    # One loader: its order and every image's augmentation are drawn from (seed, epoch, image)
+    # alone (data.make_loader), so a resumed or torchrun run sees an uninterrupted run's batches.
+    train_loader = None if train_set is None else data.dry_run_batches(args, data.make_loader(
+        train_set, args.batch_size // world, True, args.workers, device,
+        collate_fn=data.detection_collate, seed=args.seed))
     test_loader = data.dry_run_batches(args, data.make_loader(
         test_set, 32, False, args.workers, device, collate_fn=data.detection_collate))
 
@@ -802,8 +774,9 @@ def main(argv=None):
         progress = metrics.Progress(len(train_loader), args.epochs, args.log_every,
                                     start_epoch=start_epoch, enabled=is_main, model=model)
         for epoch in range(start_epoch, args.epochs):
-            loss, l_conf, l_loc = train_one_epoch(net, model, train_loader_for(epoch), optimizer,
-                                                  scaler, args, device, epoch, progress)
+            data.set_epoch(train_loader, epoch)
+            loss, l_conf, l_loc = train_one_epoch(net, model, train_loader, optimizer, scaler,
+                                                  args, device, epoch, progress)
             scheduler.step()
             history.append({"epoch": epoch + 1, "train_loss": loss, "conf_loss": l_conf,
                             "loc_loss": l_loc, "lr": optimizer.param_groups[0]["lr"]})
@@ -825,7 +798,7 @@ def main(argv=None):
         os.path.join(args.out, "results.json"), "ssd.py", args.data,
         {"map": test["map"], "ap": dict(zip(classes, test["ap"])), "samples": test["samples"]},
         paper=PAPER, config=config, device=str(device), seconds=time.time() - t0,
-        history=history) if is_main else None
+        history=history, **metrics.detection_records(test["result"], classes)) if is_main else None
     return results
 
 

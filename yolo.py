@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
 from torchvision.transforms import v2
 
 import data
@@ -432,7 +431,7 @@ def evaluate(model, loader, args, device, num_classes):
         n, dets, gts = n + len(x), dets + d, gts + gt
     dets, gts = data.gather_shards(dets, gts)
     r = metrics.detection_map(dets, gts, num_classes, use_07_metric=not args.voc12_ap)
-    return {"map": r["map"], "ap": r["ap"], "num_gt": r["num_gt"],
+    return {"map": r["map"], "ap": r["ap"], "num_gt": r["num_gt"], "result": r,
             "test_loss": metrics.global_mean(loss, n, device), "samples": len(dets),
             "detections_per_image": sum(len(d["scores"]) for d in dets) / max(len(dets), 1)}
 
@@ -509,34 +508,40 @@ def pretrain(args, device, rank):
     return results
 
 
-def detect(args, device):
-    """--detect IMAGE: the boxes above --score-threshold drawn with class names and scores into
-    OUT/<stem>_detections.png, one line printed per box. The network's shape (variant, width,
-    img-size, grid, boxes, bn: data.adopt_checkpoint) and the class names come from the
-    checkpoint when it holds them."""
+def detect(args):
+    """--detect PATH (an image or a folder): each image's boxes above --score-threshold, in its
+    own pixels, printed one line per box and drawn with class names and scores into
+    OUT/<stem>_detections.png; all of them in OUT/predictions.json/.csv. The network's shape
+    (variant, width, img-size, grid, boxes, bn: data.adopt_checkpoint) and the class names come
+    from the checkpoint when it holds them. Returns the rows."""
     if not args.weights:
         raise data.DataError("--detect needs --weights PATH (a checkpoint.pt written by training)")
+    device = data.setup(args, "yolo.py", pretrained_is_the_model=False)[0]
     state = data.load_checkpoint(args.weights)  # its settings are args' (data.adopt_checkpoint)
     classes = state.get("classes") or \
         (data.VOC_CLASSES if args.data == "voc" else data.SHAPES_CLASSES)
     model = YOLO(args.variant, len(classes), args.grid, args.boxes, args.width, args.img_size,
                  args.bn, dropped=args.drop_strides).to(device)
     data.load_weights(model, state, args.weights)
-    image = data.load_image(args.detect)
-    h, w = image.shape[-2:]
-    x = train_transforms(args.img_size, False)(image)[None]
-    _, (d,) = predict(model.eval(), x, args, device, [(h, w)], args.score_threshold)
-    names = [f"{classes[k]} {s:.2f}" for k, s in zip(d["labels"].tolist(), d["scores"].tolist())]
-    for name, box in zip(names, d["boxes"].tolist()):
-        print(f"{name} box ({box[0]:.1f}, {box[1]:.1f}, {box[2]:.1f}, {box[3]:.1f})")
-    drawn = torchvision.utils.draw_bounding_boxes(image.as_subclass(torch.Tensor), d["boxes"],
-                                                  names, colors="yellow", width=2)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, os.path.splitext(os.path.basename(args.detect))[0] +
-                        "_detections.png")
-    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(path)
-    print(f"{len(names)} detections written to {path}")
-    return {"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"], "path": path}
+    model.eval()
+
+    def one(path, picture):
+        image = data.load_image(path, mine=True)
+        h, w = image.shape[-2:]
+        x = train_transforms(args.img_size, False)(image)[None]
+        _, (d,) = predict(model, x, args, device, [(h, w)], args.score_threshold)
+        found = [{"class": classes[k], "score": s, "xmin": b[0], "ymin": b[1], "xmax": b[2],
+                  "ymax": b[3]} for k, s, b in zip(d["labels"].tolist(), d["scores"].tolist(),
+                                                   d["boxes"].tolist())]
+        print(f"{path}: {len(found)} detection(s)")
+        for f in found:
+            print(f"  {f['class']} {f['score']:.2f} box ({f['xmin']:.1f}, {f['ymin']:.1f}, "
+                  f"{f['xmax']:.1f}, {f['ymax']:.1f})")
+        metrics.draw_detections(image, d["boxes"], d["labels"], d["scores"], classes, picture)
+        return found
+    rows = data.predict_images(args.detect, one, args.out, "detections")
+    metrics.write_predictions(args.out, rows)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,8 +613,9 @@ def get_args_parser():
                    "shapes-det)")
     p.add_argument("--pretrain-lr", type=float, default=2e-2,
                    help="peak lr of --pretrain-epochs (default: 2e-2)")
-    p.add_argument("--detect", default=None, metavar="IMAGE",
-                   help="draw the detections of --weights on IMAGE into OUT")
+    p.add_argument("--detect", default=None, metavar="PATH",
+                   help="an image or a folder of them: the detections of --weights, printed and "
+                   "drawn into --out (OUT/<stem>_detections.png) with predictions.json/.csv")
     data.add_runtime_args(
         p, "shapes-det on a CPU in minutes: Fast YOLO, width 1/4, 64 px, S=4, shapes pretraining "
         "then detection (see QUICK and DEPARTURES)", workers=None,
@@ -652,9 +658,8 @@ def main(argv=None):
         raise data.DataError(f"--pretrain-epochs {args.pretrain_epochs}: must be >= 0")
     t0 = time.time()
     resolve_defaults(args)
-    if args.detect:  # draws into --out (default runs/yolo-DATA), a run's own folder included
-        args.out = args.out or os.path.join("runs", f"yolo-{args.data}")
-        return detect(args, data.select_device(args.device, args.cuda))
+    if args.detect:  # draws into --out (default runs/yolo-DATA-predictions)
+        return detect(args)
     if not args.pretrain:
         data.check_task(args.data, "detection")
     device, rank, world, is_main = data.setup(args, "yolo.py")
@@ -757,11 +762,12 @@ def main(argv=None):
         print(f"test mAP {100 * test['map']:.2f}% ({config['ap_metric']}, {test['samples']} "
               f"images), " + ", ".join(f"{c} {100 * a:.1f}"
                                        for c, a in zip(classes, test["ap"]) if a == a))
+    pr = metrics.detection_records(test.pop("result"), classes)  # the PR curves
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "yolo.py", args.data, test,
         paper={**PAPER, "map": PAPER["fast_map" if args.variant == "fast" else "map"]},
         config=config, device=str(device), seconds=time.time() - t0,
-        history=history) if is_main else None
+        history=history, **pr) if is_main else None
     return results
 
 

@@ -202,19 +202,35 @@ def test_kill_and_resume_equals_an_uninterrupted_run_and_segment_writes_pngs(tmp
     assert again["metrics"] == cut["metrics"]
     assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 8}
     assert cut["config"]["sizes"] == {"train": 8, "val": 0, "test": 8}
-    # --segment: palette PNG of class indices with VOC colours, overlay, fractions summing to 1.
-    image, _, _, _, _ = data.render_shapes(0, 3, 40, split="test")
-    path = str(tmp_path / "img.png")
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    # --segment on a folder of 2 images and a non-image: per image a palette PNG of class
+    # indices with VOC colours and an overlay, its segments' fractions summing to 1; the
+    # non-image reported and skipped
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for i, side in ((0, 40), (1, 48)):
+        image, _, _, _, _ = data.render_shapes(0, 3 + i, side, split="test")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"img{i}.png")
+    (mine / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     seg = str(tmp_path / "seg")
-    fractions = fcn.main(["--segment", path, "--weights", os.path.join(out, "checkpoint.pt"),
-                          "--out", seg, "--device", "cpu", "--data", "shapes-seg"])
-    assert abs(sum(fractions.values()) - 1) < 1e-6
-    labels = Image.open(os.path.join(seg, "img_labels.png"))
+    rows = fcn.main(["--segment", str(mine), "--weights", os.path.join(out, "checkpoint.pt"),
+                     "--out", seg, "--device", "cpu", "--data", "shapes-seg"])
+    assert [os.path.basename(r["image"]) for r in rows] == ["broken.jpg", "img0.png", "img1.png"]
+    assert "is not an image" in rows[0]["error"]
+    for r, side in zip(rows[1:], (40, 48)):
+        assert abs(sum(f["fraction"] for f in r["found"]) - 1) < 1e-6
+        assert sum(f["pixels"] for f in r["found"]) == side * side
+        assert set(r["found"][0]) == {"class", "pixels", "fraction"}
+        assert {f["class"] for f in r["found"]} <= {"background", *data.SHAPES_CLASSES}
+        assert os.path.isfile(r["picture"]) and r["picture"].endswith("_overlay.png")
+    labels = Image.open(os.path.join(seg, "img0_labels.png"))
     assert labels.mode == "P" and labels.size == (40, 40)
     assert labels.getpalette()[:9] == data.voc_palette()[:9]
     assert set(np.unique(np.array(labels))) <= set(range(7))
-    assert Image.open(os.path.join(seg, "img_overlay.png")).size == (40, 40)
+    assert len(json.load(open(os.path.join(seg, "predictions.json")))) == 3
+    with pytest.raises(data.DataError, match="gone.png does not exist") as e:
+        fcn.main(["--segment", str(tmp_path / "gone.png"), "--weights",
+                  os.path.join(out, "checkpoint.pt"), "--out", seg, "--device", "cpu"])
+    assert "\n" not in str(e.value)
 
 
 def test_real_voc_seg_path_on_tiny_files(tmp_path):

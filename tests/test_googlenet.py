@@ -235,10 +235,33 @@ def only_the_test_split(monkeypatch):
     monkeypatch.setattr(data, "classification_arrays", test_split_only)
 
 
+def my_images(folder, n=2):
+    """A folder of the user's images: n shapes test images as PNGs, and a text file."""
+    from PIL import Image
+    folder.mkdir()
+    for i in range(n):
+        image = data.render_shapes(0, i, 48, split="test")[0]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"s{i}.png")
+    return str(folder)
+
+
 def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path, monkeypatch):
     results, out = run(tmp_path, "a", "--epochs", "1", "--width", "0.125")
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
+    assert set(saved["per_class_error"]) == set(data.SHAPES_CLASSES)
+    assert saved["confusion"]["classes"] == list(data.SHAPES_CLASSES)
+    # --classify: a folder of the user's images through that checkpoint, no data set read
+    only_the_test_split(monkeypatch)
+    monkeypatch.setattr(data, "classification_loaders", None)
+    rows = googlenet.main(["--classify", my_images(tmp_path / "mine"), "--weights",
+                           os.path.join(out, "checkpoint.pt"), "--device", "cpu", "--out",
+                           str(tmp_path / "p")])
+    assert [len(r["found"]) for r in rows] == [5, 5]
+    assert {f["class"] for f in rows[0]["found"]} <= set(data.SHAPES_CLASSES)
+    assert (tmp_path / "p" / "predictions.csv").is_file()
+    assert (tmp_path / "p" / "s1_classes.png").is_file()
+    monkeypatch.undo()
     assert saved["metrics"] == results["metrics"] and saved["script"] == "googlenet.py"
     assert set(saved["metrics"]) == {"test_error", "test_accuracy", "balanced_error",
                                      "single_crop_error"}  # 6 classes: no top-5
@@ -272,6 +295,31 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
                    os.path.join(out_full, "checkpoint.pt"), *tiny)
     assert again["metrics"] == full["metrics"]
     assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
+    # NIN's --classify: the checkpoint's EMA (the tested weights) on the user's images
+    model = googlenet.googlenet(6, variant="nin", width=0.125)
+    ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    ema.load_state_dict(a["ema"])
+    x = data.test_input(data.load_image(my_images(tmp_path / "mine") + "/s0.png"),
+                        *a["normalisation"], *a["input_shape"])
+    best = data.SHAPES_CLASSES[ema.module.eval()(x).argmax()]
+    rows = googlenet.main(["--classify", str(tmp_path / "mine"), "--weights",
+                           os.path.join(out_full, "checkpoint.pt"), "--device", "cpu", "--out",
+                           str(tmp_path / "p")])
+    assert len(rows) == 2 and rows[0]["found"][0]["class"] == best
+
+
+def test_folder_of_the_users_own_images_is_accepted_as_a_small_set():
+    # --data folder:DIR (read like cifar10-jpg, held at 32x32; a whole run costs > 3 s here: the
+    # reading itself is tested with lenet5.py): GoogLeNet and NIN take it at its own size
+    assert "folder:DIR" in googlenet.get_args_parser().format_help()
+    for variant in ("torchvision", "nin"):
+        args = googlenet.get_args_parser().parse_args(["--data", "folder:/x", "--variant",
+                                                       variant])
+        googlenet.resolve_defaults(args)
+        assert (args.img_size, args.test_crops) == (None, 1)
+    with pytest.raises(data.DataError, match="--img-size applies to imagenet and shapes"):
+        googlenet.resolve_defaults(googlenet.get_args_parser().parse_args(
+            ["--data", "folder:/x", "--img-size", "64"]))
 
 
 def test_bad_input_is_a_one_line_error():

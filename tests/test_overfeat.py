@@ -355,6 +355,20 @@ def test_quick_run_writes_single_crop_and_dense_errors_and_eval_only_repeats_the
     assert again["metrics"] == results["metrics"]
     assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
     assert again["config"]["normalisation"] == results["config"]["normalisation"]
+    assert set(saved["per_class_error"]) == set(data.SHAPES_CLASSES)
+    assert saved["confusion"]["classes"] == list(data.SHAPES_CLASSES)
+    # --classify: a folder of 2 of the user's images through that checkpoint, no data set read
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for i in range(2):
+        image = data.render_shapes(0, i, 48, split="test")[0]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"s{i}.png")
+    rows = overfeat.main(["--classify", str(mine), "--weights", os.path.join(out, "checkpoint.pt"),
+                          "--device", "cpu", "--out", str(tmp_path / "p")])
+    assert [len(r["found"]) for r in rows] == [5, 5]
+    assert {f["class"] for f in rows[0]["found"]} <= set(data.SHAPES_CLASSES)
+    assert (tmp_path / "p" / "predictions.csv").is_file()
+    assert (tmp_path / "p" / "s1_classes.png").is_file()
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -535,22 +549,40 @@ def test_voc_detection_on_real_files_then_detect_draws_the_boxes(tmp_path, tiny_
                            "--out", str(tmp_path / "again"), "--log-every", "100000"])
     assert again["metrics"] == r["metrics"] and again["data"] == "voc"
     assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 2}
-    png = str(tmp_path / "street.png")
-    Image.fromarray(torch.randint(0, 256, (40, 70, 3), dtype=torch.uint8).numpy()).save(png)
+    assert {"dog", "car"} <= set(r["pr"]) <= set(overfeat.data.VOC_CLASSES)  # the PR curves
+    assert len(r["pr"]["dog"]["recall"]) == len(r["pr"]["dog"]["precision"])
+    # --detect on a folder: 2 pictures, one row per image with its boxes in the image's pixels,
+    # the non-image reported and skipped
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, (h, w) in (("street", (40, 70)), ("yard", (50, 30))):
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8).numpy()).save(
+            mine / f"{name}.png")
+    (mine / "notes.jpg").write_text("not an image")
     capsys.readouterr()
-    d = overfeat.main(["--detect", png, "--weights", os.path.join(out, "checkpoint.pt"),
-                       "--out", str(tmp_path / "drawn"), "--device", "cpu",
-                       "--score-threshold", "0"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert d["path"] == str(tmp_path / "drawn" / "street_detections.png")
-    assert Image.open(d["path"]).size == (70, 40)
-    assert len(lines) == len(d["boxes"]) + 1 and len(d["boxes"]) > 0
-    assert lines[0].split()[0] in overfeat.data.VOC_CLASSES and " box " in lines[0]
-    assert (d["boxes"][:, 2] <= 70 + 1e-4).all() and (d["boxes"][:, 3] <= 40 + 1e-4).all()
+    rows = overfeat.main(["--detect", str(mine), "--weights", os.path.join(out, "checkpoint.pt"),
+                          "--out", str(tmp_path / "drawn"), "--device", "cpu",
+                          "--score-threshold", "0"])
+    printed = capsys.readouterr().out
+    assert [os.path.basename(r["image"]) for r in rows] == ["notes.jpg", "street.png", "yard.png"]
+    assert "is not an image" in rows[0]["error"] and "skipped" in printed
+    for r, (w, h) in zip(rows[1:], ((70, 40), (30, 50))):
+        assert os.path.isfile(r["picture"]) and r["found"]
+        assert set(r["found"][0]) == {"class", "score", "xmin", "ymin", "xmax", "ymax"}
+        assert all(f["class"] in overfeat.data.VOC_CLASSES and f["xmax"] <= w + 1e-4 and
+                   f["ymax"] <= h + 1e-4 for f in r["found"])
+    assert " box " in printed
+    with open(tmp_path / "drawn" / "predictions.json") as f:
+        assert len(json.load(f)) == 3
+    with pytest.raises(overfeat.data.DataError, match="nothere.png does not exist") as e:
+        overfeat.main(["--detect", str(tmp_path / "nothere.png"), "--weights",
+                       os.path.join(out, "checkpoint.pt"), "--out", str(tmp_path / "x"),
+                       "--device", "cpu"])
+    assert "\n" not in str(e.value)
     loc = str(tmp_path / "loc.pt")  # a localisation checkpoint: a one-line error naming it
     torch.save({"model": {}, "args": {"task": "localisation"}}, loc)
     with pytest.raises(overfeat.data.DataError, match="not a checkpoint of overfeat.py --task"):
-        overfeat.main(["--detect", png, "--weights", loc])
+        overfeat.main(["--detect", str(mine), "--weights", loc])
 
 
 def write_imagenet_boxes(root, flat_val=True):

@@ -264,22 +264,38 @@ def test_kill_and_resume_equals_an_uninterrupted_run_and_detect(tmp_path, capsys
     b = torch.load(str(tmp_path / "cut" / "checkpoint.pt"), weights_only=True)
     assert a["history"] == b["history"] and len(a["history"]) == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    # --detect with that checkpoint: the model settings come from it
-    image = data.render_shapes(0, 0, 48, split="test")[0]
-    path = str(tmp_path / "shapes.png")
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    # --detect on a folder of 2 images and a non-image with that checkpoint (the model settings
+    # come from it): 2 pictures, a row per image, boxes in its pixels, the non-image skipped
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for i, side in ((0, 48), (1, 40)):
+        image = data.render_shapes(0, i, side, split="test")[0]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"shapes{i}.png")
+    (mine / "list.txt.png").write_text("not an image")
     ckpt = str(tmp_path / "full" / "checkpoint.pt")
     capsys.readouterr()
-    r = ssd.main(["--detect", path, "--weights", ckpt, "--out", str(tmp_path / "det"),
-                  "--device", "cpu", "--score-threshold", "0"])
-    assert os.path.exists(str(tmp_path / "det" / "shapes_detections.png"))
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == len(r["scores"]) + 1 and 0 < len(r["scores"]) <= 200
-    assert r["boxes"].max() <= 48 and lines[-1].endswith("shapes_detections.png")
+    rows = ssd.main(["--detect", str(mine), "--weights", ckpt, "--out", str(tmp_path / "det"),
+                     "--device", "cpu", "--score-threshold", "0"])
+    printed = capsys.readouterr().out
+    assert [os.path.basename(r["image"]) for r in rows] == ["list.txt.png", "shapes0.png",
+                                                            "shapes1.png"]
+    assert "is not an image" in rows[0]["error"] and "skipped" in printed
+    assert os.path.exists(str(tmp_path / "det" / "shapes0_detections.png"))
+    for r, side in zip(rows[1:], (48, 40)):
+        assert os.path.isfile(r["picture"]) and 0 < len(r["found"]) <= 200
+        assert set(r["found"][0]) == {"class", "score", "xmin", "ymin", "xmax", "ymax"}
+        assert max(f["xmax"] for f in r["found"]) <= side
+    assert printed.count(" box ") == sum(len(r["found"]) for r in rows[1:])
+    assert len(json.load(open(tmp_path / "det" / "predictions.json"))) == 3
+    with pytest.raises(data.DataError, match="gone.png does not exist") as e:
+        ssd.main(["--detect", str(tmp_path / "gone.png"), "--weights", ckpt, "--out",
+                  str(tmp_path / "x"), "--device", "cpu"])
+    assert "\n" not in str(e.value)
     # --nms-iou reaches the NMS: at IoU 1 nothing is suppressed
-    kept = ssd.main(["--detect", path, "--weights", ckpt, "--out", str(tmp_path / "det"),
-                     "--device", "cpu", "--score-threshold", "0", "--nms-iou", "1"])
-    assert len(kept["scores"]) > len(r["scores"])
+    kept = ssd.main(["--detect", str(mine / "shapes0.png"), "--weights", ckpt, "--out",
+                     str(tmp_path / "det1"), "--device", "cpu", "--score-threshold", "0",
+                     "--nms-iou", "1"])
+    assert len(kept[0]["found"]) > len(rows[1]["found"])
 
 
 def test_model_settings_come_from_the_checkpoint_unless_given(tmp_path, monkeypatch):
@@ -330,6 +346,7 @@ def test_real_voc_path_on_tiny_files(tmp_path):
     assert [c for c, a in m["ap"].items() if a is not None] == ["car", "dog"]
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["metrics"]["ap"]["dog"] == m["ap"]["dog"]
+    assert {"car", "dog"} <= set(r["pr"]) <= set(data.VOC_CLASSES)  # the PR curves
     # --eval-only reads VOC2007 test alone: the training annotations and images are gone
     shutil.rmtree(os.path.join(str(tmp_path), "VOCdevkit", "VOC2012"))
     os.remove(os.path.join(str(tmp_path), "VOCdevkit", "VOC2007", "ImageSets", "Main",
@@ -430,16 +447,18 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, ddp_runs):
 
 
 def test_paper_augmentation_is_seeded_per_epoch_and_image_and_boxes_follow():
+    # the training set with the paper's transforms, as data.make_loader serves it (data.Seeded:
+    # sample i of epoch e drawn under the random state of (seed, e, i))
     ds = data.detection_dataset("shapes-det", "train", quick=True)
-    aug = ssd.SeededAugment(ds, ssd.train_transforms(32, data.IMAGENET_MEAN, data.IMAGENET_STD),
-                            seed=0)
-    a = [aug[i] for i in range(6)]
+    aug = data.Seeded(data.detection_dataset(
+        "shapes-det", "train", quick=True,
+        transforms=ssd.train_transforms(32, data.IMAGENET_MEAN, data.IMAGENET_STD)), seed=0)
+    a = [aug[i, 0] for i in range(6)]
     torch.manual_seed(123)                     # the global RNG plays no part
-    b = [aug[i] for i in range(6)]
+    b = [aug[i, 0] for i in range(6)]
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1]["boxes"], y[1]["boxes"])
                for x, y in zip(a, b))
-    aug.set_epoch(1)
-    assert any(not torch.equal(x[0], aug[i][0]) for i, x in enumerate(a))
+    assert any(not torch.equal(x[0], aug[i, 1][0]) for i, x in enumerate(a))  # epoch 1
     for x, t in a:
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
         assert len(t["boxes"]) == len(t["labels"]) == len(t["difficult"])

@@ -265,14 +265,33 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     rec = json.load(open(os.path.join(a, "results.json")))
     assert len(rec["metrics"]["ap"]) == 6 and rec["config"]["classes"][0] == "circle"
     assert 0 <= rec["metrics"]["map"] <= 1
-    # --detect on a shapes image with that checkpoint: a PNG and one printed line per box.
-    image, _, _, _, _ = data.render_shapes(0, 0, 64, split="test")
-    path = str(tmp_path / "shape.png")
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
-    out = yolo.main(["--detect", path, "--weights", os.path.join(a, "checkpoint.pt"), "--out",
-                     str(tmp_path / "det"), "--score-threshold", "0", "--device", "cpu"])
-    assert os.path.isfile(tmp_path / "det" / "shape_detections.png")
-    assert 0 < len(out["scores"]) <= 100 and out["boxes"].shape[1] == 4
+    assert set(rec["pr"]) <= set(data.SHAPES_CLASSES) and rec["pr"]  # the PR curves
+    # --detect on a folder of 2 shapes images and a non-image with that checkpoint: 2 PNGs, a
+    # row per image (boxes in its pixels), the non-image reported and skipped
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for i in range(2):
+        image, _, _, _, _ = data.render_shapes(0, i, 64 + 16 * i, split="test")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"shape{i}.png")
+    (mine / "readme.png").write_text("not an image")
+    rows = yolo.main(["--detect", str(mine), "--weights", os.path.join(a, "checkpoint.pt"),
+                      "--out", str(tmp_path / "det"), "--score-threshold", "0", "--device",
+                      "cpu"])
+    assert [os.path.basename(r["image"]) for r in rows] == ["readme.png", "shape0.png",
+                                                            "shape1.png"]
+    assert "is not an image" in rows[0]["error"]
+    assert os.path.isfile(tmp_path / "det" / "shape1_detections.png")
+    for r, side in zip(rows[1:], (64, 80)):
+        assert os.path.isfile(r["picture"]) and 0 < len(r["found"]) <= 100
+        assert set(r["found"][0]) == {"class", "score", "xmin", "ymin", "xmax", "ymax"}
+        assert all(f["class"] in data.SHAPES_CLASSES and f["xmax"] <= side + 1e-4
+                   for f in r["found"])
+    assert len(json.load(open(tmp_path / "det" / "predictions.json"))) == 3
+    with pytest.raises(data.DataError, match="gone.png does not exist") as e:
+        yolo.main(["--detect", str(tmp_path / "gone.png"), "--weights",
+                   os.path.join(a, "checkpoint.pt"), "--out", str(tmp_path / "x"), "--device",
+                   "cpu"])
+    assert "\n" not in str(e.value)
 
 
 def test_real_voc_path_on_tiny_files(tmp_path, voc_images):
