@@ -288,36 +288,27 @@ def evaluate(model, loader, args, device, num_classes, ten_crop=False):
     return {**r, "ten_crop_error": r["test_error"]}
 
 
-def classify(args, device):
-    """The lecture's demo: the 15 highest scores (logits) and class names of one image."""
-    if not (args.weights or args.pretrained):
-        raise data.DataError("--classify needs --weights PATH or --pretrained")
-    state = data.load_checkpoint(args.weights, arch_name(args)) if args.weights else None
-    if state is not None:
-        weights = state.get("model", state)
-        last = [k for k in weights if k.endswith(".weight")][-1]
-        num_classes, names = weights[last].shape[0], state.get("classes")
+def classify(args, state, device):
+    """--classify PATH (an image or a folder): the lecture's demo, the 15 likeliest classes of
+    each image, through the checkpoint's network (its classes, normalisation and input) or
+    torchvision's ImageNet weights (--pretrained: short side 256, centre 224 crop); the single
+    centre-crop (or upsampled) view of `evaluate`."""
+    if args.weights:
+        data.load_checkpoint(args.weights, arch_name(args))  # a checkpoint of another network
+        classes, (mean, std), shape = data.prediction_settings(state, args.weights)
+        size, imagenet = args.img_size, args.data == "imagenet"
     else:
-        num_classes, names = 1000, None
-    names = names or (data.imagenet_class_names() if num_classes == 1000 else
-                      [str(i) for i in range(num_classes)])
-    model = alexnet(num_classes, args.variant, 3, args.width)
-    if state is not None:
+        classes, (mean, std) = data.imagenet_class_names(), (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        shape, size, imagenet = (3, 224), 224, True
+    model = alexnet(len(classes), args.variant, shape[0], args.width)
+    if args.weights:
         data.load_weights(model, state, args.weights)
     else:
         load_pretrained(model, args.variant, args.width)
     model.to(device).eval()
-    # As torchvision's weights expect: short side to 256, centre 224 crop, ImageNet mean/std.
-    pre = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224),
-                      v2.ToDtype(torch.float32, scale=True),
-                      v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
-    x = pre(data.load_image(args.classify))[None].to(device)
-    with torch.no_grad():
-        scores, idx = model(x)[0].float().sort(descending=True)
-    top = [(float(s), names[i]) for s, i in zip(scores[:15], idx[:15].tolist())]
-    for k, (s, name) in enumerate(top):
-        print(f"#{k + 1} ({s:.2f}) {name}")
-    return top
+    return data.classify_images(args.classify, args.out,
+                                lambda x: model(to_size(x.to(device), size)), classes, mean, std,
+                                shape, imagenet=imagenet, k=15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,10 +320,11 @@ def arch_name(args):
 
 def get_args_parser():
     p = data.ArgumentParser(description="AlexNet (Krizhevsky et al. 2012) on ImageNet, CIFAR, "
-                                "MNIST or the synthetic shapes set; --classify IMAGE for the "
-                                "lecture's top-15 demo.")
+                                "MNIST, the synthetic shapes set or your own images; --classify "
+                                "PATH for the lecture's top-15 demo.")
     data.add_data_args(p, "imagenet", "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                       "fashion-mnist | shapes")
+                       "fashion-mnist | shapes | folder:DIR (your own DIR/train/<class>/*, "
+                       "DIR/val/<class>/* images, held at 32x32)")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper"],
@@ -357,9 +349,10 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {LR}, §5)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §5)")
-    p.add_argument("--classify", default=None, metavar="IMAGE",
-                   help="print the 15 best classes of IMAGE (needs --weights or --pretrained; "
-                   "no --data, writes nothing)")
+    p.add_argument("--classify", metavar="PATH",
+                   help="an image or a folder of them: the 15 likeliest classes of each, printed "
+                        "and drawn into --out with predictions.json/.csv (needs --weights or "
+                        "--pretrained)")
     data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
                           workers_help="DataLoader processes (ImageNet only; default: 4)",
                           pretrained_help="start from torchvision's ImageNet weights "
@@ -378,8 +371,6 @@ def main(argv=None):
         args.width = 1.0
     args.batch_size = args.batch_size or BATCH_SIZE
     args.lr = args.lr or LR
-    if args.classify:  # one image in, 15 lines out: no --out, no process group, no data set
-        return classify(args, data.select_device(args.device, args.cuda))
     data.check_task(args.data, "classification")
     imagenet = args.data == "imagenet"
     if args.img_size is None:
@@ -389,6 +380,8 @@ def main(argv=None):
     if args.init is None:
         args.init = "variant" if imagenet else "kaiming"
     device, rank, world, is_main = data.setup(args, "alexnet.py")
+    if args.classify:  # the user's images through the network: no data set read
+        return classify(args, state, device)
     if args.epochs is None:
         args.epochs = EPOCHS
     if args.batch_size % args.world:
@@ -480,8 +473,7 @@ def main(argv=None):
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes),
-                                     normalisation=(info["mean"], info["std"]))
+                                     vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -497,7 +489,8 @@ def main(argv=None):
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "alexnet.py", args.data,
         {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
-        seconds=time.time() - t0, history=history) if is_main else None
+        seconds=time.time() - t0, history=history,
+        **metrics.class_records(test, classes)) if is_main else None
     return results
 
 

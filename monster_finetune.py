@@ -161,13 +161,30 @@ def evaluate(model, loader, args, device, num_classes):
     return metrics.classification_report(out, y, num_classes)
 
 
+def classify(args, state, device):
+    """--classify PATH (an image or a folder): the likeliest classes of each image through the
+    checkpoint's network (its classes, ImageNet normalisation and 32x32 input; grey sets' images
+    made grey, then replicated to the 3 channels as in training), the view of `evaluate`."""
+    data.load_checkpoint(args.weights, "monster")  # a checkpoint of another network
+    classes, (mean, std), shape = data.prediction_settings(state, args.weights)
+    weights = state.get("model", state)
+    model = Monster(args.blocks, args.channels, len(classes),
+                    weights["features.0.weight"].shape[0], shape[1])
+    data.load_weights(model, state, args.weights)
+    model.to(device).eval()
+    return data.classify_images(args.classify, args.out,
+                                lambda x: model(x.to(device).expand(-1, 3, -1, -1)), classes,
+                                mean, std, shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 def get_args_parser():
     p = data.ArgumentParser(description="The lecture's fine-tuning example: a trained AlexNet's "
                                 "first layer, frozen then fine-tuned, under residual blocks.")
-    data.add_data_args(p, "cifar10", "cifar10 | cifar100 | cifar10-jpg | shapes (RGB sets)")
+    data.add_data_args(p, "cifar10", "cifar10 | cifar100 | cifar10-jpg | shapes | folder:DIR "
+                       "(your own DIR/train/<class>/*, DIR/val/<class>/* images, held at 32x32)")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--alexnet-weights", default=None, metavar="PATH",
@@ -191,6 +208,9 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=LR, help=f"SGD learning rate (default: {LR})")
     p.add_argument("--momentum", type=float, default=0.0, help="(default: 0, as the lecture)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0, as the lecture)")
+    p.add_argument("--classify", metavar="PATH",
+                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
+                        "and drawn into --out with predictions.json/.csv (needs --weights)")
     data.add_runtime_args(p, data.quick_help(QUICK) + "; without --pretrained or "
                           "--alexnet-weights, the first layer from scratch", workers=0,
                           workers_help="unused: the set is held on the device",
@@ -226,12 +246,15 @@ def run(args):
     # split out (unused here: the script reports the test set only). --eval-only reads the test
     # split alone (no training image; the normalisation is ImageNet's, not the set's).
     x_test, y_test, classes = data.classification_arrays(args.data, "test", **kw)
+    channels = x_test.shape[1]  # the set's own (1: grey), as a test input is made (checkpoint)
     x, y = x_test[:0], y_test[:0]  # --eval-only: an empty training split
     if not args.eval_only:
         x, y, _ = data.classification_arrays(args.data, data.train_split(args), **kw)
     if x.shape[1] == 1:  # grey images (MNIST, Fashion-MNIST) replicated to AlexNet's 3 channels
         x, x_test = x.expand(-1, 3, -1, -1).contiguous(), x_test.expand(-1, 3, -1, -1).contiguous()
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
+    info = {"classes": classes, "mean": mean, "std": std, "in_channels": channels,
+            "image_size": x_test.shape[-1]}
     train_loader = None if args.eval_only else data.DeviceLoader(
         x, y, args.batch_size // args.world, True, device, mean, std, seed=args.seed)
     test_loader = data.DeviceLoader(x_test, y_test, 500, False, device, mean, std)
@@ -290,7 +313,7 @@ def run(args):
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}"
                       f"{' (AlexNet layer frozen)' if frozen else ''}")
             data.save_training_state(ckpt_path, "monster", model, optimizer, scheduler, scaler,
-                                     epoch, vars(args), history, classes=list(classes))
+                                     epoch, vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -300,14 +323,14 @@ def run(args):
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "monster_finetune.py", args.data,
         {k: test[k] for k in ("test_error", "test_accuracy", "balanced_error")}, paper=PAPER,
-        config=config, device=str(device), seconds=time.time() - t0,
-        history=history) if is_main else None
+        config=config, device=str(device), seconds=time.time() - t0, history=history,
+        **metrics.class_records(test, classes)) if is_main else None
     return results
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data.adopt_checkpoint(args, "monster_finetune.py", ("blocks", "channels"))
+    state = data.adopt_checkpoint(args, "monster_finetune.py", ("blocks", "channels"))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     data.check_task(args.data, "classification")
     if args.data == "imagenet":
@@ -323,6 +346,9 @@ def main(argv=None):
         args.frozen_epochs = 0 if args.scratch else args.epochs // 2  # keep from a random layer
     if args.pretrained and args.alexnet_weights:
         raise data.DataError("give either --pretrained or --alexnet-weights, not both")
+    if args.classify:  # the user's images through the checkpoint's network: no data set read
+        device = data.setup(args, "monster_finetune.py", pretrained_is_the_model=False).device
+        return classify(args, state, device)
     if not args.compare:
         return run(args)
     # The comparison: the same recipe frozen-then-fine-tuned, never frozen, and from scratch,

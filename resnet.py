@@ -400,6 +400,27 @@ def evaluate(model, loader, args, device, num_classes, ten_crop=False):
     return r
 
 
+def classify(args, state, device):
+    """--classify PATH (an image or a folder): the likeliest classes of each image through the
+    checkpoint's network (its classes, normalisation and input) or torchvision's ImageNet
+    weights (--pretrained: short side 256, centre 224 crop); the single view of `evaluate`."""
+    if args.weights:
+        data.load_checkpoint(args.weights, f"resnet{args.depth}")  # another network's
+        classes, (mean, std), shape = data.prediction_settings(state, args.weights)
+        imagenet = args.data == "imagenet"
+    else:
+        classes, (mean, std) = data.imagenet_class_names(), (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        shape, imagenet = (3, 224), True
+    model = resnet(args.depth, len(classes), shape[0])
+    if args.weights:
+        data.load_weights(model, state, args.weights)
+    else:
+        load_pretrained(model, args.depth)
+    model.to(device).eval()
+    return data.classify_images(args.classify, args.out, lambda x: model(x.to(device)), classes,
+                                mean, std, shape, imagenet=imagenet)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -410,8 +431,9 @@ def get_args_parser():
                    help=f"CIFAR 6n+2 (the paper's {CIFAR_DEPTHS}) or ImageNet {IMAGENET_DEPTHS} "
                    "(default: 20)")
     data.add_data_args(p, None, "cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
-                       "fashion-mnist | shapes; cifar10 for a CIFAR depth, imagenet for an "
-                       "ImageNet one")
+                       "fashion-mnist | shapes | folder:DIR (your own DIR/train/<class>/*, "
+                       "DIR/val/<class>/* images, held at 32x32); cifar10 for a CIFAR depth, "
+                       "imagenet for an ImageNet one")
     data.add_holdout_arg(p, why="§4.2 chose its schedule on a 45k/5k split")
     data.add_limit_arg(p)
     p.add_argument("--img-size", type=int, default=None,
@@ -431,6 +453,10 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
+    p.add_argument("--classify", metavar="PATH",
+                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
+                        "and drawn into --out with predictions.json/.csv (needs --weights or "
+                        "--pretrained)")
     data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
                           workers_help="DataLoader processes (ImageNet only; default: 4)",
                           pretrained_help="start from torchvision's ImageNet weights (ImageNet "
@@ -468,6 +494,8 @@ def main(argv=None):
         args.warmup_iters = CIFAR_RECIPE["warmup"] if recipe == "cifar" and args.depth >= 110 \
             else 0
     device, rank, world, is_main = data.setup(args, "resnet.py")  # --dry-run: 1 epoch
+    if args.classify:  # the user's images through the network: no data set read
+        return classify(args, state, device)
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -553,8 +581,7 @@ def main(argv=None):
                       f"{loss:.4f}" + (f" val_error {100 * row['val_error']:.2f}%"
                                        if "val_error" in row else ""))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes),
-                                     normalisation=(info["mean"], info["std"]))
+                                     vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -571,7 +598,8 @@ def main(argv=None):
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "resnet.py", args.data,
         {k: test[k] for k in keys if k in test}, paper=paper_figures(args.depth), config=config,
-        device=str(device), seconds=time.time() - t0, history=history) if is_main else None
+        device=str(device), seconds=time.time() - t0, history=history,
+        **metrics.class_records(test, classes)) if is_main else None
     return results
 
 

@@ -253,7 +253,7 @@ def imagenet_loaders(args, device):
         train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
                                  device, seed=args.seed)
     classes = getattr(test_set, "names", None) or test_set.dataset.names
-    info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
+    info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3, "image_size": 224,
             "sizes": (len(train_set), 0, len(test_set))}
     return train, None, test, info
 
@@ -297,6 +297,31 @@ def evaluate(model, loader, args, device, num_classes):
     return metrics.classification_report(out, y, num_classes)
 
 
+def classify(args, state, device):
+    """--classify PATH (an image or a folder): the likeliest classes of each image through the
+    checkpoint's network (`state`: its classes, normalisation and input) or torchvision's
+    ImageNet weights (--pretrained: short side 256, centre 224 crop); the view of `evaluate`."""
+    if args.weights:
+        classes, (mean, std), shape = data.prediction_settings(state, args.weights)
+        imagenet = args.data == "imagenet"
+    else:
+        classes, (mean, std) = data.imagenet_class_names(), (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        shape, imagenet = (3, 224), True
+    model = resnext(args.depth, args.cardinality, args.bottleneck_width, len(classes), shape[0],
+                    args.base)
+    if args.weights:
+        data.load_weights(model, state, args.weights)
+    else:
+        if args.base != 64:
+            raise data.DataError("--pretrained needs --base 64 (the published weights)")
+        load_pretrained(model, args.depth, args.cardinality, args.bottleneck_width)
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory).eval()
+    return data.classify_images(args.classify, args.out,
+                                lambda x: model(x.to(device, memory_format=memory)), classes,
+                                mean, std, shape, imagenet=imagenet)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -314,8 +339,9 @@ def get_args_parser():
                    help="stem channels and first-stage width, doubled per stage (default: the "
                    "paper's 64)")
     data.add_data_args(p, None, "cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
-                       "fashion-mnist | shapes; cifar10 for a CIFAR depth (the default 29), "
-                       "imagenet for an ImageNet one")
+                       "fashion-mnist | shapes | folder:DIR (your own DIR/train/<class>/*, "
+                       "DIR/val/<class>/* images, held at 32x32); cifar10 for a CIFAR depth "
+                       "(the default 29), imagenet for an ImageNet one")
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--epochs", type=int, default=None,
@@ -333,6 +359,10 @@ def get_args_parser():
                    help="channels-first memory format (default: channels-last here, since "
                    "PyTorch's channels-first CPU kernels for grouped convolutions are far "
                    "slower: bench/bench_classifiers.py)")
+    p.add_argument("--classify", metavar="PATH",
+                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
+                        "and drawn into --out with predictions.json/.csv (needs --weights or "
+                        "--pretrained)")
     data.add_runtime_args(p, data.quick_help(QUICK) + "; on ImageNet the subset and 2 epochs",
                           workers=4, workers_help="DataLoader processes (ImageNet only; "
                           "default: 4)", pretrained_help="start from torchvision's ImageNet "
@@ -380,6 +410,8 @@ def main(argv=None):
     imagenet = args.data == "imagenet"
     recipe = "imagenet" if imagenet else "cifar"  # the recipe follows the data, the net the depth
     device, rank, world, is_main = data.setup(args, "resnext.py")  # --dry-run: 1 epoch
+    if args.classify:  # the user's images through the network: no data set read
+        return classify(args, weights, device)
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -455,8 +487,7 @@ def main(argv=None):
                 print(f"epoch {epoch + 1}/{epochs} train_loss {loss:.4f}" +
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
             data.save_training_state(ckpt_path, args.arch, model, optimizer, scheduler, scaler,
-                                     epoch, vars(args), history, classes=list(classes),
-                                     normalisation=(info["mean"], info["std"]))
+                                     epoch, vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -470,8 +501,8 @@ def main(argv=None):
         os.path.join(args.out, "results.json"), "resnext.py", args.data,
         {k: test[k] for k in keys if k in test},
         paper=paper_figures(args.depth, args.cardinality, args.bottleneck_width, args.data),
-        config=config, device=str(device), seconds=time.time() - t0,
-        history=history) if is_main else None
+        config=config, device=str(device), seconds=time.time() - t0, history=history,
+        **metrics.class_records(test, classes)) if is_main else None
     return results
 
 

@@ -359,6 +359,32 @@ def evaluate(model, loader, args, device, num_classes, dense=True):
     return metrics.classification_report(out, y, num_classes, views={"single_scale": p1})
 
 
+def classify(args, state, device):
+    """--classify PATH (an image or a folder): the likeliest classes of each image through the
+    checkpoint's network (its classes, normalisation and input) or torchvision's ImageNet
+    weights (--pretrained: short side 256, centre 224 crop); the single view of the val test
+    (`evaluate(dense=False)`: the plain network at the training crop size), not the dense one."""
+    if args.weights:
+        data.load_checkpoint(args.weights, arch_name(args))  # a checkpoint of another network
+        classes, (mean, std), shape = data.prediction_settings(state, args.weights)
+        size, imagenet = args.crop_size, args.data == "imagenet"
+    else:
+        classes, (mean, std) = data.imagenet_class_names(), (data.IMAGENET_MEAN, data.IMAGENET_STD)
+        shape, size, imagenet = (3, 224), 224, True
+    model = vgg19(len(classes), args.bn, shape[0], args.width)
+    if args.weights:
+        data.load_weights(model, state, args.weights)
+    else:
+        load_pretrained(model, args.bn, args.width)
+    model.to(device).eval()
+
+    def forward(x):
+        x = x.to(device)
+        return model(x if x.shape[-1] == size else v2.functional.resize(x, [size], antialias=True))
+    return data.classify_images(args.classify, args.out, forward, classes, mean, std, shape,
+                                imagenet=imagenet)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -368,10 +394,11 @@ def arch_name(args):
 
 def get_args_parser():
     p = data.ArgumentParser(description="VGG-19 (Simonyan & Zisserman 2014) on ImageNet, "
-                                "CIFAR, MNIST or the synthetic shapes set, with the paper's scale "
-                                "jittering and dense multi-scale test.")
+                                "CIFAR, MNIST, the synthetic shapes set or your own images, with "
+                                "the paper's scale jittering and dense multi-scale test.")
     data.add_data_args(p, "imagenet", "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
-                       "fashion-mnist | shapes")
+                       "fashion-mnist | shapes | folder:DIR (your own DIR/train/<class>/*, "
+                       "DIR/val/<class>/* images, held at 32x32)")
     data.add_holdout_arg(p, default=None, why="on for the small sets, whose default lr schedule, §3.1's plateau, needs it")
     data.add_limit_arg(p)
     p.add_argument("--bn", action="store_true",
@@ -403,6 +430,10 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {LR}, §3.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §3.1)")
+    p.add_argument("--classify", metavar="PATH",
+                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
+                        "and drawn into --out with predictions.json/.csv (needs --weights or "
+                        "--pretrained)")
     data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
                           workers_help="DataLoader processes (ImageNet only; default: 4)",
                           pretrained_help="start from torchvision's ImageNet weights "
@@ -443,6 +474,8 @@ def main(argv=None):
     resolve_defaults(args)
     imagenet = args.data == "imagenet"
     device, rank, world, is_main = data.setup(args, "vgg19.py")  # --dry-run: 1 epoch
+    if args.classify:  # the user's images through the network: no data set read
+        return classify(args, state, device)
     if args.batch_size % args.world:
         raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
                              f"{args.world} processes")
@@ -468,7 +501,8 @@ def main(argv=None):
             train_loader = data.make_loader(train_set, args.batch_size // args.world, True,
                                             args.workers, device, seed=args.seed)
         classes = getattr(test_set, "names", None) or test_set.dataset.names
-        info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
+        info = {"classes": classes, "in_channels": 3, "mean": data.IMAGENET_MEAN,
+                "std": data.IMAGENET_STD, "image_size": args.crop_size,
                 "sizes": (len(train_set), 0, len(test_set))}
     else:
         train_loader, val_loader, test_loader, info = data.classification_loaders(
@@ -549,8 +583,7 @@ def main(argv=None):
                       (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else "") +
                       f" lr {row['lr']:.2g}")
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
-                                     vars(args), history, classes=list(classes),
-                                     normalisation=(info["mean"], info["std"]))
+                                     vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
                 return None
 
@@ -566,7 +599,8 @@ def main(argv=None):
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "vgg19.py", args.data,
         {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
-        seconds=time.time() - t0, history=history) if is_main else None
+        seconds=time.time() - t0, history=history,
+        **metrics.class_records(test, classes)) if is_main else None
     return results
 
 

@@ -126,27 +126,36 @@ def test_lr_schedule_divides_by_ten_three_times():
         pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
+def imagenet_checkpoint(path, variant="torchvision", width=0.25):
+    """A random-weight checkpoint of an ImageNet network with what --classify needs beside the
+    weights (data.test_settings: the 1000 names, ImageNet's normalisation, 3x224 inputs)."""
+    torch.save({"arch": f"alexnet-{variant}-w{width:g}",
+                "model": alexnet.alexnet(1000, variant, width=width).state_dict(),
+                "classes": data.imagenet_class_names(),
+                "normalisation": (data.IMAGENET_MEAN, data.IMAGENET_STD),
+                "input_shape": (3, 224)}, path)
+    return str(path)
+
+
 def test_classify_prints_fifteen_named_lines(tmp_path):
     from PIL import Image
     torch.manual_seed(0)
-    ckpt = tmp_path / "random.pt"
-    torch.save({"arch": "alexnet-torchvision-w0.25",
-                "model": alexnet.alexnet(1000, width=0.25).state_dict()}, ckpt)
+    ckpt = imagenet_checkpoint(tmp_path / "random.pt")
     img = tmp_path / "img.png"
     Image.fromarray((torch.rand(300, 260, 3) * 255).byte().numpy()).save(img)
-    r = command("alexnet.py", ["--classify", str(img), "--weights",
-                        str(ckpt), "--width", "0.25", "--device", "cpu"])
+    r = command("alexnet.py", ["--classify", str(img), "--weights", ckpt, "--width", "0.25",
+                               "--device", "cpu", "--out", str(tmp_path / "p")])
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 15
-    import re
+    assert lines[0] == f"{img}:" and lines[16].startswith("1 image(s): pictures in ")
     names = set(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.meta["categories"])
-    scores = []
-    for k, line in enumerate(lines):
-        m = re.fullmatch(r"#(\d+) \((-?\d+\.\d\d)\) (.+)", line)
+    probabilities = []
+    for k, line in enumerate(lines[1:16]):  # the lecture's 15 named lines
+        m = re.fullmatch(r"  #(\d+) +(\d+\.\d\d)% (.+)", line)
         assert m and int(m.group(1)) == k + 1 and m.group(3) in names, line
-        scores.append(float(m.group(2)))
-    assert scores == sorted(scores, reverse=True)
+        probabilities.append(float(m.group(2)))
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert (tmp_path / "p" / "img_classes.png").is_file()
 
 
 def run(tmp_path, name, *extra):
@@ -206,6 +215,23 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert again["metrics"] == full["metrics"] and again["config"]["arch"] == "alexnet-paper-w0.125"
     assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
     assert again["config"]["normalisation"] == full["config"]["normalisation"]
+    assert set(full["per_class_error"]) == set(data.SHAPES_CLASSES)
+    assert full["confusion"]["classes"] == list(data.SHAPES_CLASSES)
+    assert sum(map(sum, full["confusion"]["counts"])) == 500
+    # --classify: a folder of the user's images through that network (its variant, width,
+    # classes, normalisation and 32x32 input upsampled to 96 from the checkpoint), no data read
+    from PIL import Image
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for i in range(2):
+        image = data.render_shapes(0, i, 48, split="test")[0]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"s{i}.png")
+    rows = alexnet.main(["--classify", str(mine), "--weights",
+                         os.path.join(out_full, "checkpoint.pt"), "--device", "cpu", "--out",
+                         str(tmp_path / "p")])
+    assert [len(r["found"]) for r in rows] == [6, 6]  # top-15 of 6 classes: all six
+    assert {f["class"] for f in rows[1]["found"]} == set(data.SHAPES_CLASSES)
+    assert (tmp_path / "p" / "predictions.csv").is_file()
 
 
 def imagenet_val_only(root):
@@ -238,7 +264,8 @@ def test_bad_input_is_a_one_line_error(tmp_path):
                            "checkpoint /nonexistent.pt not found"),
                           (["--data", "shapes", "--weights", str(other), "--quick"],
                            "is of 'lenet5-lecture', not 'alexnet-torchvision-w0.25'"),
-                          (["--classify", "/nonexistent.jpg"], "needs --weights PATH or"),
+                          (["--classify", "/nonexistent.jpg"], "--classify needs --weights CKPT or "
+                           "--pretrained"),
                           (["--classify", "/nonexistent.jpg", "--weights", str(other)],
                            "is of 'lenet5-lecture'")):
         with pytest.raises(data.DataError, match=re.escape(message)) as e:
@@ -251,13 +278,16 @@ def test_bad_input_is_a_one_line_error(tmp_path):
 
 
 def test_classify_bad_image_is_a_one_line_error(tmp_path):
-    ckpt = tmp_path / "w.pt"
-    torch.save({"arch": "alexnet-paper-w0.125",
-                "model": alexnet.alexnet(1000, "paper", width=0.125).state_dict()}, ckpt)
-    r = command("alexnet.py", ["--classify", "/nonexistent.jpg",
-                        "--weights", str(ckpt), "--variant", "paper", "--width", "0.125"])
+    ckpt = imagenet_checkpoint(tmp_path / "w.pt", "paper", 0.125)
+    r = command("alexnet.py", ["--classify", "/nonexistent.jpg", "--weights", ckpt, "--variant",
+                               "paper", "--width", "0.125", "--out", str(tmp_path / "p")])
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
-    assert "image file not found: /nonexistent.jpg" in r.stderr, r.stderr
+    assert "/nonexistent.jpg does not exist" in r.stderr, r.stderr
+    # a checkpoint without the class names and input settings (a bare state_dict)
+    torch.save(alexnet.alexnet(1000, width=0.25).state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(data.DataError, match="holds no class names and input settings"):
+        alexnet.main(["--classify", ckpt, "--weights", str(tmp_path / "bare.pt"), "--width",
+                      "0.25", "--device", "cpu", "--out", str(tmp_path / "q")])
 
 
 DDP_ARGS = ["--epochs", "1", "--batch-size", "32", "--limit", "512"]
@@ -318,3 +348,26 @@ def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_pa
     ckpt = data.load_checkpoint(str(out / "checkpoint.pt"), "alexnet-torchvision")
     assert ckpt["epoch"] == 0 and ckpt["args"]["dry_run"] is True
     assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
+
+
+def image_tree(root, train=8, val=4):
+    """DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg: dark and light noise images (--data
+    folder:DIR reads them at 32x32, the class names the folders')."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("val", val)):
+        for c, level in (("dark", 40), ("light", 200)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / c / f"{i}.jpg")
+    return f"folder:{root}"
+
+
+def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
+    r = alexnet.main(["--data", image_tree(tmp_path / "tree"), "--width", "0.125", "--img-size",
+                      "64", "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out",
+                      str(tmp_path / "run")])
+    assert r["config"]["sizes"] == {"train": 16, "val": 0, "test": 8}
+    assert set(r["per_class_error"]) == {"dark", "light"} and 0 <= r["auc"] <= 1
+    assert r["confusion"]["classes"] == ["dark", "light"]

@@ -106,6 +106,23 @@ def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path, 
                    str(tmp_path / "b" / "checkpoint.pt"), "--limit", "512")
     assert again["metrics"] == full["metrics"] and again["history"] == []
     assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
+    assert set(full["per_class_error"]) == set(data.SHAPES_CLASSES)
+    assert full["confusion"]["classes"] == list(data.SHAPES_CLASSES)
+    assert sum(map(sum, full["confusion"]["counts"])) == 500
+    # --classify: a folder of the user's images through that network (its blocks, channels,
+    # classes, normalisation and 32x32 input from the checkpoint), no data set read
+    from PIL import Image
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for i in range(2):
+        image = data.render_shapes(0, i, 48, split="test")[0]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"s{i}.png")
+    rows = mf.main(["--classify", str(mine), "--weights", str(tmp_path / "b" / "checkpoint.pt"),
+                    "--device", "cpu", "--out", str(tmp_path / "p")])
+    assert [len(r["found"]) for r in rows] == [5, 5]
+    assert {f["class"] for f in rows[1]["found"]} <= set(data.SHAPES_CLASSES)
+    assert (tmp_path / "p" / "predictions.csv").is_file()
+    assert (tmp_path / "p" / "s1_classes.png").is_file()
 
 
 @pytest.mark.slow
@@ -138,13 +155,36 @@ def test_compare_runs_the_three_recipes(tmp_path):
                       "scratch": [False, False]}
 
 
+def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
+    # --data folder:DIR: DIR/train/<class>/*, DIR/val/<class>/* held at 32x32; dark and light
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c, level in (("dark", 40), ("light", 200)):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(
+                    tmp_path / "tree" / split / c / f"{i}.jpg")
+    r = mf.main(["--data", f"folder:{tmp_path / 'tree'}", "--scratch", "--blocks", "1",
+                 "--channels", "8", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                 "--out", str(tmp_path / "run")])
+    assert r["config"]["sizes"] == {"train": 16, "val": 0, "test": 8}
+    assert set(r["per_class_error"]) == {"dark", "light"} and 0 <= r["auc"] <= 1
+    assert r["confusion"]["classes"] == ["dark", "light"]
+
+
 def test_bad_input_is_a_one_line_error(tmp_path):
     bad = tmp_path / "resnet.pt"
     torch.save({"arch": "resnet20", "model": {"conv1.weight": torch.zeros(16, 3, 3, 3)}}, bad)
     for argv, message in ((["--data", "shapes", "--epochs", "1"], "no trained AlexNet given"),
                           (["--data", "imagenet", "--scratch"], "takes small images"),
                           (["--data", "shapes", "--quick", "--alexnet-weights", str(bad)],
-                           "hold no AlexNet first layer")):
+                           "hold no AlexNet first layer"),
+                          (["--classify", "/nonexistent.jpg", "--pretrained"],
+                           "--classify needs --weights CKPT: without it"),
+                          (["--classify", "/nonexistent.jpg", "--weights", str(bad)],
+                           "is of 'resnet20', not 'monster'")):
         with pytest.raises(mf.data.DataError, match=message) as e:
             mf.main(["--device", "cpu", "--no-download", "--out", str(tmp_path / "x"), *argv])
         assert "\n" not in str(e.value)

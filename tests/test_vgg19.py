@@ -242,6 +242,51 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(full["per_class_error"]) == set(data.SHAPES_CLASSES)
+    assert full["confusion"]["classes"] == list(data.SHAPES_CLASSES)
+    assert sum(map(sum, full["confusion"]["counts"])) == full["config"]["sizes"]["test"]
+    # --classify: a folder of the user's images through that network (its width, classes,
+    # normalisation and 32x32 input from the checkpoint), no data set read
+    mine = shapes_pictures(tmp_path / "mine")
+    rows = vgg19.main(["--classify", mine, "--weights", os.path.join(out_full, "checkpoint.pt"),
+                       "--device", "cpu", "--out", str(tmp_path / "p")])
+    assert [len(r["found"]) for r in rows] == [5, 5]
+    assert {f["class"] for f in rows[1]["found"]} <= set(data.SHAPES_CLASSES)
+    assert (tmp_path / "p" / "predictions.csv").is_file()
+    assert (tmp_path / "p" / "s1_classes.png").is_file()
+
+
+def shapes_pictures(folder, n=2):
+    """A folder of `n` shapes test images as the user's PNG files (--classify)."""
+    from PIL import Image
+    folder.mkdir()
+    for i in range(n):
+        image = data.render_shapes(0, i, 48, split="test")[0]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"s{i}.png")
+    return str(folder)
+
+
+def image_tree(root, train=8, val=4):
+    """DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg: dark and light noise images (--data
+    folder:DIR reads them at 32x32, the class names the folders')."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("val", val)):
+        for c, level in (("dark", 40), ("light", 200)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / c / f"{i}.jpg")
+    return f"folder:{root}"
+
+
+def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
+    # --holdout: the plateau schedule's val split, 10 % of the 16 training images
+    r = vgg19.main(["--data", image_tree(tmp_path / "tree"), "--width", str(TINY), "--epochs",
+                    "1", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert r["config"]["sizes"]["test"] == 8
+    assert set(r["per_class_error"]) == {"dark", "light"} and 0 <= r["auc"] <= 1
+    assert r["confusion"]["classes"] == ["dark", "light"]
 
 
 def imagenet_val_only(root):
@@ -277,7 +322,11 @@ def test_bad_input_is_a_one_line_error(tmp_path):
                           (["--data", "shapes", "--weights", str(other), "--quick"],
                            "is of 'lenet5-lecture', not 'vgg19-w0.125'"),
                           (["--data", "shapes", "--quick", "--crop-size", "64"],
-                           "need --crop-size <= --scale-min")):
+                           "need --crop-size <= --scale-min"),
+                          (["--classify", "/nonexistent.jpg"], "--classify needs --weights CKPT "
+                           "or --pretrained"),
+                          (["--classify", "/nonexistent.jpg", "--weights", str(other), "--width",
+                            "0.125"], "is of 'lenet5-lecture', not 'vgg19-w0.125'")):
         with pytest.raises((data.DataError, ValueError), match=re.escape(message)) as e:
             vgg19.main(["--device", "cpu", *argv])
         assert "\n" not in str(e.value)
