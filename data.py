@@ -1620,7 +1620,7 @@ def adopt_checkpoint(args, script, model_flags, may_differ=(), name=None):
         keys = None  # every saved setting
     elif getattr(args, "weights", None):
         path, keys = args.weights, list(model_flags) + (
-            ["data", *may_differ] if args.eval_only or predicting(args) else [])
+            ["data", "epochs", *may_differ] if args.eval_only or predicting(args) else [])
     else:
         args.script = script
         return None
