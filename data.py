@@ -82,20 +82,7 @@ IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
                    (-0.5836, -0.6948, 0.4203))
 
 
-def voc_palette(n=256):
-    """VOC's colour map as a flat [r, g, b, ...] list (PIL's putpalette): the bits of the class
-    index spread over R, G, B from the top bit down; 255 (void) is (224, 224, 192)."""
-    pal = []
-    for c in range(n):
-        r = g = b = 0
-        cid = c
-        for j in range(8):
-            r |= ((cid >> 0) & 1) << (7 - j)
-            g |= ((cid >> 1) & 1) << (7 - j)
-            b |= ((cid >> 2) & 1) << (7 - j)
-            cid >>= 3
-        pal += [r, g, b]
-    return pal
+voc_palette = metrics.voc_palette  # VOC's colour map (palette PNG masks), kept in metrics.py
 
 
 class DataError(Exception):

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -255,3 +256,37 @@ def assert_learns_in_eval_mode(model, x, y, steps, lr, factor, params=None, gap=
     assert evaluation < train + gap, f"eval-mode loss {evaluation:.3f} does not follow the " \
                                      f"training-mode loss {train:.3f}"
     return first, train, evaluation
+
+
+def only_the_test_split(monkeypatch):
+    """Reading any split but the test split fails: --eval-only must not touch training data."""
+    arrays = data.classification_arrays
+
+    def test_split_only(name, split, *a, **kw):
+        assert split == "test", f"--eval-only read the {split} split"
+        return arrays(name, split, *a, **kw)
+    monkeypatch.setattr(data, "classification_arrays", test_split_only)
+
+
+def shapes_pictures(folder, n=2):
+    """A folder of `n` shapes test images as the user's PNG files (--classify)."""
+    from PIL import Image
+    folder.mkdir()
+    for i in range(n):
+        image = data.render_shapes(0, i, 48, split="test")[0]
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"s{i}.png")
+    return str(folder)
+
+
+def image_tree(root, train=8, val=4):
+    """DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg: dark and light noise images (--data
+    folder:DIR reads them at 32x32, the class names the folders')."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", train), ("val", val)):
+        for c, level in (("dark", 40), ("light", 200)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / c / f"{i}.jpg")
+    return f"folder:{root}"

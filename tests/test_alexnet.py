@@ -10,7 +10,7 @@ import torchvision
 
 import data
 import alexnet
-from conftest import command, ddp_results_json
+from conftest import command, ddp_results_json, image_tree, only_the_test_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,16 +180,6 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
     assert "top5_error" not in saved["metrics"]  # 6 classes: no top-5 figure
 
 
-def only_the_test_split(monkeypatch):
-    """Reading any split but the test split fails: --eval-only must not touch training data."""
-    arrays = data.classification_arrays
-
-    def test_split_only(name, split, *a, **kw):
-        assert split == "test", f"--eval-only read the {split} split"
-        return arrays(name, split, *a, **kw)
-    monkeypatch.setattr(data, "classification_arrays", test_split_only)
-
-
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     tiny = ["--width", "0.125", "--variant", "paper", "--init", "variant", "--limit", "512"]
     full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
@@ -348,20 +338,6 @@ def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_pa
     ckpt = data.load_checkpoint(str(out / "checkpoint.pt"), "alexnet-torchvision")
     assert ckpt["epoch"] == 0 and ckpt["args"]["dry_run"] is True
     assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
-
-
-def image_tree(root, train=8, val=4):
-    """DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg: dark and light noise images (--data
-    folder:DIR reads them at 32x32, the class names the folders')."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", train), ("val", val)):
-        for c, level in (("dark", 40), ("light", 200)):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
-                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / c / f"{i}.jpg")
-    return f"folder:{root}"
 
 
 def test_trains_on_a_folder_of_the_users_own_images(tmp_path):

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 import data
 import googlenet
-from conftest import command, ddp_results_json
+from conftest import command, ddp_results_json, only_the_test_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table 1: name, input depth, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj, output depth,
@@ -223,16 +223,6 @@ def test_overfits_one_fixed_batch_with_the_auxiliary_losses():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 3, losses[::5]
-
-
-def only_the_test_split(monkeypatch):
-    """Reading any split but the test split fails: --eval-only must not touch training data."""
-    arrays = data.classification_arrays
-
-    def test_split_only(name, split, *a, **kw):
-        assert split == "test", f"--eval-only read the {split} split"
-        return arrays(name, split, *a, **kw)
-    monkeypatch.setattr(data, "classification_arrays", test_split_only)
 
 
 def my_images(folder, n=2):

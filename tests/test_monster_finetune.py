@@ -12,7 +12,7 @@ import torchvision
 import alexnet
 import data
 import monster_finetune as mf
-from conftest import command
+from conftest import command, only_the_test_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,16 +67,6 @@ def run(tmp_path, name, *extra):
     out = str(tmp_path / name)
     return mf.main(["--data", "shapes", "--quick", "--epochs", "2", "--device", "cpu", "--out", out,
                     "--log-every", "100000", *extra]), out
-
-
-def only_the_test_split(monkeypatch):
-    """Reading any split but the test split fails: --eval-only must not touch training data."""
-    arrays = data.classification_arrays
-
-    def test_split_only(name, split, *a, **kw):
-        assert split == "test", f"--eval-only read the {split} split"
-        return arrays(name, split, *a, **kw)
-    monkeypatch.setattr(data, "classification_arrays", test_split_only)
 
 
 def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path, monkeypatch):

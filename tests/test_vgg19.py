@@ -11,7 +11,8 @@ from torchvision.transforms import v2
 
 import data
 import vgg19
-from conftest import command, ddp_results_json
+from conftest import (command, ddp_results_json, image_tree, only_the_test_split,
+                      shapes_pictures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 0.125  # --width for CPU tests: channels 8-16-32-64-64, FC 512
@@ -195,16 +196,6 @@ def run(tmp_path, name, *extra):
                        "--log-every", "100000", *extra]), out
 
 
-def only_the_test_split(monkeypatch):
-    """Reading any split but the test split fails: --eval-only must not touch training data."""
-    arrays = data.classification_arrays
-
-    def test_split_only(name, split, *a, **kw):
-        assert split == "test", f"--eval-only read the {split} split"
-        return arrays(name, split, *a, **kw)
-    monkeypatch.setattr(data, "classification_arrays", test_split_only)
-
-
 @pytest.mark.slow
 def test_quick_run_on_shapes_learns_and_writes_results(tmp_path, monkeypatch):
     # vgg19_bn at width 0.125 on 2,000 shapes images, 12 epochs (~50 s here): 10 epochs were
@@ -254,30 +245,6 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert {f["class"] for f in rows[1]["found"]} <= set(data.SHAPES_CLASSES)
     assert (tmp_path / "p" / "predictions.csv").is_file()
     assert (tmp_path / "p" / "s1_classes.png").is_file()
-
-
-def shapes_pictures(folder, n=2):
-    """A folder of `n` shapes test images as the user's PNG files (--classify)."""
-    from PIL import Image
-    folder.mkdir()
-    for i in range(n):
-        image = data.render_shapes(0, i, 48, split="test")[0]
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"s{i}.png")
-    return str(folder)
-
-
-def image_tree(root, train=8, val=4):
-    """DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg: dark and light noise images (--data
-    folder:DIR reads them at 32x32, the class names the folders')."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", train), ("val", val)):
-        for c, level in (("dark", 40), ("light", 200)):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
-                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / c / f"{i}.jpg")
-    return f"folder:{root}"
 
 
 def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
