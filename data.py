@@ -1496,6 +1496,13 @@ def add_data_args(p, default, sets):
     return g
 
 
+def add_classify_arg(p, k=5, needs="--weights or --pretrained"):
+    """--classify PATH of every classification script (`classify_images`)."""
+    p.add_argument("--classify", metavar="PATH",
+                   help=f"an image or a folder of them: the {k} likeliest classes of each, "
+                   f"printed and drawn into --out with predictions.json/.csv (needs {needs})")
+
+
 def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
                      weights_help="a checkpoint or state_dict to start from (its model only)",
                      pretrained_help="start from torchvision's ImageNet weights",

@@ -537,10 +537,8 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=None,
                    help=f"passes over the training set (default: {EPOCHS['googlenet']}, NIN "
                    f"{EPOCHS['nin']})")
-    p.add_argument("--classify", metavar="PATH",
-                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
-                        "and drawn into --out with predictions.json/.csv (needs --weights, or "
-                        "--pretrained for torchvision's ImageNet network)")
+    data.add_classify_arg(p, needs="--weights, or --pretrained for torchvision's ImageNet "
+                          "network")
     p.add_argument("--lr-every", type=int, default=LR_EVERY,
                    help="GoogLeNet: epochs between the x 0.96 lr decays (default: 8, §6)")
     p.add_argument("--lr-steps", type=int, nargs="*", default=None,

@@ -248,9 +248,7 @@ def get_args_parser():
     p.add_argument("--augment", action="store_true",
                    help="random translations of up to 3 pixels, the lecture's RandomCrop(28, "
                         "padding=3), no flips (the paper's figure without them is 0.95%%)")
-    p.add_argument("--classify", metavar="PATH",
-                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
-                        "and drawn into --out with predictions.json/.csv (needs --weights)")
+    data.add_classify_arg(p, needs="--weights")
     data.add_runtime_args(p, data.quick_help(QUICK), workers=0,
                           workers_help="unused: the set is held on the device",
                           pretrained_help="(no published LeNet-5 weights)")

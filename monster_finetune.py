@@ -208,9 +208,7 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=LR, help=f"SGD learning rate (default: {LR})")
     p.add_argument("--momentum", type=float, default=0.0, help="(default: 0, as the lecture)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0, as the lecture)")
-    p.add_argument("--classify", metavar="PATH",
-                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
-                        "and drawn into --out with predictions.json/.csv (needs --weights)")
+    data.add_classify_arg(p, needs="--weights")
     data.add_runtime_args(p, data.quick_help(QUICK) + "; without --pretrained or "
                           "--alexnet-weights, the first layer from scratch", workers=0,
                           workers_help="unused: the set is held on the device",

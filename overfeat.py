@@ -1136,10 +1136,8 @@ def get_args_parser():
                    "1, 1.41, 2, 2.83, 4)")
     p.add_argument("--nms-iou", type=float, default=0.3,
                    help="detection: per-class NMS IoU threshold (default 0.3)")
-    p.add_argument("--classify", metavar="PATH",
-                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
-                        "and drawn into --out with predictions.json/.csv (needs --weights of a "
-                        "classification run, or --pretrained for torchvision's AlexNet)")
+    data.add_classify_arg(p, needs="--weights of a classification run, or --pretrained for "
+                          "torchvision's AlexNet")
     p.add_argument("--detect", default=None, metavar="PATH",
                    help="an image or a folder of them: the detections of --weights (a --task "
                    "detection checkpoint), printed and drawn into --out (OUT/<stem>_detections"

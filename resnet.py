@@ -453,10 +453,7 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
-    p.add_argument("--classify", metavar="PATH",
-                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
-                        "and drawn into --out with predictions.json/.csv (needs --weights or "
-                        "--pretrained)")
+    data.add_classify_arg(p)
     data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
                           workers_help="DataLoader processes (ImageNet only; default: 4)",
                           pretrained_help="start from torchvision's ImageNet weights (ImageNet "

@@ -359,10 +359,7 @@ def get_args_parser():
                    help="channels-first memory format (default: channels-last here, since "
                    "PyTorch's channels-first CPU kernels for grouped convolutions are far "
                    "slower: bench/bench_classifiers.py)")
-    p.add_argument("--classify", metavar="PATH",
-                   help="an image or a folder of them: the 5 likeliest classes of each, printed "
-                        "and drawn into --out with predictions.json/.csv (needs --weights or "
-                        "--pretrained)")
+    data.add_classify_arg(p)
     data.add_runtime_args(p, data.quick_help(QUICK) + "; on ImageNet the subset and 2 epochs",
                           workers=4, workers_help="DataLoader processes (ImageNet only; "
                           "default: 4)", pretrained_help="start from torchvision's ImageNet "
