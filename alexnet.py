@@ -350,8 +350,7 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §5)")
     data.add_classify_arg(p, k=15)
-    data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
-                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=data.MACHINE,
                           pretrained_help="start from torchvision's ImageNet weights "
                           "(IMAGENET1K_V1)")
     return p
@@ -394,7 +393,8 @@ def main(argv=None):
         args.quick, args.seed, augment=True, workers=args.workers,
         eval_batch_size=100 if imagenet else 250, size=args.img_size if imagenet else None,
         square=True, train_split=data.train_split(args), limit=args.limit,
-        test_only=args.eval_only, stats=(state or {}).get("normalisation"))  # the test split alone
+        test_only=args.eval_only, stats=(state or {}).get("normalisation"),  # the test split alone
+        gpu_decode=args.gpu_decode)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
     if imagenet and args.ten_crop:
         big = round(args.img_size * 256 / 224)
@@ -404,7 +404,8 @@ def main(argv=None):
                                                    v2.CenterCrop(big),
                                                    v2.ToDtype(torch.float32, scale=True),
                                                    v2.Normalize(info["mean"], info["std"])]))
-        test_loader = data.make_loader(test_set, 100, False, args.workers, device)
+        test_loader = data.make_loader(test_set, 100, False, args.workers, device,
+                                       gpu_decode=args.gpu_decode)
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     colour = None  # training only: --eval-only has no training images to take it from

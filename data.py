@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+import PIL
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, ConcatDataset
 from torchvision import tv_tensors
@@ -119,20 +120,67 @@ def check_split(name, split, allowed):
         raise DataError(f"data set '{name}' has no split '{split}'; use one of {', '.join(allowed)}")
 
 
-def load_image(path, mine=False):
-    """An RGB image as a uint8 `tv_tensors.Image` (3, H, W); DataError names a corrupt file as a
-    data set's (fetch it again) or, `mine`, as the user's own image (--classify/--detect/...)."""
+# Images are decoded to uint8 tensors by torchvision.io (libjpeg-turbo, libpng, libwebp, giflib:
+# pixel for pixel what PIL gives, measured on the VOC JPEGs and palette masks of ../shared/data;
+# no PIL image and no HWC->CHW copy on the way); PIL only for the formats torchvision.io does not
+# read (BMP, TIFF, PPM/PGM: the user's own files) and for reading image headers (`image_size`).
+# torchvision 0.29 deprecates these decoders in favour of TorchCodec, a further dependency: they
+# are used while torchvision has them, and PIL decodes everything once it has not.
+DECODED_BY_TORCHVISION = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF")  # JPEG PNG GIF WEBP
+
+
+def read_bytes(path, mine=False):
+    """The file's bytes as a uint8 tensor (what `decode` and the GPU decoder take); DataError
+    names a missing or empty file (the user's own, `mine`, or a data set's: fetch it again)."""
     try:
-        with Image.open(path) as im:
-            return tv_tensors.Image(v2.functional.pil_to_tensor(im.convert("RGB")))
-    except FileNotFoundError:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         if mine:
             raise DataError(f"{path} does not exist; give an image file or a folder of them")
         raise DataError(f"image file not found: {path}; the data set is incomplete, fetch it again")
-    except (OSError, ValueError) as e:
+    if not raw:
+        raise DataError(f"{path} is not an image (the file is empty)" if mine else
+                        f"cannot read image {path} (the file is empty); fetch it again")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def decode(raw, path, mine=False, mode="RGB"):
+    """Encoded bytes (uint8 tensor) -> `tv_tensors.Image` uint8 (C, H, W): mode "RGB" (3
+    channels; grey, palette and alpha images converted as PIL's convert("RGB") does, 16-bit
+    scaled to 8) or "UNCHANGED" (a palette PNG gives its palette indices: VOC's label images).
+    A file that cannot be decoded is a one-line DataError naming it."""
+    head = bytes(raw[:12].tolist())
+    try:
+        if head.startswith(DECODED_BY_TORCHVISION) and hasattr(torchvision.io, "decode_image") and \
+                (not head.startswith(b"RIFF") or head[8:12] == b"WEBP"):
+            x = torchvision.io.decode_image(raw, mode=getattr(torchvision.io.ImageReadMode, mode))
+            x = x[0] if x.ndim == 4 else x  # an animated GIF: its first frame, as PIL
+            if x.dtype != torch.uint8:  # 16-bit PNG: pixels scaled to 8 bits, labels kept
+                x = v2.functional.to_dtype(x, torch.uint8, scale=True) if mode == "RGB" else \
+                    x.to(torch.int64)
+        else:
+            with Image.open(io.BytesIO(raw.numpy().tobytes())) as im:
+                im = im.convert("RGB") if mode == "RGB" else im
+                x = torch.from_numpy(np.array(im))
+                x = x.permute(2, 0, 1) if x.ndim == 3 else x[None]
+                x = x.contiguous() if x.dtype == torch.uint8 else x.to(torch.int64)
+    except (OSError, ValueError, RuntimeError) as e:
+        reason = "not a format PIL or torchvision.io reads" if \
+            isinstance(e, PIL.UnidentifiedImageError) else \
+            str(e).strip().splitlines()[-1].split(", ")[-1] if str(e).strip() else type(e).__name__
         if mine:
-            raise DataError(f"{path} is not an image ({e})")
-        raise DataError(f"cannot read image {path} ({e}); the file is corrupt: fetch it again")
+            raise DataError(f"{path} is not an image ({reason})")
+        raise DataError(f"cannot read image {path} ({reason}); the file is corrupt: fetch it "
+                        f"again")
+    return tv_tensors.Image(x)
+
+
+def load_image(path, mine=False):
+    """An RGB image file as a uint8 `tv_tensors.Image` (3, H, W) (`read_bytes` + `decode`);
+    DataError names a missing or corrupt file as a data set's (fetch it again) or, `mine`, as
+    the user's own image (--classify/--detect/...)."""
+    return decode(read_bytes(path, mine), path, mine)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
@@ -671,6 +719,7 @@ def colour_pca(images):
 
 def pca_colour(x, eigval, eigvec, alpha):
     """Add eigvec @ (alpha * eigval) to every pixel: x (..., 3, H, W) float, alpha (..., 3)."""
+    alpha = torch.as_tensor(alpha, dtype=x.dtype, device=x.device)
     shift = (torch.as_tensor(eigvec, dtype=x.dtype, device=x.device)
              @ (alpha * torch.as_tensor(eigval, dtype=x.dtype, device=x.device))[..., None])
     return x + shift[..., None]  # (..., 3, 1, 1) broadcasts over the pixels
@@ -724,6 +773,12 @@ def classification_transforms(name, train, mean, std, size=None, square=False):
                                               v2.Normalize(mean, std)])
 
 
+def normalised(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The whole image as float, normalised: the test input of the papers that crop or rescale
+    it themselves (VGG's and OverFeat's dense tests, GoogLeNet's 144 crops, FCN's whole images)."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
 def ten_crop(images, size):
     """AlexNet's test protocol: the 4 corner and centre crops and their mirror images.
 
@@ -747,7 +802,28 @@ def imagenet_class_names():
     return list(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-class _ImageList(Dataset):
+class FileImages(Dataset):
+    """A set read from image files. A sample is read (`read`: the image decoded on the CPU by
+    `load_image`), then `apply(image, target)` runs its transforms. With `encoded` set
+    (--gpu-decode, `make_loader(gpu_decode=True)`) a sample is the file's bytes and its target,
+    untransformed: `DecodeOnDevice` decodes a batch of them on the device and calls `apply`
+    there; `canvas` gives the (height, width) that targets need from the file's header then."""
+    encoded = False
+
+    def read(self, path):
+        return (read_bytes(path), path) if self.encoded else load_image(path)
+
+    def finish(self, image, target):  # encoded: ((bytes, path), target), see `is_encoded`
+        return (image, target) if self.encoded else self.apply(image, target)
+
+    def apply(self, image, target):
+        return (self.transforms(image, target) if self.transforms else (image, target))
+
+    def canvas(self, image, path):
+        return image_size(path)[::-1] if self.encoded else tuple(image.shape[-2:])
+
+
+class _ImageList(FileImages):
     """(path, label) pairs read with `load_image`, so that a corrupt file names itself."""
 
     def __init__(self, samples, classes, transform=None):
@@ -758,7 +834,9 @@ class _ImageList(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        image = load_image(path)
+        return self.finish(self.read(path), label)
+
+    def apply(self, image, label):
         return (self.transform(image) if self.transform else image), label
 
 
@@ -883,7 +961,7 @@ def parse_voc_xml(path, classes=VOC_CLASSES):
             "names": names, "size": (width, height)}
 
 
-class ImageNetBoxes(Dataset):
+class ImageNetBoxes(FileImages):
     """ILSVRC-2012 localisation: the images of imagenet_dataset (DIR/imagenet/{train,val}/
     <wnid>/*.JPEG: torchvision's ImageNet layout, whose devkit step sorts val into class folders)
     with the boxes of the ILSVRC XML files (VOC's format: annotation/size, object/name = a wnid,
@@ -920,14 +998,14 @@ class ImageNetBoxes(Dataset):
 
     def __getitem__(self, i):
         path, xml = self.samples[i]
-        image = load_image(path)
+        image = self.read(path)
         ann = parse_voc_xml(xml, self.classes)
         if not len(ann["labels"]):
             raise DataError(f"{xml} holds no object box; fix or remove the file")
         target = {"boxes": tv_tensors.BoundingBoxes(ann["boxes"], format="XYXY",
-                                                    canvas_size=image.shape[-2:]),
+                                                    canvas_size=self.canvas(image, path)),
                   "labels": ann["labels"], "difficult": ann["difficult"], "image_id": i}
-        return self.transforms(image, target) if self.transforms else (image, target)
+        return self.finish(image, target)
 
 
 def _voc_files(root, year, image_set, task, download):
@@ -953,7 +1031,7 @@ def _voc_files(root, year, image_set, task, download):
     return ds.images, ds.targets
 
 
-class VOCDetectionSet(Dataset):
+class VOCDetectionSet(FileImages):
     """One VOC detection split: (image, target) with target = {"boxes": BoundingBoxes XYXY in
     pixels, "labels", "difficult", "image_id"}. `transforms` (v2) moves boxes with the image.
 
@@ -987,18 +1065,18 @@ class VOCDetectionSet(Dataset):
         return {"boxes": ann["boxes"], "labels": ann["labels"], "difficult": ann["difficult"]}
 
     def __getitem__(self, i):
-        image = load_image(self.images[i])
+        image = self.read(self.images[i])
         ann = parse_voc_xml(self.annotations[i])
         keep = torch.ones(len(ann["labels"]), dtype=torch.bool) if self.keep_difficult \
             else ~ann["difficult"]
         target = {"boxes": tv_tensors.BoundingBoxes(ann["boxes"][keep], format="XYXY",
-                                                    canvas_size=image.shape[-2:]),
+                                                    canvas_size=self.canvas(image, self.images[i])),
                   "labels": ann["labels"][keep], "difficult": ann["difficult"][keep],
                   "image_id": i}
-        return self.transforms(image, target) if self.transforms else (image, target)
+        return self.finish(image, target)
 
 
-class SegmentationSet(Dataset):
+class SegmentationSet(FileImages):
     """(image, mask) pairs read from files; masks are int64 `tv_tensors.Mask`, 255 = ignore.
 
     `lut` maps the stored label values to training ids (Cityscapes); without it the values
@@ -1021,15 +1099,12 @@ class SegmentationSet(Dataset):
                                 f"files do not match")
 
     def __getitem__(self, i):
-        image = load_image(self.images[i])
-        try:
-            with Image.open(self.masks[i]) as m:
-                mask = torch.as_tensor(np.array(m), dtype=torch.int64)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read label image {self.masks[i]} ({e}); fetch it again")
-        if mask.ndim != 2 or mask.shape != image.shape[-2:]:
+        image = self.read(self.images[i])
+        mask = decode(read_bytes(self.masks[i]), self.masks[i], mode="UNCHANGED")
+        mask = mask.as_subclass(torch.Tensor)[0].long() if len(mask) == 1 else mask.permute(1, 2, 0)
+        if mask.ndim != 2 or mask.shape != self.canvas(image, self.images[i]):
             raise DataError(f"label image {self.masks[i]} is {tuple(mask.shape)}, its image is "
-                            f"{tuple(image.shape[-2:])}; the files do not match")
+                            f"{self.canvas(image, self.images[i])}; the files do not match")
         if self.lut is not None:
             mask = self.lut[mask.clamp(0, len(self.lut) - 1)]
         bad = (mask >= len(self.classes)) & (mask != 255)
@@ -1037,8 +1112,7 @@ class SegmentationSet(Dataset):
             raise DataError(f"label image {self.masks[i]} holds value {mask[bad][0].item()}, not "
                             f"a class index (0..{len(self.classes) - 1}) or 255; is it the "
                             f"palette PNG of SegmentationClass?")
-        sample = image, tv_tensors.Mask(mask)
-        return self.transforms(*sample) if self.transforms else sample
+        return self.finish(image, tv_tensors.Mask(mask))
 
 
 def cityscapes_files(root, split):
@@ -1216,33 +1290,110 @@ class Seeded(Dataset):
         state = (self.seed * 1_000_003 + epoch) * 1_000_003 + i
         if torch.utils.data.get_worker_info() is not None:  # a worker's own generator
             torch.manual_seed(state)
-            return self.dataset[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(state)
-            return self.dataset[i]
+            sample = self.dataset[i]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(state)
+                sample = self.dataset[i]
+        return (*sample, state) if is_encoded(sample) else sample  # --gpu-decode: seeded later
+
+
+def is_encoded(sample):
+    """Whether a sample is a `FileImages.encoded` one, ((bytes, path), target), still to decode."""
+    return isinstance(sample[0], tuple)
+
+
+def file_sets(dataset):
+    """The `FileImages` sets inside a data set's wrappers (Subset, Seeded, ConcatDataset, any
+    other set that keeps the set it wraps in `.dataset`, e.g. yolo.YoloSet)."""
+    while not isinstance(dataset, (FileImages, ConcatDataset)) and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    if isinstance(dataset, ConcatDataset):
+        return [s for part in dataset.datasets for s in file_sets(part)]
+    return [dataset] if isinstance(dataset, FileImages) else []
+
+
+class DecodeOnDevice:
+    """--gpu-decode: iterates a loader whose samples are encoded files (`FileImages.encoded`),
+    decodes each batch's JPEGs in one `torchvision.io.decode_jpeg(list, device=...)` call (other
+    formats on the CPU, then moved), runs every sample's transforms (`FileImages.apply`) there,
+    under the sample's own random state in training (as `Seeded` does on the CPU), and collates
+    with the loader's `collate_fn`. The CPU path stays the default and the reference."""
+
+    def __init__(self, loader, apply, collate_fn, device):
+        self.loader, self.apply, self.device = loader, apply, torch.device(device)
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+        self.sampler, self.dataset, self.seed = loader.sampler, loader.dataset, loader.seed
+
+    def __len__(self):
+        return len(self.loader)
+
+    def decode(self, files):
+        """[(bytes, path)] -> uint8 images on the device; a file that does not decode is named
+        (decoded alone on the CPU to find it)."""
+        jpeg = [i for i, (r, _) in enumerate(files) if bytes(r[:3].tolist()) == b"\xff\xd8\xff"]
+        images = [None] * len(files)
+        if jpeg:
+            try:
+                decoded = torchvision.io.decode_jpeg([files[i][0] for i in jpeg],
+                                                     device=self.device,
+                                                     mode=torchvision.io.ImageReadMode.RGB)
+            except RuntimeError:
+                for i in jpeg:
+                    decode(*files[i])  # raises DataError naming the file
+                raise
+            for i, x in zip(jpeg, decoded):
+                images[i] = x
+        return [tv_tensors.Image(x if x is not None else decode(*f).to(self.device))
+                for x, f in zip(images, files)]
+
+    def __iter__(self):
+        for batch in self.loader:
+            samples = []
+            for image, (_, target, *state) in zip(self.decode([b[0] for b in batch]), batch):
+                if isinstance(target, tv_tensors.Mask):
+                    target = target.to(self.device)
+                if state:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(state[0])
+                        samples.append(self.apply(image, target))
+                else:
+                    samples.append(self.apply(image, target))
+            yield self.collate_fn(samples)
 
 
 def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=None, seed=0,
-                drop_last=None, shard=True):
+                drop_last=None, shard=True, gpu_decode=False):
     """A DataLoader. Training: `EpochSampler` + `Seeded`, so the order and every sample's
     augmentation depend on (seed, epoch, sample) only (call `set_epoch(loader, epoch)` at each
     epoch): the same with 0 or N workers, persistent or not, resumed or not; under torchrun each
     rank takes its 1/world of every epoch. Evaluation: in order, and under torchrun split
     without padding (rank r: samples r, r + W, ...; `gather_shards` puts every rank's outputs
     back in the set's order). `batch_size` is per process. `shard=False` gives every rank the
-    whole set."""
+    whole set. `gpu_decode` (a set read from image files): the workers read the files' bytes and
+    `DecodeOnDevice` decodes and augments the batches on `device`."""
     rank, world = distributed_info() if shard else (0, 1)
     workers = min(workers, os.cpu_count() or 1)  # more processes than cores only slow it down
     sampler = range(rank, len(dataset), world) if world > 1 else None
+    given, sets = dataset, file_sets(dataset) if gpu_decode else []
+    if gpu_decode and not sets:
+        raise DataError("--gpu-decode decodes image files; this data set is held in memory as "
+                        "tensors (nothing to decode): drop --gpu-decode")
+    for s in sets:
+        s.encoded = True
     if train:
         dataset, sampler = Seeded(dataset, seed), EpochSampler(len(dataset), seed, rank, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_fn, pin_memory=torch.device(device).type == "cuda",
+                        collate_fn=list if sets else collate_fn,
+                        pin_memory=torch.device(device).type == "cuda" and not sets,
                         drop_last=train if drop_last is None else drop_last,
                         persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(seed))  # not the global one
     loader.seed = seed
-    return loader
+    if not sets:
+        return loader
+    # The transforms of the outermost set that has its own (e.g. yolo.YoloSet), else the files'.
+    return DecodeOnDevice(loader, getattr(given, "apply", sets[0].apply), collate_fn, device)
 
 
 def gather_shards(*parts):
@@ -1365,7 +1516,7 @@ class DeviceLoader:
 def classification_loaders(name, batch_size, device="cpu", data_dir=None, download=True,
                            quick=False, seed=0, augment=True, workers=2, eval_batch_size=500,
                            train_split="train", size=None, square=False, limit=None,
-                           test_only=False, stats=None):
+                           test_only=False, stats=None, gpu_decode=False):
     """(train, val, test) loaders and an info dict for a classification set.
 
     In-memory sets (MNIST, CIFAR, shapes) get `DeviceLoader`s normalised with the statistics of
@@ -1376,7 +1527,8 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
     `augment_for(name)`, False, or a script's own {"padding", "flip"} (in-memory sets only).
     `test_only` (--eval-only): only the test split is read (train and val are None); an
     in-memory set then takes `stats` (mean, std: a checkpoint's "normalisation") and without
-    them reads the training images for their statistics only.
+    them reads the training images for their statistics only. `gpu_decode`: ImageNet's JPEGs
+    decoded and augmented on `device` (`make_loader`); an in-memory set has nothing to decode.
     info = {"classes", "mean", "std", "in_channels", "image_size", "sizes": (train, val, test)}."""
     check_task(name, "classification")
     if name == "imagenet":
@@ -1384,17 +1536,22 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
         test_set = classification_dataset(name, "test", data_dir, download, quick=quick,
                                           transform=classification_transforms(name, False, mean,
                                                                               std, size))
-        test = make_loader(test_set, eval_batch_size, False, workers, device)
+        test = make_loader(test_set, eval_batch_size, False, workers, device,
+                           gpu_decode=gpu_decode)
         train_set, train = [], None
         if not test_only:
             train_set = classification_dataset(
                 name, "train", data_dir, download, quick=quick,
                 transform=classification_transforms(name, augment, mean, std, size, square))
-            train = make_loader(train_set, batch_size, True, workers, device, seed=seed)
+            train = make_loader(train_set, batch_size, True, workers, device, seed=seed,
+                                gpu_decode=gpu_decode)
         classes = getattr(test_set, "names", None) or getattr(test_set.dataset, "names")
         info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3,
                 "image_size": size or 224, "sizes": (len(train_set), 0, len(test_set))}
         return train, None, test, info
+    if gpu_decode:
+        raise DataError(f"--gpu-decode decodes image files; {name} is held in memory as tensors "
+                        f"(nothing to decode): drop --gpu-decode")
     # The data (shapes images, the held-out split) are fixed; `seed` only shuffles and augments.
     kw = dict(data_dir=data_dir, download=download, quick=quick, size=size or 32, limit=limit)
     x_test, y_test, classes = classification_arrays(name, "test", **kw)
@@ -1477,10 +1634,11 @@ class Args(argparse.Namespace):
 
 # The runtime flags every script takes, with the same names and meanings (the README lists them
 # once; tests/test_runtime.py holds every script's --help to this tuple).
+FILE_DATA = ("imagenet", "voc", "voc-seg", "cityscapes")  # read from image files (--gpu-decode)
 RUNTIME_FLAGS = ("--data", "--data-dir", "--no-download", "--device", "--cuda", "--workers",
                  "--seed", "--out", "--resume", "--overwrite", "--eval-only", "--weights",
                  "--pretrained", "--amp", "--channels-last", "--compile", "--deterministic",
-                 "--log-every", "--quick", "--dry-run")
+                 "--log-every", "--quick", "--dry-run", "--gpu-decode")
 DRY_RUN_STEPS = 2  # --dry-run: training steps and evaluation batches
 
 
@@ -1503,6 +1661,19 @@ def add_classify_arg(p, k=5, needs="--weights or --pretrained"):
                    f"printed and drawn into --out with predictions.json/.csv (needs {needs})")
 
 
+def machine_workers():
+    """The DataLoader workers a run of the file data sets gets by default: the cores this process
+    may use, shared among the processes torchrun starts on this machine (LOCAL_WORLD_SIZE).
+    Measured (bench/bench_input.py --loader, AlexNet's chain, batch 32, 2-core CPU): 0 workers
+    143-148 images/s, 1 worker 112-135, 2 workers 185-192; a prefetch_factor of 4 instead of 2
+    gave no steady gain (179-190), so DataLoader's 2 is kept."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+MACHINE = "machine"  # add_runtime_args(workers=MACHINE): machine_workers() by default
+
+
 def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
                      weights_help="a checkpoint or state_dict to start from (its model only)",
                      pretrained_help="start from torchvision's ImageNet weights",
@@ -1510,6 +1681,10 @@ def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
     """The runtime flags (RUNTIME_FLAGS but the data ones), the last group of every script's
     --help. `quick`: the --quick help text (`quick_help(QUICK)`, so help and behaviour agree)."""
     g = p.add_argument_group("runtime (the same flags in every script)")
+    if workers == MACHINE:
+        workers = machine_workers()
+        workers_help = workers_help or ("DataLoader processes for the sets read from image files "
+                                        "(default: the cores per process, " f"{workers} here)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: the best "
                    "available)")
     g.add_argument("--cuda", action="store_true", help="run on the GPU; an error if there is none")
@@ -1541,6 +1716,10 @@ def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
                    help=f"the run's own settings and data, but {DRY_RUN_STEPS} training steps per "
                    f"stage and {DRY_RUN_STEPS} evaluation batches: checks in minutes that the "
                    "whole run, checkpoint and results.json included, works")
+    g.add_argument("--gpu-decode", action="store_true",
+                   help="decode the JPEG files of a file data set (ImageNet, VOC, Cityscapes) on "
+                   "the GPU (torchvision.io.decode_jpeg) and augment there; CUDA only; default: "
+                   "the workers decode and augment on the CPU")
     g.add_argument("--stop-after", type=int, default=None, metavar="EPOCHS",
                    help="stop after this many epochs as if killed, without testing (to try "
                    "--resume)")
@@ -1566,6 +1745,12 @@ def setup(args, script, pretrained_is_the_model=True, name=None):
     one epoch; the script wraps its loaders with `dry_run_batches`). Sets args.world; returns
     Runtime(device, rank, world, is_main)."""
     device = select_device(args.device, args.cuda)
+    if args.gpu_decode and device.type != "cuda":
+        raise DataError(f"--gpu-decode decodes on a CUDA GPU and this run is on {device}: drop "
+                        f"--gpu-decode (the CPU workers decode) or run with --cuda")
+    if args.gpu_decode and args.data not in FILE_DATA:
+        raise DataError(f"--gpu-decode decodes image files ({', '.join(FILE_DATA)}); {args.data} "
+                        f"is held in memory as tensors (nothing to decode): drop --gpu-decode")
     if args.out is None:  # an evaluation of a run's checkpoint writes beside it, not over it
         args.out = default_out(name or script, args.data) + \
             ("-predictions" if predicting(args) else "-eval" if getattr(args, "eval_only", False)
@@ -1583,7 +1768,8 @@ def setup(args, script, pretrained_is_the_model=True, name=None):
 # move to another device, worker count, precision or output folder).
 HOW_IT_RUNS = ("data_dir", "no_download", "device", "cuda", "workers", "out", "resume",
                "overwrite", "eval_only", "weights", "pretrained", "amp", "channels_last",
-               "compile", "deterministic", "log_every", "dry_run", "stop_after", "script")
+               "compile", "deterministic", "log_every", "dry_run", "stop_after", "script",
+               "gpu_decode")
 # Taken from a resumed run's checkpoint unless given, and then free to differ: a run may be
 # lengthened, or drawn or tested at another threshold.
 MAY_DIFFER = ("epochs", "score_threshold", "nms_iou", "classify", "detect", "segment")

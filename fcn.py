@@ -514,8 +514,8 @@ def get_args_parser():
                    "overlay PNGs (OUT/<stem>_labels.png, _overlay.png) and predictions.json/.csv "
                    "in --out")
     data.add_runtime_args(p, data.quick_help(QUICK, "shapes-seg's small split"), workers=None,
-                          workers_help="DataLoader processes (default: 4; 0 for shapes-seg, "
-                          "cached in memory)",
+                          workers_help="DataLoader processes (default: the cores per process, "
+                          f"{data.machine_workers()} here; 0 for shapes-seg, cached in memory)",
                           weights_help="an fcn.py checkpoint (its architecture, width and classes "
                           "are taken too) or state_dict to load",
                           pretrained_help="start from torchvision's ImageNet VGG-16 (fc6/fc7 "
@@ -534,7 +534,7 @@ def resolve_defaults(args):
     args.normalize = args.normalize or args.quick
     args.bn = args.bn or args.quick
     if args.workers is None:
-        args.workers = 0 if args.data == "shapes-seg" else 4
+        args.workers = 0 if args.data == "shapes-seg" else data.machine_workers()
 
 
 def arch_name(args):
@@ -573,12 +573,13 @@ def main(argv=None):
     train_loader, n_train = None, 0
     if train_set is not None:
         train_loader = data.make_loader(train_set, args.batch_size // args.world, True,
-                                        args.workers, device, pad_collate, seed=args.seed)
+                                        args.workers, device, pad_collate, seed=args.seed,
+                                        gpu_decode=args.gpu_decode)
         n_train = len(train_set)
     # The paper evaluates whole images one by one; shapes-seg images share a size: batched.
     # Under torchrun rank r tests images r, r + W, ... (evaluate sums the confusion matrices).
     test_loader = data.make_loader(test_set, 50 if args.data == "shapes-seg" else 1, False,
-                                   args.workers, device, pad_collate)
+                                   args.workers, device, pad_collate, gpu_decode=args.gpu_decode)
     train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
     if args.epochs is None:  # --eval-only: no schedule to size; the checkpoint's epochs
         args.epochs = QUICK["epochs"] if args.quick else \

@@ -423,16 +423,15 @@ def imagenet_loaders(args, device):
     """(train, None, test, info); --eval-only reads only the val folder (train is None)."""
     kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
     test_set = data.classification_dataset(  # whole images, normalised: §7 crops them itself
-        "imagenet", "test", **kw, transform=v2.Compose([
-            v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
-    test = data.make_loader(test_set, 8, False, args.workers, device, collate_fn=list_collate)
+        "imagenet", "test", **kw, transform=data.normalised())
+    test = data.make_loader(test_set, 8, False, args.workers, device, collate_fn=list_collate,
+                            gpu_decode=args.gpu_decode)
     train_set, train = [], None
     if not args.eval_only:
         train_set = data.classification_dataset("imagenet", "train", **kw,
                                                 transform=imagenet_train_transform(args.img_size))
         train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
-                                 device, seed=args.seed)
+                                 device, seed=args.seed, gpu_decode=args.gpu_decode)
     classes = getattr(test_set, "names", None) or test_set.dataset.names
     info = {"classes": classes, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
             "in_channels": 3, "image_size": args.img_size,
@@ -551,8 +550,7 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=float, default=None,
                    help="(default: 2e-4 for GoogLeNet, 1e-4 for NIN: neither paper states one)")
     data.add_runtime_args(p, data.quick_help(QUICK) + "; --variant nin: " +
-                          data.quick_help(QUICK_NIN, "the same images"), workers=4,
-                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+                          data.quick_help(QUICK_NIN, "the same images"), workers=data.MACHINE,
                           pretrained_help="start from torchvision's ImageNet weights "
                           "(IMAGENET1K_V1)")
     return p
@@ -648,7 +646,8 @@ def main(argv=None):
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=250,
             size=args.img_size, train_split=split, limit=args.limit, test_only=args.eval_only,
-            stats=(state or {}).get("normalisation"))  # --eval-only: the test split alone
+            stats=(state or {}).get("normalisation"),  # --eval-only: the test split alone
+            gpu_decode=args.gpu_decode)
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]

@@ -286,7 +286,7 @@ def main(argv=None):
         args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
         args.quick, args.seed, augment=AUGMENT if args.augment else False, eval_batch_size=1000,
         train_split=data.train_split(args), limit=args.limit, test_only=args.eval_only,
-        stats=(state or {}).get("normalisation"))
+        stats=(state or {}).get("normalisation"), gpu_decode=args.gpu_decode)
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]

@@ -258,14 +258,25 @@ def run(args):
     test_loader = data.DeviceLoader(x_test, y_test, 500, False, device, mean, std)
     train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
-    model = Monster(args.blocks, args.channels, len(classes),
-                    first[0].shape[0] if first is not None else 64, x.shape[-1])
+    # The first layer's width is the AlexNet's (torchvision's 64, the paper variant's 96), or with
+    # --weights alone the checkpoint's own.
+    saved = data.load_checkpoint(args.weights, "monster") if args.weights else None
+    width = 64
+    if first is not None:
+        width = first[0].shape[0]
+    elif saved is not None:
+        conv1 = saved.get("model", saved).get("features.0.weight")
+        if conv1 is None:
+            raise data.DataError(f"{args.weights} holds no features.0 layer: not a network of "
+                                 f"this script; pass a checkpoint monster_finetune.py wrote")
+        width = conv1.shape[0]
+    model = Monster(args.blocks, args.channels, len(classes), width, x.shape[-1])
     if first is not None:
         with torch.no_grad():
             model.features[0].weight.copy_(first[0])
             model.features[0].bias.copy_(first[1])
-    if args.weights:
-        data.load_weights(model, data.load_checkpoint(args.weights, "monster"), args.weights)
+    if saved is not None:
+        data.load_weights(model, saved, args.weights)
     model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

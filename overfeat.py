@@ -953,6 +953,14 @@ def dry_run_images(args, batch, *parts):
     return tuple(p[:data.DRY_RUN_STEPS * batch * args.world] for p in parts)
 
 
+def imagenet_train_transform(size):
+    """§3.1: the image downsampled so that its smallest side is 256, random size x size crops
+    (221 or 231) and their horizontal flips, ImageNet mean/std."""
+    return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.RandomCrop(size),
+                       v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+
+
 def classification_task(args, device, rank, saved=None):
     """§3 on ImageNet: DataLoaders with §3.1's 256 resize, random crops and mirrors; whole
     normalised images for the dense test. In-memory sets: on the device, jittered by
@@ -960,21 +968,17 @@ def classification_task(args, device, rank, saved=None):
     no training loader (None)."""
     if args.data == "imagenet":
         bs = args.batch_size // args.world
-        norm = [v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
         test_set = data.classification_dataset("imagenet", "test", args.data_dir, quick=args.quick,
-                                               transform=v2.Compose([v2.ToImage(), *norm]))
+                                               transform=data.normalised())
         test_loader = data.make_loader(test_set, 16, False, args.workers, device,
-                                       collate_fn=list_collate)
+                                       collate_fn=list_collate, gpu_decode=args.gpu_decode)
         train_set, train_loader = [], None  # --eval-only: DIR/imagenet/train need not exist
         if not args.eval_only:
             train_set = data.classification_dataset(
                 "imagenet", "train", args.data_dir, quick=args.quick,
-                transform=v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True),
-                                      v2.RandomCrop(args.img_size), v2.RandomHorizontalFlip(),
-                                      *norm]))
+                transform=imagenet_train_transform(args.img_size))
             train_loader = data.make_loader(train_set, bs, True, args.workers, device,
-                                            seed=args.seed)
+                                            seed=args.seed, gpu_decode=args.gpu_decode)
         classes = getattr(test_set, "names", None) or test_set.dataset.names
         info = {"in_channels": 3, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
                 "image_size": args.img_size, "sizes": (len(train_set), 0, len(test_set))}
@@ -983,7 +987,7 @@ def classification_task(args, device, rank, saved=None):
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
             args.quick, args.seed, augment=False, eval_batch_size=TEST_BATCH,
             train_split=data.train_split(args), limit=args.limit, test_only=args.eval_only,
-            stats=saved_normalisation(saved))
+            stats=saved_normalisation(saved), gpu_decode=args.gpu_decode)
         classes = info["classes"]
     train, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
@@ -1158,8 +1162,7 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=None,
                    help="SGD momentum (default: 0.6, §3.1; 0.9 on the small sets)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="(default: 1e-5, §3.1)")
-    data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
-                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=data.MACHINE,
                           pretrained_help="torchvision's AlexNet ImageNet weights (needs "
                           "--variant alexnet)")
     return p
@@ -1184,6 +1187,9 @@ def choose_task(args):
     if (args.holdout or args.limit) and args.task != "classification":
         raise data.DataError(f"--holdout and --limit apply to classification; {args.task} "
                              f"trains on the training split and tests on the test split")
+    if args.gpu_decode and args.task != "classification":
+        raise data.DataError(f"--gpu-decode applies to classification; {args.task} decodes its "
+                             f"images once, into memory, on the CPU")
     data.train_split(args)  # ImageNet has no held-out split here
 
 

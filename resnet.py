@@ -307,28 +307,36 @@ def schedule(recipe, steps_per_epoch, epochs=None):
 # ---------------------------------------------------------------------------------------------
 # Data glue: ImageNet's transforms (the in-memory sets come from data.classification_loaders)
 
-def imagenet_loaders(args, device):
-    """§3.4 training pipeline with RandomResizedCrop as the scale augmentation, flips and PCA
-    colour; the test loader yields the central (256/224 x size)^2 square of the image resized to
-    256/224 x size, from which both the centre crop and the ten crops are cut. --eval-only reads
-    the val folder alone (train is None)."""
-    mean, std, size = data.IMAGENET_MEAN, data.IMAGENET_STD, args.img_size
+def imagenet_transforms(size=224):
+    """§3.4's training pipeline (RandomResizedCrop as the scale augmentation, flips, PCA colour)
+    and the test view: the central (256/224 x size)^2 square of the image resized to 256/224 x
+    size, from which both the centre crop and the ten crops are cut."""
+    mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     big = round(size * 256 / 224)
     train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                            data.PCAColour(), v2.Normalize(mean, std)])
     test_tf = v2.Compose([v2.ToImage(), v2.Resize(big, antialias=True), v2.CenterCrop(big),
                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return train_tf, test_tf
+
+
+def imagenet_loaders(args, device):
+    """ImageNet's loaders with `imagenet_transforms`; --eval-only reads the val folder alone
+    (train is None)."""
+    train_tf, test_tf = imagenet_transforms(args.img_size)
     kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
     test_set = data.classification_dataset("imagenet", "test", transform=test_tf, **kw)
-    test = data.make_loader(test_set, 50, False, args.workers, device)  # rank r: r, r + W, ...
+    test = data.make_loader(test_set, 50, False, args.workers, device,  # rank r: r, r + W, ...
+                            gpu_decode=args.gpu_decode)
     train_set, train = [], None
     if not args.eval_only:
         train_set = data.classification_dataset("imagenet", "train", transform=train_tf, **kw)
         train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
-                                 device, seed=args.seed)
+                                 device, seed=args.seed, gpu_decode=args.gpu_decode)
     classes = getattr(test_set, "names", None) or test_set.dataset.names
-    info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3, "image_size": size,
+    info = {"classes": classes, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
+            "in_channels": 3, "image_size": args.img_size,
             "sizes": (len(train_set), 0, len(test_set))}
     return train, None, test, info
 
@@ -454,8 +462,7 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: 1e-4)")
     data.add_classify_arg(p)
-    data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
-                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=data.MACHINE,
                           pretrained_help="start from torchvision's ImageNet weights (ImageNet "
                           "depths only)")
     return p
@@ -507,7 +514,8 @@ def main(argv=None):
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
             train_split=split, size=args.img_size, limit=args.limit, test_only=args.eval_only,
-            stats=(state or {}).get("normalisation"))  # --eval-only: the test split alone
+            stats=(state or {}).get("normalisation"),  # --eval-only: the test split alone
+            gpu_decode=args.gpu_decode)
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]

@@ -234,26 +234,34 @@ def schedule(recipe, epochs=None):
 # ---------------------------------------------------------------------------------------------
 # Data glue: ImageNet's transforms (the in-memory sets come from data.classification_loaders)
 
-def imagenet_loaders(args, device):
-    """§4: scale augmentation (RandomResizedCrop, as fb.resnet.torch which the paper follows),
-    flips and PCA colour for training; the 224 centre crop of the 256-resized image for testing.
-    --eval-only reads the val folder alone (train is None)."""
+def imagenet_transforms():
+    """§4's training pipeline (RandomResizedCrop, as fb.resnet.torch which the paper follows;
+    flips, PCA colour) and the test view: the 224 centre crop of the 256-resized image."""
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224, antialias=True),
                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
                            data.PCAColour(), v2.Normalize(mean, std)])
     test_tf = v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return train_tf, test_tf
+
+
+def imagenet_loaders(args, device):
+    """ImageNet's loaders with `imagenet_transforms`; --eval-only reads the val folder alone
+    (train is None)."""
+    train_tf, test_tf = imagenet_transforms()
     kw = dict(data_dir=args.data_dir, download=False, quick=args.quick)
     test_set = data.classification_dataset("imagenet", "test", transform=test_tf, **kw)
-    test = data.make_loader(test_set, 50, False, args.workers, device)  # rank r: r, r + W, ...
+    test = data.make_loader(test_set, 50, False, args.workers, device,  # rank r: r, r + W, ...
+                            gpu_decode=args.gpu_decode)
     train_set, train = [], None
     if not args.eval_only:
         train_set = data.classification_dataset("imagenet", "train", transform=train_tf, **kw)
         train = data.make_loader(train_set, args.batch_size // args.world, True, args.workers,
-                                 device, seed=args.seed)
+                                 device, seed=args.seed, gpu_decode=args.gpu_decode)
     classes = getattr(test_set, "names", None) or test_set.dataset.names
-    info = {"classes": classes, "mean": mean, "std": std, "in_channels": 3, "image_size": 224,
+    info = {"classes": classes, "mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD,
+            "in_channels": 3, "image_size": 224,
             "sizes": (len(train_set), 0, len(test_set))}
     return train, None, test, info
 
@@ -361,8 +369,7 @@ def get_args_parser():
                    "slower: bench/bench_classifiers.py)")
     data.add_classify_arg(p)
     data.add_runtime_args(p, data.quick_help(QUICK) + "; on ImageNet the subset and 2 epochs",
-                          workers=4, workers_help="DataLoader processes (ImageNet only; "
-                          "default: 4)", pretrained_help="start from torchvision's ImageNet "
+                          workers=data.MACHINE, pretrained_help="start from torchvision's ImageNet "
                           "weights (50 32x4d, 101 32x8d, 101 64x4d)")
     p.set_defaults(channels_last=True)
     return p
@@ -423,7 +430,8 @@ def main(argv=None):
             args.data, args.batch_size // args.world, device, args.data_dir,
             not args.no_download, args.quick, args.seed, augment=True, eval_batch_size=500,
             train_split=split, limit=args.limit, test_only=args.eval_only,
-            stats=(state or {}).get("normalisation"))  # --eval-only: the test split alone
+            stats=(state or {}).get("normalisation"),  # --eval-only: the test split alone
+            gpu_decode=args.gpu_decode)
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]

@@ -643,7 +643,8 @@ def get_args_parser():
     data.add_runtime_args(
         p, "shapes-det: a 96-pixel SSD at width 0.25 with BN, Adam and the light augmentation, "
         "12 epochs on 2,000 images (minutes on a CPU); VOC: 256 images, 2 epochs", workers=None,
-        workers_help="DataLoader processes (default: 4 on VOC, 1 on shapes-det)", log_every=50,
+        workers_help="DataLoader processes (default on VOC: the cores per process, "
+        f"{data.machine_workers()} here; 1 on shapes-det)", log_every=50,
         weights_help="a checkpoint of this script to start from or evaluate; its model settings "
         "(--img-size --width --bn --box-scales) apply unless given",
         pretrained_help="torchvision's VGG-16 ImageNet weights for the base (fc6/fc7 subsampled "
@@ -670,7 +671,7 @@ def resolve_defaults(args):
     if args.zoom_out is None:
         args.zoom_out = 2.0 if small else 4.0
     if args.workers is None:
-        args.workers = 4 if args.data == "voc" else 1
+        args.workers = data.machine_workers() if args.data == "voc" else 1
     if args.batch_size < 1 or args.epochs < 0 or (args.limit is not None and args.limit < 1):
         raise data.DataError(f"--batch-size and --limit must be >= 1 and --epochs >= 0 (got "
                              f"{args.batch_size}, {args.limit}, {args.epochs})")
@@ -734,9 +735,10 @@ def main(argv=None):
     # alone (data.make_loader), so a resumed or torchrun run sees an uninterrupted run's batches.
     train_loader = None if train_set is None else data.dry_run_batches(args, data.make_loader(
         train_set, args.batch_size // world, True, args.workers, device,
-        collate_fn=data.detection_collate, seed=args.seed))
+        collate_fn=data.detection_collate, seed=args.seed, gpu_decode=args.gpu_decode))
     test_loader = data.dry_run_batches(args, data.make_loader(
-        test_set, 32, False, args.workers, device, collate_fn=data.detection_collate))
+        test_set, 32, False, args.workers, device, collate_fn=data.detection_collate,
+        gpu_decode=args.gpu_decode))
 
     # §3.1: SGD, momentum 0.9, weight decay 5e-4, lr 1e-3; / 10 at 2/3 and 5/6 of training (the
     # release's 80k and 100k of 120k iterations).

@@ -431,8 +431,7 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §3.1)")
     data.add_classify_arg(p)
-    data.add_runtime_args(p, data.quick_help(QUICK), workers=4,
-                          workers_help="DataLoader processes (ImageNet only; default: 4)",
+    data.add_runtime_args(p, data.quick_help(QUICK), workers=data.MACHINE,
                           pretrained_help="start from torchvision's ImageNet weights "
                           "(IMAGENET1K_V1 of vgg19, or of vgg19_bn with --bn)")
     return p
@@ -485,10 +484,9 @@ def main(argv=None):
     if imagenet:
         test_set = data.classification_dataset(
             "imagenet", "test", args.data_dir, quick=args.quick,
-            transform=v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                                  v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]))
+            transform=data.normalised())
         test_loader = data.make_loader(test_set, 16, False, args.workers, device,
-                                       collate_fn=list_collate)
+                                       collate_fn=list_collate, gpu_decode=args.gpu_decode)
         train_set, train_loader, val_loader = [], None, None
         if not args.eval_only:
             train_set = data.classification_dataset(
@@ -496,7 +494,8 @@ def main(argv=None):
                 transform=imagenet_train_transform(args.scale_min, args.scale_max,
                                                    args.crop_size))
             train_loader = data.make_loader(train_set, args.batch_size // args.world, True,
-                                            args.workers, device, seed=args.seed)
+                                            args.workers, device, seed=args.seed,
+                                            gpu_decode=args.gpu_decode)
         classes = getattr(test_set, "names", None) or test_set.dataset.names
         info = {"classes": classes, "in_channels": 3, "mean": data.IMAGENET_MEAN,
                 "std": data.IMAGENET_STD, "image_size": args.crop_size,
@@ -506,7 +505,7 @@ def main(argv=None):
             args.data, args.batch_size // args.world, device, args.data_dir, not args.no_download,
             args.quick, args.seed, augment=False, eval_batch_size=EVAL_BATCH_SIZE,
             train_split=data.train_split(args), limit=args.limit, test_only=args.eval_only,
-            stats=(state or {}).get("normalisation"))
+            stats=(state or {}).get("normalisation"), gpu_decode=args.gpu_decode)
         classes = info["classes"]
         # PCA colour from the training set's own RGB covariance (training only)
         if train_loader is not None and info["in_channels"] == 3:

@@ -325,16 +325,21 @@ def train_transforms(img_size, augment=True):
 
 class YoloSet(torch.utils.data.Dataset):
     """A detection set (image, target) -> (image at img_size, encoded target (S, S, 5 + C),
-    ground truth in the ORIGINAL image's pixels with difficult flags, (h, w) of the original)."""
+    ground truth in the ORIGINAL image's pixels with difficult flags, (h, w) of the original).
+    Under --gpu-decode the set's samples are still encoded files: they pass through, and
+    `apply` runs on the device once they are decoded (`data.DecodeOnDevice`)."""
 
-    def __init__(self, ds, transforms, S, C):
-        self.ds, self.transforms, self.S, self.C = ds, transforms, S, C
+    def __init__(self, dataset, transforms, S, C):
+        self.dataset, self.transforms, self.S, self.C = dataset, transforms, S, C
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.dataset)
 
     def __getitem__(self, i):
-        image, target = self.ds[i]
+        sample = self.dataset[i]
+        return sample if data.is_encoded(sample) else self.apply(*sample)
+
+    def apply(self, image, target):
         size = tuple(image.shape[-2:])
         gt = {"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
               "labels": target["labels"], "difficult": target["difficult"]}
@@ -449,12 +454,17 @@ def pretrain(args, device, rank):
     connected layer trained for classification at --pretrain-size (224 on ImageNet); SGD with
     momentum and weight decay, cosine lr decay (the paper gives no pretraining schedule).
     Writes OUT/backbone.pt for --backbone-weights and OUT/results.json (top-1 error); None
-    after --stop-after."""
+    after --stop-after. --eval-only: the classifier of a pretraining checkpoint (--weights),
+    tested on the test split alone; nothing trained, no backbone.pt written."""
     t0, is_main = time.time(), rank == 0
     data.check_task(args.pretrain, "classification")
+    saved = data.load_checkpoint(args.weights, arch_name(args) + "-pretrain") \
+        if args.eval_only else None
     train_loader, _, test_loader, info = data.classification_loaders(
         args.pretrain, args.batch_size // args.world, device, args.data_dir, not args.no_download,
-        args.quick, args.seed, workers=args.workers, size=args.pretrain_size, limit=args.limit)
+        args.quick, args.seed, workers=args.workers, size=args.pretrain_size, limit=args.limit,
+        test_only=args.eval_only, stats=(saved or {}).get("normalisation"),
+        gpu_decode=args.gpu_decode)
     train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
     yolo = YOLO(args.variant, 1, args.grid, args.boxes, args.width, args.img_size, args.bn,
                 dropped=args.drop_strides)
@@ -468,9 +478,12 @@ def pretrain(args, device, rank):
     start, history = 0, []
     if args.resume:
         start, history = data.resume_training_state(ckpt, arch, model, optimizer, scheduler, scaler)
+    if args.eval_only:
+        data.load_weights(model, saved, args.weights)
+        start = args.epochs  # no epoch to train
     net = data.wrap(model, args)
-    progress = metrics.Progress(len(train_loader), args.epochs, args.log_every, start, is_main,
-                                model=model)
+    progress = metrics.Progress(len(train_loader or ()), args.epochs, args.log_every, start,
+                                is_main, model=model)
     for epoch in range(start, args.epochs):
         data.set_epoch(train_loader, epoch)
         net.train()
@@ -485,7 +498,7 @@ def pretrain(args, device, rank):
         scheduler.step()
         history.append({"epoch": epoch + 1, "train_loss": loss.item()})
         data.save_training_state(ckpt, arch, model, optimizer, scheduler, scaler, epoch,
-                                 vars(args), history)
+                                 vars(args), history, **data.test_settings(info))
         if args.stop_after is not None and epoch + 1 >= args.stop_after:
             return None
     # The test split, each rank its share (gathered), with the unwrapped model.
@@ -496,11 +509,13 @@ def pretrain(args, device, rank):
     test = metrics.classification_report(out, y, len(info["classes"]))
     results = None
     if is_main:
-        data.save_checkpoint(os.path.join(args.out, "backbone.pt"),
-                             {"arch": arch_name(args, True), "model": yolo.backbone.state_dict()})
         print(f"pretraining top-1 error {100 * test['test_error']:.2f}% "
-              f"({test['errors']}/{test['samples']}); backbone written to "
-              f"{os.path.join(args.out, 'backbone.pt')}")
+              f"({test['errors']}/{test['samples']})")
+        if not args.eval_only:
+            data.save_checkpoint(os.path.join(args.out, "backbone.pt"),
+                                 {"arch": arch_name(args, True),
+                                  "model": yolo.backbone.state_dict()})
+            print(f"backbone written to {os.path.join(args.out, 'backbone.pt')}")
         results = metrics.write_results(
             os.path.join(args.out, "results.json"), "yolo.py", args.pretrain, test, paper=PAPER,
             config={**vars(args), "arch": arch}, device=str(device), seconds=time.time() - t0,
@@ -619,7 +634,8 @@ def get_args_parser():
     data.add_runtime_args(
         p, "shapes-det on a CPU in minutes: Fast YOLO, width 1/4, 64 px, S=4, shapes pretraining "
         "then detection (see QUICK and DEPARTURES)", workers=None,
-        workers_help="DataLoader processes (default: 4 for voc, 0 for shapes-det)", log_every=50,
+        workers_help="DataLoader processes (default for voc: the cores per process, "
+        f"{data.machine_workers()} here; 0 for shapes-det)", log_every=50,
         pretrained_help="(no published PyTorch YOLO v1 weights: an error; see --backbone-weights)")
     return p
 
@@ -634,7 +650,7 @@ def resolve_defaults(args):
             setattr(args, k, QUICK[k] if q and (k != "pretrain_epochs" or args.data == "shapes-det")
                     else full)
     if args.workers is None:
-        args.workers = 4 if args.data == "voc" else 0
+        args.workers = data.machine_workers() if args.data == "voc" else 0
     if args.drop_strides < 0:
         raise data.DataError(f"--drop-strides must be at least 0, got {args.drop_strides}")
     for k in ("img_size", "grid", "epochs", "batch_size", "boxes", "data_size"):
@@ -652,7 +668,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     data.adopt_checkpoint(args, "yolo.py", ("variant", "img_size", "width", "bn", "grid",
                                             "drop_strides", "boxes"),
-                          may_differ=("data_size", "conf_threshold", "top_k"))
+                          may_differ=("data_size", "conf_threshold", "top_k", "pretrain_size"))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size", "pretrain_lr")
     if args.pretrain_epochs is not None and args.pretrain_epochs < 0:
         raise data.DataError(f"--pretrain-epochs {args.pretrain_epochs}: must be >= 0")
@@ -690,9 +706,11 @@ def main(argv=None):
     train_loader, n_train = None, 0
     if train_set is not None:
         train_loader = data.make_loader(train_set, args.batch_size // world, True, args.workers,
-                                        device, collate_fn=collate, seed=args.seed)
+                                        device, collate_fn=collate, seed=args.seed,
+                                        gpu_decode=args.gpu_decode)
         n_train = len(train_set)
-    test_loader = data.make_loader(test_set, 64, False, args.workers, device, collate_fn=collate)
+    test_loader = data.make_loader(test_set, 64, False, args.workers, device, collate_fn=collate,
+                                   gpu_decode=args.gpu_decode)
     train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
     model = YOLO(args.variant, len(classes), args.grid, args.boxes, args.width, args.img_size,

@@ -12,7 +12,7 @@ import torchvision
 import alexnet
 import data
 import monster_finetune as mf
-from conftest import command, only_the_test_split
+from conftest import command, image_tree, only_the_test_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,21 +147,31 @@ def test_compare_runs_the_three_recipes(tmp_path):
 
 def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
     # --data folder:DIR: DIR/train/<class>/*, DIR/val/<class>/* held at 32x32; dark and light
-    from PIL import Image
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 8), ("val", 4)):
-        for c, level in (("dark", 40), ("light", 200)):
-            (tmp_path / "tree" / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
-                Image.fromarray(pixels.to(torch.uint8).numpy()).save(
-                    tmp_path / "tree" / split / c / f"{i}.jpg")
-    r = mf.main(["--data", f"folder:{tmp_path / 'tree'}", "--scratch", "--blocks", "1",
+    r = mf.main(["--data", image_tree(tmp_path / "tree"), "--scratch", "--blocks", "1",
                  "--channels", "8", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
                  "--out", str(tmp_path / "run")])
     assert r["config"]["sizes"] == {"train": 16, "val": 0, "test": 8}
     assert set(r["per_class_error"]) == {"dark", "light"} and 0 <= r["auc"] <= 1
     assert r["confusion"]["classes"] == ["dark", "light"]
+
+
+def test_a_run_from_the_paper_alexnets_layer_is_evaluated_from_its_checkpoint_alone(tmp_path):
+    # The paper variant's first layer has 96 filters (torchvision's 64): the evaluation takes
+    # the width from the checkpoint, without --alexnet-weights.
+    _, _, _, paper_path = save_alexnets(tmp_path)
+    tree = image_tree(tmp_path / "tree")
+    r = mf.main(["--data", tree, "--alexnet-weights", paper_path, "--blocks", "1",
+                 "--channels", "8", "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+                 "--out", str(tmp_path / "run")])
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    again = mf.main(["--eval-only", "--weights", ckpt, "--device", "cpu",
+                     "--out", str(tmp_path / "eval")])
+    assert again["metrics"] == r["metrics"] and again["config"]["sizes"]["train"] == 0
+    torch.save({"fc.weight": torch.zeros(2, 8)}, tmp_path / "other.pt")
+    with pytest.raises(data.DataError, match="holds no features.0 layer"):
+        mf.main(["--eval-only", "--weights", str(tmp_path / "other.pt"), "--data", tree,
+                 "--blocks", "1", "--channels", "8", "--device", "cpu",
+                 "--out", str(tmp_path / "e2")])
 
 
 def test_bad_input_is_a_one_line_error(tmp_path):

@@ -325,6 +325,13 @@ def test_pretrain_writes_a_backbone_that_detection_loads(tmp_path):
     assert 0 <= r["metrics"]["test_error"] <= 1
     state = torch.load(os.path.join(pre, "backbone.pt"), weights_only=True)
     assert state["arch"] == "yolo-full-w0.0625-bn-backbone"  # --quick: batch norm
+    # --eval-only of the pretraining checkpoint: its test figures again, nothing trained
+    again = yolo.main(["--pretrain", "shapes", "--eval-only", "--weights",
+                       os.path.join(pre, "checkpoint.pt"), "--device", "cpu", "--quick",
+                       "--limit", "128", "--out", str(tmp_path / "pre-eval")])  # the same images
+    assert again["metrics"] == r["metrics"] and again["history"] == []
+    assert not (tmp_path / "pre-eval" / "backbone.pt").exists()
+    assert not (tmp_path / "pre-eval" / "checkpoint.pt").exists()
     r = yolo.main(TINY + ["--variant", "full", "--epochs", "1", "--limit", "16",
                           "--backbone-weights", os.path.join(pre, "backbone.pt"),
                           "--out", str(tmp_path / "det"), "--stop-after", "1"])
