@@ -643,7 +643,7 @@ def main(argv=None):
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
                                    progress)
             scheduler.step()
-            history.append({"epoch": epoch + 1, "train_loss": loss})
+            history.append({"epoch": epoch + 1, "lr": progress.lr, "train_loss": loss})
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}")
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,

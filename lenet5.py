@@ -330,7 +330,7 @@ def main(argv=None):
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
                                    progress)
             scheduler.step()
-            row = {"epoch": epoch + 1, "train_loss": loss}
+            row = {"epoch": epoch + 1, "train_loss": loss, "lr": progress.lr}
             if val_loader is not None:  # --holdout
                 row["val_error"] = evaluate(model, val_loader, args, device,
                                            len(classes))["test_error"]

@@ -414,10 +414,11 @@ class Progress:
         self.step_in_epoch, self.epoch = 0, start_epoch
         self.loss_sum, self.loss_n, self.images = 0.0, 0, 0
         self.start = self.last = time.perf_counter()
-        self.done = 0
+        self.done, self.lr = 0, None
         self.model = model  # its weights are checked at the end of every epoch and of the run
 
     def step(self, images, loss, lr, epoch):
+        self.lr = lr  # the last step's, for the epoch's row of the history (curves.png)
         if epoch != self.epoch:
             self.epoch, self.step_in_epoch = epoch, 0
         self.step_in_epoch += 1

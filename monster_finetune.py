@@ -317,7 +317,8 @@ def run(args):
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
                                    progress)
             scheduler.step()
-            history.append({"epoch": epoch + 1, "train_loss": loss, "frozen": frozen})
+            history.append({"epoch": epoch + 1, "lr": progress.lr, "train_loss": loss,
+                            "frozen": frozen})
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}"
                       f"{' (AlexNet layer frozen)' if frozen else ''}")

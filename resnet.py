@@ -576,7 +576,8 @@ def main(argv=None):
             steps = min(steps_per_epoch, total_iters - scheduler.last_epoch)
             loss = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, args, device,
                                    epoch, progress, steps)
-            row = {"epoch": epoch + 1, "iteration": scheduler.last_epoch, "train_loss": loss}
+            row = {"epoch": epoch + 1, "iteration": scheduler.last_epoch, "train_loss": loss,
+                   "lr": progress.lr}
             if val_loader is not None:
                 row["val_error"] = evaluate(model, val_loader, args, device,
                                            len(classes))["test_error"]

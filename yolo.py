@@ -496,7 +496,7 @@ def pretrain(args, device, rank):
             optimizer.step()
             progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
         scheduler.step()
-        history.append({"epoch": epoch + 1, "train_loss": loss.item()})
+        history.append({"epoch": epoch + 1, "lr": progress.lr, "train_loss": loss.item()})
         data.save_training_state(ckpt, arch, model, optimizer, scheduler, scaler, epoch,
                                  vars(args), history, **data.test_settings(info))
         if args.stop_after is not None and epoch + 1 >= args.stop_after:

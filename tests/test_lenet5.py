@@ -116,6 +116,9 @@ def test_a_checkpoint_is_enough_to_resume_and_to_evaluate(tmp_path):
     cut = str(tmp_path / "cut")
     resumed = lenet5.main(["--resume", "--out", cut, "--device", "cpu"])
     assert resumed["history"] == full["history"] and resumed["metrics"] == full["metrics"]
+    # each epoch's row holds the lr its steps used (curves.png draws it)
+    assert [r["lr"] for r in full["history"]] == pytest.approx(
+        [0.02 * lenet5.lr_factor(e, 2) for e in range(2)])
     assert resumed["config"]["augment"] is True and resumed["config"]["script"] == "lenet5.py"
     ckpt = os.path.join(cut, "checkpoint.pt")
     again = lenet5.main(["--eval-only", "--weights", ckpt, "--out", str(tmp_path / "e"),

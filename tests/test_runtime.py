@@ -348,6 +348,31 @@ def test_classify_images_of_a_folder_prints_draws_and_records_the_top_classes(tm
             data.classify_images(str(path), str(tmp_path / "o2"), forward, classes, (0.5,),
                                  (0.25,), (1, 28))
         assert "fetch" not in str(e.value)
+
+
+@pytest.mark.parametrize("script,flags", [("alexnet", []), ("resnet", ["--depth", "18"]),
+                                          ("googlenet", [])])
+def test_classify_with_torchvisions_pretrained_weights(tmp_path, monkeypatch, script, flags):
+    # torchvision's weights cannot be downloaded here: the same torchvision models' random
+    # state_dicts stand in for them (the real ones load through the same path). The classes
+    # are ImageNet's 1,000 names, the view ImageNet's (short side 256, centre 224).
+    import torchvision
+    from conftest import shapes_pictures
+
+    def weights(w):
+        name = next(n for n in torchvision.models.list_models()
+                    if torchvision.models.get_model_weights(n) is type(w))
+        torch.manual_seed(0)
+        return torchvision.models.get_model(name, weights=None, **(
+            {"aux_logits": True, "init_weights": True} if name == "googlenet" else {})).state_dict()
+    monkeypatch.setattr(data, "torchvision_weights", weights)
+    module = importlib.import_module(script)
+    rows = module.main(["--classify", shapes_pictures(tmp_path / "mine"), "--pretrained",
+                        "--device", "cpu", "--out", str(tmp_path / "out"), *flags])
+    names = set(data.imagenet_class_names())
+    assert len(rows) == 2 and all(f["class"] in names for r in rows for f in r["found"])
+    assert all(os.path.exists(r["picture"]) for r in rows)
+    assert (tmp_path / "out" / "predictions.csv").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="empty holds no image files"):
         data.user_images(str(tmp_path / "empty"))
