@@ -598,6 +598,7 @@ def plot_curves(Figure, record):
         if title == "learning rate" and all(r.get(k, 1) > 0 for r in history for k in ks):
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs, not 1.5
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
