@@ -278,6 +278,25 @@ def shapes_pictures(folder, n=2):
     return str(folder)
 
 
+def assert_shapes_class_records(results):
+    """A classifier's results on the shapes test split: per-class errors and the confusion matrix
+    over the 6 classes, counting every test image once."""
+    assert set(results["per_class_error"]) == set(data.SHAPES_CLASSES)
+    assert results["confusion"]["classes"] == list(data.SHAPES_CLASSES)
+    assert sum(map(sum, results["confusion"]["counts"])) == results["config"]["sizes"]["test"]
+
+
+def assert_classified(rows, out, k=5):
+    """--classify's rows for the two `shapes_pictures`: the top k shapes classes of each, most
+    likely first, probabilities summing to at most 1; predictions.csv and a picture per image."""
+    assert [len(r["found"]) for r in rows] == [k, k]
+    for r in rows:
+        p = [f["probability"] for f in r["found"]]
+        assert p == sorted(p, reverse=True) and sum(p) <= 1 + 1e-6
+        assert {f["class"] for f in r["found"]} <= set(data.SHAPES_CLASSES)
+    assert (out / "predictions.csv").is_file() and (out / "s1_classes.png").is_file()
+
+
 def image_tree(root, train=8, val=4):
     """DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg: dark and light noise images (--data
     folder:DIR reads them at 32x32, the class names the folders')."""

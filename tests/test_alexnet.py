@@ -10,7 +10,8 @@ import torchvision
 
 import data
 import alexnet
-from conftest import command, ddp_results_json, image_tree, only_the_test_split
+from conftest import (assert_shapes_class_records, command, ddp_results_json, image_tree,
+                     only_the_test_split, shapes_pictures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,18 +206,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert again["metrics"] == full["metrics"] and again["config"]["arch"] == "alexnet-paper-w0.125"
     assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
     assert again["config"]["normalisation"] == full["config"]["normalisation"]
-    assert set(full["per_class_error"]) == set(data.SHAPES_CLASSES)
-    assert full["confusion"]["classes"] == list(data.SHAPES_CLASSES)
-    assert sum(map(sum, full["confusion"]["counts"])) == 500
+    assert_shapes_class_records(full)
     # --classify: a folder of the user's images through that network (its variant, width,
     # classes, normalisation and 32x32 input upsampled to 96 from the checkpoint), no data read
-    from PIL import Image
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    for i in range(2):
-        image = data.render_shapes(0, i, 48, split="test")[0]
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"s{i}.png")
-    rows = alexnet.main(["--classify", str(mine), "--weights",
+    mine = shapes_pictures(tmp_path / "mine")
+    rows = alexnet.main(["--classify", mine, "--weights",
                          os.path.join(out_full, "checkpoint.pt"), "--device", "cpu", "--out",
                          str(tmp_path / "p")])
     assert [len(r["found"]) for r in rows] == [6, 6]  # top-15 of 6 classes: all six

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 import data
 import googlenet
-from conftest import command, ddp_results_json, only_the_test_split
+from conftest import command, ddp_results_json, only_the_test_split, shapes_pictures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table 1: name, input depth, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj, output depth,
@@ -225,16 +225,6 @@ def test_overfits_one_fixed_batch_with_the_auxiliary_losses():
     assert losses[-1] < losses[0] / 3, losses[::5]
 
 
-def my_images(folder, n=2):
-    """A folder of the user's images: n shapes test images as PNGs, and a text file."""
-    from PIL import Image
-    folder.mkdir()
-    for i in range(n):
-        image = data.render_shapes(0, i, 48, split="test")[0]
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"s{i}.png")
-    return str(folder)
-
-
 def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path, monkeypatch):
     results, out = run(tmp_path, "a", "--epochs", "1", "--width", "0.125")
     with open(os.path.join(out, "results.json")) as f:
@@ -244,7 +234,7 @@ def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path, monkey
     # --classify: a folder of the user's images through that checkpoint, no data set read
     only_the_test_split(monkeypatch)
     monkeypatch.setattr(data, "classification_loaders", None)
-    rows = googlenet.main(["--classify", my_images(tmp_path / "mine"), "--weights",
+    rows = googlenet.main(["--classify", shapes_pictures(tmp_path / "mine"), "--weights",
                            os.path.join(out, "checkpoint.pt"), "--device", "cpu", "--out",
                            str(tmp_path / "p")])
     assert [len(r["found"]) for r in rows] == [5, 5]
@@ -289,7 +279,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     model = googlenet.googlenet(6, variant="nin", width=0.125)
     ema = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
     ema.load_state_dict(a["ema"])
-    x = data.test_input(data.load_image(my_images(tmp_path / "mine") + "/s0.png"),
+    x = data.test_input(data.load_image(shapes_pictures(tmp_path / "mine") + "/s0.png"),
                         *a["normalisation"], *a["input_shape"])
     best = data.SHAPES_CLASSES[ema.module.eval()(x).argmax()]
     rows = googlenet.main(["--classify", str(tmp_path / "mine"), "--weights",

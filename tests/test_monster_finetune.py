@@ -12,7 +12,8 @@ import torchvision
 import alexnet
 import data
 import monster_finetune as mf
-from conftest import command, image_tree, only_the_test_split
+from conftest import (assert_classified, assert_shapes_class_records, command, image_tree,
+                     only_the_test_split, shapes_pictures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,23 +97,13 @@ def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path, 
                    str(tmp_path / "b" / "checkpoint.pt"), "--limit", "512")
     assert again["metrics"] == full["metrics"] and again["history"] == []
     assert again["config"]["sizes"] == {"train": 0, "val": 0, "test": 500}
-    assert set(full["per_class_error"]) == set(data.SHAPES_CLASSES)
-    assert full["confusion"]["classes"] == list(data.SHAPES_CLASSES)
-    assert sum(map(sum, full["confusion"]["counts"])) == 500
+    assert_shapes_class_records(full)
     # --classify: a folder of the user's images through that network (its blocks, channels,
     # classes, normalisation and 32x32 input from the checkpoint), no data set read
-    from PIL import Image
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    for i in range(2):
-        image = data.render_shapes(0, i, 48, split="test")[0]
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(mine / f"s{i}.png")
-    rows = mf.main(["--classify", str(mine), "--weights", str(tmp_path / "b" / "checkpoint.pt"),
+    mine = shapes_pictures(tmp_path / "mine")
+    rows = mf.main(["--classify", mine, "--weights", str(tmp_path / "b" / "checkpoint.pt"),
                     "--device", "cpu", "--out", str(tmp_path / "p")])
-    assert [len(r["found"]) for r in rows] == [5, 5]
-    assert {f["class"] for f in rows[1]["found"]} <= set(data.SHAPES_CLASSES)
-    assert (tmp_path / "p" / "predictions.csv").is_file()
-    assert (tmp_path / "p" / "s1_classes.png").is_file()
+    assert_classified(rows, tmp_path / "p")
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import torchvision
 import data
 import metrics
 import resnext
-from conftest import (command, ddp_results_json, image_tree, only_the_test_split,
-                      shapes_pictures)
+from conftest import (assert_classified, assert_shapes_class_records, command, ddp_results_json,
+                     image_tree, only_the_test_split, shapes_pictures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,18 +220,13 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert set(full["per_class_error"]) == set(data.SHAPES_CLASSES)
-    assert full["confusion"]["classes"] == list(data.SHAPES_CLASSES)
-    assert sum(map(sum, full["confusion"]["counts"])) == full["config"]["sizes"]["test"]
+    assert_shapes_class_records(full)
     # --classify: a folder of the user's images through that network (its depth, cardinality,
     # width, base, classes, normalisation and input from the checkpoint), no data set read
     mine = shapes_pictures(tmp_path / "mine")
     rows = resnext.main(["--classify", mine, "--weights", os.path.join(out_full, "checkpoint.pt"),
                          "--device", "cpu", "--out", str(tmp_path / "p")])
-    assert [len(r["found"]) for r in rows] == [5, 5]
-    assert {f["class"] for f in rows[1]["found"]} <= set(data.SHAPES_CLASSES)
-    assert (tmp_path / "p" / "predictions.csv").is_file()
-    assert (tmp_path / "p" / "s1_classes.png").is_file()
+    assert_classified(rows, tmp_path / "p")
 
 
 def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
