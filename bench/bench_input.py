@@ -185,6 +185,35 @@ def loader_rates(train, seconds):
     return out
 
 
+def step_times(sets, n=20):
+    """Milliseconds per image of each step of every training chain (new decoder), on the first
+    n images, and of the decoding itself: where a chain's time goes."""
+    out = {}
+    for name, (train, _) in sets.items():
+        base = data.file_sets(train)[0]
+        own = getattr(train, "transforms", None) if train is not base else None  # YoloSet's
+        chain = own or getattr(base, "transforms", None) or getattr(base, "transform", None)
+        times = {"decode": 0.0}
+        for i in range(min(n, len(base))):
+            kept = base.__dict__.pop("transforms", None), base.__dict__.pop("transform", None)
+            base.transforms = base.transform = None  # the untransformed sample, decoded
+            start = time.perf_counter()
+            image, target = base[i]
+            times["decode"] += time.perf_counter() - start  # with the annotation's parsing
+            base.transforms, base.transform = kept
+            x = image if isinstance(target, int) else (image, target) if \
+                isinstance(target, tv_tensors.Mask) else \
+                (image, {"boxes": target["boxes"], "labels": target["labels"]})
+            for step in chain.transforms:
+                start = time.perf_counter()
+                x = step(*x) if isinstance(x, tuple) else step(x)
+                key = type(step).__name__
+                times[key] = times.get(key, 0.0) + time.perf_counter() - start
+        out[name] = {k: 1000 * v / min(n, len(base)) for k, v in times.items()}
+        print(f"{name:9s} " + ", ".join(f"{k} {v:.2f}" for k, v in out[name].items()) + " ms")
+    return out
+
+
 NEW_LOAD = data.load_image
 
 
@@ -197,6 +226,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=100, help="at least this many per timing")
     p.add_argument("--seconds", type=float, default=2.0, help="and at least this long")
     p.add_argument("--loader", action="store_true", help="also time DataLoader settings")
+    p.add_argument("--steps", action="store_true", help="only the milliseconds per image of "
+                   "each training chain's steps (decoding included)")
     p.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     if not os.path.isdir(os.path.join(args.voc, "VOCdevkit", "VOC2012", "JPEGImages")):
@@ -209,6 +240,9 @@ def main(argv=None):
             sets = {k: sets[k] for k in args.only}
         print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores; one core each (torch.set_num_threads(1))", flush=True)
+        if args.steps:
+            step_times(sets)
+            return
         res = {"per_core": per_core(sets, args.samples, args.seconds)}
         print("\ncores to feed one GPU at its training rate (new path, training chain):")
         res["cores_needed"] = {}
