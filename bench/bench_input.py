@@ -222,7 +222,8 @@ def main(argv=None):
     p.add_argument("--voc", default=VOC, help="folder holding VOCdevkit/VOC2012 (default: "
                    "../shared/data/voc_sample)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda to add the --gpu-decode path")
-    p.add_argument("--only", nargs="+", default=None, help="some chains only")
+    p.add_argument("--only", nargs="+", default=None, choices=sorted(GPU_RATE),
+                   help="some chains only")
     p.add_argument("--samples", type=int, default=100, help="at least this many per timing")
     p.add_argument("--seconds", type=float, default=2.0, help="and at least this long")
     p.add_argument("--loader", action="store_true", help="also time DataLoader settings")
@@ -233,6 +234,8 @@ def main(argv=None):
     if not os.path.isdir(os.path.join(args.voc, "VOCdevkit", "VOC2012", "JPEGImages")):
         sys.exit(f"bench_input.py: error: no VOCdevkit/VOC2012/JPEGImages in {args.voc}; "
                  f"give --voc")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("bench_input.py: error: --device cuda given but no CUDA GPU is visible")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         sets = chains(imagenet_tree(tmp, args.voc), args.voc)
