@@ -8,6 +8,7 @@
 #                                        # data, checkpoint and results.json): minutes on a GPU
 #                                        # box, before the real runs (into results-dry-run/)
 #   bash run_all.sh --only resnet yolo   # some runs only (a script name selects all its runs)
+#   bash run_all.sh --dry-run --list     # print the selected runs' commands (NAME: COMMAND), run none
 #   bash run_all.sh --skip alexnet vgg19 --out /scratch/results -- --amp --workers 8
 #
 # Everything after `--` is passed to every script. Each run writes OUT/runs/NAME/ (results.json,
@@ -17,17 +18,18 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 
-QUICK=0 DRY=0 OUT="" ONLY=() SKIP=() EXTRA=() MODE="" FAILED=()
+QUICK=0 DRY=0 LIST=0 OUT="" ONLY=() SKIP=() EXTRA=() MODE="" FAILED=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1; MODE="" ;;
         --dry-run) DRY=1; MODE="" ;;
+        --list) LIST=1; MODE="" ;;
         --only) MODE=only ;;
         --skip) MODE=skip ;;
         --out) [ $# -ge 2 ] || { echo "run_all.sh: error: --out needs a folder" >&2; exit 2; }
                OUT=$2; shift; MODE="" ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "run_all.sh: error: unknown flag $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
         *) case "$MODE" in
                only) ONLY+=("$1") ;;
@@ -115,22 +117,22 @@ if [ "$QUICK" = 0 ] && [ "${NGPU:-0}" -gt 1 ]; then
 else
     LAUNCH=(python)
 fi
-echo "run_all.sh: $NGPU GPU(s), launcher: ${LAUNCH[*]}, out: $OUT"
+[ "$LIST" = 1 ] || { echo "run_all.sh: $NGPU GPU(s), launcher: ${LAUNCH[*]}, out: $OUT"; mkdir -p "$OUT/runs"; }
 
-mkdir -p "$OUT/runs"
 for r in "${RUNS[@]}"; do
     set -- $r
     name=$1; script=$2; shift 2
     selected "$name" "$script" || continue
     dir="$OUT/runs/$name"
-    mkdir -p "$dir"
-    rm -f "$dir/status.txt" "$dir/error.txt" "$dir/results.json"
     args=()
     for a in "$@"; do
         [[ $a == @* ]] && a="$OUT/runs/${a#@}/checkpoint.pt"
         args+=("$a")
     done
     cmd=("${LAUNCH[@]}" "$script" "${args[@]}" --out "$dir" "${EXTRA[@]+"${EXTRA[@]}"}")
+    if [ "$LIST" = 1 ]; then echo "$name: ${cmd[*]}"; continue; fi
+    mkdir -p "$dir"
+    rm -f "$dir/status.txt" "$dir/error.txt" "$dir/results.json"
     echo "${cmd[*]}" > "$dir/command.txt"
     echo "=== $name: ${cmd[*]}"
     start=$(date +%s.%N)
@@ -148,6 +150,7 @@ for r in "${RUNS[@]}"; do
     fi
 done
 
+[ "$LIST" = 1 ] && exit 0
 python metrics.py "$OUT/runs" --md "$OUT/summary.md" --csv "$OUT/summary.csv"
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "run_all.sh: ${#FAILED[@]} run(s) failed: ${FAILED[*]}" >&2

@@ -18,11 +18,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The runs the tests make draw no curves.png/confusion.png (~0.3 s a figure here, ~100 runs):
 # the tests of those pictures turn them back on (monkeypatch.delenv). Subprocesses inherit it.
 os.environ["REPRO_NO_PLOTS"] = "1"
+# `pytest -n 2` (pytest-xdist, as the README's test command runs): one thread per worker, so
+# that the two workers share the two cores instead of four threads fighting over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "ddp(name, script, argv): the test reads the run of "
                             "`script argv` under torchrun with 2 gloo processes (ddp_runs)")
+    config.addinivalue_line("markers", "xdist_group(name): pytest -n N --dist loadgroup runs "
+                            "a group's tests in one worker")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(items):
+    # The torchrun tests read one shared torchrun (ddp_runs, once per process that needs it):
+    # under pytest-xdist they all go to one worker, or each worker would run it again.
+    for item in items:
+        if item.get_closest_marker("ddp"):
+            item.add_marker(pytest.mark.xdist_group("ddp"))
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,19 @@
 import csv
 import json
 import os
+import re
+import shlex
 import subprocess
+import time
 
+import numpy as np
 import pytest
+import torch
+import torchvision
+from PIL import Image
 
 import metrics
+from conftest import command, voc_xml, write_cifar10, write_mnist, write_voc  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +71,82 @@ def test_run_all_dry_run_checks_paper_runs_keeps_going_and_summarises(tmp_path):
     assert bad.startswith("failed: alexnet.py: error:") and "ImageNet" in bad
     md = open(out / "summary.md").read()
     assert md.count("\n| lenet5 |") == 1 and "failed: alexnet.py" in md
+
+
+def paper_trees(root):
+    """One --data-dir holding every paper's data set in its real format, a few images each:
+    MNIST idx files, CIFAR-10 batches, ImageNet class folders (2 synsets), VOC2007 trainval and
+    test, VOC2012 trainval and its segmentation train/val (palette PNG masks)."""
+    write_mnist(root)
+    write_cifar10(root)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for wnid in ("n01440764", "n01443537"):
+            folder = root / "imagenet" / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(
+                    folder / f"{wnid}_{i}.JPEG")
+    images = {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 0)]),
+              "000002": (50, 40, [("car", 1, 1, 50, 40, 0)]),
+              "000003": (56, 44, [("cat", 10, 8, 50, 40, 0)]),
+              "000004": (48, 64, [("bird", 4, 4, 40, 60, 0)])}  # FCN's batch 2: 2 steps
+    for year, image_set in (("2007", "trainval"), ("2007", "test"), ("2012", "trainval")):
+        write_voc(root, year, image_set, images)
+    for image_set in ("train", "val"):
+        write_voc(root, "2012", image_set, images, seg=True)
+
+
+@pytest.mark.slow
+def test_every_paper_runs_dry_run_reads_its_real_data_format(tmp_path, monkeypatch):
+    # `bash run_all.sh --dry-run`'s own command lines (--list), each run in process (a new
+    # python costs ~6 s here) on tiny trees in the papers' real formats: the real loaders and
+    # transforms, the paper's recipe and test protocol, 2 steps per stage, 2 test batches,
+    # the checkpoint read back, results.json written. For this CPU: batch 2, and --width 0.125
+    # for the four networks whose paper test is minutes here at full width (VGG-19's dense
+    # multi-scale test, GoogLeNet's 144 crops, OverFeat's 6-scale test, YOLO at 448 after its
+    # ImageNet pre-training); the --pretrained runs (SSD, FCN-32s, the fine-tuning) read
+    # torchvision-layout weights of random values from the hub cache (no download), at width 1.
+    tree = tmp_path / "data"
+    paper_trees(tree)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("TORCH_HOME", str(hub))
+    (hub / "hub" / "checkpoints").mkdir(parents=True)
+    for build, weights in ((torchvision.models.vgg16, torchvision.models.VGG16_Weights),
+                           (torchvision.models.alexnet, torchvision.models.AlexNet_Weights)):
+        torch.save(build().state_dict(), hub / "hub" / "checkpoints" /
+                   os.path.basename(weights.IMAGENET1K_V1.url))
+    out = tmp_path / "dry"
+    listed = subprocess.run(
+        ["bash", os.path.join(ROOT, "run_all.sh"), "--dry-run", "--list", "--out", str(out), "--",
+         "--data-dir", str(tree), "--no-download", "--device", "cpu", "--batch-size", "2",
+         "--workers", "0", "--log-every", "1"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    runs = [line.split(": ", 1) for line in listed.stdout.strip().splitlines()]
+    assert len(runs) == 18 and not out.exists()  # --list runs nothing
+    failed, seconds = [], {}
+    for name, line in runs:
+        launcher, script, *argv = shlex.split(line)
+        assert launcher == "python"
+        if script in ("vgg19.py", "googlenet.py", "overfeat.py", "yolo.py") and name != "nin":
+            argv += ["--width", "0.125"]
+        start = time.time()
+        r = command(script, argv)
+        seconds[name] = round(time.time() - start, 1)
+        if r.returncode != 0:
+            failed.append(f"{name}: {r.stderr.strip()[-500:]}")
+            continue
+        said = r.stdout
+        res = json.load(open(out / "runs" / name / "results.json"))
+        want = re.search(r"--data (\S+)", line).group(1)
+        if (res["config"]["dry_run"] is not True or res["data"] != want or
+                "step 3/" in said or not re.search(r" step 2/2 ", said) or
+                not (out / "runs" / name / "checkpoint.pt").exists()):
+            failed.append(f"{name}: not a dry run of {want} (data {res['data']}, "
+                          f"config {res['config'].get('dry_run')})")
+    print(seconds)
+    assert not failed, "\n".join(failed)
 
 
 def test_run_all_rejects_unknown_names_and_flags(tmp_path):
