@@ -294,6 +294,7 @@ def test_bad_input_is_a_one_line_error(tmp_path):
                   "--device", "cpu", "--limit", "2", "--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_quick_network_learns_a_fixed_batch_of_shapes_seg():
     # The --quick network (batch norm, width 1/16), Adam 1e-3 as --quick: on 8 fixed 64 px
     # scenes the pixel loss falls by 3x and the shapes are found (mean IU over the batch well

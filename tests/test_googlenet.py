@@ -205,6 +205,7 @@ def run(tmp_path, name, *extra):
                            "--log-every", "100000", *extra]), out
 
 
+@pytest.mark.slow
 def test_overfits_one_fixed_batch_with_the_auxiliary_losses():
     # The learning check that fits in CPU-test time: 40 SGD steps on one batch of 16 shapes
     # images bring the §5 loss (main + 0.3 x two auxiliaries) down by a factor of 3. (A --quick

@@ -398,6 +398,7 @@ def test_bad_input_is_a_one_line_error():
         assert r.stderr.startswith("overfeat.py: error: ")
 
 
+@pytest.mark.slow
 def test_localisation_regressor_beats_the_mean_box(tmp_path):
     # §4 on shapes-det: frozen features (here untrained, He-init: --epochs 0, since quick
     # classification does not leave chance), the class-agnostic regressor trained 2 epochs, boxes

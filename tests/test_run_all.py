@@ -90,7 +90,7 @@ def paper_trees(root):
     images = {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 0)]),
               "000002": (50, 40, [("car", 1, 1, 50, 40, 0)]),
               "000003": (56, 44, [("cat", 10, 8, 50, 40, 0)]),
-              "000004": (48, 64, [("bird", 4, 4, 40, 60, 0)])}  # FCN's batch 2: 2 steps
+              "000004": (48, 64, [("bird", 4, 4, 40, 60, 0)])}
     for year, image_set in (("2007", "trainval"), ("2007", "test"), ("2012", "trainval")):
         write_voc(root, year, image_set, images)
     for image_set in ("train", "val"):
@@ -102,10 +102,10 @@ def test_every_paper_runs_dry_run_reads_its_real_data_format(tmp_path, monkeypat
     # `bash run_all.sh --dry-run`'s own command lines (--list), each run in process (a new
     # python costs ~6 s here) on tiny trees in the papers' real formats: the real loaders and
     # transforms, the paper's recipe and test protocol, 2 steps per stage, 2 test batches,
-    # the checkpoint read back, results.json written. For this CPU: batch 2, and --width 0.125
-    # for the four networks whose paper test is minutes here at full width (VGG-19's dense
-    # multi-scale test, GoogLeNet's 144 crops, OverFeat's 6-scale test, YOLO at 448 after its
-    # ImageNet pre-training); the --pretrained runs (SSD, FCN-32s, the fine-tuning) read
+    # the checkpoint read back, results.json written. For this CPU: batch 2 (FCN: its paper's
+    # 1), and --width 0.125 for the four networks whose paper test is minutes here at full
+    # width (VGG-19's dense multi-scale test, GoogLeNet's 144 crops, OverFeat's 6-scale test,
+    # YOLO at 448 after its ImageNet pre-training); the --pretrained runs (SSD, FCN-32s, the fine-tuning) read
     # torchvision-layout weights of random values from the hub cache (no download), at width 1.
     tree = tmp_path / "data"
     paper_trees(tree)
@@ -131,6 +131,8 @@ def test_every_paper_runs_dry_run_reads_its_real_data_format(tmp_path, monkeypat
         assert launcher == "python"
         if script in ("vgg19.py", "googlenet.py", "overfeat.py", "yolo.py") and name != "nin":
             argv += ["--width", "0.125"]
+        if script == "fcn.py":
+            argv += ["--batch-size", "1"]  # FCN's own (the paper's), at 134M parameters
         start = time.time()
         r = command(script, argv)
         seconds[name] = round(time.time() - start, 1)
