@@ -238,6 +238,36 @@ def test_photometric_distortion_is_the_releases():
     assert distort.transform(grey, params).unique().tolist() == [125]
 
 
+def test_iou_crop_search_draws_and_decides_as_torchvisions():
+    # IoUCropIfBoxes's own search (numpy checks per trial) against v2.RandomIoUCrop's, from the
+    # same seed: the same crop (or none), the same boxes kept, the same random state after it;
+    # 400 random canvases and boxes, integer corners in a third of them; an image without boxes
+    # is left as it is.
+    from torchvision.transforms import v2
+    ours, theirs = ssd.IoUCropIfBoxes(), v2.RandomIoUCrop()
+    g = torch.Generator().manual_seed(0)
+    for k in range(400):
+        h, w = (int(torch.randint(40, 1500, (1,), generator=g)) for _ in range(2))
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * 0.9
+        wh = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) * 0.5 + 1
+        boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w, h]))], 1)
+        boxes = tv_tensors.BoundingBoxes(boxes.round() if k % 3 == 0 else boxes, format="XYXY",
+                                         canvas_size=(h, w))
+        image = tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8))
+        params = []
+        for crop in (ours, theirs):
+            torch.manual_seed(k)
+            params.append((crop.make_params([image, boxes]), torch.rand(1)))
+        (a, after_a), (b, after_b) = params
+        assert a.keys() == b.keys() and torch.equal(after_a, after_b), k
+        for key in a:
+            assert torch.equal(a[key], b[key]) if key == "is_within_crop_area" else a[key] == b[key]
+    none = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY",
+                                              canvas_size=(40, 50)), "labels": torch.zeros(0)}
+    assert ours(image, none)[0] is image
+
+
 def test_voc_training_set_keeps_difficult_objects_for_ssd_only_when_asked(tmp_path):
     images = {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 1)])}
     write_voc(str(tmp_path), "2007", "trainval", images)

@@ -224,6 +224,49 @@ def test_lr_schedule_fractions():
     assert yolo.lr_factor(80 / 135) == 0.1 and yolo.lr_factor(110 / 135) == 0.01
 
 
+def test_fast_augmentation_kernels_equal_torchvisions():
+    # ScaleTranslate and ExposureSaturation draw as v2.RandomAffine and v2.ColorJitter do and
+    # must give the same pixels and boxes: over 120 draws on uint8 images of several sizes,
+    # square and not, with boxes pushed partly outside.
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    g = torch.Generator().manual_seed(0)
+    for k in range(120):
+        h, w = [(448, 448), (300, 300), (375, 500), (64, 48)][k % 4]
+        image = tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        boxes = tv_tensors.BoundingBoxes([[0, 0, w // 2, h // 3], [w // 4, h // 5, w, h]],
+                                         format="XYXY", canvas_size=(h, w))
+        pairs = ((yolo.ScaleTranslate((0.2, 0.2), (0.8, 1.2)),
+                  v2.RandomAffine(degrees=0, translate=(0.2, 0.2), scale=(0.8, 1.2))),
+                 (yolo.ExposureSaturation(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5)),
+                  v2.ColorJitter(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5))))
+        for ours, theirs in pairs:
+            torch.manual_seed(k)
+            a = ours(image, boxes)
+            torch.manual_seed(k)
+            b = theirs(image, boxes)
+            assert type(a[0]) is tv_tensors.Image and a[0].dtype == torch.uint8
+            assert torch.equal(a[0], b[0]), (k, type(ours).__name__)
+            assert torch.equal(a[1], b[1])
+    # the whole training chain, on a real-format sample: the same as with torchvision's classes
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=g))
+    target = {"boxes": tv_tensors.BoundingBoxes([[5, 6, 30, 40]], format="XYXY",
+                                                canvas_size=(48, 64)), "labels": torch.tensor([3])}
+    ours = yolo.train_transforms(64)
+    theirs = v2.Compose([v2.RandomAffine(degrees=0, translate=(0.2, 0.2), scale=(0.8, 1.2))
+                         if isinstance(t, yolo.ScaleTranslate) else
+                         v2.ColorJitter(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5))
+                         if isinstance(t, yolo.ExposureSaturation) else t
+                         for t in ours.transforms])
+    assert [type(t) for t in theirs.transforms] != [type(t) for t in ours.transforms]
+    for seed in range(10):
+        torch.manual_seed(seed)
+        a = ours(image, target)
+        torch.manual_seed(seed)
+        b = theirs(image, target)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
+
+
 def test_overfit_one_batch():
     ds = data.detection_dataset("shapes-det", "train", quick=True)
     s = yolo.YoloSet(ds, yolo.train_transforms(64, augment=False), 4, 6)
