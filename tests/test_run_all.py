@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 import metrics
-from conftest import command, voc_xml, write_cifar10, write_mnist, write_voc  # noqa: F401
+from conftest import command, write_cifar10, write_mnist, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

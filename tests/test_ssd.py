@@ -7,7 +7,6 @@ import math
 import os
 import re
 import shutil
-import sys
 
 import pytest
 import torch
