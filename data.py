@@ -741,6 +741,39 @@ class PCAColour(v2.Transform):
                                           self.eigvec, alpha), like=inpt)
 
 
+class ColorJitterU8(v2.ColorJitter):
+    """v2.ColorJitter: the same random draws, order and output, with its brightness, contrast
+    and saturation steps on uint8 RGB images done by float32 kernels (torchvision's uint8
+    kernels multiply uint8 by float, ~3x slower here: `python bench/bench_input.py --steps`).
+    Each step is torchvision's formula, rounded down to an integer as its uint8 result is; the
+    hue step and other inputs go to torchvision's kernels. Tested equal to v2.ColorJitter."""
+
+    def transform(self, inpt, params):
+        if type(inpt) is not tv_tensors.Image or inpt.dtype != torch.uint8 or inpt.shape[-3] != 3:
+            return super().transform(inpt, params)
+
+        def grey(x):  # torchvision's luma of a uint8 image, floored
+            r, g, b = x.unbind(dim=-3)
+            return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).floor_().unsqueeze(-3)
+
+        def blend(x, other, ratio):
+            return x.mul(ratio).add_(other, alpha=1.0 - ratio).clamp_(0, 255).floor_()
+        x = inpt.as_subclass(torch.Tensor).float()
+        for step in params["fn_idx"].tolist():
+            factor = params[("brightness", "contrast", "saturation", "hue")[step] + "_factor"]
+            if factor is None:
+                continue
+            if step == 0:
+                x = x.mul_(factor).clamp_(0, 255).floor_()
+            elif step == 1:
+                x = blend(x, grey(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+            elif step == 2:
+                x = blend(x, grey(x), factor)
+            else:
+                x = v2.functional.adjust_hue(x.to(torch.uint8), factor).float()
+        return tv_tensors.wrap(x.to(torch.uint8), like=inpt)
+
+
 def classification_transforms(name, train, mean, std, size=None, square=False):
     """The per-sample (PIL/tensor) pipeline for a classification set.
 

@@ -383,7 +383,7 @@ def imagenet_train_transform(size=224):
     AlexNet's lighting noise)."""
     return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.08, 1.0),
                                                           ratio=(3 / 4, 4 / 3), antialias=True),
-                       v2.RandomHorizontalFlip(), v2.ColorJitter(0.5, 0.5, 0.5),
+                       v2.RandomHorizontalFlip(), data.ColorJitterU8(0.5, 0.5, 0.5),
                        v2.ToDtype(torch.float32, scale=True), data.PCAColour(),
                        v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 

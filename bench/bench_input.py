@@ -1,7 +1,9 @@
 """Images/s per CPU core of every paper's training and test input pipeline on real JPEGs: the
-old path (PIL decodes, then the chain) against the new one (torchvision.io decodes to a uint8
-tensor, then the same chain), in the same run; and the cores each would need to feed a GPU at
-its published training rate. With --device cuda, also the --gpu-decode path (the workers only
+old path (PIL decodes, then the chain with torchvision's augmentation kernels) against the new
+one (torchvision.io decodes to a uint8 tensor, then the same chain with the faster kernels of
+yolo.ScaleTranslate, data.ColorJitterU8 and ssd.IoUCropIfBoxes: the same draws and outputs),
+in the same run; and the cores each would need to feed a GPU at its published training rate.
+With --device cuda, also the --gpu-decode path (the workers only
 read the files; decode_jpeg and the chain run on the GPU).
 
     python bench/bench_input.py                      # CPU, one core: the table of the README
@@ -117,7 +119,7 @@ def rate(ds, n, seconds):
 
 
 def per_core(sets, n, seconds):
-    """{chain: {split: {"pil", "tensor", "speedup"}}}: the old decoder and the new one, each
+    """{chain: {split: {"pil", "tensor", "speedup"}}}: the old path and the new one, each
     chain's sets timed back to back in the order old, new, old, new, the better of each pair
     kept (one timing alone moved by up to 1.5x between runs here)."""
     out = {}
@@ -126,9 +128,9 @@ def per_core(sets, n, seconds):
         for split, ds in (("train", train), ("test", test)):
             old = new = 0.0
             for _ in range(2):
-                data.load_image = pil_load
+                old_path(True)
                 old = max(old, rate(ds, n, seconds))
-                data.load_image = NEW_LOAD
+                old_path(False)
                 new = max(new, rate(ds, n, seconds))
             out[name][split] = {"pil": old, "tensor": new, "speedup": new / old}
             print(f"{name:9s} {split:5s}  PIL {old:6.1f}  tensor {new:6.1f} img/s per core  "
@@ -215,6 +217,19 @@ def step_times(sets, n=20):
 
 
 NEW_LOAD = data.load_image
+# The old path's augmentation kernels: torchvision's own, in place of the faster ones written
+# since (the same draws and outputs, tested in tests/): swapped in together with the decoder.
+KERNELS = [(yolo.ScaleTranslate, "transform", v2.RandomAffine.transform),
+           (data.ColorJitterU8, "transform", v2.ColorJitter.transform),
+           (ssd.IoUCropIfBoxes, "make_params", v2.RandomIoUCrop.make_params)]
+OURS = [cls.__dict__[name] for cls, name, _ in KERNELS]
+
+
+def old_path(old):
+    """Switch between the old path (PIL, torchvision's kernels) and the new one."""
+    data.load_image = pil_load if old else NEW_LOAD
+    for (cls, name, theirs), ours in zip(KERNELS, OURS):
+        setattr(cls, name, theirs if old else ours)
 
 
 def main(argv=None):

@@ -172,6 +172,32 @@ def brightness_inside(image, box):
     return x[inside].mean(), x[~inside].mean() if (~inside).any() else x[inside].mean() - 10
 
 
+def test_uint8_colour_jitter_equals_torchvisions():
+    # data.ColorJitterU8 (GoogLeNet's and YOLO's jitter): v2.ColorJitter's draws, order and
+    # pixels, for each step alone and all four together, on uint8 images with grey and
+    # saturated pixels; float images go to torchvision's kernels.
+    g = torch.Generator().manual_seed(0)
+    for k in range(40):
+        h, w = [(224, 224), (37, 50)][k % 2]
+        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        image[:, :5] = image[0, :5]   # grey rows
+        image[:, -3:] = 255           # white rows
+        image = tv_tensors.Image(image)
+        settings = [dict(brightness=0.5), dict(contrast=0.5), dict(saturation=0.5),
+                    dict(hue=0.1), dict(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.1)]
+        for kw in settings:
+            torch.manual_seed(k)
+            ours = data.ColorJitterU8(**kw)(image)
+            torch.manual_seed(k)
+            theirs = v2.ColorJitter(**kw)(image)
+            assert type(ours) is tv_tensors.Image and torch.equal(ours, theirs), (k, kw)
+    x = tv_tensors.Image(torch.rand(3, 8, 8))
+    torch.manual_seed(0)
+    ours = data.ColorJitterU8(0.5, 0.5, 0.5)(x)
+    torch.manual_seed(0)
+    assert torch.equal(ours, v2.ColorJitter(0.5, 0.5, 0.5)(x))
+
+
 @pytest.mark.parametrize("chain", ["ssd", "yolo"])
 def test_detection_chains_keep_the_box_on_its_object(tmp_path, chain):
     # 40 seeds of the paper's augmentation (zoom-out, IoU crop, flips, affine, colour): where

@@ -225,7 +225,7 @@ def test_lr_schedule_fractions():
 
 
 def test_fast_augmentation_kernels_equal_torchvisions():
-    # ScaleTranslate and ExposureSaturation draw as v2.RandomAffine and v2.ColorJitter do and
+    # ScaleTranslate and data.ColorJitterU8 draw as v2.RandomAffine and v2.ColorJitter do and
     # must give the same pixels and boxes: over 120 draws on uint8 images of several sizes,
     # square and not, with boxes pushed partly outside.
     from torchvision import tv_tensors
@@ -238,7 +238,7 @@ def test_fast_augmentation_kernels_equal_torchvisions():
                                          format="XYXY", canvas_size=(h, w))
         pairs = ((yolo.ScaleTranslate((0.2, 0.2), (0.8, 1.2)),
                   v2.RandomAffine(degrees=0, translate=(0.2, 0.2), scale=(0.8, 1.2))),
-                 (yolo.ExposureSaturation(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5)),
+                 (data.ColorJitterU8(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5)),
                   v2.ColorJitter(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5))))
         for ours, theirs in pairs:
             torch.manual_seed(k)
@@ -256,7 +256,7 @@ def test_fast_augmentation_kernels_equal_torchvisions():
     theirs = v2.Compose([v2.RandomAffine(degrees=0, translate=(0.2, 0.2), scale=(0.8, 1.2))
                          if isinstance(t, yolo.ScaleTranslate) else
                          v2.ColorJitter(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5))
-                         if isinstance(t, yolo.ExposureSaturation) else t
+                         if isinstance(t, data.ColorJitterU8) else t
                          for t in ours.transforms])
     assert [type(t) for t in theirs.transforms] != [type(t) for t in ours.transforms]
     for seed in range(10):
