@@ -551,7 +551,7 @@ def detection_records(result, classes, points=200):
 # but for the tests of the pictures themselves, to keep ~100 runs from drawing 2-3 figures each)
 def draw_run_pictures(record, folder):
     """curves.png (training losses, validation/test measures and the learning rate per epoch,
-    from the history), confusion.png (classifiers, <= 100 classes), roc.png (two classes) and
+    from the history), confusion.png (classifiers, <= 100 classes; not FCN's pixel counts), roc.png (two classes) and
     pr.png (detectors' precision-recall per class), as the record holds them. Needs
     matplotlib (requirements.txt); without it one line says so and nothing is drawn."""
     if os.environ.get("REPRO_NO_PLOTS") == "1":
@@ -565,7 +565,9 @@ def draw_run_pictures(record, folder):
     for name, draw, key in (("curves", plot_curves, "history"),
                             ("confusion", plot_confusion, "confusion"),
                             ("roc", plot_roc, "roc"), ("pr", plot_pr, "pr")):
-        if record.get(key):
+        # a classifier's confusion is {"classes", "counts"} (class_records); FCN's pixel
+        # confusion matrix, a bare list, is not drawn
+        if record.get(key) and (key != "confusion" or isinstance(record[key], dict)):
             path = os.path.join(folder, f"{name}.png")
             fig = draw(Figure, record)
             if fig is not None:

@@ -107,6 +107,8 @@ def test_every_paper_runs_dry_run_reads_its_real_data_format(tmp_path, monkeypat
     # width (VGG-19's dense multi-scale test, GoogLeNet's 144 crops, OverFeat's 6-scale test,
     # YOLO at 448 after its ImageNet pre-training); the --pretrained runs (SSD, FCN-32s, the fine-tuning) read
     # torchvision-layout weights of random values from the hub cache (no download), at width 1.
+    # With its pictures, as a user's run draws them (an FCN run once failed there alone).
+    monkeypatch.delenv("REPRO_NO_PLOTS")
     tree = tmp_path / "data"
     paper_trees(tree)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
@@ -144,7 +146,8 @@ def test_every_paper_runs_dry_run_reads_its_real_data_format(tmp_path, monkeypat
         want = re.search(r"--data (\S+)", line).group(1)
         if (res["config"]["dry_run"] is not True or res["data"] != want or
                 "step 3/" in said or not re.search(r" step 2/2 ", said) or
-                not (out / "runs" / name / "checkpoint.pt").exists()):
+                not (out / "runs" / name / "checkpoint.pt").exists() or
+                not (out / "runs" / name / "curves.png").exists()):
             failed.append(f"{name}: not a dry run of {want} (data {res['data']}, "
                           f"config {res['config'].get('dry_run')})")
     print(seconds)
