@@ -551,9 +551,9 @@ def detection_records(result, classes, points=200):
 # but for the tests of the pictures themselves, to keep ~100 runs from drawing 2-3 figures each)
 def draw_run_pictures(record, folder):
     """curves.png (training losses, validation/test measures and the learning rate per epoch,
-    from the history), confusion.png (classifiers, <= 100 classes; not FCN's pixel counts), roc.png (two classes) and
-    pr.png (detectors' precision-recall per class), as the record holds them. Needs
-    matplotlib (requirements.txt); without it one line says so and nothing is drawn."""
+    from the history), confusion.png (classifiers, <= 100 classes; not FCN's pixel counts),
+    roc.png (two classes) and pr.png (detectors' precision-recall per class), as the record
+    holds them. Needs matplotlib (requirements.txt); without it one line says so and nothing is drawn."""
     if os.environ.get("REPRO_NO_PLOTS") == "1":
         return []
     try:
