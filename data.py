@@ -1887,6 +1887,72 @@ def set_kernels(device, deterministic):
     torch.backends.cudnn.allow_tf32 = not deterministic  # PyTorch's default: on
 
 
+# Layers whose PyTorch kernels have no deterministic CUDA backward (torch.use_deterministic_
+# algorithms' list: AvgPool3d, which LocalResponseNorm uses, and AdaptiveAvgPool2d), written with
+# ops that have one. Several scripts' networks use them; their state_dicts are unchanged.
+
+class LocalResponseNorm(torch.nn.Module):
+    """nn.LocalResponseNorm across channels (AlexNet §3.3, GoogLeNet's Table 1), b = a / (k +
+    alpha/n sum_{j in n channels} a_j^2)^beta, with the channel window summed by avg_pool2d
+    instead of torch's avg_pool3d (whose CUDA backward is not deterministic): the same numbers
+    (tests/test_runtime.py). It computes in float32 under --amp: squares of fp16 activations
+    overflow above 255, and bf16's 8 bits of mantissa blur the window's sum."""
+
+    def __init__(self, size, alpha=1e-4, beta=0.75, k=1.0):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            a = x.float()
+            n, c = a.shape[:2]
+            div = F.pad(a.mul(a).reshape(n, 1, c, -1), (0, 0, self.size // 2, (self.size - 1) // 2))
+            div = F.avg_pool2d(div, (self.size, 1), stride=1).reshape(a.shape)
+            return (a / div.mul(self.alpha).add(self.k).pow(self.beta)).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+def _pool_matrix(n_in, n_out, dtype, device):
+    """(n_out, n_in) rows of adaptive average pooling along one axis: row i averages the inputs
+    [floor(i n_in / n_out), ceil((i + 1) n_in / n_out)), as F.adaptive_avg_pool2d."""
+    i = torch.arange(n_out)
+    lo, hi = (i * n_in) // n_out, ((i + 1) * n_in + n_out - 1) // n_out
+    j = torch.arange(n_in)
+    m = ((j >= lo[:, None]) & (j < hi[:, None])).to(torch.float64)
+    return (m / m.sum(1, keepdim=True)).to(device=device, dtype=dtype)
+
+
+def adaptive_avg_pool2d(x, size, deterministic=None):
+    """F.adaptive_avg_pool2d(x, size) that trains under --deterministic on CUDA: the input itself
+    when it already has that size (AlexNet's 6x6 and GoogLeNet's aux 4x4 at 224), the mean for
+    1x1, and otherwise, when deterministic kernels are asked for on CUDA, the same averages as
+    two small matmuls (A_h x A_w^T, each row of A one output's window): deterministic, equal to
+    torch's kernel up to float rounding. `deterministic`: None follows
+    torch.are_deterministic_algorithms_enabled() on CUDA."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if size == (1, 1):
+        return x.mean((-2, -1), keepdim=True)
+    if deterministic is None:
+        deterministic = x.is_cuda and torch.are_deterministic_algorithms_enabled()
+    if not deterministic:
+        return F.adaptive_avg_pool2d(x, size)
+    a_h = _pool_matrix(x.shape[-2], size[0], x.dtype, x.device)
+    a_w = _pool_matrix(x.shape[-1], size[1], x.dtype, x.device)
+    return torch.matmul(torch.matmul(a_h, x), a_w.t())
+
+
+class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
+    """nn.AdaptiveAvgPool2d through `adaptive_avg_pool2d` (same name, no parameters: torchvision's
+    state_dicts load unchanged)."""
+
+    def forward(self, x):
+        return adaptive_avg_pool2d(x, self.output_size)
+
+
 class FirstBatches:
     """The first `n` batches of a loader (`--dry-run`); everything else (set_epoch, dataset,
     sampler) is the loader's own."""

@@ -388,12 +388,14 @@ def classification_report(out, target, num_classes, views=None):
 
 def global_mean(total, n, device="cpu"):
     """total / n over every torchrun rank's (total, n), as one process would compute it (each rank's
-    own mean in a single process)."""
+    own mean in a single process). `total` may be a tensor on the device (read here: one host
+    sync)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([float(total), float(n)], dtype=torch.float64, device=device)
+        t = torch.stack([torch.as_tensor(total, dtype=torch.float64, device=device).reshape(()),
+                         torch.tensor(float(n), dtype=torch.float64, device=device)])
         torch.distributed.all_reduce(t)
         total, n = t.tolist()
-    return total / max(n, 1)
+    return float(total) / max(n, 1)
 
 
 class Diverged(ValueError):
@@ -404,7 +406,13 @@ class Diverged(ValueError):
 class Progress:
     """One line every `every` steps: epoch, step, loss (mean since the last line), learning rate,
     images/s and the time left for the whole run. Pass `enabled=False` on non-main ranks.
-    Every step's loss is checked: a NaN or infinite one raises `Diverged`, naming the step."""
+
+    `step` takes the step's loss as the 0-dim tensor the loss function returned, left on its
+    device: reading it (`.item()`) at every step is a host sync that stalls the GPU's queue, and
+    the small in-memory nets become launch-bound. The losses are read once per line (every
+    `every` steps) and at the epoch's end, all at once; a NaN or infinite one then raises
+    `Diverged`, naming its step, before the epoch's checkpoint is written. `epoch_loss()` ends
+    the epoch: the mean training loss over every rank's samples (weighted by `step`'s `n`)."""
 
     def __init__(self, steps_per_epoch, epochs, every=100, start_epoch=0, enabled=True,
                  out=None, model=None):
@@ -412,41 +420,70 @@ class Progress:
         self.remaining = (epochs - start_epoch) * steps_per_epoch
         self.enabled, self.out = enabled, out  # None: sys.stdout as it is when printing
         self.step_in_epoch, self.epoch = 0, start_epoch
-        self.loss_sum, self.loss_n, self.images = 0.0, 0, 0
+        self.window, self.images = [], 0  # the losses since the last line, unread
+        self.epoch_sum, self.epoch_n, self.device = 0.0, 0, "cpu"
         self.start = self.last = time.perf_counter()
         self.done, self.lr = 0, None
         self.model = model  # its weights are checked at the end of every epoch and of the run
 
-    def step(self, images, loss, lr, epoch):
+    def step(self, images, loss, lr, epoch, n=None):
+        """`images`: this step's images over every rank (the throughput); `loss`: this rank's
+        mean loss of the step (a tensor, or a number); `n`: this rank's samples, its weight in
+        `epoch_loss` (default: images)."""
         self.lr = lr  # the last step's, for the epoch's row of the history (curves.png)
         if epoch != self.epoch:
             self.epoch, self.step_in_epoch = epoch, 0
         self.step_in_epoch += 1
         self.done += 1
-        if not math.isfinite(loss):
-            raise Diverged(f"the loss became {loss} at epoch {epoch + 1} step "
-                           f"{self.step_in_epoch}; the run stopped and wrote no results (a "
-                           f"checkpoint already in its folder is as it was): lower --lr (now "
-                           f"{lr:g}) or check the input data")
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach().float().reshape(())
+            self.device = loss.device
+        n = images if n is None else n
+        self.window.append(loss)
+        self.epoch_sum, self.epoch_n = self.epoch_sum + loss * n, self.epoch_n + n
+        self.images += images
         last = self.step_in_epoch == self.steps_per_epoch or self.done == self.remaining
+        if self.step_in_epoch % self.every == 0 or last:
+            self._line(epoch)
         if last and self.model is not None:  # the loss of a step is that of the weights before it
             norms = torch._foreach_norm([p.detach() for p in self.model.parameters()])
             if not torch.isfinite(torch.stack(norms).sum()):
                 raise Diverged(f"the weights became non-finite in epoch {epoch + 1} (the loss "
                                f"was still finite); the run stopped before writing this epoch's "
                                f"checkpoint or any results: lower --lr (now {lr:g})")
-        self.loss_sum, self.loss_n, self.images = self.loss_sum + loss, self.loss_n + 1, \
-            self.images + images
-        if self.step_in_epoch % self.every == 0 or self.step_in_epoch == self.steps_per_epoch:
-            now = time.perf_counter()
-            rate = self.images / max(now - self.last, 1e-9)
-            eta = (now - self.start) / self.done * (self.remaining - self.done)
-            if self.enabled:
-                print(f"epoch {epoch + 1}/{self.epochs} step {self.step_in_epoch}/"
-                      f"{self.steps_per_epoch} loss {self.loss_sum / self.loss_n:.4f} lr {lr:.3g} "
-                      f"{rate:,.0f} img/s eta {datetime.timedelta(seconds=round(eta))}",
-                      file=self.out or sys.stdout, flush=True)
-            self.loss_sum, self.loss_n, self.images, self.last = 0.0, 0, 0, now
+
+    def _line(self, epoch):
+        """Read the window's losses (one host sync), stop at a non-finite one, print the line."""
+        if not self.window:
+            return
+        losses = [float(v) for v in torch.stack([torch.as_tensor(v, dtype=torch.float32,
+                                                                 device=self.device)
+                                                 for v in self.window]).tolist()]
+        first = self.step_in_epoch - len(losses) + 1
+        for k, v in enumerate(losses):
+            if not math.isfinite(v):
+                raise Diverged(f"the loss became {v} at epoch {epoch + 1} step {first + k}; the "
+                               f"run stopped and wrote no results (a checkpoint already in its "
+                               f"folder is as it was): lower --lr (now {self.lr:g}) or check the "
+                               f"input data")
+        now = time.perf_counter()
+        rate = self.images / max(now - self.last, 1e-9)
+        eta = (now - self.start) / self.done * (self.remaining - self.done)
+        if self.enabled:
+            print(f"epoch {epoch + 1}/{self.epochs} step {self.step_in_epoch}/"
+                  f"{self.steps_per_epoch} loss {sum(losses) / len(losses):.4f} lr {self.lr:.3g} "
+                  f"{rate:,.0f} img/s eta {datetime.timedelta(seconds=round(eta))}",
+                  file=self.out or sys.stdout, flush=True)
+        self.window, self.images, self.last = [], 0, now
+
+    def epoch_loss(self):
+        """End the epoch: check the losses not yet read (an epoch cut short), then the mean
+        training loss of the epoch over every rank's samples (one host sync, an all-reduce
+        under torchrun)."""
+        self._line(self.epoch)
+        mean = global_mean(self.epoch_sum, self.epoch_n, self.device)
+        self.epoch_sum, self.epoch_n = 0.0, 0
+        return mean
 
 
 def _plain(x):

@@ -132,7 +132,6 @@ def count_parameters(model):
 
 def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progress):
     net.train()
-    total, n = 0.0, 0
     for x, y in loader:
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -142,9 +141,8 @@ def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progres
         scaler.scale(loss).backward()
         scaler.step(optimizer)  # parameters without a gradient (frozen) are skipped
         scaler.update()
-        total, n = total + loss.item() * len(y), n + len(y)
-        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return metrics.global_mean(total, n, device)  # over every rank's samples
+        progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch, n=len(y))
+    return progress.epoch_loss()  # the losses read here, over every rank's samples
 
 
 @torch.no_grad()

@@ -349,7 +349,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
     """At most `steps` iterations (the last epoch of an iteration budget is cut short); the
     scheduler steps after every iteration."""
     model.train()
-    total, n = 0.0, 0
     for i, (x, y) in enumerate(loader):
         if i >= steps:
             break
@@ -364,9 +363,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        total, n = total + loss.item() * len(y), n + len(y)
-        progress.step(len(y) * args.world, loss.item(), lr, epoch)
-    return metrics.global_mean(total, n, device)  # over every rank's samples
+        progress.step(len(y) * args.world, loss, lr, epoch, n=len(y))
+    return progress.epoch_loss()  # the losses read here, over every rank's samples
 
 
 @torch.no_grad()

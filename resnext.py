@@ -271,7 +271,6 @@ def imagenet_loaders(args, device):
 
 def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progress):
     model.train()
-    total, n = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
@@ -282,9 +281,8 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total, n = total + loss.item() * len(y), n + len(y)
-        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return metrics.global_mean(total, n, device)  # over every rank's samples
+        progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch, n=len(y))
+    return progress.epoch_loss()  # the losses read here, over every rank's samples
 
 
 @torch.no_grad()

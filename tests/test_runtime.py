@@ -49,16 +49,44 @@ def test_loader_and_logging_flags_out_of_range_are_one_line_errors(script, capsy
 # ---------------------------------------------------------------------------- divergence
 
 def test_progress_stops_at_the_first_non_finite_loss_naming_epoch_and_step():
+    # The losses stay tensors until a progress line or the epoch's end reads them all at once:
+    # a NaN at step 3 is found at the epoch's last step (5), still named as step 3, and before
+    # the epoch could end (so before its checkpoint).
     progress = metrics.Progress(5, 2, every=100, enabled=False)
     for _ in range(5):
-        progress.step(8, 1.0, 0.1, 0)
-    progress.step(8, 0.9, 0.1, 1)
-    progress.step(8, 0.8, 0.1, 1)
+        progress.step(8, torch.tensor(1.0), 0.1, 0)
+    assert progress.epoch_loss() == 1.0
+    progress.step(8, torch.tensor(0.9), 0.1, 1)
+    progress.step(8, torch.tensor(0.8), 0.1, 1)
+    progress.step(8, torch.tensor(math.nan), 0.1, 1)  # not read yet: no host sync per step
+    progress.step(8, torch.tensor(0.7), 0.1, 1)
     with pytest.raises(metrics.Diverged, match=r"loss became nan at epoch 2 step 3; .*lower --lr "
                                                r"\(now 0.1\)"):
-        progress.step(8, math.nan, 0.1, 1)
-    with pytest.raises(metrics.Diverged, match="loss became inf at epoch 1 step 1"):
-        metrics.Progress(5, 1, enabled=False).step(8, math.inf, 0.1, 0)
+        progress.step(8, torch.tensor(math.inf), 0.1, 1)
+    # a line every 2 steps reads them sooner; an epoch cut short is read by epoch_loss()
+    progress = metrics.Progress(5, 1, every=2, enabled=False)
+    progress.step(8, torch.tensor(1.0), 0.1, 0)
+    with pytest.raises(metrics.Diverged, match="loss became inf at epoch 1 step 2"):
+        progress.step(8, torch.tensor(math.inf), 0.1, 0)
+    progress = metrics.Progress(5, 1, enabled=False)
+    progress.step(8, torch.tensor(-math.inf), 0.1, 0)
+    with pytest.raises(metrics.Diverged, match="loss became -inf at epoch 1 step 1"):
+        progress.epoch_loss()
+
+
+def test_progress_reads_the_losses_once_per_line_and_weights_the_epoch_mean(monkeypatch):
+    # Every read of a device tensor is a host sync: Progress reads its window of losses with one
+    # .tolist() per line (counted here), never one .item() per step.
+    reads, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.numel()) or tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("a host sync per step"))
+    progress = metrics.Progress(10, 1, every=4, enabled=False)
+    for i in range(10):
+        progress.step(2 * (i + 1), torch.tensor(float(i)), 0.1, 0)
+    assert reads == [4, 4, 2]  # steps 4, 8 and the epoch's last: 3 reads for 10 steps
+    # the epoch's mean weights each step by its samples (n, default: its images)
+    assert progress.epoch_loss() == pytest.approx(sum(i * 2 * (i + 1) for i in range(10)) /
+                                                  sum(2 * (i + 1) for i in range(10)))
 
 
 def test_progress_checks_the_weights_at_the_end_of_each_epoch():
