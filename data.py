@@ -1914,6 +1914,12 @@ class LocalResponseNorm(torch.nn.Module):
         return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
 
 
+def deterministic_cuda(x):
+    """Whether `x` is computed under --deterministic on CUDA, where torch's kernels without a
+    deterministic backward raise (tests replace this function to take that path on a CPU)."""
+    return x.is_cuda and torch.are_deterministic_algorithms_enabled()
+
+
 def _pool_matrix(n_in, n_out, dtype, device):
     """(n_out, n_in) rows of adaptive average pooling along one axis: row i averages the inputs
     [floor(i n_in / n_out), ceil((i + 1) n_in / n_out)), as F.adaptive_avg_pool2d."""
@@ -1937,7 +1943,7 @@ def adaptive_avg_pool2d(x, size, deterministic=None):
     if size == (1, 1):
         return x.mean((-2, -1), keepdim=True)
     if deterministic is None:
-        deterministic = x.is_cuda and torch.are_deterministic_algorithms_enabled()
+        deterministic = deterministic_cuda(x)
     if not deterministic:
         return F.adaptive_avg_pool2d(x, size)
     a_h = _pool_matrix(x.shape[-2], size[0], x.dtype, x.device)
@@ -1951,6 +1957,19 @@ class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
 
     def forward(self, x):
         return adaptive_avg_pool2d(x, self.output_size)
+
+
+@contextlib.contextmanager
+def no_autotune():
+    """cuDNN autotuning off inside (restored after): where every batch has a new shape (FCN's
+    whole images at batch 1, the dense multi-scale tests of VGG and OverFeat) each new shape
+    would be benchmarked once and never reused, costing more than it gains."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 class FirstBatches:
