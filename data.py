@@ -24,6 +24,8 @@ This module imports only torch, torchvision, numpy and the standard library, and
 import argparse
 import collections
 import contextlib
+import functools
+import inspect
 import gzip
 import io
 import math
@@ -594,6 +596,42 @@ def _idx_folder(folder, train):
     return found
 
 
+def barrier():
+    """torch.distributed.barrier() under torchrun (on NCCL, on this process's GPU); nothing in a
+    single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        nccl = torch.distributed.get_backend() == "nccl"
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+
+
+def local_rank_zero_first(fetch):
+    """`fetch(..., download, ...)` (a function that may download or unpack a data set) run by
+    local rank 0 of each machine first, then, after a barrier, by the other ranks with
+    download=False: they read what it wrote. Without this, the first torchrun on a fresh box has
+    every rank download into the same files at once (torchvision writes the final paths
+    directly): corrupt archives. If rank 0 fails, the others fail too, on the missing files."""
+    signature = inspect.signature(fetch)
+
+    @functools.wraps(fetch)
+    def first(*args, **kwargs):
+        if distributed_info()[1] == 1:
+            return fetch(*args, **kwargs)
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if not leader:
+            barrier()
+            if "download" in call.arguments:
+                call.arguments["download"] = False
+        try:
+            return fetch(*call.args, **call.kwargs)
+        finally:
+            if leader:
+                barrier()
+    return first
+
+
+@local_rank_zero_first
 def _torchvision_classification(name, train, root, download):
     """MNIST, Fashion-MNIST (their idx files read by `read_idx`, which names a damaged file) or
     CIFAR (torchvision's reader): from --data-dir, else a system-installed copy, else downloaded
@@ -873,6 +911,7 @@ class _ImageList(FileImages):
         return (self.transform(image) if self.transform else image), label
 
 
+@local_rank_zero_first  # torchvision's ImageNet unpacks the archives on first use
 def imagenet_dataset(split, data_dir=None, transform=None):
     """ILSVRC-2012 from `DIR/imagenet/{train,val}/<wnid>/*.JPEG` (the usual folder tree; val sorted
     into class folders) or from the official archives in `DIR/imagenet` through torchvision's
@@ -1041,6 +1080,7 @@ class ImageNetBoxes(FileImages):
         return self.finish(image, target)
 
 
+@local_rank_zero_first
 def _voc_files(root, year, image_set, task, download):
     """(image paths, annotation paths) of one VOC split, downloading it with torchvision when absent."""
     cls = torchvision.datasets.VOCDetection if task == "detection" else \
@@ -1305,7 +1345,9 @@ class Seeded(Dataset):
     """A training set whose sample i of epoch e is drawn under the random state of
     (seed, epoch, i) (`EpochSampler` passes (i, e)): torch's generator, which torchvision's
     transforms use, is seeded for that one sample (in the main process inside a fork of it, so
-    the training's own random stream is untouched). Attributes pass through to the set."""
+    the training's own random stream is untouched). Only the CPU generator: torch.manual_seed
+    would also re-seed every CUDA generator (dropout's) at each sample. Attributes pass through
+    to the set."""
 
     def __init__(self, dataset, seed=0):
         self.dataset, self.seed = dataset, seed
@@ -1322,11 +1364,11 @@ class Seeded(Dataset):
         i, epoch = key
         state = (self.seed * 1_000_003 + epoch) * 1_000_003 + i
         if torch.utils.data.get_worker_info() is not None:  # a worker's own generator
-            torch.manual_seed(state)
+            torch.default_generator.manual_seed(state)
             sample = self.dataset[i]
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(state)
+                torch.default_generator.manual_seed(state)
                 sample = self.dataset[i]
         return (*sample, state) if is_encoded(sample) else sample  # --gpu-decode: seeded later
 
@@ -1388,7 +1430,7 @@ class DecodeOnDevice:
                     target = target.to(self.device)
                 if state:
                     with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(state[0])
+                        torch.default_generator.manual_seed(state[0])  # the CPU's alone
                         samples.append(self.apply(image, target))
                 else:
                     samples.append(self.apply(image, target))
@@ -1480,6 +1522,18 @@ def random_crop_flip(x, padding, flip=True, generator=None):
     return x
 
 
+def check_fits(nbytes, device, name, fix):
+    """A one-line DataError when `nbytes` asked into the memory of a CUDA `device` exceed what is
+    free there (with 10 % kept for the network and its activations)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > 0.9 * free:
+        raise DataError(f"{name} needs {nbytes / 2**30:.1f} GiB on {device}, which has "
+                        f"{free / 2**30:.1f} GiB free; {fix}")
+
+
 class DeviceLoader:
     """The whole set as one uint8 tensor on the training device, batched, normalised and augmented
     there: no per-sample Python, no host-to-device copy per batch (the lecture's remark that the
@@ -1490,12 +1544,19 @@ class DeviceLoader:
     Yields (float images normalised with mean/std, labels). `augment` is None or a dict
     {"padding": p, "flip": bool} for `random_crop_flip`. Shuffling is seeded by (seed, epoch) and,
     under torchrun, each rank takes its interleaved share of the same permutation, like
-    DistributedSampler (drop_last in training so that every rank has the same number of batches).
+    DistributedSampler (drop_last in training so that every rank has the same number of batches);
+    the augmentation's draws are seeded with the rank too (each rank's crops and flips its own).
+
+    Only the small sets go here (MNIST, Fashion-MNIST: 47 MB; CIFAR: 150 MB; shapes; uint8):
+    a set that would not fit in the device's free memory is refused with one line
+    (`check_fits`), and the file-backed sets (ImageNet, VOC, Cityscapes) never come here.
     """
 
     def __init__(self, images, labels, batch_size, train, device="cpu", mean=None, std=None,
-                 augment=None, seed=0, drop_last=None, shard=True):
+                 augment=None, seed=0, drop_last=None, shard=True, name="the data set"):
         self.device = torch.device(device)
+        check_fits(images.nbytes + labels.nbytes, self.device, name,
+                   "use a smaller --img-size or --limit, or run on a larger GPU")
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         c = images.shape[1]
@@ -1535,8 +1596,9 @@ class DeviceLoader:
     def __iter__(self):
         idx = self._indices()
         g = None
-        if self.augment:
-            g = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + self.epoch + 1)
+        if self.augment:  # rank r's own draws (rank 0's as a single process's)
+            g = torch.Generator(device=self.device).manual_seed(
+                self.seed * 100003 + self.epoch + 1 + 1_000_000_007 * self.rank)
         for b in range(len(self)):
             j = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[j].float().div_(255)
@@ -1599,13 +1661,15 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
         if augment is True:
             augment = augment_for(name)
         train = DeviceLoader(x, y, batch_size, True, device, mean, std, augment or None,
-                             seed=seed)
+                             seed=seed, name=f"{name}'s training images")
         n_train = len(y)
         if train_split == "train":
             x_val, y_val, _ = classification_arrays(name, "val", **kw)
-            val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std)
+            val = DeviceLoader(x_val, y_val, eval_batch_size, False, device, mean, std,
+                               name=f"{name}'s validation images")
             n_val = len(y_val)
-    test = DeviceLoader(x_test, y_test, eval_batch_size, False, device, mean, std)
+    test = DeviceLoader(x_test, y_test, eval_batch_size, False, device, mean, std,
+                        name=f"{name}'s test images")
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": x_test.shape[1],
             "image_size": x_test.shape[-1], "sizes": (n_train, n_val, len(y_test))}
     return train, val, test, info
@@ -2085,7 +2149,15 @@ def check_positive(args, *names):
 
 def select_device(device=None, cuda=False):
     """`--device` as given, `--cuda` (an error without a GPU: never a silent CPU run), else the
-    best available: cuda, then mps, then cpu. Under torchrun each process takes its LOCAL_RANK GPU."""
+    best available: cuda, then mps, then cpu. Under torchrun each process takes its LOCAL_RANK
+    GPU; `--device cuda:N` there (every rank on one GPU) and `--cuda` with a non-CUDA `--device`
+    are one-line errors."""
+    if cuda and device and not device.startswith("cuda"):
+        raise DataError(f"--cuda asks for a GPU and --device {device} for another device; drop "
+                        f"one of them")
+    if device and device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise DataError(f"--device {device} under torchrun would put every process on one GPU; "
+                        f"use --cuda (or --device cuda): each process takes its LOCAL_RANK GPU")
     if cuda or (device and device.startswith("cuda")):
         if not torch.cuda.is_available():
             raise DataError("--cuda/--device cuda given but no CUDA GPU is visible; drop the flag "
@@ -2120,18 +2192,34 @@ def caffe_param_groups(model, lr, weight_decay, bias_lr_mult=2.0):
              "weight_decay": 0.0}]
 
 
+@functools.lru_cache(maxsize=None)
+def amp_dtype(device):
+    """(dtype, why) of `--amp` on `device`: bf16 where the hardware has it (CPU; CUDA GPUs of
+    compute capability 8.0 and later), fp16 with loss scaling on older GPUs (V100, T4).
+    torch.cuda.is_bf16_supported() alone counts emulation, which would choose a bf16 that runs
+    far slower on those GPUs and never take the fp16 + GradScaler path."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.bfloat16, f"bf16 autocast on {device.type}"
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3: no emulation to count
+        native = torch.cuda.is_bf16_supported()
+    if native:
+        return torch.bfloat16, "bf16 autocast: the GPU computes in bf16"
+    return torch.float16, "fp16 autocast + loss scaling: the GPU has no bf16 units"
+
+
 def autocast(device, enabled):
-    """`--amp`: bf16 autocast where it is supported (CPU, recent GPUs), fp16 on older GPUs."""
-    dtype = torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        dtype = torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+    """`--amp`: autocast to `amp_dtype(device)`."""
+    return torch.autocast(device.type, dtype=amp_dtype(device)[0] if enabled else None,
+                          enabled=enabled)
 
 
 def grad_scaler(device, amp):
     """The loss scaler `--amp` needs: active only for fp16 (bf16 needs none)."""
-    return torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda"
-                                and not torch.cuda.is_bf16_supported())
+    return torch.amp.GradScaler(device.type, enabled=bool(amp) and
+                                amp_dtype(device)[0] == torch.float16)
 
 
 def init_distributed(device):
@@ -2204,6 +2292,7 @@ def error_line(e):
     return re.sub(r"^[\w.]*(DataError|ValueError): ", "", line)
 
 
+@local_rank_zero_first  # one download into the hub cache; the other ranks read it
 def torchvision_weights(weights):
     """The state_dict of a torchvision weights enum member (e.g. VGG16_Weights.IMAGENET1K_V1),
     downloaded once into the torch hub cache; offline, a one-line DataError naming the file and
@@ -2296,7 +2385,8 @@ def resume_training_state(path, arch, model, optimizer, scheduler, scaler):
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
                                        scheduler.lr_lambdas):
             group["lr"] = base * factor(scheduler.last_epoch)
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] and scaler.is_enabled():  # an fp16 run's; empty when it had none (bf16,
+        scaler.load_state_dict(state["scaler"])  # CPU): the scaler then starts afresh
     rngs = state["rng"]
     if isinstance(rngs, torch.Tensor):  # a checkpoint of an earlier version: rank 0's CPU state
         rngs = [{"cpu": rngs}]

@@ -452,3 +452,136 @@ def test_two_processes_killed_after_an_epoch_resume_to_the_uninterrupted_run(ddp
     b = torch.load(ddp_runs["resume-cut"] / "checkpoint.pt", weights_only=True)
     assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["cpu"], b["rng"][1]["cpu"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ---------------------------------------------------------------------------- the GPU box
+# What a CPU can show of the CUDA and torchrun paths (bench/gpu_check.py runs the rest on a GPU).
+
+def test_flag_combinations_that_cannot_work_on_a_gpu_box_are_one_line_errors(tmp_path,
+                                                                              monkeypatch):
+    with pytest.raises(data.DataError, match="--cuda asks for a GPU and --device cpu"):
+        data.select_device("cpu", cuda=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(data.DataError, match="--device cuda:1 under torchrun would put every "
+                                             "process on one GPU; use --cuda"):
+        data.select_device("cuda:1")
+    monkeypatch.delenv("WORLD_SIZE")
+    # before any data is read: the data set named here does not exist
+    for argv in (["--cuda", "--device", "cpu"], ["--gpu-decode", "--device", "cpu"]):
+        with pytest.raises(data.DataError, match="--cuda asks|--gpu-decode decodes on a CUDA"):
+            importlib.import_module("resnet").main(
+                ["--data", "imagenet", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r"),
+                 *argv])
+    assert not (tmp_path / "r").exists()
+
+
+def test_amp_takes_fp16_with_loss_scaling_where_bf16_is_only_emulated(monkeypatch):
+    # A V100 or T4: torch.cuda.is_bf16_supported() says True (emulation counts), the hardware
+    # has no bf16 units; amp must choose fp16 (and so the GradScaler), not a slow bf16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    data.amp_dtype.cache_clear()
+    try:
+        dtype, why = data.amp_dtype(torch.device("cuda:0"))
+        assert dtype == torch.float16 and "no bf16 units" in why
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+        data.amp_dtype.cache_clear()
+        assert data.amp_dtype(torch.device("cuda:0"))[0] == torch.bfloat16
+        assert data.amp_dtype(torch.device("cpu"))[0] == torch.bfloat16
+        assert not data.grad_scaler(torch.device("cpu"), True).is_enabled()
+    finally:
+        data.amp_dtype.cache_clear()
+
+
+def test_resuming_a_run_without_a_scaler_into_an_active_one(tmp_path):
+    # A bf16 (or CPU) run's checkpoint holds an empty scaler state; resumed on an fp16 GPU the
+    # scaler is active and must start afresh instead of refusing the empty state.
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    path = str(tmp_path / "checkpoint.pt")
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    data.save_training_state(path, "lin", model, opt, sched, off, 0, {"seed": 0}, [])
+    on = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 10)
+    assert data.resume_training_state(path, "lin", model, opt, sched, on)[0] == 1
+    assert on.get_scale() == 2.0 ** 10
+    # and an fp16 run's scale is taken back
+    on.load_state_dict({**on.state_dict(), "scale": 8.0})
+    data.save_training_state(path, "lin", model, opt, sched, on, 1, {"seed": 0}, [])
+    again = torch.amp.GradScaler("cpu", enabled=True)
+    data.resume_training_state(path, "lin", model, opt, sched, again)
+    assert again.get_scale() == 8.0
+
+
+def test_per_sample_seeding_leaves_the_cuda_generators_alone(monkeypatch):
+    # torch.manual_seed would re-seed every CUDA generator (dropout's) at every sample built in
+    # the main process; only the CPU generator is the sample's.
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    ds = data.Seeded(torch.utils.data.TensorDataset(torch.arange(4)), seed=3)
+    x = [ds[(i, 0)] for i in range(4)]
+    assert seeded == [] and [int(v[0]) for v in x] == [0, 1, 2, 3]
+
+
+def test_device_loader_augments_each_torchrun_rank_with_its_own_draws(monkeypatch):
+    # Eight copies of one image: whatever indices a rank takes, its batch differs from another
+    # rank's only by the augmentation's draws; those must be the rank's own (rank 0's the same
+    # as a single process's).
+    image = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8).repeat(8, 1, 1, 1)
+    labels = torch.zeros(8, dtype=torch.long)
+    batches = {}
+    for rank, world in ((0, 1), (0, 2), (1, 2)):
+        monkeypatch.setattr(data, "distributed_info", lambda r=rank, w=world: (r, w))
+        loader = data.DeviceLoader(image, labels, 4, True, augment={"padding": 2, "flip": True})
+        batches[rank, world] = next(iter(loader))[0]
+    assert torch.equal(batches[0, 1], batches[0, 2])
+    assert not torch.equal(batches[0, 2], batches[1, 2])
+
+
+def test_a_set_too_large_for_the_device_is_one_line_naming_its_bytes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 2 ** 30, 80 * 2 ** 30))
+    data.check_fits(2 ** 30, torch.device("cuda:0"), "cifar10's training images", "fix")
+    with pytest.raises(data.DataError, match=r"cifar10's training images needs 3.0 GiB on cuda:0, "
+                                             r"which has 2.0 GiB free; use a smaller"):
+        data.check_fits(3 * 2 ** 30, torch.device("cuda:0"), "cifar10's training images",
+                        "use a smaller --img-size")
+    data.check_fits(10 ** 12, torch.device("cpu"), "anything", "fix")  # the host: not checked
+
+
+DOWNLOAD_DRIVER = """
+import os, sys, time
+import torchvision
+sys.path.insert(0, {root!r})
+import data
+sys.path.insert(0, {tests!r})
+from conftest import write_mnist
+
+def download(self):  # a slow fake of torchvision's download, in MNIST's real format
+    with open(os.path.join({log!r}), "a") as f:
+        f.write(os.environ["RANK"] + "\\n")
+    time.sleep(2)
+    write_mnist({root_data!r}, n_train=12, n_test=4)
+
+torchvision.datasets.MNIST.download = download
+torch = data.torch
+torch.distributed.init_process_group("gloo")
+ds = data._torchvision_classification("mnist", True, {root_data!r}, True)
+print("RANK", os.environ["RANK"], "LEN", len(ds.targets))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_the_first_torchrun_downloads_a_data_set_once(tmp_path):
+    # Two gloo processes on a fresh box: local rank 0 downloads, the other waits at a barrier
+    # and reads what it wrote (every rank downloading into the same files corrupts them).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log, driver = tmp_path / "downloads.txt", tmp_path / "driver.py"
+    driver.write_text(DOWNLOAD_DRIVER.format(root=root, tests=os.path.join(root, "tests"),
+                                             log=str(log), root_data=str(tmp_path / "data")))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--standalone", str(driver)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                         "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert log.read_text().split() == ["0"]
+    assert sorted(re.findall(r"RANK (\d) LEN (\d+)", r.stdout)) == [("0", "12"), ("1", "12")]
