@@ -1388,12 +1388,26 @@ def file_sets(dataset):
     return [dataset] if isinstance(dataset, FileImages) else []
 
 
+def encoded_collate(batch):
+    """A batch of encoded samples ((bytes, path), target[, state]) as it leaves a DataLoader
+    worker: every file's bytes in ONE uint8 tensor with their offsets. Each tensor a worker sends
+    travels as its own shared-memory file descriptor: one per file would exhaust a 1,024-fd limit
+    at batch 512 (ImageNet's test loaders use 500)."""
+    raws = [s[0][0] for s in batch]
+    ends = torch.tensor([len(r) for r in raws]).cumsum(0)
+    return (torch.cat(raws), [0, *ends.tolist()], [s[0][1] for s in batch],
+            [s[1] for s in batch], [s[2] if len(s) > 2 else None for s in batch])
+
+
 class DecodeOnDevice:
-    """--gpu-decode: iterates a loader whose samples are encoded files (`FileImages.encoded`),
-    decodes each batch's JPEGs in one `torchvision.io.decode_jpeg(list, device=...)` call (other
-    formats on the CPU, then moved), runs every sample's transforms (`FileImages.apply`) there,
-    under the sample's own random state in training (as `Seeded` does on the CPU), and collates
-    with the loader's `collate_fn`. The CPU path stays the default and the reference."""
+    """--gpu-decode: iterates a training loader whose samples are encoded files
+    (`FileImages.encoded`, sent a batch at a time by `encoded_collate`), decodes each batch's
+    JPEGs in one `torchvision.io.decode_jpeg(list, device=...)` call (other formats, and JPEGs
+    that nvJPEG refuses, CMYK and 12-bit among them, on the CPU, then moved), runs every
+    sample's transforms (`FileImages.apply`) there, under the sample's own random state (as
+    `Seeded` does on the CPU), and collates with the loader's `collate_fn`. The CPU path stays the
+    default and the reference: nvJPEG upsamples chroma otherwise than libjpeg, so pixels differ
+    slightly (test splits are therefore always decoded on the CPU, see `make_loader`)."""
 
     def __init__(self, loader, apply, collate_fn, device):
         self.loader, self.apply, self.device = loader, apply, torch.device(device)
@@ -1403,9 +1417,17 @@ class DecodeOnDevice:
     def __len__(self):
         return len(self.loader)
 
+    def decode_one(self, raw, path):
+        """One JPEG on the device, or on the CPU where the device's decoder refuses it (nvJPEG:
+        CMYK, 12-bit); a file the CPU cannot decode either is named (DataError)."""
+        try:
+            return torchvision.io.decode_jpeg(raw, device=self.device,
+                                              mode=torchvision.io.ImageReadMode.RGB)
+        except RuntimeError:
+            return decode(raw, path).as_subclass(torch.Tensor).to(self.device)
+
     def decode(self, files):
-        """[(bytes, path)] -> uint8 images on the device; a file that does not decode is named
-        (decoded alone on the CPU to find it)."""
+        """[(bytes, path)] -> uint8 images on the device."""
         jpeg = [i for i, (r, _) in enumerate(files) if bytes(r[:3].tolist()) == b"\xff\xd8\xff"]
         images = [None] * len(files)
         if jpeg:
@@ -1413,24 +1435,23 @@ class DecodeOnDevice:
                 decoded = torchvision.io.decode_jpeg([files[i][0] for i in jpeg],
                                                      device=self.device,
                                                      mode=torchvision.io.ImageReadMode.RGB)
-            except RuntimeError:
-                for i in jpeg:
-                    decode(*files[i])  # raises DataError naming the file
-                raise
+            except RuntimeError:  # one file refused: the batch again, file by file
+                decoded = [self.decode_one(*files[i]) for i in jpeg]
             for i, x in zip(jpeg, decoded):
                 images[i] = x
         return [tv_tensors.Image(x if x is not None else decode(*f).to(self.device))
                 for x, f in zip(images, files)]
 
     def __iter__(self):
-        for batch in self.loader:
+        for raw, offsets, paths, targets, states in self.loader:
+            files = [(raw[a:b], p) for a, b, p in zip(offsets, offsets[1:], paths)]
             samples = []
-            for image, (_, target, *state) in zip(self.decode([b[0] for b in batch]), batch):
+            for image, target, state in zip(self.decode(files), targets, states):
                 if isinstance(target, tv_tensors.Mask):
                     target = target.to(self.device)
-                if state:
+                if state is not None:
                     with torch.random.fork_rng(devices=[]):
-                        torch.default_generator.manual_seed(state[0])  # the CPU's alone
+                        torch.default_generator.manual_seed(state)  # the CPU's alone
                         samples.append(self.apply(image, target))
                 else:
                     samples.append(self.apply(image, target))
@@ -1445,8 +1466,11 @@ def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=
     rank takes its 1/world of every epoch. Evaluation: in order, and under torchrun split
     without padding (rank r: samples r, r + W, ...; `gather_shards` puts every rank's outputs
     back in the set's order). `batch_size` is per process. `shard=False` gives every rank the
-    whole set. `gpu_decode` (a set read from image files): the workers read the files' bytes and
-    `DecodeOnDevice` decodes and augments the batches on `device`."""
+    whole set. `gpu_decode` (a set read from image files): in training the workers read the
+    files' bytes and `DecodeOnDevice` decodes and augments the batches on `device`; evaluation
+    loaders decode on the CPU all the same (nvJPEG's pixels differ slightly from libjpeg's: a
+    test figure must not depend on the flag)."""
+    gpu_decode = gpu_decode and train
     rank, world = distributed_info() if shard else (0, 1)
     workers = min(workers, os.cpu_count() or 1)  # more processes than cores only slow it down
     sampler = range(rank, len(dataset), world) if world > 1 else None
@@ -1459,7 +1483,7 @@ def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=
     if train:
         dataset, sampler = Seeded(dataset, seed), EpochSampler(len(dataset), seed, rank, world)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=list if sets else collate_fn,
+                        collate_fn=encoded_collate if sets else collate_fn,
                         pin_memory=torch.device(device).type == "cuda" and not sets,
                         drop_last=train if drop_last is None else drop_last,
                         persistent_workers=workers > 0,

@@ -297,6 +297,61 @@ def test_gpu_decode_names_a_damaged_file_and_refuses_sets_in_memory(tmp_path):
                          gpu_decode=True)
 
 
+def test_gpu_decode_falls_back_per_file_to_the_cpu_decoder_and_tests_on_the_cpu(tmp_path,
+                                                                               monkeypatch):
+    # nvJPEG refuses CMYK and 12-bit JPEGs (ImageNet holds ~20 CMYK files) that libjpeg
+    # decodes: such a file is decoded on the CPU, the rest of the batch as before; a file
+    # that neither decodes is named. Stand-in: a decode_jpeg that refuses CMYK files.
+    root = chain_set(tmp_path)
+    cmyk = tmp_path / "imagenet" / "train" / "n00000001" / "1.JPEG"
+    Image.open(cmyk).convert("CMYK").save(cmyk, quality=90)
+    real = torchvision_decode_jpeg = data.torchvision.io.decode_jpeg
+
+    def nvjpeg(raw, device="cpu", mode=None):
+        for r in (raw if isinstance(raw, list) else [raw]):
+            if Image.open(io.BytesIO(r.numpy().tobytes())).mode == "CMYK":
+                raise RuntimeError("nvjpegDecodeBatchedPhaseOne failed: unsupported")
+        return torchvision_decode_jpeg(raw, device=device, mode=mode)
+    monkeypatch.setattr(data.torchvision.io, "decode_jpeg", nvjpeg)
+    tf = CHAINS["alexnet"]()[0]
+    a, b = loaders_both_ways(*(data.imagenet_dataset("train", root, tf) for _ in range(2)), True)
+    assert same(a, b)
+    # the test split is decoded by the CPU workers whatever the flag: a plain DataLoader
+    test = data.make_loader(data.imagenet_dataset("test", root, tf), 3, False, 0, "cpu",
+                            gpu_decode=True)
+    assert isinstance(test, torch.utils.data.DataLoader)
+    assert data.torchvision.io.decode_jpeg is nvjpeg and real is not nvjpeg
+
+
+FD_DRIVER = """
+import resource, sys
+sys.path.insert(0, {root!r})
+import data
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+loader = data.make_loader(data.imagenet_dataset("train", {tree!r}, data.normalised()), 300,
+                          True, 1, "cpu", gpu_decode=True)
+print("BATCH", len(next(iter(loader))[0]))
+"""
+
+
+def test_gpu_decode_sends_a_batch_of_files_through_one_descriptor(tmp_path):
+    # Each tensor a DataLoader worker sends costs a file descriptor until the main process
+    # takes it: one per file's bytes exhausted a 1,024-fd limit at batch 512. Here a 128-fd
+    # limit and a batch of 300 files from one worker: one tensor for the batch's bytes.
+    d = tmp_path / "imagenet" / "train" / "n00000000"
+    d.mkdir(parents=True)
+    for k in range(300):
+        Image.fromarray(photo(8, 8, seed=k)).save(d / f"{k}.JPEG")
+    driver = tmp_path / "driver.py"
+    driver.write_text(FD_DRIVER.format(root=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), tree=str(tmp_path)))
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "BATCH 300" in r.stdout, r.stderr[-1500:]
+
+
 SCRIPTS = ["lenet5", "alexnet", "vgg19", "resnet", "resnext", "googlenet", "overfeat",
            "monster_finetune", "yolo", "ssd", "fcn"]
 
