@@ -30,6 +30,7 @@ pixels (void = 255 ignored), SGD momentum 0.99, fixed lr 1e-10, weight decay 5e-
 lr and no decay. Evaluation: whole images, pixel acc., mean acc., mean IU, fw IU (§5), and the
 lecture's segmentation accuracy (SA = IoU) per class. Departures: DEPARTURES, printed at start.
 """
+import contextlib
 import math
 import os
 import time
@@ -331,8 +332,11 @@ def init_from(model, path):
 def fcn_loss(scores, target, normalize=False):
     """Per-pixel multinomial logistic loss, void (255) ignored. The paper's (Caffe's
     `normalize: false`): summed over the pixels of each image, averaged over the batch; with
-    `normalize`, averaged over the counted pixels instead."""
-    loss = F.cross_entropy(scores, target, ignore_index=255, reduction="sum")
+    `normalize`, averaged over the counted pixels instead. The per-pixel losses are summed here:
+    cross_entropy on (N, C, H, W) reducing by itself runs nll_loss2d's CUDA kernel, which sums
+    with atomics and has no deterministic version (--deterministic refuses it); unreduced it is
+    elementwise (void pixels give 0)."""
+    loss = F.cross_entropy(scores, target, ignore_index=255, reduction="none").sum()
     if normalize:
         return loss / (target != 255).sum().clamp(min=1)
     return loss / len(target)
@@ -343,12 +347,15 @@ def fcn_loss(scores, target, normalize=False):
 
 def pad_collate(batch):
     """Stack (image, mask) pairs; images of different sizes (VOC with --batch-size > 1) are
-    padded at the bottom/right with 0 (the mean after normalisation) and void in the mask."""
+    padded at the bottom/right with 0 (the mean after normalisation) and void in the mask. The
+    buffers are made where the images are: the CPU in the loader's workers, the GPU under
+    --gpu-decode (a CPU buffer there would copy every image back and forth)."""
     images, masks = zip(*batch)
     h = max(im.shape[-2] for im in images)
     w = max(im.shape[-1] for im in images)
-    x = torch.zeros(len(images), images[0].shape[0], h, w)
-    y = torch.full((len(images), h, w), 255, dtype=torch.int64)
+    x = torch.zeros(len(images), images[0].shape[0], h, w, dtype=images[0].dtype,
+                    device=images[0].device)
+    y = torch.full((len(images), h, w), 255, dtype=torch.int64, device=masks[0].device)
     for i, (im, m) in enumerate(zip(images, masks)):
         x[i, :, :im.shape[-2], :im.shape[-1]] = im.as_subclass(torch.Tensor)
         y[i, :m.shape[-2], :m.shape[-1]] = m.as_subclass(torch.Tensor)
@@ -381,22 +388,47 @@ def segmentation_sets(args):
 # ---------------------------------------------------------------------------------------------
 # Training and evaluation
 
+def autotuning(args):
+    """cuDNN autotuning (data.set_kernels turns it on for CUDA) benchmarks the convolutions of
+    every new input shape once and pays only when the shapes repeat. VOC's whole images (§4.3:
+    batch 1; with a larger batch, padded to each batch's largest) come in hundreds of sizes,
+    each tuned once and never reused: off. Cityscapes' and shapes-seg's images share one size:
+    left on."""
+    return data.no_autotune() if args.data == "voc-seg" else contextlib.nullcontext()
+
+
 def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progress):
     net.train()
-    total, n = 0.0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with data.autocast(device, args.amp):
-            loss = fcn_loss(net(x).float(), y, args.normalize)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total, n = total + loss.item() * len(y), n + len(y)
-        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return metrics.global_mean(total, n, device)  # over every rank's images
+    with autotuning(args):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with data.autocast(device, args.amp):
+                loss = fcn_loss(net(x).float(), y, args.normalize)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch,
+                          n=len(y))
+    return progress.epoch_loss()  # the losses read here, over every rank's images
+
+
+def confusion_counts(pred, target, num_classes, ignore_index=255):
+    """A batch's pixels counted on the target's device without reading anything back: (C * C +
+    2,) int64, bin t * C + p for a pixel of true class t predicted p, then void pixels
+    (ignore_index), then any other target value (a corrupt mask: `evaluate` raises on it, once,
+    after the loop). Summed by scatter_add_ of ones: torch.bincount on CUDA reads its input's
+    min and max back to the host (2 host syncs an image; metrics.confusion_matrix adds 4 more
+    and a copy to the CPU); integer sums are exact in any order, and under --deterministic
+    scatter_add_ takes its deterministic kernel."""
+    C = num_classes
+    t, p = target.reshape(-1), pred.reshape(-1)
+    index = torch.where((t >= 0) & (t < C), t * C + p,
+                        torch.where(t == ignore_index, C * C, C * C + 1))
+    counts = torch.zeros(C * C + 2, dtype=torch.int64, device=t.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index))
 
 
 @torch.no_grad()
@@ -404,22 +436,29 @@ def evaluate(model, loader, num_classes, args, device):
     """§5's measures over whole images from the summed confusion matrix, and the all-background
     baseline (every pixel labelled 0) on the same pixels. `model` is the unwrapped one. Under
     torchrun each rank tests its share of the images (the loader's) and the counts are summed
-    over the ranks: every rank then holds the figures of one process on the whole set."""
+    over the ranks: every rank then holds the figures of one process on the whole set. The
+    counts stay on the device until the end (one copy to the CPU)."""
     model.eval()
-    counts = torch.zeros(2, num_classes, num_classes, dtype=torch.int64, device=device)
+    C = num_classes
+    counts = torch.zeros(C * C + 2, dtype=torch.int64, device=device)
     images = torch.zeros(1, dtype=torch.int64, device=device)
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with data.autocast(device, args.amp):
-            pred = model(x).float().argmax(1)
-        counts[0] += metrics.confusion_matrix(pred, y, num_classes, ignore_index=255)
-        counts[1] += metrics.confusion_matrix(torch.zeros_like(y), y, num_classes,
-                                              ignore_index=255)
-        images += len(y)
+    with autotuning(args):
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with data.autocast(device, args.amp):
+                pred = model(x).float().argmax(1)
+            counts += confusion_counts(pred, y, C)
+            images += len(y)
     if args.world > 1:  # on the device: NCCL reduces CUDA tensors only
         torch.distributed.all_reduce(counts)
         torch.distributed.all_reduce(images)
-    cm, base = counts.cpu()
+    counts = counts.cpu()
+    if counts[-1] > 0:
+        raise ValueError(f"{int(counts[-1])} test pixels have a label that is neither a class "
+                         f"in 0..{C - 1} nor void (255): check the masks")
+    cm = counts[:C * C].reshape(C, C)
+    base = torch.zeros_like(cm)  # every pixel predicted background: column 0 holds each row
+    base[:, 0] = cm.sum(1)
     scores = metrics.segmentation_scores(cm)
     scores["samples"] = int(images)  # test images counted
     scores["baseline_mean_iou"] = metrics.segmentation_scores(base)["mean_iou"]
@@ -566,7 +605,8 @@ def main(argv=None):
         classes = classes or class_names(args.data)
         model = FCN(args.arch, len(classes), args.width, bn=args.bn).to(device)
         data.load_weights(model, state, args.weights)
-        return segment(model, args.segment, args.out, classes, device)
+        with data.no_autotune():  # the user's images: a new size each (see `autotuning`)
+            return segment(model, args.segment, args.out, classes, device)
 
     train_set, test_set = segmentation_sets(args)  # --eval-only: train_set None
     classes = test_set.classes if hasattr(test_set, "classes") else test_set.dataset.classes

@@ -311,12 +311,12 @@ def decimate_fc(state):
 # Matching, encoding and the MultiBox loss (§2.2 "Training")
 
 def encode(boxes, anchors, variances=VARIANCES):
-    """Ground-truth boxes (D, 4) XYXY in [0, 1] -> offsets from the matched default boxes
+    """Ground-truth boxes (..., D, 4) XYXY in [0, 1] -> offsets from the matched default boxes
     (cx, cy, w, h): ((g_cx - d_cx) / (v0 d_w), (g_cy - d_cy) / (v0 d_h), log(g_w / d_w) / v1,
     log(g_h / d_h) / v1) (eq. 2, divided by the Caffe code's variances)."""
     g = box_convert(boxes, "xyxy", "cxcywh")
-    return torch.cat([(g[:, :2] - anchors[:, :2]) / (variances[0] * anchors[:, 2:]),
-                      torch.log(g[:, 2:] / anchors[:, 2:]) / variances[1]], 1)
+    return torch.cat([(g[..., :2] - anchors[:, :2]) / (variances[0] * anchors[:, 2:]),
+                      torch.log(g[..., 2:] / anchors[:, 2:]) / variances[1]], -1)
 
 
 def decode(offsets, anchors, variances=VARIANCES):
@@ -327,28 +327,36 @@ def decode(offsets, anchors, variances=VARIANCES):
 
 
 def match(boxes, labels, anchors, threshold=MATCH_IOU):
-    """§2.2 "Matching strategy": each ground truth to the default box of best IoU (so every
-    object has one, whatever its IoU), then every default box to the ground truth of best IoU
-    when that IoU exceeds `threshold`. boxes (G, 4) XYXY in [0, 1], labels (G,) in 0..C-1.
-    Returns (classes (D,) with 0 = background and 1 + label, matched boxes (D, 4))."""
-    d = len(anchors)
-    if len(boxes) == 0:
-        return torch.zeros(d, dtype=torch.long, device=anchors.device), anchors.new_zeros(d, 4)
-    iou = box_iou(boxes, box_convert(anchors, "cxcywh", "xyxy"))   # (G, D)
-    best_iou, best_gt = iou.max(0)                                  # per default box
-    forced = iou.argmax(1)                                          # per ground truth
-    # The forced matches win over the threshold rule; a later object wins a contested box.
-    for j, k in enumerate(forced.tolist()):
-        best_gt[k], best_iou[k] = j, 2.0
-    classes = torch.where(best_iou > threshold, labels[best_gt] + 1, 0)
-    return classes, boxes[best_gt]
+    """§2.2 "Matching strategy", for a whole batch at once: each ground truth to the default box
+    of best IoU (so every object has one, whatever its IoU), then every default box to the
+    ground truth of best IoU when that IoU exceeds `threshold`. boxes (N, G, 4) XYXY in [0, 1],
+    labels (N, G) in 0..C-1 and -1 past an image's own boxes (the batch padded to its most).
+    Returns (classes (N, D) with 0 = background and 1 + label, matched boxes (N, D, 4)); an
+    image without boxes gets background and zero boxes. Nothing is read back to the host (a
+    per-image loop over the forced matches took ~3 host syncs an image on CUDA)."""
+    n, g = labels.shape
+    real = labels >= 0
+    iou = box_iou(boxes.reshape(-1, 4), box_convert(anchors, "cxcywh", "xyxy")).view(n, g, -1)
+    iou = iou.masked_fill(~real[..., None], -1.0)             # padding: below every real IoU
+    best_iou, best_gt = iou.max(1)                            # per default box (N, D)
+    forced = iou.argmax(2)                                    # per ground truth (N, G)
+    # The forced matches win over the threshold rule; a later object wins a contested box: the
+    # highest object index forced onto each box (amax: one answer in any order, unlike scatter_
+    # with repeated indices), -1 where none is.
+    order = torch.arange(g, device=labels.device).expand(n, g).masked_fill(~real, -1)
+    forced_gt = torch.full_like(best_gt, -1).scatter_reduce_(1, forced, order, "amax")
+    best_gt = torch.where(forced_gt >= 0, forced_gt, best_gt)
+    best_iou = best_iou.masked_fill(forced_gt >= 0, 2.0)
+    classes = torch.where(best_iou > threshold, labels.gather(1, best_gt) + 1, 0)
+    return classes, boxes.gather(1, best_gt[..., None].expand(-1, -1, 4))
 
 
 def hard_negatives(background_loss, positive, ratio=NEG_POS):
     """§2.2 "Hard negative mining": per image, the negatives of highest background loss
-    (-log p_0), at most `ratio` x the image's positives. (N, D) -> a (N, D) bool mask."""
+    (-log p_0), at most `ratio` x the image's positives. (N, D) -> a (N, D) bool mask. The sort
+    is stable: equal losses are taken in the same order on every device."""
     loss = background_loss.detach().masked_fill(positive, -math.inf)
-    rank = loss.argsort(1, descending=True).argsort(1)             # 0 = the hardest negative
+    rank = loss.argsort(dim=1, descending=True, stable=True).argsort(1)  # 0 = the hardest
     n_neg = (ratio * positive.sum(1, keepdim=True)).clamp(max=positive.shape[1] - 1)
     return (rank < n_neg) & ~positive
 
@@ -357,29 +365,30 @@ def multibox_loss(scores, offsets, classes, targets, num_positive=None):
     """eq. (1): L = (L_conf + alpha L_loc) / N with alpha = 1: softmax cross-entropy over the C+1
     classes on the positives and the mined negatives, smooth L1 (beta 1) on the positives'
     offsets; N = the number of positives (`num_positive` overrides it: the global count under
-    torchrun), and L = 0 when N = 0. Returns (loss, (L_conf / N, L_loc / N))."""
+    torchrun), and L = 0 when N = 0. Returns (loss, (L_conf / N, L_loc / N)).
+    Written without a host sync: the terms are sums over masks (indexing by a boolean mask sizes
+    its result from the mask's count, read back to the host), N = 0 is handled by the division
+    (then no box is positive or mined and both sums are 0), and the cross-entropy is taken on
+    (N * D, C + 1) rows, unreduced: on a (N, C + 1, D) input it would run nll_loss2d, which has
+    no deterministic CUDA kernel."""
     positive = classes > 0
     ce = F.cross_entropy(scores.flatten(0, 1).float(), classes.flatten(),
                          reduction="none").view_as(classes)
     negative = hard_negatives(torch.where(positive, 0.0, ce), positive)
-    n = positive.sum() if num_positive is None else num_positive
-    conf = ce[positive | negative].sum()
-    loc = F.smooth_l1_loss(offsets[positive].float(), targets[positive], beta=1.0,
-                           reduction="sum")
-    if n == 0:
-        zero = (conf + loc) * 0.0   # keeps the graph (DDP needs every parameter in it)
-        return zero, (zero.detach(), zero.detach())
+    n = positive.sum() if num_positive is None else torch.as_tensor(num_positive)
+    conf = torch.where(positive | negative, ce, 0.0).sum()
+    loc = torch.where(positive[..., None], F.smooth_l1_loss(offsets.float(), targets, beta=1.0,
+                                                            reduction="none"), 0.0).sum()
+    n = torch.where(n > 0, n, 1)  # N = 0: L = 0, and a graph (DDP needs every parameter in it)
     return (conf + loc) / n, ((conf / n).detach(), (loc / n).detach())
 
 
-def build_targets(targets, anchors):
-    """Match and encode every image of a batch: (classes (N, D), offsets (N, D, 4))."""
-    cls, off = [], []
-    for t in targets:
-        c, b = match(t["boxes"], t["labels"], anchors)
-        cls.append(c)
-        off.append(encode(b, anchors) if len(t["boxes"]) else b)
-    return torch.stack(cls), torch.stack(off)
+def build_targets(boxes, labels, anchors):
+    """Match and encode a batch (padded as `match` takes it): (classes (N, D), offsets (N, D,
+    4)); offsets 0 for an image without boxes."""
+    classes, matched = match(boxes, labels, anchors)
+    has_boxes = (labels >= 0).any(1)[:, None, None]
+    return classes, torch.where(has_boxes, encode(matched, anchors), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,10 +545,21 @@ class EvalTransform:
         return self.ops(image, target)[0], gt
 
 
-def normalised_targets(targets, size, device):
-    """Boxes in pixels of the size x size training view -> XYXY in [0, 1], on the device."""
-    return [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device) / size,
-             "labels": t["labels"].to(device)} for t in targets]
+def train_collate(batch):
+    """(images (N, 3, size, size), boxes (N, G, 4) in pixels of the training view, labels (N,
+    G), -1 past an image's own boxes): the ground truths padded to the batch's most (at least
+    1), built in the loader's workers and pinned with the images. The step then moves two small
+    tensors to the device, where `match` takes the whole batch at once (not a list of per-image
+    tensors, each a blocking copy)."""
+    images, targets = data.detection_collate(batch)
+    g = max([1] + [len(t["labels"]) for t in targets])
+    # where the images are: the workers' CPU, or the GPU under --gpu-decode (no copy back)
+    boxes = torch.zeros(len(targets), g, 4, device=images.device)
+    labels = torch.full((len(targets), g), -1, dtype=torch.int64, device=images.device)
+    for i, t in enumerate(targets):
+        boxes[i, :len(t["labels"])] = t["boxes"].as_subclass(torch.Tensor)
+        labels[i, :len(t["labels"])] = t["labels"]
+    return images, boxes, labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,13 +571,16 @@ def lr_factor(epoch, epochs):
 
 
 def train_one_epoch(net, model, loader, optimizer, scaler, args, device, epoch, progress):
+    """One pass; returns the epoch's mean (loss, L_conf / N, L_loc / N) over every rank's
+    images. No host sync per step: the terms are summed on the device and read at the end."""
     net.train()
-    total, n = torch.zeros(3, dtype=torch.float64), 0
-    for x, targets in loader:
-        x = x.to(device)
+    terms, n = torch.zeros(2, dtype=torch.float64, device=device), 0
+    for x, boxes, labels in loader:
+        x = x.to(device, non_blocking=True)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        classes, offsets = build_targets(normalised_targets(targets, model.size, device),
+        boxes = boxes.to(device, non_blocking=True) / model.size  # XYXY in [0, 1]
+        classes, offsets = build_targets(boxes, labels.to(device, non_blocking=True),
                                          model.anchors)
         # Under torchrun, N is the positives of the global batch (DDP averages the gradients
         # of the world's processes, hence the factor world): the same loss as one process.
@@ -572,10 +595,12 @@ def train_one_epoch(net, model, loader, optimizer, scaler, args, device, epoch, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total += torch.tensor([loss.item(), l_conf.item(), l_loc.item()], dtype=torch.float64)
-        n += 1
-        progress.step(len(x) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return [metrics.global_mean(t, n, device) for t in total.tolist()]  # over every rank's batches
+        terms += torch.stack([l_conf, l_loc]) * len(x)
+        n += len(x)
+        progress.step(len(x) * args.world, loss, optimizer.param_groups[0]["lr"], epoch,
+                      n=len(x))
+    loss = progress.epoch_loss()  # the losses read here, over every rank's images
+    return [loss] + [metrics.global_mean(t, n, device) for t in terms]
 
 
 @torch.no_grad()
@@ -584,10 +609,12 @@ def detect(model, x, sizes, args):
     with data.autocast(x.device, args.amp):
         scores, offsets = model(x)
     out = []
+    # Per image: postprocess's score threshold and NMS, and these copies, read back to the host
+    # (a few syncs an image; the test's cost, not the training's).
     for d, (h, w) in zip(postprocess(scores, offsets, model.anchors, nms_iou=args.nms_iou),
                          sizes):
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=d["boxes"].device)
-        out.append({"boxes": (d["boxes"] * scale).cpu(), "scores": d["scores"].cpu(),
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)  # on the CPU: no copy to make
+        out.append({"boxes": d["boxes"].cpu() * scale, "scores": d["scores"].cpu(),
                     "labels": d["labels"].cpu()})
     return out
 
@@ -600,7 +627,8 @@ def evaluate(model, loader, args, device):
     model.eval()
     dets, gts = [], []
     for x, targets in loader:
-        dets += detect(model, x.to(device), [t["orig_size"] for t in targets], args)
+        dets += detect(model, x.to(device, non_blocking=True), [t["orig_size"] for t in targets],
+                       args)
         gts += [{k: t[k] for k in ("boxes", "labels", "difficult")} for t in targets]
     dets, gts = data.gather_shards(dets, gts)
     r = metrics.detection_map(dets, gts, model.num_classes, use_07_metric=not args.voc12_ap)
@@ -778,7 +806,7 @@ def main(argv=None):
     # alone (data.make_loader), so a resumed or torchrun run sees an uninterrupted run's batches.
     train_loader = None if train_set is None else data.dry_run_batches(args, data.make_loader(
         train_set, args.batch_size // world, True, args.workers, device,
-        collate_fn=data.detection_collate, seed=args.seed, gpu_decode=args.gpu_decode))
+        collate_fn=train_collate, seed=args.seed, gpu_decode=args.gpu_decode))
     test_loader = data.dry_run_batches(args, data.make_loader(
         test_set, 32, False, args.workers, device, collate_fn=data.detection_collate,
         gpu_decode=args.gpu_decode))

@@ -198,7 +198,9 @@ class Classifier(nn.Module):
         self.backbone, self.fc = backbone, nn.Linear(channels, num_classes)
 
     def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.backbone(x), 1).flatten(1))
+        # Global average pooling as a mean: deterministic on CUDA (torch's adaptive pooling
+        # kernel to larger maps is not; to 1 x 1 it is this same mean)
+        return self.fc(self.backbone(x).mean((2, 3)))
 
 
 def count_parameters(module):
@@ -321,10 +323,12 @@ class ScaleTranslate(v2.RandomAffine):
         super().__init__(degrees=0, translate=translate, scale=scale)
 
     @staticmethod
-    def source(n, shift, scale, device):
-        """The source index of each of the n output rows (or columns)."""
-        inverse = torch.tensor([1.0 / scale, (1.0 / scale) * -shift], device=device) / (0.5 * n)
-        grid = torch.linspace(-n * 0.5 + 0.5, n * 0.5 + 0.5 - 1, steps=n, device=device)
+    def source(n, shift, scale):
+        """The source index of each of the n output rows (or columns), on the CPU: under
+        --gpu-decode the image is on the GPU, and counting these indices there would read 4
+        numbers back to the host per image."""
+        inverse = torch.tensor([1.0 / scale, (1.0 / scale) * -shift]) / (0.5 * n)
+        grid = torch.linspace(-n * 0.5 + 0.5, n * 0.5 + 0.5 - 1, steps=n)
         grid = grid * inverse[0] + inverse[1]
         return torch.round(((grid + 1) * n - 1) / 2).long()
 
@@ -333,9 +337,10 @@ class ScaleTranslate(v2.RandomAffine):
             return super().transform(inpt, params)
         h, w = inpt.shape[-2:]
         (tx, ty), scale = params["translate"], params["scale"]
-        ys, xs = self.source(h, ty, scale, inpt.device), self.source(w, tx, scale, inpt.device)
-        out = inpt.as_subclass(torch.Tensor).index_select(-2, ys.clamp(0, h - 1))
-        out = out.index_select(-1, xs.clamp(0, w - 1))
+        ys, xs = self.source(h, ty, scale), self.source(w, tx, scale)
+        to = dict(device=inpt.device, non_blocking=True)
+        out = inpt.as_subclass(torch.Tensor).index_select(-2, ys.clamp(0, h - 1).to(**to))
+        out = out.index_select(-1, xs.clamp(0, w - 1).to(**to))
         # ys and xs increase: the rows and columns outside the image are a run at each end
         top, bottom = int((ys < 0).sum()), h - int((ys >= h).sum())
         left, right = int((xs < 0).sum()), w - int((xs >= w).sum())
@@ -421,7 +426,9 @@ def lr_factor(progress, warmup=WARMUP, steps=(STEP1, STEP2)):
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, epoch, progress):
     """One pass; the loss is the batch's sum / its size: under DDP the gradients are averaged
-    over the ranks, which is the sum over the global batch / its size, as one process does."""
+    over the ranks, which is the sum over the global batch / its size, as one process does.
+    Returns the epoch's mean of each term over every rank's images; the terms are summed on the
+    device and read once, at the end (no host sync per step)."""
     model.train()
     sums, n = {}, 0
     for x, target, _, _ in loader:
@@ -440,22 +447,24 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         scaler.update()
         scheduler.step()  # per iteration: the warm-up is smooth
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+            if k != "loss":  # (Progress sums the loss)
+                sums[k] = sums.get(k, 0.0) + v.detach() * len(x)
         n += len(x)
-        progress.step(len(x) * args.world, terms["loss"].item(), optimizer.param_groups[0]["lr"],
-                      epoch)
-    return {k: metrics.global_mean(v, n, device) for k, v in sums.items()}  # over every rank
+        progress.step(len(x) * args.world, terms["loss"], optimizer.param_groups[0]["lr"], epoch,
+                      n=len(x))
+    loss = progress.epoch_loss()  # the losses read here, over every rank's images
+    return {**{k: metrics.global_mean(v, n, device) for k, v in sums.items()}, "loss": loss}
 
 
 @torch.no_grad()
 def predict(model, x, args, device, sizes, conf_threshold):
     """(raw output, detections) of a batch; boxes mapped back to each original image's pixels."""
     with data.autocast(device, args.amp):
-        out = model(x.to(device)).float()
+        out = model(x.to(device, non_blocking=True)).float()
     dets = decode(out, args.boxes, args.img_size, conf_threshold, args.nms_iou, args.top_k)
-    for d, (h, w) in zip(dets, sizes):
-        scale = torch.tensor([w, h, w, h], device=out.device) / args.img_size
-        d.update(boxes=(d["boxes"] * scale).cpu(), scores=d["scores"].cpu(),
+    for d, (h, w) in zip(dets, sizes):  # decode's threshold, NMS and these copies: a few syncs
+        scale = torch.tensor([w, h, w, h]) / args.img_size  # an image (on the CPU: no copy)
+        d.update(boxes=d["boxes"].cpu() * scale, scores=d["scores"].cpu(),
                  labels=d["labels"].cpu())
     return out, dets
 
@@ -469,8 +478,8 @@ def evaluate(model, loader, args, device, num_classes):
     dets, gts, loss, n = [], [], 0.0, 0
     for x, target, gt, sizes in loader:
         out, d = predict(model, x, args, device, sizes, args.conf_threshold)
-        loss += yolo_loss(out, target.to(device), args.boxes, args.lambda_coord,
-                          args.lambda_noobj)["loss"].item() * len(x)
+        loss = loss + yolo_loss(out, target.to(device, non_blocking=True), args.boxes,
+                                args.lambda_coord, args.lambda_noobj)["loss"] * len(x)  # read once
         n, dets, gts = n + len(x), dets + d, gts + gt
     dets, gts = data.gather_shards(dets, gts)
     r = metrics.detection_map(dets, gts, num_classes, use_07_metric=not args.voc12_ap)
@@ -511,7 +520,7 @@ def pretrain(args, device, rank):
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / args.epochs)))
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    scaler = data.grad_scaler(device, args.amp)  # fp16 --amp: gradients would underflow
     arch, ckpt = arch_name(args) + "-pretrain", os.path.join(args.out, "checkpoint.pt")
     start, history = 0, []
     if args.resume:
@@ -526,15 +535,18 @@ def pretrain(args, device, rank):
         data.set_epoch(train_loader, epoch)
         net.train()
         for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with data.autocast(device, args.amp):
                 loss = F.cross_entropy(net(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch,
+                          n=len(y))
         scheduler.step()
-        history.append({"epoch": epoch + 1, "lr": progress.lr, "train_loss": loss.item()})
+        history.append({"epoch": epoch + 1, "lr": progress.lr,
+                        "train_loss": progress.epoch_loss()})  # the epoch's mean, every rank's
         data.save_training_state(ckpt, arch, model, optimizer, scheduler, scaler, epoch,
                                  vars(args), history, **data.test_settings(info))
         if args.stop_after is not None and epoch + 1 >= args.stop_after:
@@ -542,7 +554,8 @@ def pretrain(args, device, rank):
     # The test split, each rank its share (gathered), with the unwrapped model.
     model.eval()
     with torch.no_grad():
-        outs = [(model(x.to(device)).float().cpu(), y.cpu()) for x, y in test_loader]
+        outs = [(model(x.to(device, non_blocking=True)).float().cpu(), y.cpu())
+                for x, y in test_loader]  # a copy per batch, not per image
     out, y = data.gather_shards(torch.cat([o for o, _ in outs]), torch.cat([y for _, y in outs]))
     test = metrics.classification_report(out, y, len(info["classes"]))
     results = None
@@ -736,7 +749,7 @@ def main(argv=None):
                                     else args.pretrain_size, "stop_after": None})
         pretrain(pre, device, rank)
         if world > 1:
-            torch.distributed.barrier()  # the main rank has written backbone.pt
+            data.barrier()  # the main rank has written backbone.pt
         args.backbone_weights = os.path.join(pre.out, "backbone.pt")
 
     # Data: per-sample v2 transforms (boxes follow), targets encoded in the loader.

@@ -167,6 +167,147 @@ def test_loss_sums_pixels_per_image_and_ignores_void():
     assert fcn.fcn_loss(scores, torch.full((1, 2, 2), 255), normalize=True) == 0
 
 
+def test_loss_sums_outside_nll_loss2d_and_equals_the_reduced_loss(monkeypatch):
+    # cross_entropy on (N, C, H, W) with reduction "sum" or "mean" runs nll_loss2d's reducing
+    # CUDA kernel (atomics), which --deterministic refuses on a GPU: here such a call raises.
+    # The loss is taken unreduced and summed, with the reduced loss's value, forward and back.
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 4, 5, 7, generator=g)
+    target = torch.randint(0, 4, (2, 5, 7), generator=g)
+    target[0, 0] = 255                                              # a void row
+    summed = F.cross_entropy(scores, target, ignore_index=255, reduction="sum")
+    want = {False: summed / 2, True: summed / (target != 255).sum()}
+    for name in ("cross_entropy", "nll_loss"):
+        def guarded(input, target, *a, _original=getattr(F, name), **kw):
+            assert input.dim() <= 2 or kw.get("reduction", "mean") == "none", \
+                "nll_loss2d with a reduction: no deterministic CUDA kernel"
+            return _original(input, target, *a, **kw)
+        monkeypatch.setattr(F, name, guarded)
+    for normalize in (False, True):
+        x = scores.clone().requires_grad_(True)
+        loss = fcn.fcn_loss(x, target, normalize)
+        loss.backward()
+        assert torch.allclose(loss, want[normalize], rtol=1e-6)
+        assert x.grad[0, :, 0].abs().sum() == 0 and x.grad[1].abs().sum() > 0
+
+
+def host_reads(monkeypatch):
+    """Record every read of a tensor's values into Python (each a host sync on CUDA): .item(),
+    .tolist(), .cpu(), .numpy(), bool(), int(), float() and index use. Returns the list."""
+    reads = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
+                 "__index__"):
+        def read(t, *a, _original=getattr(torch.Tensor, name), _name=name, **kw):
+            reads.append(_name)
+            return _original(t, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+def segmentation_batches(n, classes=3, seed=0):
+    """n batches of 2 random images (24 x 30) and masks with void pixels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        y = torch.randint(0, classes, (2, 24, 30), generator=g)
+        y[:, :3] = 255
+        out.append((torch.randn(2, 3, 24, 30, generator=g), y))
+    return out
+
+
+def runtime_args(name):
+    return fcn.get_args_parser().parse_args(["--data", name, "--normalize"]), torch.device("cpu")
+
+
+def test_training_reads_the_loss_once_per_epoch_and_voc_runs_without_autotuning(monkeypatch):
+    # The loss stays on the device: the reads into Python over an epoch (Progress's, at its
+    # end) do not grow with its steps. cuDNN autotuning (on here as on a GPU) is off inside the
+    # loop on VOC (whole images: a new shape per batch, each tuned once for nothing), left on
+    # for shapes-seg (one size).
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    torch.manual_seed(0)
+    model = fcn.FCN("32s", 3, TINY, dropout=0.0)
+    seen = []
+    model.register_forward_hook(lambda *a: seen.append(torch.backends.cudnn.benchmark))
+    batches = segmentation_batches(4)
+    for name, tuned in (("voc-seg", False), ("shapes-seg", True)):
+        counts = []
+        for steps in (2, 4):
+            args, cpu = runtime_args(name)
+            args.world = 1
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            progress = fcn.metrics.Progress(steps, 1, 1000, enabled=False, model=model)
+            seen.clear()
+            with monkeypatch.context() as m:
+                reads = host_reads(m)
+                loss = fcn.train_one_epoch(model, batches[:steps], optimizer,
+                                           data.grad_scaler(cpu, False), args, cpu, 0, progress)
+            counts.append(len(reads))
+            assert seen == [tuned] * steps and np.isfinite(loss)
+        assert counts[0] == counts[1], counts
+        assert torch.backends.cudnn.benchmark  # restored after the loop
+
+
+def test_evaluate_counts_pixels_where_the_masks_are_and_reads_them_once(monkeypatch):
+    # On CUDA the old loop added metrics.confusion_matrix's CPU matrix into a CUDA accumulator
+    # (refused: every GPU run died before results.json) and read each batch back (its range
+    # checks and the copy). The counts now stay on the masks' device (the meta device here: no
+    # data, nothing readable) and are read once after the loop; they equal the metrics
+    # module's confusion matrix summed over the batches, void pixels left out, and the
+    # all-background baseline is that of every pixel predicted 0.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    torch.manual_seed(0)
+    model = fcn.FCN("32s", 3, TINY).eval()
+    with torch.no_grad():  # as if trained: not every pixel predicted one class
+        model.score_fr.weight.normal_(0, 1)
+    seen = []
+    model.register_forward_hook(lambda *a: seen.append(torch.backends.cudnn.benchmark))
+    batches = segmentation_batches(5)
+    args, cpu = runtime_args("voc-seg")
+    args.world = 1
+    counts = []
+    for n in (2, 5):
+        with monkeypatch.context() as m:
+            reads = host_reads(m)
+            scores, cm = fcn.evaluate(model, batches[:n], 3, args, cpu)
+        counts.append(sum(r != "tolist" for r in reads))  # (the scores' lists, on the CPU)
+    assert counts[0] == counts[1], counts
+    assert seen == [False] * 7 and torch.backends.cudnn.benchmark
+    with torch.no_grad():
+        want = sum(fcn.metrics.confusion_matrix(model(x), y, 3, ignore_index=255)
+                   for x, y in batches)
+        base = sum(fcn.metrics.confusion_matrix(torch.zeros_like(y), y, 3, ignore_index=255)
+                   for _, y in batches)
+    assert torch.equal(cm, want) and cm.sum() == 5 * 2 * 21 * 30 and (cm.sum(0) > 0).sum() > 1
+    assert scores["samples"] == 10 and scores["mean_iou"] == \
+        fcn.metrics.segmentation_scores(want)["mean_iou"]
+    assert scores["baseline_mean_iou"] == fcn.metrics.segmentation_scores(base)["mean_iou"]
+    assert scores["baseline_pixel_acc"] == fcn.metrics.segmentation_scores(base)["pixel_acc"]
+    bad = [(batches[0][0], batches[0][1].clone())]
+    bad[0][1][0, 5, 5] = 7                                          # neither a class nor void
+    with pytest.raises(ValueError, match="1 test pixels have a label that is neither"):
+        fcn.evaluate(model, bad, 3, args, cpu)
+    meta = torch.device("meta")
+    counted = fcn.confusion_counts(torch.zeros(2, 24, 30, dtype=torch.long, device=meta),
+                                   torch.zeros(2, 24, 30, dtype=torch.long, device=meta), 3)
+    assert counted.device == meta and counted.shape == (3 * 3 + 2,)
+
+
+def test_collate_pads_where_the_images_are():
+    # Under --gpu-decode the images reach the collate on the GPU: the padded batch is made
+    # there (the meta device stands in for it: a CPU buffer cannot take its images).
+    for device in ("cpu", "meta"):
+        batch = [(torch.ones(3, 4, 6, device=device), torch.ones(4, 6, dtype=torch.uint8,
+                                                                 device=device)),
+                 (torch.ones(3, 5, 3, device=device), torch.ones(5, 3, dtype=torch.uint8,
+                                                                 device=device))]
+        x, y = fcn.pad_collate(batch)
+        assert x.shape == (2, 3, 5, 6) and y.shape == (2, 5, 6) and y.dtype == torch.int64
+        assert x.device.type == y.device.type == device
+        if device == "cpu":  # zeros and void fill the bottom-right of each
+            assert x.sum() == 3 * (24 + 15) and (y == 255).sum() == 30 - 24 + 30 - 15
+
+
 def run(tmp_path, name, *extra):
     out = str(tmp_path / name)
     args = ["--data", "shapes-seg", "--device", "cpu", "--width", str(TINY), "--data-size", "32",

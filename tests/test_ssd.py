@@ -121,14 +121,14 @@ def test_matching_on_a_hand_built_case():
     # with A3: forced onto A1.
     boxes = torch.tensor([[0.0, 0.0, 0.2, 0.3], [0.52, 0.52, 0.92, 0.92]])
     labels = torch.tensor([4, 1])
-    cls, matched = ssd.match(boxes, labels, anchors)
+    cls, matched = (v[0] for v in ssd.match(boxes[None], labels[None], anchors))  # a batch of 1
     assert cls.tolist() == [5, 2, 0, 0]
     assert torch.equal(matched[0], boxes[0]) and torch.equal(matched[1], boxes[1])
     # without the forced rule gt1 would be lost: its best IoU is 0.193
     iou = torchvision.ops.box_iou(boxes, torchvision.ops.box_convert(anchors, "cxcywh", "xyxy"))
     assert abs(float(iou[1, 1]) - 0.0324 / 0.1676) < 1e-5 and float(iou[0, 2]) == 0.25
-    cls, _ = ssd.match(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), anchors)
-    assert cls.tolist() == [0, 0, 0, 0]
+    cls, _ = ssd.match(torch.zeros(1, 1, 4), torch.full((1, 1), -1), anchors)  # padding only
+    assert cls.tolist() == [[0, 0, 0, 0]]
 
 
 def test_hard_negatives_are_three_per_positive_or_all():
@@ -167,6 +167,130 @@ def test_multibox_loss_by_hand():
     assert zero.item() == 0.0
     zero.backward()
     assert scores.grad.abs().sum() == 0
+
+
+def per_image_targets(targets, anchors):
+    """The per-image matching that ssd.py's training step ran until the batched `match` (one
+    image at a time, the forced matches assigned in a Python loop: a host sync an image on
+    CUDA), kept here as the reference the batched matching must equal."""
+    from torchvision.ops import box_convert, box_iou
+    cls, off = [], []
+    for t in targets:
+        boxes, labels, d = t["boxes"], t["labels"], len(anchors)
+        if len(boxes) == 0:
+            cls.append(torch.zeros(d, dtype=torch.long))
+            off.append(anchors.new_zeros(d, 4))
+            continue
+        iou = box_iou(boxes, box_convert(anchors, "cxcywh", "xyxy"))
+        best_iou, best_gt = iou.max(0)
+        for j, k in enumerate(iou.argmax(1).tolist()):
+            best_gt[k], best_iou[k] = j, 2.0
+        cls.append(torch.where(best_iou > ssd.MATCH_IOU, labels[best_gt] + 1, 0))
+        off.append(ssd.encode(boxes[best_gt], anchors))
+    return torch.stack(cls), torch.stack(off)
+
+
+def test_batched_matching_equals_the_per_image_matching():
+    # A batch of 6 images with 0 to 9 boxes (one without any, as after an IoU crop that kept
+    # none; two with objects contesting a default box: the same box twice, and nested small
+    # boxes whose best default box is the same), padded by train_collate and matched at once:
+    # the classes are the per-image matching's exactly, the offsets to float rounding (the
+    # same arithmetic on differently shaped tensors; the CPU's vectorised log may differ from
+    # its scalar tail by an ulp).
+    g = torch.Generator().manual_seed(0)
+    anchors = ssd.SSD(6, 96, 0.0625).anchors
+    size = 96.0
+    batch = []
+    for n in (3, 0, 1, 9, 2, 4):
+        xy = torch.rand(n, 2, generator=g) * 80
+        boxes = torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=g) * 40], 1).clamp(max=size)
+        batch.append((torch.zeros(3, 96, 96), {"boxes": boxes,
+                                               "labels": torch.randint(0, 6, (n,), generator=g)}))
+    same = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
+    batch[2][1]["boxes"] = torch.cat([same, same])                  # 2 objects, one box
+    batch[2][1]["labels"] = torch.tensor([1, 4])
+    batch[5][1]["boxes"][:2] = torch.tensor([[50.0, 50.0, 53.0, 53.0], [50.5, 50.5, 53.5, 53.5]])
+    _, boxes, labels = ssd.train_collate(batch)
+    assert boxes.shape == (6, 9, 4) and (labels[1] == -1).all() and (labels[3] >= 0).all()
+    cls, off = ssd.build_targets(boxes / size, labels, anchors)
+    want_cls, want_off = per_image_targets(
+        [{"boxes": t["boxes"] / size, "labels": t["labels"]} for _, t in batch], anchors)
+    assert torch.equal(cls, want_cls)
+    assert torch.allclose(off, want_off, rtol=1e-6, atol=1e-6)
+    assert (cls[1] == 0).all() and (off[1] == 0).all()              # no boxes: background
+    assert set(cls[2][cls[2] > 0].tolist()) == {5}                  # the later object (4) won
+    assert ((cls > 0).sum(1)[[0, 2, 3, 4, 5]] > 0).all()             # every object matched
+
+
+def host_reads(monkeypatch):
+    """Record every read of a tensor's values into Python (each a host sync on CUDA): .item(),
+    .tolist(), .cpu(), .numpy(), bool(), int(), float() and index use. Returns the list."""
+    reads = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
+                 "__index__"):
+        def read(t, *a, _original=getattr(torch.Tensor, name), _name=name, **kw):
+            reads.append(_name)
+            return _original(t, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+def no_loss_reduced_in_nll_loss2d(monkeypatch):
+    """F.cross_entropy / F.nll_loss on inputs of more than 2 dims run nll_loss2d, whose reducing
+    CUDA kernel --deterministic refuses: raise on it here, on the CPU."""
+    import torch.nn.functional as F
+    for name in ("cross_entropy", "nll_loss"):
+        def guarded(input, target, *a, _original=getattr(F, name), **kw):
+            assert input.dim() <= 2 or kw.get("reduction", "mean") == "none", \
+                "nll_loss2d with a reduction: no deterministic CUDA kernel"
+            return _original(input, target, *a, **kw)
+        monkeypatch.setattr(F, name, guarded)
+
+
+def test_matching_and_loss_read_nothing_back_to_the_host(monkeypatch):
+    # The whole of a training step's target building and loss, forward and backward, on the
+    # meta device: tensors without data, where anything that reads a value back to the host
+    # (.tolist(), `if n == 0`, indexing by a boolean mask, bincount) fails. On CUDA each such
+    # read is a host sync: the old per-image matching made ~3 per image, the loss 3 per step.
+    # The cross-entropy does not reduce inside nll_loss2d (no deterministic CUDA kernel).
+    no_loss_reduced_in_nll_loss2d(monkeypatch)
+    meta = torch.device("meta")
+    anchors = ssd.SSD(6, 64, 0.0625).anchors.to(meta)
+    boxes, labels = torch.rand(4, 5, 4, device=meta), torch.zeros(4, 5, dtype=torch.long,
+                                                                   device=meta)
+    classes, offsets = ssd.build_targets(boxes, labels, anchors)
+    assert classes.shape == (4, len(anchors)) and offsets.shape == (4, len(anchors), 4)
+    scores = torch.randn(4, len(anchors), 7, device=meta, requires_grad=True)
+    locs = torch.randn(4, len(anchors), 4, device=meta, requires_grad=True)
+    for n_pos in (None, (classes > 0).sum() / 2):                   # one process, torchrun's
+        loss, (l_conf, l_loc) = ssd.multibox_loss(scores, locs, classes, offsets, n_pos)
+        loss.backward()
+        assert loss.shape == () and scores.grad.shape == scores.shape
+
+
+def test_training_loop_reads_the_losses_once_per_epoch(monkeypatch):
+    # The training step leaves its losses on the device: the number of reads into Python over
+    # an epoch (Progress's one read at the end, the terms' means) does not grow with its steps.
+    torch.manual_seed(0)
+    model = ssd.SSD(6, 32, 0.0625)
+    ds = data.detection_dataset("shapes-det", "train", quick=True, size=32,
+                                transforms=ssd.train_transforms(32, data.IMAGENET_MEAN,
+                                                                data.IMAGENET_STD, kind="none"))
+    batches = [ssd.train_collate([ds[4 * b + i] for i in range(4)]) for b in range(4)]
+    args = type("A", (), {"channels_last": False, "world": 1, "amp": False})()
+    counts = []
+    for steps in (2, 4):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        progress = ssd.metrics.Progress(steps, 1, 1000, enabled=False, model=model)
+        with monkeypatch.context() as m:
+            reads = host_reads(m)
+            loss, l_conf, l_loc = ssd.train_one_epoch(
+                model, model, batches[:steps], optimizer, data.grad_scaler(torch.device("cpu"),
+                                                                           False),
+                args, torch.device("cpu"), 0, progress)
+        counts.append(len(reads))
+        assert math.isfinite(loss) and loss == pytest.approx(l_conf + l_loc, rel=1e-5)
+    assert counts[0] == counts[1], counts
 
 
 def test_decimate_fc6_fc7():
@@ -423,8 +547,8 @@ def test_overfit_one_batch_and_learn_above_chance(tmp_path):
                                                              data.IMAGENET_STD))
     x, gts = data.detection_collate([ds[i] for i in range(16)])
     model = ssd.SSD(6, 64, 0.25, bn=True)
-    targets = [{"boxes": g["boxes"] / 64, "labels": g["labels"]} for g in gts]
-    cls, off = ssd.build_targets(targets, model.anchors)
+    _, boxes, labels = ssd.train_collate([ds[i] for i in range(16)])
+    cls, off = ssd.build_targets(boxes / 64, labels, model.anchors)
     args = type("A", (), {"amp": False, "nms_iou": ssd.NMS_IOU})()
 
     def batch_map():

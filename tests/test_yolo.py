@@ -267,6 +267,97 @@ def test_fast_augmentation_kernels_equal_torchvisions():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
 
 
+def test_scale_translate_reads_nothing_back_from_the_images_device():
+    # Under --gpu-decode the augmentation runs on the GPU image: the source rows and columns
+    # are computed on the CPU (torchvision's float32 steps, as before), so counting the rows
+    # that fall outside reads nothing back per image. The meta device stands in for the GPU
+    # (no data: any read fails there); the CPU result is torchvision's (tested above).
+    from torchvision import tv_tensors
+    image = tv_tensors.Image(torch.zeros(3, 64, 48, dtype=torch.uint8, device="meta"))
+    t = yolo.ScaleTranslate((0.2, 0.2), (0.8, 1.2))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = t(image)
+        assert type(out) is tv_tensors.Image and out.shape == image.shape
+        assert out.device.type == "meta"
+
+
+def host_reads(monkeypatch):
+    """Record every read of a tensor's values into Python (each a host sync on CUDA): .item(),
+    .tolist(), .cpu(), .numpy(), bool(), int(), float() and index use. Returns the list."""
+    reads = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
+                 "__index__"):
+        def read(t, *a, _original=getattr(torch.Tensor, name), _name=name, **kw):
+            reads.append(_name)
+            return _original(t, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+def test_training_loop_reads_the_losses_once_per_epoch(monkeypatch):
+    # The four terms and the loss stay on the device: the reads into Python over an epoch
+    # (Progress's and the terms' means, at its end) do not grow with its steps; the returned
+    # means are those of the steps' terms, weighted by their images.
+    ds = data.detection_dataset("shapes-det", "train", quick=True)
+    s = yolo.YoloSet(ds, yolo.train_transforms(64, augment=False), 4, 6)
+    batches = [yolo.collate([s[4 * b + i] for i in range(4)]) for b in range(4)]
+    torch.manual_seed(0)
+    model = yolo.YOLO("fast", 6, 4, 2, 0.0625, 64, dropout=0.0, dropped=2)
+    args = yolo.get_args_parser().parse_args([])
+    args.world, args.channels_last = 1, False
+    cpu = torch.device("cpu")
+    counts = []
+    for steps in (2, 4):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+        progress = yolo.metrics.Progress(steps, 1, 1000, enabled=False, model=model)
+        with monkeypatch.context() as m:
+            reads = host_reads(m)
+            terms = yolo.train_one_epoch(model, batches[:steps], optimizer, scheduler,
+                                         data.grad_scaler(cpu, False), args, cpu, 0, progress)
+        counts.append(len(reads))
+        assert list(terms) == ["coord", "conf_obj", "conf_noobj", "class", "loss"]
+        assert terms["loss"] == pytest.approx(sum(v for k, v in terms.items() if k != "loss"),
+                                              rel=1e-5)
+    assert counts[0] == counts[1], counts
+
+
+def test_pretraining_scales_its_loss_with_the_grad_scaler(tmp_path, monkeypatch):
+    # §2.2's pretraining loop steps through the run's GradScaler as the detection loop does
+    # (with fp16 --amp on a GPU without bf16, unscaled gradients underflow): scale(loss)
+    # .backward(), step, update at every step. A scaler that records its calls stands in.
+    import torch.nn.functional as F
+    calls = []
+
+    class Recording(torch.amp.GradScaler):
+        def scale(self, outputs):
+            calls.append(("scale", outputs.requires_grad and outputs.dim() == 0))
+            return super().scale(outputs)
+
+        def step(self, optimizer, *a, **kw):
+            calls.append(("step", isinstance(optimizer, torch.optim.SGD)))
+            return super().step(optimizer, *a, **kw)
+
+        def update(self, *a, **kw):
+            calls.append(("update", True))
+            return super().update(*a, **kw)
+
+    made = []
+    monkeypatch.setattr(data, "grad_scaler", lambda device, amp: made.append(amp) or
+                        Recording(device.type, enabled=False))
+    ce = F.cross_entropy  # 2-D logits: not the nll_loss2d path (no deterministic CUDA kernel)
+    monkeypatch.setattr(F, "cross_entropy", lambda input, *a, **kw: ce(input, *a, **kw)
+                        if input.dim() == 2 else pytest.fail("cross_entropy on a map"))
+    r = yolo.main(["--pretrain", "shapes", "--pretrain-size", "32", "--quick", "--variant",
+                   "fast", "--width", "0.0625", "--epochs", "1", "--batch-size", "16",
+                   "--limit", "48", "--device", "cpu", "--out", str(tmp_path / "pre"),
+                   "--log-every", "1000"])
+    assert made == [False]
+    assert calls == [("scale", True), ("step", True), ("update", True)] * 3  # 48 / 16 steps
+    assert math.isfinite(r["history"][0]["train_loss"])
+
+
 def test_overfit_one_batch():
     ds = data.detection_dataset("shapes-det", "train", quick=True)
     s = yolo.YoloSet(ds, yolo.train_transforms(64, augment=False), 4, 6)
