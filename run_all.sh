@@ -11,6 +11,8 @@
 #   bash run_all.sh --dry-run --list     # print the selected runs' commands (NAME: COMMAND), run none
 #   bash run_all.sh --skip alexnet vgg19 --out /scratch/results -- --amp --workers 8
 #
+# On several GPUs each run gets as many torchrun processes as divide its global batch (FCN's
+# batch 1: one process), the number said in its log; RUN_ALL_GPUS=N overrides the GPU count.
 # Everything after `--` is passed to every script. Each run writes OUT/runs/NAME/ (results.json,
 # checkpoints, log.txt, command.txt, status.txt, error.txt on failure); a failing run does not stop
 # the others. At the end OUT/summary.md and OUT/summary.csv are built from the results.json files
@@ -29,7 +31,7 @@ while [ $# -gt 0 ]; do
         --out) [ $# -ge 2 ] || { echo "run_all.sh: error: --out needs a folder" >&2; exit 2; }
                OUT=$2; shift; MODE="" ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "run_all.sh: error: unknown flag $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
         *) case "$MODE" in
                only) ONLY+=("$1") ;;
@@ -110,14 +112,26 @@ selected() {  # a run is selected by its name or its script's (resnet selects re
     return 1
 }
 
-# Several GPUs: every script runs under torchrun (DDP, one process per GPU, the same global batch).
-NGPU=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-if [ "$QUICK" = 0 ] && [ "${NGPU:-0}" -gt 1 ]; then
-    LAUNCH=(torchrun --standalone "--nproc_per_node=$NGPU")
-else
-    LAUNCH=(python)
-fi
-[ "$LIST" = 1 ] || { echo "run_all.sh: $NGPU GPU(s), launcher: ${LAUNCH[*]}, out: $OUT"; mkdir -p "$OUT/runs"; }
+# Several GPUs: a paper run goes under torchrun (DDP, one process per GPU, the same global
+# batch), on as many GPUs as divide its global batch: every script refuses a batch that its
+# processes cannot share equally. The paper runs' global batches (each script's default, held
+# equal to it by tests/test_run_all.py); `-- --batch-size N` replaces them all.
+declare -A BATCH=([lenet5]=64 [alexnet]=128 [vgg19]=256 [resnet-20]=128 [resnet-32]=128
+                  [resnet-44]=128 [resnet-56]=128 [resnet-110]=128 [resnext]=128 [googlenet]=256
+                  [nin]=128 [overfeat]=128 [monster_finetune]=64 [yolo]=64 [ssd]=32
+                  [fcn-32s]=1 [fcn-16s]=1 [fcn-8s]=1)
+for ((i = 0; i < ${#EXTRA[@]}; i++)); do
+    [ "${EXTRA[$i]}" = --batch-size ] && [ $((i + 1)) -lt ${#EXTRA[@]} ] && GIVEN_BATCH=${EXTRA[$((i + 1))]}
+    [[ ${EXTRA[$i]} == --batch-size=* ]] && GIVEN_BATCH=${EXTRA[$i]#--batch-size=}
+done
+NGPU=${RUN_ALL_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)}
+processes() {  # the most GPUs (<= NGPU) that divide run $1's global batch; 1 without several
+    local batch=${GIVEN_BATCH:-${BATCH[$1]:-1}} n
+    [ "$QUICK" = 0 ] && [ "${NGPU:-0}" -gt 1 ] || { echo 1; return; }
+    for ((n = NGPU; n > 1; n--)); do (( batch % n == 0 )) && { echo $n; return; }; done
+    echo 1
+}
+[ "$LIST" = 1 ] || { echo "run_all.sh: $NGPU GPU(s), out: $OUT"; mkdir -p "$OUT/runs"; }
 
 for r in "${RUNS[@]}"; do
     set -- $r
@@ -129,14 +143,20 @@ for r in "${RUNS[@]}"; do
         [[ $a == @* ]] && a="$OUT/runs/${a#@}/checkpoint.pt"
         args+=("$a")
     done
+    n=$(processes "$name")
+    if [ "$n" -gt 1 ]; then LAUNCH=(torchrun --standalone "--nproc_per_node=$n"); else LAUNCH=(python); fi
     cmd=("${LAUNCH[@]}" "$script" "${args[@]}" --out "$dir" "${EXTRA[@]+"${EXTRA[@]}"}")
     if [ "$LIST" = 1 ]; then echo "$name: ${cmd[*]}"; continue; fi
     mkdir -p "$dir"
     rm -f "$dir/status.txt" "$dir/error.txt" "$dir/results.json"
+    : > "$dir/log.txt"
     echo "${cmd[*]}" > "$dir/command.txt"
     echo "=== $name: ${cmd[*]}"
+    if [ "${NGPU:-0}" -gt 1 ] && [ "$QUICK" = 0 ]; then
+        echo "run_all.sh: $name on $n of $NGPU GPUs (global batch ${GIVEN_BATCH:-${BATCH[$name]}}: $n processes divide it)" | tee -a "$dir/log.txt"
+    fi
     start=$(date +%s.%N)
-    PYTHONUNBUFFERED=1 "${cmd[@]}" 2>&1 | tee "$dir/log.txt"
+    PYTHONUNBUFFERED=1 "${cmd[@]}" 2>&1 | tee -a "$dir/log.txt"
     code=${PIPESTATUS[0]}
     end=$(date +%s.%N)
     echo "$code $(python -c "print(round($end - $start, 1))")" > "$dir/status.txt"

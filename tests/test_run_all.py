@@ -202,3 +202,49 @@ def test_metrics_tabulates_any_run_folders_whoever_made_them(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         metrics.main([str(tmp_path / "empty")])
     assert e.value.code == 1 and "no results.json under" in capsys.readouterr().err
+
+
+class Parsed(Exception):
+    """Raised by a stand-in for data.setup: the script's flags as its main() resolved them."""
+
+
+def test_each_paper_run_takes_as_many_gpus_as_divide_its_global_batch(monkeypatch):
+    # Every script refuses a global batch that its processes cannot share equally: on 3, 5, 6
+    # or 7 GPUs a run on all of them would fail, and FCN's batch 1 always. run_all.sh picks the
+    # most GPUs that divide each run's batch (a fake GPU count here), and its table of batches
+    # is each script's own default, resolved by the script's main() up to data.setup.
+    import importlib
+    lists = {}
+    for gpus in (1, 2, 3, 6, 8):
+        listed = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--list"],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "RUN_ALL_GPUS": str(gpus)})
+        assert listed.returncode == 0, listed.stderr
+        lists[gpus] = [line.split(": ", 1) for line in listed.stdout.strip().splitlines()]
+    assert len(lists[8]) == 18
+
+    table = dict(re.findall(r"\[([\w-]+)\]=(\d+)", open(os.path.join(ROOT, "run_all.sh")).read()))
+
+    def stop(args, *a, **k):
+        raise Parsed(args.batch_size)
+    monkeypatch.setattr("data.setup", stop)
+    for gpus, runs in lists.items():
+        for name, line in runs:
+            launcher, *rest = shlex.split(line)
+            n = int(launcher == "torchrun" and rest[1].split("=")[1]) or 1
+            script, argv = (rest[2], rest[3:]) if launcher == "torchrun" else (rest[0], rest[1:])
+            argv = [a for a in argv[:argv.index("--out")]
+                    if not a.endswith("checkpoint.pt")] if "--init-from" not in argv else \
+                argv[:argv.index("--init-from")]
+            with pytest.raises(Parsed) as got:
+                importlib.import_module(script[:-3]).main(argv)
+            batch = got.value.args[0]
+            assert int(table[name]) == batch, f"run_all.sh's batch of {name}"
+            best = max(k for k in range(1, gpus + 1) if batch % k == 0)
+            assert (launcher == "python") == (best == 1) and n == best, (gpus, name, batch)
+    assert all(line.startswith("python fcn.py") for name, line in lists[8] if "fcn" in name)
+    # -- --batch-size N replaces every run's batch
+    listed = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--list", "--only", "ssd",
+                             "--", "--batch-size", "12"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "RUN_ALL_GPUS": "8"})
+    assert listed.stdout.startswith("ssd: torchrun --standalone --nproc_per_node=6 ssd.py")
