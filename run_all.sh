@@ -4,9 +4,10 @@
 #   bash run_all.sh                      # paper data sets and schedules (a GPU box; torchrun when
 #                                        # there are several GPUs)
 #   bash run_all.sh --quick              # the synthetic shapes sets, minutes on a CPU, offline
-#   bash run_all.sh --dry-run            # every paper run for 2 steps and 2 test batches (real
-#                                        # data, checkpoint and results.json): minutes on a GPU
-#                                        # box, before the real runs (into results-dry-run/)
+#   bash run_all.sh --dry-run            # bench/gpu_check.py (every CUDA path), then every paper
+#                                        # run for 2 steps and 2 test batches (real data,
+#                                        # checkpoint, results.json): minutes on a GPU box,
+#                                        # before the real runs (into results-dry-run/)
 #   bash run_all.sh --only resnet yolo   # some runs only (a script name selects all its runs)
 #   bash run_all.sh --dry-run --list     # print the selected runs' commands (NAME: COMMAND), run none
 #   bash run_all.sh --skip alexnet vgg19 --out /scratch/results -- --amp --workers 8
@@ -31,7 +32,7 @@ while [ $# -gt 0 ]; do
         --out) [ $# -ge 2 ] || { echo "run_all.sh: error: --out needs a folder" >&2; exit 2; }
                OUT=$2; shift; MODE="" ;;
         --) shift; EXTRA=("$@"); break ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "run_all.sh: error: unknown flag $1 (see bash run_all.sh --help)" >&2; exit 2 ;;
         *) case "$MODE" in
                only) ONLY+=("$1") ;;
@@ -132,6 +133,13 @@ processes() {  # the most GPUs (<= NGPU) that divide run $1's global batch; 1 wi
     echo 1
 }
 [ "$LIST" = 1 ] || { echo "run_all.sh: $NGPU GPU(s), out: $OUT"; mkdir -p "$OUT/runs"; }
+
+# A dry run on a GPU box starts with the pre-flight of every CUDA path (bench/gpu_check.py, on
+# tiny trees of its own), then dry-runs the paper runs on the real data.
+if [ "$DRY" = 1 ] && [ "$LIST" = 0 ] && [ "${NGPU:-0}" -gt 0 ] && [ -z "${RUN_ALL_GPUS:-}" ] && [ ${#ONLY[@]} -eq 0 ]; then
+    echo "=== gpu-check: python bench/gpu_check.py --out $OUT/gpu-check"
+    python bench/gpu_check.py --out "$OUT/gpu-check" 2>"$OUT/gpu-check.err" || FAILED+=(gpu-check)
+fi
 
 for r in "${RUNS[@]}"; do
     set -- $r
