@@ -775,8 +775,30 @@ class PCAColour(v2.Transform):
         if not isinstance(inpt, tv_tensors.Image) or not inpt.is_floating_point():
             return inpt
         alpha = torch.randn(3) * self.alphastd
-        return tv_tensors.wrap(pca_colour(inpt.as_subclass(torch.Tensor), self.eigval,
-                                          self.eigvec, alpha), like=inpt)
+        x = inpt.as_subclass(torch.Tensor)
+        if x.device.type != "cpu":  # --gpu-decode: the (3,) shift made on the CPU and sent
+            # without waiting (the constants copied to the GPU per image would be host syncs)
+            shift = pca_colour(torch.zeros(3, 1, 1), self.eigval, self.eigvec, alpha)
+            return tv_tensors.wrap(x + shift.to(x.device, non_blocking=True), like=inpt)
+        return tv_tensors.wrap(pca_colour(x, self.eigval, self.eigvec, alpha), like=inpt)
+
+
+class Normalize(v2.Normalize):
+    """v2.Normalize, the same arithmetic, with the mean and std of an image on a GPU taken from
+    a cache per device (--gpu-decode normalises each image there): torchvision's kernel copies
+    them to the device and reads `std == 0` back at every image, three host syncs each."""
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, tv_tensors.Image) or inpt.device.type == "cpu":
+            return super().transform(inpt, params)
+        x = inpt.as_subclass(torch.Tensor)
+        key = (x.device, x.dtype)
+        if key not in self.__dict__.setdefault("on_device", {}):
+            self.on_device[key] = [torch.tensor(v, dtype=x.dtype).view(-1, 1, 1).to(x.device)
+                                   for v in (self.mean, self.std)]
+        mean, std = self.on_device[key]
+        return tv_tensors.wrap((x.sub_(mean) if self.inplace else x.sub(mean)).div_(std),
+                               like=inpt)
 
 
 class ColorJitterU8(v2.ColorJitter):
@@ -787,7 +809,8 @@ class ColorJitterU8(v2.ColorJitter):
     hue step and other inputs go to torchvision's kernels. Tested equal to v2.ColorJitter."""
 
     def transform(self, inpt, params):
-        if type(inpt) is not tv_tensors.Image or inpt.dtype != torch.uint8 or inpt.shape[-3] != 3:
+        if not isinstance(inpt, tv_tensors.Image) or inpt.dtype != torch.uint8 or \
+                inpt.shape[-3] != 3:
             return super().transform(inpt, params)
 
         def grey(x):  # torchvision's luma of a uint8 image, floored
@@ -830,24 +853,24 @@ def classification_transforms(name, train, mean, std, size=None, square=False):
             return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), *square_crop,
                                v2.RandomCrop(size),
                                v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                               PCAColour(), v2.Normalize(mean, std)])
+                               PCAColour(), Normalize(mean, std)])
         return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(size),
-                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+                           v2.ToDtype(torch.float32, scale=True), Normalize(mean, std)])
     if not train:
-        return v2.Compose(to_float + [v2.Normalize(mean, std)])
+        return v2.Compose(to_float + [Normalize(mean, std)])
     digits = name in ("mnist", "fashion-mnist")
     size = size or (28 if digits else 32)
     aug = [v2.RandomCrop(size, padding=3 if digits else 4)]
     if name != "mnist":
         aug.append(v2.RandomHorizontalFlip())
     return v2.Compose([v2.ToImage()] + aug + [v2.ToDtype(torch.float32, scale=True),
-                                              v2.Normalize(mean, std)])
+                                              Normalize(mean, std)])
 
 
 def normalised(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The whole image as float, normalised: the test input of the papers that crop or rescale
     it themselves (VGG's and OverFeat's dense tests, GoogLeNet's 144 crops, FCN's whole images)."""
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), Normalize(mean, std)])
 
 
 def ten_crop(images, size):
@@ -1271,7 +1294,7 @@ def detection_transforms(train, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     if train:
         ops.append(v2.RandomHorizontalFlip())
     ops += [v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std)]
+            Normalize(mean, std)]
     if train:
         ops.append(v2.SanitizeBoundingBoxes(labels_getter=box_fields))
     return v2.Compose(ops)
@@ -1296,7 +1319,7 @@ def segmentation_transforms(train, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_S
                     v2.RandomCrop(crop, pad_if_needed=True,
                                   fill={tv_tensors.Image: 0, tv_tensors.Mask: 255})]
     ops += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-            v2.Normalize(mean, std)]
+            Normalize(mean, std)]
     return v2.Compose(ops)
 
 

@@ -315,9 +315,9 @@ def imagenet_transforms(size=224):
     big = round(size * 256 / 224)
     train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True),
                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                           data.PCAColour(), v2.Normalize(mean, std)])
+                           data.PCAColour(), data.Normalize(mean, std)])
     test_tf = v2.Compose([v2.ToImage(), v2.Resize(big, antialias=True), v2.CenterCrop(big),
-                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+                          v2.ToDtype(torch.float32, scale=True), data.Normalize(mean, std)])
     return train_tf, test_tf
 
 

@@ -240,9 +240,9 @@ def imagenet_transforms():
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
     train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(224, antialias=True),
                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                           data.PCAColour(), v2.Normalize(mean, std)])
+                           data.PCAColour(), data.Normalize(mean, std)])
     test_tf = v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
-                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+                          v2.ToDtype(torch.float32, scale=True), data.Normalize(mean, std)])
     return train_tf, test_tf
 
 

@@ -526,7 +526,7 @@ def train_transforms(size, mean, std, zoom=4.0, kind="paper"):
         ops.append(v2.RandomHorizontalFlip())
     ops += [v2.Resize((size, size), antialias=True),
             v2.SanitizeBoundingBoxes(labels_getter=data.box_fields),
-            v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+            v2.ToDtype(torch.float32, scale=True), data.Normalize(mean, std)]
     return v2.Compose(ops)
 
 
@@ -536,7 +536,7 @@ class EvalTransform:
 
     def __init__(self, size, mean, std):
         self.ops = v2.Compose([v2.Resize((size, size), antialias=True),
-                               v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+                               v2.ToDtype(torch.float32, scale=True), data.Normalize(mean, std)])
 
     def __call__(self, image, target):
         gt = {"boxes": target["boxes"].as_subclass(torch.Tensor).clone(),

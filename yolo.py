@@ -333,7 +333,8 @@ class ScaleTranslate(v2.RandomAffine):
         return torch.round(((grid + 1) * n - 1) / 2).long()
 
     def transform(self, inpt, params):
-        if type(inpt) is not tv_tensors.Image or params["angle"] != 0 or any(params["shear"]):
+        if not isinstance(inpt, tv_tensors.Image) or params["angle"] != 0 or \
+                any(params["shear"]):
             return super().transform(inpt, params)
         h, w = inpt.shape[-2:]
         (tx, ty), scale = params["translate"], params["scale"]
@@ -363,7 +364,7 @@ def train_transforms(img_size, augment=True):
                 v2.ClampBoundingBoxes(),
                 v2.SanitizeBoundingBoxes(min_size=1, labels_getter=lambda s: s[1]["labels"])]
     return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True),
-                             v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                             data.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
 class YoloSet(torch.utils.data.Dataset):

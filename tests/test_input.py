@@ -371,3 +371,16 @@ def test_gpu_decode_needs_a_gpu_and_image_files(tmp_path, monkeypatch, script):
     with pytest.raises(data.DataError, match=f"{memory} is held in memory"):
         module.main(["--gpu-decode", "--data", memory, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_normalize_reads_nothing_back_from_a_gpu_image():
+    # On the meta device every host read fails (a stand-in for a sync on CUDA): torchvision's
+    # Normalize reads `std == 0` back at each image, data.Normalize takes cached constants. On
+    # the CPU both give the same numbers.
+    x = tv_tensors.Image(torch.rand(3, 5, 7))
+    assert torch.equal(data.Normalize(M, S)(x), v2.Normalize(M, S)(x))
+    meta = tv_tensors.Image(torch.empty(3, 5, 7, device="meta"))
+    with pytest.raises(Exception):
+        v2.Normalize(M, S)(meta)
+    out = data.Normalize(M, S)(meta)
+    assert out.device.type == "meta" and isinstance(out, tv_tensors.Image)
