@@ -786,7 +786,7 @@ class PCAColour(v2.Transform):
 class Normalize(v2.Normalize):
     """v2.Normalize, the same arithmetic, with the mean and std of an image on a GPU taken from
     a cache per device (--gpu-decode normalises each image there): torchvision's kernel copies
-    them to the device and reads `std == 0` back at every image, three host syncs each."""
+    them to the device at every image, two blocking copies that each wait for the GPU's queue."""
 
     def transform(self, inpt, params):
         if not isinstance(inpt, tv_tensors.Image) or inpt.device.type == "cpu":
