@@ -1465,20 +1465,56 @@ class DecodeOnDevice:
         return [tv_tensors.Image(x if x is not None else decode(*f).to(self.device))
                 for x, f in zip(images, files)]
 
-    def __iter__(self):
-        for raw, offsets, paths, targets, states in self.loader:
-            files = [(raw[a:b], p) for a, b, p in zip(offsets, offsets[1:], paths)]
-            samples = []
-            for image, target, state in zip(self.decode(files), targets, states):
-                if isinstance(target, tv_tensors.Mask):
-                    target = target.to(self.device)
-                if state is not None:
-                    with torch.random.fork_rng(devices=[]):
-                        torch.default_generator.manual_seed(state)  # the CPU's alone
-                        samples.append(self.apply(image, target))
-                else:
+    def build(self, batch):
+        """One batch from the workers' bytes: decoded, each sample transformed under its own
+        random state, collated."""
+        raw, offsets, paths, targets, states = batch
+        files = [(raw[a:b], p) for a, b, p in zip(offsets, offsets[1:], paths)]
+        samples = []
+        for image, target, state in zip(self.decode(files), targets, states):
+            if isinstance(target, tv_tensors.Mask):
+                target = target.to(self.device, non_blocking=True)
+            if state is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(state)  # the CPU's alone
                     samples.append(self.apply(image, target))
-            yield self.collate_fn(samples)
+            else:
+                samples.append(self.apply(image, target))
+        return self.collate_fn(samples)
+
+    def __iter__(self):
+        """On CUDA, batch k + 1 is decoded and transformed on a stream of its own while the
+        training step of batch k runs on the default stream; the default stream waits for it
+        only when it takes the batch, and the batch's tensors are marked as used there (so that
+        the allocator does not hand their memory out while the step still reads them)."""
+        if self.device.type != "cuda":
+            yield from map(self.build, self.loader)
+            return
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        ahead = None
+        for batch in self.loader:
+            side.wait_stream(main)  # what the step of the batch before freed may be reused
+            with torch.cuda.stream(side):
+                built = self.build(batch)
+            if ahead is not None:
+                yield ahead
+            main.wait_stream(side)
+            _record_stream(built, main)
+            ahead = built
+        if ahead is not None:
+            yield ahead
+
+
+def _record_stream(x, stream):
+    """Mark every tensor in a (nested) batch as used on `stream` (Tensor.record_stream)."""
+    if isinstance(x, torch.Tensor):
+        x.record_stream(stream)
+    elif isinstance(x, dict):
+        for v in x.values():
+            _record_stream(v, stream)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _record_stream(v, stream)
 
 
 def make_loader(dataset, batch_size, train, workers=2, device="cpu", collate_fn=None, seed=0,
