@@ -252,8 +252,10 @@ def run(args):
     info = {"classes": classes, "mean": mean, "std": std, "in_channels": channels,
             "image_size": x_test.shape[-1]}
     train_loader = None if args.eval_only else data.DeviceLoader(
-        x, y, args.batch_size // args.world, True, device, mean, std, seed=args.seed)
-    test_loader = data.DeviceLoader(x_test, y_test, 500, False, device, mean, std)
+        x, y, args.batch_size // args.world, True, device, mean, std, seed=args.seed,
+        name=f"{args.data}'s training images")
+    test_loader = data.DeviceLoader(x_test, y_test, 500, False, device, mean, std,
+                                    name=f"{args.data}'s test images")
     train_loader, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
     # The first layer's width is the AlexNet's (torchvision's 64, the paper variant's 96), or with
