@@ -119,8 +119,11 @@ DEPARTURES = [
     "the regressor on the positive windows, features and classifier frozen; test: one pooling "
     "offset, 5 scales (a window covers 1 to 1/4 of the scene), score = the class posterior, "
     "per-class NMS (IoU 0.3) instead of §4.3's greedy merge (quadratic in thousands of boxes); "
-    "voc scenes are held in memory as 2 x img-size squares (fine for --quick; a full VOC run "
-    "needs ~20 GB), imagenet localisation images as 256 x 256 squares likewise",
+    "voc scenes are held in host memory as uint8 2 x img-size squares (VOC 07+12 at 462: "
+    "10.6 GB per process), imagenet localisation images read from the files at each epoch as "
+    "256 x 256 squares",
+    "imagenet localisation: normalised with the ImageNet mean and std (as classification), not "
+    "statistics of its own training images (a pass over 544,546 images)",
 ]
 
 
@@ -192,7 +195,9 @@ class OverFeat(nn.Module):
                 nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(inplace=True),
                 nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
             _, h, w = trace(self.features, (self.input_size,) * 2, in_channels)
-            self.avgpool = nn.AdaptiveAvgPool2d((h, w))  # torchvision's (6, 6) at 224
+            # torchvision's (6, 6) at 224; data's: torch's kernel has no deterministic CUDA
+            # backward (--deterministic), even where, as here, it is the identity
+            self.avgpool = data.AdaptiveAvgPool2d((h, w))
             self.classifier = nn.Sequential(
                 nn.Dropout(dropout), nn.Linear(c[4] * h * w, h1), nn.ReLU(inplace=True),
                 nn.Dropout(dropout), nn.Linear(h1, h2), nn.ReLU(inplace=True),
@@ -426,16 +431,18 @@ class DenseNet(nn.Module):
 def dense_evaluate(dense, images, scales, flip=True, offsets=True):
     """§3.3: for each scale (smallest side, bilinear antialiased resize) and mirror, the per-offset
     class maps; softmax over classes at each location, the maximum over locations (and offsets)
-    per class; the (N, K) mean over scales and mirrors."""
+    per class; the (N, K) mean over scales and mirrors. cuDNN autotuning is off inside: every
+    scale of every image size is a new shape, benchmarked once and never met again."""
     if isinstance(images, (list, tuple)):  # whole ImageNet images of different sizes
         return torch.cat([dense_evaluate(dense, im[None], scales, flip, offsets) for im in images])
     outs = []
-    for s in scales:
-        x = v2.functional.resize(images, [s], antialias=True)
-        for view in ([x, x.flip(-1)] if flip else [x]):
-            maps = dense(view, offsets=True) if offsets else [dense(view)]
-            best = torch.stack([m.float().softmax(1).amax(dim=(2, 3)) for m in maps]).amax(0)
-            outs.append(best)
+    with data.no_autotune():
+        for s in scales:
+            x = v2.functional.resize(images, [s], antialias=True)
+            for view in ([x, x.flip(-1)] if flip else [x]):
+                maps = dense(view, offsets=True) if offsets else [dense(view)]
+                best = torch.stack([m.float().softmax(1).amax(dim=(2, 3)) for m in maps]).amax(0)
+                outs.append(best)
     return torch.stack(outs).mean(0)
 
 
@@ -471,6 +478,14 @@ def regression_targets(boxes, h, w, stride, window):
     return t.permute(0, 2, 1).reshape(len(boxes), 4, h, w)
 
 
+def paired_iou(a, b):
+    """The IoU of a[i] with b[i] for (N, 4) boxes (torchvision.ops.box_iou's arithmetic, without
+    its N x N matrix)."""
+    wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    return inter / (torchvision.ops.box_area(a) + torchvision.ops.box_area(b) - inter)
+
+
 def match_scores(a, b, size):
     """§4.3's match_score of every box in a (N, 4) against every box in b (M, 4): the distance
     between the centres (in units of the image size) plus (1 - IoU) (the paper's 'intersection
@@ -489,19 +504,23 @@ def greedy_merge(boxes, scores, threshold, size):
 
     The pairwise scores are computed once and updated per merge: a merged box takes a new slot
     after the others (the list order of the paper's loop: the two merged boxes leave it, their
-    merge joins at its end), so ties go to the same pair as in a loop over that list."""
+    merge joins at its end), so ties go to the same pair as in a loop over that list.
+
+    It runs on the CPU, and returns CPU tensors: every merge reads the smallest score to choose
+    the next one, a host sync per merge on a GPU (callers move a batch's boxes at once)."""
+    boxes, scores = boxes.cpu(), scores.cpu()
     n = len(boxes)
     if n == 0:
         return boxes.float().reshape(0, 4), scores.float()
     cap = 2 * n - 1                                   # n boxes + at most n - 1 merges
-    b = torch.zeros(cap, 4, device=boxes.device)
+    b = torch.zeros(cap, 4)
     b[:n] = boxes.float()
-    conf = torch.zeros(cap, *scores.shape[1:], dtype=torch.float64, device=boxes.device)
+    conf = torch.zeros(cap, *scores.shape[1:], dtype=torch.float64)
     conf[:n] = scores.double()
-    alive = torch.zeros(cap, dtype=torch.bool, device=boxes.device)
+    alive = torch.zeros(cap, dtype=torch.bool)
     alive[:n] = True
-    m = torch.full((cap, cap), float("inf"), device=boxes.device)  # m[i, j], i < j: the score
-    upper = torch.ones(n, n, dtype=torch.bool, device=boxes.device).triu(1)
+    m = torch.full((cap, cap), float("inf"))          # m[i, j], i < j: the score
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
     m[:n, :n][upper] = match_scores(b[:n], b[:n], size)[upper]
     for k in range(n, cap):                           # slot k holds the next merge
         flat = int(m.argmin())                        # row-major: the first minimal pair
@@ -525,33 +544,36 @@ def greedy_merge(boxes, scores, threshold, size):
 def localise(model, dense, x, scales, threshold, k=1):
     """§4: per image, the k most probable classes of the averaged dense classification, then for
     every scale and location the regressed box (in the original pixels) with the probability of
-    each of those classes as its confidences, greedily merged (§4.3). Returns per image a dict:
-    the merged "boxes" and their "scores" for the top class (its "label"), and the k guesses
-    ("guess_labels" (k,), "guess_boxes" (k, 4)): each class with its most confident box."""
+    each of those classes as its confidences, greedily merged (§4.3). Returns per image a dict of
+    CPU tensors: the merged "boxes" and their "scores" for the top class (its "label"), the k
+    guesses ("guess_labels" (k,), "guess_boxes" (k, 4)): each class with its most confident box,
+    and "probs" (K,), the dense classification itself (the test's dense figures)."""
     model.eval()
     n, size = x.shape[0], x.shape[-1]
     probs = dense_evaluate(dense, x, scales, flip=True)
     top = probs.topk(min(k, probs.shape[1]), 1).indices                 # (N, k)
-    per_image = [([], []) for _ in range(n)]
-    for s in scales:
-        xs = v2.functional.resize(x, [s], antialias=True)
-        f = dense.body(xs)
-        f = F.max_pool2d(f, dense.kernel, dense.stride)
-        p = head_over_windows(dense.head, [f])[0].float().softmax(1)  # (N, K, h, w)
-        t = model.regressor(f).float()                            # (N, 4, h, w)
-        h, w = t.shape[-2:]
-        c = location_centres(h, w, dense.total_stride, model.input_size, x.device).float()
-        b = (t.flatten(2).permute(0, 2, 1) * model.input_size + c.repeat(1, 2)) * (size / s)
-        b = b.clamp(0, size)
-        conf = p.flatten(2).gather(1, top[:, :, None].expand(-1, -1, h * w))  # (N, k, hw)
-        for i in range(n):
-            per_image[i][0].append(b[i]), per_image[i][1].append(conf[i].T)
+    boxes, confs = [], []
+    with data.no_autotune():  # a new shape per scale (see dense_evaluate)
+        for s in scales:
+            xs = v2.functional.resize(x, [s], antialias=True)
+            f = F.max_pool2d(dense.body(xs), dense.kernel, dense.stride)
+            p = head_over_windows(dense.head, [f])[0].float().softmax(1)  # (N, K, h, w)
+            t = model.regressor(f).float()                                # (N, 4, h, w)
+            h, w = t.shape[-2:]
+            c = location_centres(h, w, dense.total_stride, model.input_size, x.device).float()
+            b = (t.flatten(2).permute(0, 2, 1) * model.input_size + c.repeat(1, 2)) * (size / s)
+            boxes.append(b.clamp(0, size))                                      # (N, hw, 4)
+            confs.append(p.flatten(2).gather(1, top[:, :, None].expand(-1, -1, h * w)))
+    # The merge runs on the CPU (greedy_merge): the batch's boxes go there at once, one copy each
+    boxes, confs = torch.cat(boxes, 1).cpu(), torch.cat(confs, 2).cpu()
+    probs, top = probs.float().cpu(), top.cpu()
     out = []
     for i in range(n):
-        boxes, scores = greedy_merge(torch.cat(per_image[i][0]), torch.cat(per_image[i][1]),
-                                     threshold, size)
-        out.append({"boxes": boxes, "scores": scores[:, 0], "label": int(top[i, 0]),
-                    "guess_labels": top[i].cpu(), "guess_boxes": boxes[scores.argmax(0)].cpu()})
+        merged, scores = greedy_merge(boxes[i], confs[i].T, threshold, size)
+        # copies, not views: a view would carry the batch's storage through gather_shards
+        out.append({"boxes": merged, "scores": scores[:, 0].clone(), "label": int(top[i, 0]),
+                    "guess_labels": top[i].clone(), "guess_boxes": merged[scores.argmax(0)],
+                    "probs": probs[i].clone()})
     return out
 
 
@@ -565,40 +587,76 @@ NEG_IOU = 0.3       # a window is background when its IoU with every object is b
 CANDIDATES = 4      # negative windows drawn per scene; "hard" keeps the most offending one
 
 
-def scene_arrays(split, args):
-    """The detection scenes in memory: uint8 images (N, 3, S, S) (shapes-det: S = 64, as
-    rendered; voc: resized to S = 2 x img-size, boxes following through tv_tensors), their boxes
-    and labels in those S-pixels, and the ground truths in the original pixels (difficult kept)
-    with each image's (W, H), to map detections back before metrics.detection_map."""
+class Scenes(torch.utils.data.Dataset):
+    """Scenes `indices` of a detection set, each resized to S x S (boxes following through
+    tv_tensors): (uint8 image, its boxes and labels in the S-pixels, its ground truth in its own
+    pixels (difficult kept), its (W, H)). Read by `scene_arrays`' DataLoader workers."""
+
+    def __init__(self, ds, indices, S):
+        self.ds, self.indices, self.resize = ds, indices, v2.Resize((S, S), antialias=True)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, target = self.ds[self.indices[i]]
+        gt = {"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+              "labels": target["labels"], "difficult": target["difficult"]}
+        size = (image.shape[-1], image.shape[-2])
+        image, target = self.resize(image, target)
+        return image.as_subclass(torch.Tensor), {
+            "boxes": target["boxes"].as_subclass(torch.Tensor).float(),
+            "labels": target["labels"]}, gt, size
+
+
+def scene_arrays(split, args, share=False, objects_only=False, first=None):
+    """The detection scenes in host memory, never whole on the device: uint8 images (N, 3, S, S)
+    (shapes-det: S = 64, as rendered; voc: resized to S = 2 x img-size), their boxes and labels
+    in those S-pixels, the ground truths in the original pixels (difficult kept) with each
+    image's (W, H), to map detections back before metrics.detection_map, and the data set.
+    `share`: under torchrun only this rank's scenes (r, r + W, ...; the test, whose detections
+    and ground truths are gathered), at most `first` of them (--dry-run). `objects_only`: the
+    scenes with an object (training). The files are decoded by DataLoader workers straight into
+    one array (no list of images then a stack: a second copy of the set)."""
     ds = data.detection_dataset(args.data, split, args.data_dir, not args.no_download,
                                 quick=args.quick, seed=0)
     S = 64 if args.data == "shapes-det" else 2 * args.img_size
-    resize = v2.Resize((S, S), antialias=True)
-    xs, scene, gts, sizes = [], [], [], []
-    for i in range(len(ds)):
-        image, target = ds[i]
-        sizes.append((image.shape[-1], image.shape[-2]))
-        gts.append({"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
-                    "labels": target["labels"], "difficult": target["difficult"]})
-        image, target = resize(image, target)
-        xs.append(image.as_subclass(torch.Tensor))
-        scene.append({"boxes": target["boxes"].as_subclass(torch.Tensor).float(),
-                      "labels": target["labels"]})
-    if not xs:
-        raise data.DataError(f"the {args.data} {split} split has no images; check --data-dir")
-    return torch.stack(xs), scene, gts, sizes, tuple(ds.classes)
+    rank, world = data.distributed_info() if share else (0, 1)
+    indices = list(range(rank, len(ds), world))[:first]
+    check_host_memory(len(indices) * 3 * S * S, f"the {args.data} {split} scenes ({len(indices)} "
+                      f"of {S}x{S} pixels)", "use a smaller --img-size (the scenes are 2 x "
+                      "img-size squares)")
+    x = torch.empty((len(indices), 3, S, S), dtype=torch.uint8)
+    # workers for the files (shapes-det renders fast and keeps its images in this process); a
+    # generator of its own: the global one, which initialises the network, is left untouched
+    loader = torch.utils.data.DataLoader(Scenes(ds, indices, S), batch_size=32,
+                                         num_workers=args.workers if args.data == "voc" else 0,
+                                         collate_fn=list, generator=torch.Generator())
+    scene, gts, sizes = [], [], []
+    for batch in loader:
+        for image, target, gt, size in batch:
+            if objects_only and not len(target["labels"]):
+                continue
+            x[len(scene)] = image
+            scene.append(target), gts.append(gt), sizes.append(size)
+    if not len(ds) or (objects_only and not scene):
+        raise data.DataError(f"the {args.data} {split} split has no images"
+                             f"{' with objects' if len(ds) else ''}; check --data-dir")
+    return x[:len(scene)], scene, gts, sizes, ds
 
 
 def square_windows(cx, cy, side):
     return torch.stack([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2], -1)
 
 
-def cut_windows(images, windows, size):
-    """One size x size crop per image of the (K, 4) XYXY windows (continuous pixels, zero =
-    the mean colour outside the image), bilinear, by torchvision.ops.roi_align."""
-    rois = torch.cat([torch.arange(len(windows), dtype=windows.dtype)[:, None], windows], 1)
-    return torchvision.ops.roi_align(images, rois.to(images.device, images.dtype), size,
-                                     sampling_ratio=2, aligned=True)
+def cut_windows(images, windows, size, owner=None):
+    """A size x size crop of the (K, 4) XYXY windows (continuous pixels, zero = the mean colour
+    outside the image), window k from image owner[k] (default: k), bilinear, by
+    torchvision.ops.roi_align. All on the images' device."""
+    owner = torch.arange(len(windows), device=windows.device) if owner is None else owner
+    rois = torch.cat([owner[:, None].to(windows.dtype), windows], 1)
+    return torchvision.ops.roi_align(images, rois.to(images.dtype), size, sampling_ratio=2,
+                                     aligned=True)
 
 
 def window_batches(x, scene, batch_size, seed, epoch, mean, std, args, scorer, rank=0, world=1,
@@ -610,19 +668,22 @@ def window_batches(x, scene, batch_size, seed, epoch, mean, std, args, scorer, r
     negative among CANDIDATES random squares in the scene (side S/4..S, log-uniform) overlapping
     every object by IoU < NEG_IOU, labelled background (index C): the first ('random') or the one
     the current net scores highest on any object class ('hard', §5's "most offending ones"),
-    all candidates scored in one batch. Windows are cut
-    and resized to img-size with roi_align, mirrored at random with their boxes. Yields (windows,
-    labels, object boxes in window pixels)."""
+    all candidates scored in one batch. Windows are cut and resized to img-size with roi_align,
+    mirrored at random with their boxes. `x` is the host's uint8 scenes: only this rank's
+    scenes of each batch move to the device (mean's), where everything after the draws runs,
+    without a host sync (the hard negatives are chosen there). Yields (windows, labels, object
+    boxes in window pixels)."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     S, n, B, C = x.shape[-1], len(scene), batch_size // 2, args.num_classes
+    device, size = mean.device, args.img_size
     idx = torch.randperm(n, generator=g)
-    size = args.img_size
     for b in range(n // B):
         scenes = idx[b * B:(b + 1) * B].tolist()
         u = torch.rand(B, 8 + 3 * CANDIDATES, generator=g)  # every draw for the global batch
+        flip = torch.rand(2 * B, generator=g) < 0.5  # mirrors (positives, then negatives)
         mine = list(range(rank, B, world))
-        wins, labels, obj, neg_sets = [], [], [], []
-        for k in mine:
+        wins, labels, obj, cands, allowed = [], [], [], [], []
+        for k in mine:  # the windows, drawn on the host (scene boxes, CPU generator)
             gt = scene[scenes[k]]
             j = min(int(u[k, 0] * len(gt["labels"])), len(gt["labels"]) - 1)
             box = gt["boxes"][j]
@@ -633,41 +694,43 @@ def window_batches(x, scene, batch_size, seed, epoch, mean, std, args, scorer, r
             obj.append(box)
             r = u[k, 8:].view(3, CANDIDATES)
             side = S / 4 * 4 ** r[2]  # inside the scene: no black border to give it away
-            cand = square_windows(side / 2 + r[0] * (S - side), side / 2 + r[1] * (S - side), side)
-            iou = torchvision.ops.box_iou(cand, gt["boxes"]).amax(1) if len(gt["boxes"]) \
+            cands.append(square_windows(side / 2 + r[0] * (S - side),
+                                        side / 2 + r[1] * (S - side), side))
+            iou = torchvision.ops.box_iou(cands[-1], gt["boxes"]).amax(1) if len(gt["boxes"]) \
                 else torch.zeros(CANDIDATES)
             # no candidate clear of the objects: the least overlapping one (rare on shapes-det)
             ok = iou < NEG_IOU
-            neg_sets.append(cand[ok] if ok.any() else cand[iou.argmin()][None])
-        xb = ((x[[scenes[k] for k in mine]].float() / 255) - mean) / std
-        pos = cut_windows(xb, torch.stack(wins), size)
-        if positives_only:
-            windows, y, boxes, w_all = pos, torch.tensor(labels), torch.stack(obj), \
-                torch.stack(wins)
-        else:
-            negs = [cand[0] for cand in neg_sets]
-            if args.negatives == "hard":  # every candidate of the batch through the net at once
-                owner = torch.cat([torch.full((len(c),), k) for k, c in enumerate(neg_sets)])
-                crops = cut_windows(xb[owner], torch.cat(neg_sets), size)
+            allowed.append(ok if ok.any() else torch.arange(CANDIDATES) == iou.argmin())
+        # To the device: this rank's scenes and draws. Nothing comes back (no host sync).
+        xb = normalise(host_batch(x, [scenes[k] for k in mine], device), mean, std)
+        wins, obj = to_device(torch.stack(wins), device), to_device(torch.stack(obj), device)
+        windows, y, w_all, boxes, m = cut_windows(xb, wins, size), labels, wins, obj, flip[mine]
+        if not positives_only:
+            allowed = torch.stack(allowed)                          # (n, CANDIDATES)
+            cand = to_device(torch.stack(cands), device)            # (n, CANDIDATES, 4)
+            pick = to_device(allowed.int().argmax(1), device)       # the first allowed: 'random'
+            if args.negatives == "hard":  # every allowed candidate through the net at once
+                owner, slot = (to_device(t, device) for t in allowed.nonzero(as_tuple=True))
+                crops = cut_windows(xb, cand[owner, slot], size, owner)
                 with torch.no_grad():
                     was = scorer.training
-                    p = scorer.eval()(crops).float().softmax(1)[:, :C].amax(1).cpu()
+                    p = scorer.eval()(crops).float().softmax(1)[:, :C].amax(1)
                     scorer.train(was)
-                for k, cand in enumerate(neg_sets):
-                    negs[k] = cand[int(p[owner == k].argmax())]
-            neg = cut_windows(xb, torch.stack(negs), size)
-            windows = torch.cat([pos, neg])
-            y = torch.tensor(labels + [C] * len(negs))
-            w_all = torch.cat([torch.stack(wins), torch.stack(negs)])
-            boxes = torch.cat([torch.stack(obj), torch.stack(negs)])  # negatives: unused
+                # each scene's highest (the first of equals, as argmax), chosen on the device
+                score = torch.full(allowed.shape, -torch.inf, device=device)
+                pick = score.index_put_((owner, slot), p).argmax(1)
+            negs = cand[torch.arange(len(mine), device=device), pick]
+            windows = torch.cat([windows, cut_windows(xb, negs, size)])
+            y, w_all = labels + [C] * len(mine), torch.cat([wins, negs])
+            boxes = torch.cat([obj, negs])  # negatives: unused
+            m = torch.cat([m, flip[[B + k for k in mine]]])
         # the object's box in the window's pixels (img-size x img-size)
         wb = (boxes - w_all[:, :2].repeat(1, 2)) * (size / (w_all[:, 2:3] - w_all[:, 0:1]))
-        m = torch.rand(2 * B, generator=g) < 0.5  # mirrors, drawn for the global batch too
-        m = m[mine] if positives_only else torch.cat([m[mine], m[[B + k for k in mine]]])
-        windows = torch.where(m[:, None, None, None].to(x.device), windows.flip(3), windows)
+        m = to_device(m, device)
+        windows = torch.where(m[:, None, None, None], windows.flip(3), windows)
         wb = torch.where(m[:, None], torch.stack([size - wb[:, 2], wb[:, 1], size - wb[:, 0],
                                                   wb[:, 3]], 1), wb)
-        yield windows, y.to(x.device), wb.to(x.device)
+        yield windows, to_device(torch.tensor(y), device), wb
 
 
 @torch.no_grad()
@@ -677,27 +740,30 @@ def detect(model, dense, x, scales, num_classes, score_threshold=0.01, nms_iou=0
     every location gives C + 1 posteriors (softmax) and, from the regressor, a box (one for all
     classes, or one per class with --class-specific) mapped to the scene's pixels. Per image and
     class, the boxes scoring above `score_threshold` over all scales are merged by NMS (IoU
-    `nms_iou`; see DEPARTURES). Returns [{"boxes" (S-pixels), "scores", "labels"}] per image."""
+    `nms_iou`; see DEPARTURES). Returns [{"boxes" (S-pixels), "scores", "labels"}] per image,
+    on the scenes' device. cuDNN autotuning is off (a new shape per scale: see dense_evaluate)."""
     model.eval()
     n, S, C, size = x.shape[0], x.shape[-1], num_classes, model.input_size
     boxes, scores = [], []
-    for s in scales:
-        xs = v2.functional.resize(x, [s], antialias=True)
-        f = F.max_pool2d(dense.body(xs), dense.kernel, dense.stride)
-        p = head_over_windows(dense.head, [f])[0].float().softmax(1)[:, :C]   # (N, C, h, w)
-        t = model.regressor(f).float()                                  # (N, 4 or 4C, h, w)
-        h, w = t.shape[-2:]
-        c = location_centres(h, w, dense.total_stride, size, x.device).float()
-        t = t.view(n, -1, 4, h * w).transpose(2, 3)                     # (N, 1 or C, hw, 4)
-        b = ((t * size + c.repeat(1, 2)) * (S / s)).clamp(0, S).expand(n, C, h * w, 4)
-        boxes.append(b), scores.append(p.flatten(2))
+    with data.no_autotune():
+        for s in scales:
+            xs = v2.functional.resize(x, [s], antialias=True)
+            f = F.max_pool2d(dense.body(xs), dense.kernel, dense.stride)
+            p = head_over_windows(dense.head, [f])[0].float().softmax(1)[:, :C]  # (N, C, h, w)
+            t = model.regressor(f).float()                                # (N, 4 or 4C, h, w)
+            h, w = t.shape[-2:]
+            c = location_centres(h, w, dense.total_stride, size, x.device).float()
+            t = t.view(n, -1, 4, h * w).transpose(2, 3)                   # (N, 1 or C, hw, 4)
+            b = ((t * size + c.repeat(1, 2)) * (S / s)).clamp(0, S).expand(n, C, h * w, 4)
+            boxes.append(b), scores.append(p.flatten(2))
     boxes, scores = torch.cat(boxes, 2), torch.cat(scores, 2)           # (N, C, L, 4), (N, C, L)
     labels = torch.arange(C, device=x.device)[:, None].expand(C, scores.shape[-1])
     out = []
-    for i in range(n):
+    for i in range(n):  # per image: the one host sync of the boolean selection, then NMS's own
         keep = (scores[i] > score_threshold) & (boxes[i, ..., 2] > boxes[i, ..., 0]) & \
             (boxes[i, ..., 3] > boxes[i, ..., 1])
-        bi, si, li = boxes[i][keep], scores[i][keep], labels[keep]
+        j = keep.flatten().nonzero()[:, 0]
+        bi, si, li = boxes[i].reshape(-1, 4)[j], scores[i].flatten()[j], labels.flatten()[j]
         top = si.argsort(descending=True)[:2000]
         bi, si, li = bi[top], si[top], li[top]
         k = torchvision.ops.batched_nms(bi, si, li, nms_iou)[:max_dets]
@@ -706,23 +772,26 @@ def detect(model, dense, x, scales, num_classes, score_threshold=0.01, nms_iou=0
 
 
 @torch.no_grad()
-def evaluate_detection(model, x, gts, sizes, classes, args):
+def evaluate_detection(model, scenes, gts, sizes, classes, args, mean, std):
     """VOC07 11-point AP per class and mAP of `detect` over ALL objects of every test scene,
-    the boxes mapped from the S x S scene back to each image's own pixels. Under torchrun each
-    rank detects in its share of the scenes (rank r: r, r + W, ...) and the detections are
-    gathered, so every rank scores the whole set."""
-    dense = DenseNet(model).eval()
-    rank, world = data.distributed_info()
-    x, sizes = x[rank::world], sizes[rank::world]
-    S, dets = x.shape[-1], []
-    scales = args.det_scales
-    for i in range(0, len(x), DET_TEST_BATCH):
-        for d, (W, H) in zip(detect(model, dense, x[i:i + DET_TEST_BATCH], scales, len(classes),
-                                    nms_iou=args.nms_iou), sizes[i:i + DET_TEST_BATCH]):
-            d["boxes"] = d["boxes"] * torch.tensor([W / S, H / S, W / S, H / S],
-                                                   device=d["boxes"].device)
-            dets.append({k: v.cpu() for k, v in d.items()})
-    dets = data.gather_shards(dets)
+    the boxes mapped from the S x S scene back to each image's own pixels. `scenes` (host uint8),
+    `gts` and `sizes` are this rank's share (`scene_arrays(share=True)`: rank r holds r, r + W,
+    ...), moved to the device (mean's) and normalised a batch at a time; the detections and
+    ground truths of every rank are gathered, so every rank scores the whole set."""
+    dense, device = DenseNet(model).eval(), mean.device
+    S, dets = scenes.shape[-1], []
+    for i in range(0, len(scenes), DET_TEST_BATCH):
+        x = normalise(host_batch(scenes, range(i, min(i + DET_TEST_BATCH, len(scenes))), device),
+                      mean, std)
+        found = detect(model, dense, x, args.det_scales, len(classes), nms_iou=args.nms_iou)
+        # the batch's detections to the CPU in one copy per field, then split per image
+        counts = [len(d["scores"]) for d in found]
+        parts = {k: torch.cat([d[k] for d in found]).cpu().split(counts) for k in found[0]}
+        for j, (W, H) in enumerate(sizes[i:i + DET_TEST_BATCH]):
+            d = {k: v[j].clone() for k, v in parts.items()}  # not views of the batch's
+            d["boxes"] = d["boxes"] * torch.tensor([W / S, H / S, W / S, H / S])
+            dets.append(d)
+    dets, gts = data.gather_shards(dets, gts)
     dm = metrics.detection_map(dets, gts, len(classes))
     return {"map": dm["map"], "ap": dict(zip(classes, dm["ap"])),
             "detections_per_image": sum(len(d["scores"]) for d in dets) / len(dets),
@@ -737,16 +806,85 @@ def lr_factor(epoch, steps=LR_STEPS):
     return 0.5 ** sum(epoch >= s for s in steps)
 
 
+# Host and device. The file-backed sets stay on the host (uint8) and move a batch at a time. A
+# plain .to(cuda) of a host tensor waits until the GPU has run everything queued before the copy
+# (a host sync): copies go through page-locked memory with non_blocking=True instead.
+
+def to_device(t, device):
+    """A tensor on `device`; from the CPU to CUDA through page-locked memory, without waiting."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def host_batch(x, rows, device):
+    """x[rows] of a host array on `device`; for CUDA gathered straight into page-locked memory
+    (one copy on the host; torch's caching host allocator keeps the buffer until the copy ran).
+    The array itself is not pinned: a gathered batch is a new tensor anyway, and pinning would
+    lock 10.6 GB (VOC 07+12) in each process for nothing."""
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return x[rows].to(device)
+    out = torch.empty((len(rows), *x.shape[1:]), dtype=x.dtype, pin_memory=True)
+    return torch.index_select(x, 0, rows, out=out).to(device, non_blocking=True)
+
+
+def normalise(x, mean, std):
+    """uint8 images, on the device, to float32 normalised with the training set's mean and std."""
+    return x.float().div_(255).sub_(mean).div_(std)
+
+
+def channel_stats(x, chunk=2 ** 26):
+    """data.channel_stats (per-channel mean and std, in [0, 1] units) of uint8 images (N, C, H,
+    W), a chunk of about `chunk` values at a time instead of one float64 copy of the set (VOC
+    07+12 at 462: 85 GB): exact integer sums of the values and of their squares, so the figures
+    are the whole set's to float64 precision, however the set is cut."""
+    n, c = len(x), x.shape[1]
+    per = max(1, chunk // max(1, c * x.shape[2] * x.shape[3]))  # images per chunk
+    s1 = s2 = torch.zeros(c, dtype=torch.int64)
+    for i in range(0, n, per):
+        part = x[i:i + per].to(torch.int32)  # 255^2 fits; the sums are int64
+        s1 = s1 + part.sum((0, 2, 3), dtype=torch.int64)
+        s2 = s2 + part.square().sum((0, 2, 3), dtype=torch.int64)
+    s1, s2 = s1.tolist(), s2.tolist()  # Python integers: s1^2 below is exact
+    m = n * x.shape[2] * x.shape[3]  # values per channel
+    mean = tuple(a / (255 * m) for a in s1)
+    # unbiased variance (m - 1), as torch.std, from integers: (m s2 - s1^2) / (m (m - 1))
+    std = tuple(((m * b - a * a) / (m * (m - 1))) ** 0.5 / 255 for a, b in zip(s1, s2))
+    return mean, std
+
+
+def available_host_memory():
+    """Bytes of memory the host can still give (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_host_memory(nbytes, what, fix):
+    """A one-line DataError, before reading, when `what` (`nbytes` in every process torchrun
+    starts on this machine) would not fit in the host's available memory."""
+    free, procs = available_host_memory(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if free is not None and nbytes * procs > free:
+        raise data.DataError(f"{what} need {nbytes / 1e9:.1f} GB of host memory in each of "
+                             f"{procs} process(es), {free / 1e9:.1f} GB is available; {fix}")
+
+
 def jitter_batch(x, crop, scale_max):
     """§3.1 on in-memory device batches: the batch resized to S ~ U{crop..scale_max} (one S per
-    batch), a random crop x crop window per image and a random mirror."""
+    batch), a random crop x crop window per image and a random mirror. The draws are the CPU
+    generator's (the host reads them without a sync)."""
     n = x.shape[0]
     s = int(torch.randint(crop, scale_max + 1, ()).item())
     x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
     oy = torch.randint(0, s - crop + 1, (n,)).tolist()
     ox = torch.randint(0, s - crop + 1, (n,)).tolist()
     x = torch.stack([x[k, :, oy[k]:oy[k] + crop, ox[k]:ox[k] + crop] for k in range(n)])
-    mirror = (torch.rand(n) < 0.5).to(x.device)
+    mirror = to_device(torch.rand(n) < 0.5, x.device)
     return torch.where(mirror[:, None, None, None], x.flip(3), x).contiguous()
 
 
@@ -760,43 +898,69 @@ def list_collate(batch):
     return [im for im, _ in batch], torch.tensor([y for _, y in batch])
 
 
-def detection_arrays(split, args):
-    """Localisation sets in memory: images uint8 (N, 3, S, S) (shapes-det as rendered, S = 64;
-    imagenet resized to S = 256 squares, boxes following), the largest object's box (N, 4) and
-    class (N,) (the localisation target, as ILSVRC's one object per image), all ground truths."""
+def localisation_set(split, args, train=False):
+    """§4's images with their boxes, read a batch at a time (never held whole): shapes-det as
+    rendered (64 x 64), ImageNet resized to 256 x 256 squares; training images mirrored at
+    random with their boxes (per sample, under the loader's seeded random state)."""
+    flip = [v2.RandomHorizontalFlip()] if train else []
     if args.data == "imagenet":
-        ds = data.ImageNetBoxes(split, args.data_dir, v2.Resize((256, 256), antialias=True))
+        ds = data.ImageNetBoxes(split, args.data_dir,
+                                v2.Compose([v2.Resize((256, 256), antialias=True), *flip]))
         if args.quick:  # a fixed small subset, as data.classification_dataset's
             keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:2000]
             ds.samples = [ds.samples[i] for i in keep.sort().values.tolist()]
-    else:
-        ds = data.detection_dataset(args.data, split, args.data_dir, not args.no_download,
-                                    quick=args.quick, seed=0)
-    rows = [ds[i] for i in range(len(ds))]
-    x = torch.stack([im.as_subclass(torch.Tensor) for im, _ in rows])
+        return ds
+    return data.detection_dataset(args.data, split, args.data_dir, not args.no_download,
+                                  transforms=v2.Compose(flip) if flip else None, quick=args.quick,
+                                  seed=0)
+
+
+def largest(boxes):
+    """The index of the largest of (M, 4) boxes: the localisation target (ILSVRC's one object)."""
+    return int(torchvision.ops.box_area(boxes).argmax())
+
+
+def localisation_collate(batch):
+    """(uint8 images (N, 3, S, S), each image's target: its largest object's class (N,) and box
+    (N, 4), and all its ground truths) of a localisation set's samples."""
     gts = [{"boxes": t["boxes"].as_subclass(torch.Tensor).float(), "labels": t["labels"]}
-           for _, t in rows]
-    big = [int(torchvision.ops.box_area(g["boxes"]).argmax()) for g in gts]
-    return x, torch.stack([g["boxes"][j] for g, j in zip(gts, big)]), \
-        torch.stack([g["labels"][j] for g, j in zip(gts, big)]), gts, tuple(ds.classes)
+           for _, t in batch]
+    big = [largest(g["boxes"]) for g in gts]
+    return (torch.stack([im.as_subclass(torch.Tensor) for im, _ in batch]),
+            torch.stack([g["labels"][j] for g, j in zip(gts, big)]),
+            torch.stack([g["boxes"][j] for g, j in zip(gts, big)]), gts)
 
 
-def device_batches(x, y, boxes, batch_size, seed, epoch, mean, std, img_size, flip=True):
-    """The in-memory shapes-det training set: seeded shuffles, the whole image resized to the
-    training size, mirrors with their boxes (§4.2 trains on whole-window views of the object)."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    idx = torch.randperm(len(y), generator=g)
-    for b in range(len(y) // batch_size):
-        j = idx[b * batch_size:(b + 1) * batch_size].to(x.device)
-        xb = ((x[j].float() / 255) - mean) / std
-        xb = F.interpolate(xb, size=(img_size, img_size), mode="bilinear", antialias=True)
-        bb = boxes[j] * (img_size / x.shape[-1])
-        if flip:
-            m = (torch.rand(len(j), generator=g) < 0.5).to(x.device)
-            xb = torch.where(m[:, None, None, None], xb.flip(3), xb)
-            fb = torch.stack([img_size - bb[:, 2], bb[:, 1], img_size - bb[:, 0], bb[:, 3]], 1)
-            bb = torch.where(m[:, None], fb, bb)
-        yield xb, y[j], bb
+def localisation_statistics(train_set, args):
+    """The training set's normalisation and its mean target box (evaluate_localisation's
+    baseline, in the S-pixels). shapes-det: read once into host memory (110 MB); ImageNet: its
+    mean and std (a pass over 544,546 images would cost an epoch; see DEPARTURES) and the boxes
+    from the XML files alone (no image decoded; the 256-pixel square is the stated size scaled),
+    each rank reading 1/world of them."""
+    if args.data != "imagenet":
+        x, scene, _, _, _ = scene_arrays("train", args)
+        return channel_stats(x), torch.stack([t["boxes"][largest(t["boxes"])] for t in scene]
+                                              ).mean(0)
+    rank, world = data.distributed_info()
+    boxes = []
+    for _, xml in train_set.samples[rank::world]:
+        a = data.parse_voc_xml(xml, train_set.classes)
+        (w, h), b = a["size"], a["boxes"]
+        if not len(b):
+            raise data.DataError(f"{xml} holds no object box; fix or remove the file")
+        boxes.append(b[largest(b)] * torch.tensor([256 / w, 256 / h, 256 / w, 256 / h]))
+    boxes = data.gather_shards(torch.stack(boxes) if boxes else torch.zeros(0, 4))
+    return (data.IMAGENET_MEAN, data.IMAGENET_STD), boxes.mean(0)
+
+
+def localisation_batch(x, y, box, img_size, mean, std):
+    """A training batch of whole images (uint8, pinned by the loader) on the device (mean's):
+    normalised there and resized to the training size, boxes following (§4.2 trains on
+    whole-window views of the object)."""
+    device, S = mean.device, x.shape[-1]
+    x = normalise(x.to(device, non_blocking=True), mean, std)
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True)
+    return x, y.to(device, non_blocking=True), box.to(device, non_blocking=True) * (img_size / S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -815,7 +979,7 @@ def regression_loss(model, x, y, boxes, args):
         # through forward: under DDP the regressor's gradients are all-reduced
         t = model(xs, regress=True).float()
         if t.shape[1] > 4:  # --class-specific: the 4 outputs of the object's class
-            t = t.view(len(y), -1, 4, *t.shape[-2:])[torch.arange(len(y)), y]
+            t = t.view(len(y), -1, 4, *t.shape[-2:])[torch.arange(len(y), device=y.device), y]
         want = regression_targets(boxes * (s / x.shape[-1]), *t.shape[-2:], stride,
                                   args.img_size)
         loss = loss + F.mse_loss(t, want) / 2
@@ -824,9 +988,9 @@ def regression_loss(model, x, y, boxes, args):
 
 def train_one_epoch(model, batches, optimizer, scaler, args, device, epoch, progress, phase):
     """phase 'classify': cross-entropy of the whole net. phase 'regress': `regression_loss`.
-    `batches` yields (x, y, boxes): images, labels and the objects' boxes (None: classification)."""
+    `batches` yields (x, y, boxes) on the device: images, labels and the objects' boxes (None:
+    classification). The loss stays there (Progress reads it once per line): no host sync."""
     model.train()
-    total, n = 0.0, 0
     for x, y, boxes in batches:
         with data.autocast(device, args.amp):
             if phase == "classify":
@@ -839,73 +1003,81 @@ def train_one_epoch(model, batches, optimizer, scaler, args, device, epoch, prog
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total, n = total + loss.item() * len(y), n + len(y)
-        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return metrics.global_mean(total, n, device)  # over every rank's samples
+        progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch, n=len(y))
+    return progress.epoch_loss()  # the losses read here, over every rank's samples
 
 
 @torch.no_grad()
 def evaluate(model, loader, args, device, num_classes):
     """Single centre crop (single_crop_error) and §3.3's dense evaluation (dense_error, the
     test_error), both from the same (unwrapped) network; under torchrun each rank evaluates
-    its share of the set and the outputs are gathered."""
+    its share of the set and the outputs are gathered. The outputs stay on the device until the
+    end (one copy to the CPU, not one per batch)."""
     model.eval()
     dense = DenseNet(model).eval()
     single, multi, targets = [], [], []
-    for x, y in loader:
-        x = [im.to(device) for im in x] if isinstance(x, list) else x.to(device)
+    for x, y in loader:  # the loader's batches: pinned on the host, or already on the device
+        x = [im.to(device, non_blocking=True) for im in x] if isinstance(x, list) else \
+            x.to(device, non_blocking=True)
         with data.autocast(device, args.amp):
             if isinstance(x, list):
                 crops = torch.stack([centre_crop(im, args.img_size, args.crop_scale) for im in x])
             else:
                 crops = centre_crop(x, args.img_size, args.crop_scale)
-            single.append(model(crops).float().softmax(1).cpu())
-            multi.append(dense_evaluate(dense, x, args.scales, flip=True).cpu())
-        targets.append(y.cpu())
-    y, p1, pd = data.gather_shards(torch.cat(targets), torch.cat(single), torch.cat(multi))
+            single.append(model(crops).float().softmax(1))
+            multi.append(dense_evaluate(dense, x, args.scales, flip=True))
+        targets.append(y)  # where the loader left them
+    y, p1, pd = (torch.cat(t).cpu() for t in (targets, single, multi))
+    y, p1, pd = data.gather_shards(y, p1, pd)
     r = metrics.classification_report(pd, y, num_classes, views={"single_crop": p1})
     return {**r, "dense_error": r["test_error"]}
 
 
 @torch.no_grad()
-def evaluate_localisation(model, x, box0, label0, gts, args, mean_box, num_classes):
+def evaluate_localisation(model, loader, args, mean, std, mean_box, num_classes, size):
     """§4, scored as ILSVRC scores it (metrics.localisation_error): the image's class is that of
     its target object (the largest shape on shapes-det, ILSVRC's one labelled class), its ground
     truth every box of that class; loc_error: the top class and its top merged box (top-1),
     loc_error_top5: five (class, box) guesses (the challenge's measure, Sermanet et al.'s 29.9 %).
     Also iou50_rate / mean_iou (the top box against the target box, class-agnostic), the VOC07
-    mAP of all merged boxes over all objects, and two baselines: the whole image, the mean
-    training box. Under torchrun each rank localises in its share of the images (rank r: r,
-    r + W, ...) and the guesses are gathered, so every rank scores the whole set."""
-    dense = DenseNet(model).eval()
-    k = min(5, num_classes)
-    rank, world = data.distributed_info()
-    mine, out = x[rank::world], []
-    for i in range(0, len(mine), LOC_TEST_BATCH):
-        out += [{key: v.cpu() if torch.is_tensor(v) else v for key, v in o.items()}
-                for o in localise(model, dense, mine[i:i + LOC_TEST_BATCH], args.scales,
-                                  args.merge_threshold, k)]
-    out = data.gather_shards(out)
+    mAP of all merged boxes over all objects, two baselines: the whole image, the mean training
+    box; and the classification figures: the single centre crop and §3.3's dense evaluation
+    (localise's own). `loader` yields this rank's share (rank r: r, r + W, ...) as host uint8
+    batches (localisation_collate) of size x size images, each moved to the device (mean's) and
+    normalised there; the outputs are gathered, so every rank scores the whole set."""
+    model.eval()
+    dense, device, k = DenseNet(model).eval(), mean.device, min(5, num_classes)
+    single, out, labels, targets, gts = [], [], [], [], []
+    for x, y, box, gt in loader:
+        x = normalise(x.to(device, non_blocking=True), mean, std)
+        with data.autocast(device, args.amp):
+            single.append(model(centre_crop(x, args.img_size, args.crop_scale)).float()
+                          .softmax(1))
+            out += localise(model, dense, x, args.scales, args.merge_threshold, k)
+        labels.append(y), targets.append(box), gts.extend(gt)
+    label0, box0, p1, out, gts = data.gather_shards(
+        torch.cat(labels), torch.cat(targets), torch.cat(single).cpu(), out, gts)
+    test = metrics.classification_report(torch.stack([o["probs"] for o in out]), label0,
+                                         num_classes, views={"single_crop": p1})
     dets = [{"boxes": o["boxes"], "scores": o["scores"],
              "labels": torch.full((len(o["boxes"]),), o["label"])} for o in out]
     guess_labels = torch.stack([o["guess_labels"] for o in out])
     guess_boxes = torch.stack([o["guess_boxes"] for o in out])
-    gt_labels = [lab[None] for lab in label0.cpu()]
-    gt_boxes = [g["boxes"][g["labels"] == lab].cpu() for g, lab in zip(gts, label0.cpu())]
-    ious = torch.stack([torchvision.ops.box_iou(g[None], b[None].cpu())[0, 0]
-                        for g, b in zip(guess_boxes[:, 0].float(), box0.float())])
-    size = x.shape[-1]
-    whole = torchvision.ops.box_iou(torch.tensor([[0.0, 0.0, size, size]]), box0.cpu())[0]
-    mean = torchvision.ops.box_iou(mean_box[None].cpu(), box0.cpu())[0]
+    gt_labels = [lab[None] for lab in label0]
+    gt_boxes = [g["boxes"][g["labels"] == lab] for g, lab in zip(gts, label0)]
+    ious = paired_iou(guess_boxes[:, 0].float(), box0.float())
+    whole = torchvision.ops.box_iou(torch.tensor([[0.0, 0.0, size, size]]), box0)[0]
+    mean_iou = torchvision.ops.box_iou(mean_box[None], box0)[0]
     dm = metrics.detection_map(dets, gts, num_classes)
-    return {"iou50_rate": float((ious >= 0.5).float().mean()), "mean_iou": float(ious.mean()),
+    return {**test, "dense_error": test["test_error"],
+            "iou50_rate": float((ious >= 0.5).float().mean()), "mean_iou": float(ious.mean()),
             "loc_error": metrics.localisation_error(guess_labels, guess_boxes, gt_labels,
                                                     gt_boxes, k=1),
             "loc_error_top5": metrics.localisation_error(guess_labels, guess_boxes, gt_labels,
                                                          gt_boxes, k=k),
             "map": dm["map"],
             "baseline_whole_image_iou50": float((whole >= 0.5).float().mean()),
-            "baseline_mean_box_iou50": float((mean >= 0.5).float().mean())}
+            "baseline_mean_box_iou50": float((mean_iou >= 0.5).float().mean())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -943,14 +1115,6 @@ class EpochBatches:
 
     def __iter__(self):
         return iter(self.batches)
-
-
-def dry_run_images(args, batch, *parts):
-    """A test over tensors or lists of images (no loader): under --dry-run only the first 2
-    batches' worth of every rank's share; otherwise the parts as given."""
-    if not args.dry_run:
-        return parts
-    return tuple(p[:data.DRY_RUN_STEPS * batch * args.world] for p in parts)
 
 
 def imagenet_train_transform(size):
@@ -991,11 +1155,12 @@ def classification_task(args, device, rank, saved=None):
         classes = info["classes"]
     train, test_loader = data.dry_run_batches(args, train_loader, test_loader)
 
-    def batches(epoch, model):
+    def batches(epoch, model):  # ImageNet's: pinned by the loader; the others: on the device
         data.set_epoch(train_loader, epoch)  # the loader itself: `train` may be dry_run's wrapper
         return EpochBatches(len(train), (
-            (jitter_batch(x.to(device), args.img_size, args.crop_scale)
-             if args.data != "imagenet" else x.to(device), y.to(device), None) for x, y in train))
+            (jitter_batch(x, args.img_size, args.crop_scale) if args.data != "imagenet" else
+             x.to(device, non_blocking=True), y.to(device, non_blocking=True), None)
+            for x, y in train))
 
     return Task(classes, info, len(classes), False, 0 if train is None else len(train), batches,
                 lambda model: evaluate(model, test_loader, args, device, len(classes)),
@@ -1004,70 +1169,72 @@ def classification_task(args, device, rank, saved=None):
 
 
 def localisation_task(args, device, rank, saved=None):
-    """§4 on shapes-det or the ImageNet boxes: whole images and the largest object's box in
-    memory; every rank draws the same global batch (device_batches) and keeps its 1/world
-    slice. The test: the classification figures and §4's localisation ones (with the baseline
-    of the mean training box, kept in the checkpoint for --eval-only)."""
-    x_te, box_te, y_te, gts_te, classes = detection_arrays("test", args)
+    """§4 on shapes-det or the ImageNet boxes: whole images read a batch at a time by
+    DataLoaders (uint8, pinned on CUDA; each rank its share of every global batch, as
+    data.make_loader shards it), moved and normalised on the device. The test: the
+    classification figures and §4's localisation ones (with the baseline of the mean training
+    box, kept in the checkpoint for --eval-only). Nothing is held whole, on the host or the
+    device: ImageNet's 544,546 boxed training images are 107 GB as 256 x 256 uint8."""
+    S = 256 if args.data == "imagenet" else 64
+    test_set = localisation_set("test", args)
+    classes = tuple(test_set.classes)
+    test_loader = data.make_loader(test_set, LOC_TEST_BATCH, False, args.workers, device,
+                                   collate_fn=localisation_collate)
     norm, mean_box = saved_normalisation(saved), (saved or {}).get("mean_box")
-    if args.eval_only and norm is not None and mean_box is not None:  # the test split alone
-        (mean, std), mean_box, n_train = norm, mean_box.to(device), 0
-        x_tr = box_tr = y_tr = None
-    else:
-        x_tr, box_tr, y_tr, _, _ = detection_arrays("train", args)
-        mean, std = data.channel_stats(x_tr)
-        x_tr, box_tr, y_tr = x_tr.to(device), box_tr.to(device), y_tr.to(device)
-        mean_box, n_train = box_tr.float().mean(0), 0 if args.eval_only else len(y_tr)
+    train_set, train_loader = [], None
+    if not (args.eval_only and norm is not None and mean_box is not None):
+        train_set = localisation_set("train", args, train=True)
+        (mean, std), mean_box = localisation_statistics(train_set, args)
+    else:  # the test split alone
+        mean, std = norm
+    if not args.eval_only:
+        train_loader = data.make_loader(train_set, args.batch_size // args.world, True,
+                                        args.workers, device, collate_fn=localisation_collate,
+                                        seed=args.seed)
+    train, test_loader = data.dry_run_batches(args, train_loader, test_loader)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    info = {"in_channels": 3, "mean": mean, "std": std, "image_size": x_te.shape[-1],
-            "sizes": (n_train, 0, len(y_te)), "saved": {"mean_box": mean_box.cpu()}}
-    steps = n_train // args.batch_size  # global batches, sliced across the ranks
+    info = {"in_channels": 3, "mean": mean, "std": std, "image_size": S,
+            "sizes": (0 if args.eval_only else len(train_set), 0, len(test_set)),
+            "saved": {"mean_box": mean_box.cpu()}}
 
     def batches(epoch, model):
-        return data.dry_run_batches(args, EpochBatches(steps, (
-            tuple(t[rank::args.world] for t in b) for b in device_batches(
-                x_tr, y_tr, box_tr, args.batch_size, args.seed, epoch, mean_t, std_t,
-                args.img_size))))
+        data.set_epoch(train_loader, epoch)
+        return EpochBatches(len(train), (localisation_batch(x, y, box, args.img_size, mean_t,
+                                                            std_t) for x, y, box, _ in train))
 
-    def evaluate_task(model):
-        x, box, y, gts = dry_run_images(args, LOC_TEST_BATCH, x_te, box_te, y_te, gts_te)
-        xt = ((x.to(device).float() / 255) - mean_t) / std_t
-        mine, ys = xt[rank::args.world], y[rank::args.world]  # this rank's share, gathered
-        test = evaluate(model, [(mine[i:i + TEST_BATCH], ys[i:i + TEST_BATCH])
-                                for i in range(0, len(ys), TEST_BATCH)], args, device,
-                        len(classes))
-        test.update(evaluate_localisation(model, xt, box.to(device), y, gts, args, mean_box,
-                                          len(classes)))
-        return test
-
-    return Task(classes, info, len(classes), True, len(batches(0, None)) if n_train else 0,
-                batches, evaluate_task,
+    return Task(classes, info, len(classes), True,
+                0 if train is None else len(train), batches,
+                lambda model: evaluate_localisation(model, test_loader, args, mean_t, std_t,
+                                                    mean_box.cpu(), len(classes), S),
                 ["test_error", "test_accuracy", "single_crop_error", "dense_error", "map",
                  "iou50_rate", "mean_iou", "loc_error", "loc_error_top5",
                  "baseline_whole_image_iou50", "baseline_mean_box_iou50"])
 
 
 def detection_task(args, device, rank, saved=None):
-    """§5 on shapes-det or VOC: whole scenes in memory (for training, those with objects), the
-    training windows cut from them by window_batches: a positive and a random or hard negative
-    per scene in the classification epochs, the positives alone for the regressor. The test:
-    VOC07 AP of `detect` over every object of every test scene."""
-    x_te, _, gts_te, sizes_te, classes = scene_arrays("test", args)
+    """§5 on shapes-det or VOC: the scenes in host memory as uint8 (for training, those with
+    objects, whole on every rank: each step draws the global batch's windows from any scene;
+    for the test, this rank's share alone), a batch at a time to the device. The training
+    windows are cut from them by window_batches: a positive and a random or hard negative per
+    scene in the classification epochs, the positives alone for the regressor. The test: VOC07
+    AP of `detect` over every object of every test scene."""
+    first = data.DRY_RUN_STEPS * DET_TEST_BATCH if args.dry_run else None  # per rank
+    x_te, _, gts_te, sizes_te, test_set = scene_arrays("test", args, share=True, first=first)
+    classes = tuple(test_set.classes)
     norm = saved_normalisation(saved)
     if args.eval_only and norm is not None:  # the test split alone
         (mean, std), x_tr, scene_tr = norm, None, []
     else:
-        x_tr, scene_tr, _, _, _ = scene_arrays("train", args)
-        keep = [i for i, t in enumerate(scene_tr) if len(t["labels"])]  # scenes with objects
-        x_tr, scene_tr = x_tr[keep].to(device), [scene_tr[i] for i in keep]
-        mean, std = data.channel_stats(x_tr)
-        scene_tr = [] if args.eval_only else scene_tr
+        x_tr, scene_tr, _, _, _ = scene_arrays("train", args, objects_only=True)
+        mean, std = channel_stats(x_tr)
+        if args.eval_only:  # read for the statistics alone: not kept
+            x_tr, scene_tr = None, []
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     args.num_classes = len(classes)
     info = {"in_channels": 3, "mean": mean, "std": std, "image_size": x_te.shape[-1],
-            "sizes": (len(scene_tr), 0, len(x_te))}
+            "sizes": (len(scene_tr), 0, len(test_set))}
     steps = len(scene_tr) // (args.batch_size // 2)
 
     def batches(epoch, model):  # the regressor learns from the positive windows only
@@ -1075,13 +1242,10 @@ def detection_task(args, device, rank, saved=None):
             x_tr, scene_tr, args.batch_size, args.seed, epoch, mean_t, std_t, args, model, rank,
             args.world, positives_only=epoch >= args.epochs)))
 
-    def evaluate_task(model):
-        x, gts, sizes = dry_run_images(args, DET_TEST_BATCH, x_te, gts_te, sizes_te)
-        xt = ((x.to(device).float() / 255) - mean_t) / std_t
-        return evaluate_detection(model, xt, gts, sizes, classes, args)[0]
-
     return Task(classes, info, len(classes) + 1, True, len(batches(0, None)) if steps else 0,
-                batches, evaluate_task, ["map", "detections_per_image", "ap"])
+                batches, lambda model: evaluate_detection(model, x_te, gts_te, sizes_te, classes,
+                                                          args, mean_t, std_t)[0],
+                ["map", "detections_per_image", "ap"])
 
 
 TASKS = {"classification": classification_task, "localisation": localisation_task,

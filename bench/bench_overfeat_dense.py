@@ -29,11 +29,16 @@ import data  # noqa: E402
 import overfeat  # noqa: E402
 
 
-def timed(fn, iters):
+def timed(fn, iters, device):
+    """fn's output and seconds per call; on CUDA the queue is drained before each clock read
+    (the calls only enqueue kernels: without it the clock would time their launches)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()  # warm-up
+    sync()
     start = time.perf_counter()
     for _ in range(iters):
         out = fn()
+    sync()
     return out, (time.perf_counter() - start) / iters
 
 
@@ -72,16 +77,17 @@ def main(argv=None):
     x = torch.randn(args.images, 3, args.scale, args.scale, device=device)
     size, stride = model.input_size, overfeat.total_stride(model)
     if args.offsets:
-        maps, t_dense = timed(lambda: dense(x, offsets=True), args.iters)
+        maps, t_dense = timed(lambda: dense(x, offsets=True), args.iters, device)
         k = dense.stride if isinstance(dense.stride, int) else dense.stride[0]
         grid = overfeat.interleave(dict(zip([(a, b) for a in range(k) for b in range(k)],
                                             maps)), k)  # (N, K, k h, k w) at stride / k
         stride //= k
     else:
-        grid, t_dense = timed(lambda: dense(x), args.iters)
+        grid, t_dense = timed(lambda: dense(x), args.iters, device)
     h, w = grid.shape[-2:]
     windows = crops_of(x, size, stride, h, w)
-    logits, t_crop = timed(lambda: torch.cat([model(c) for c in windows.split(64)]), args.iters)
+    logits, t_crop = timed(lambda: torch.cat([model(c) for c in windows.split(64)]),
+                           args.iters, device)
     # crops are row-major over (i, j) then image: back to (N, K, h, w)
     crop_map = logits.view(h, w, args.images, -1).permute(2, 3, 0, 1)
     agree = (crop_map.argmax(1) == grid.argmax(1)).float().mean().item()
