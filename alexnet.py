@@ -105,7 +105,9 @@ class AlexNet(nn.Module):
             nn.Conv2d(c[3], c[4], kernel_size=3, padding=1), nn.ReLU(inplace=True),
             nn.MaxPool2d(kernel_size=3, stride=2))
         # 6x6 on 224 inputs (identity there); on small inputs it replicates the last map.
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        # data.AdaptiveAvgPool2d: torch's kernel, but under --deterministic on CUDA (whose
+        # adaptive-pool backward has none) two small matmuls; torchvision's state_dict unchanged.
+        self.avgpool = data.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout), nn.Linear(c[4] * 36, h), nn.ReLU(inplace=True),
             nn.Dropout(p=dropout), nn.Linear(h, h), nn.ReLU(inplace=True),
@@ -124,7 +126,10 @@ class AlexNetPaper(nn.Module):
         super().__init__()
         c = [_scale(n, width, even=True) for n in (96, 256, 384, 384, 256)]
         h = _scale(4096, width)
-        lrn = lambda: nn.LocalResponseNorm(**LRN)  # noqa: E731
+        # data.LocalResponseNorm: nn.LocalResponseNorm's numbers, through avg_pool2d (torch's
+        # avg_pool3d has no deterministic CUDA backward) and in float32 under --amp (fp16 squares
+        # overflow above 255).
+        lrn = lambda: data.LocalResponseNorm(**LRN)  # noqa: E731
         self.features = nn.Sequential(OrderedDict([
             # padding 2 turns the 224 crop into 55x55 maps (the 224 vs 227 note above)
             ("conv1", nn.Conv2d(in_channels, c[0], 11, stride=4, padding=2)),
@@ -140,7 +145,7 @@ class AlexNetPaper(nn.Module):
             ("conv5", nn.Conv2d(c[3], c[4], 3, padding=1, groups=2)),
             ("relu5", nn.ReLU(inplace=True)),
             ("pool5", nn.MaxPool2d(3, stride=2))]))
-        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))  # identity at 224; lets small inputs run
+        self.avgpool = data.AdaptiveAvgPool2d((6, 6))  # identity at 224; lets small inputs run
         # §4.2: dropout on the outputs of the first two FC layers (Caffe's fc6-relu6-drop6 order).
         self.classifier = nn.Sequential(OrderedDict([
             ("fc6", nn.Linear(c[4] * 36, h)), ("relu6", nn.ReLU(inplace=True)),
@@ -230,8 +235,9 @@ def pca_colour_batch(x, colour):
 
 
 def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progress, colour=None):
+    """One pass; the step's loss stays on the device (Progress reads the losses once per
+    --log-every line and at the epoch's end: no host sync per step)."""
     model.train()
-    total, n = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if colour is not None:  # in-memory sets: PCA colour on the device (ImageNet: transforms)
@@ -245,9 +251,8 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total, n = total + loss.item() * len(y), n + len(y)
-        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return metrics.global_mean(total, n, device)  # over every rank's samples
+        progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch, n=len(y))
+    return progress.epoch_loss()  # the losses read here, over every rank's samples
 
 
 @torch.no_grad()
@@ -272,18 +277,21 @@ def evaluate(model, loader, args, device, num_classes, ten_crop=False):
     model on the whole set: under torchrun each rank evaluates its share and the outputs are
     gathered."""
     model.eval()
+    # The outputs stay where they were computed until the loop ends: a .cpu() per batch would
+    # be a host sync per batch (ImageNet's 50,000 x 1000 probabilities: 200 MB per view).
     single, tens, targets = [], [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         with data.autocast(device, args.amp):
-            single.append(predict(model, x, args.img_size, False, args.channels_last).cpu())
+            single.append(predict(model, x, args.img_size, False, args.channels_last))
             if ten_crop:
-                tens.append(predict(model, x, args.img_size, True).cpu())
-        targets.append(y.cpu())
+                tens.append(predict(model, x, args.img_size, True))
+        targets.append(y)
+    single, targets = torch.cat(single).cpu(), torch.cat(targets).cpu()  # metrics: on the CPU
     if not ten_crop:
-        p1, y = data.gather_shards(torch.cat(single), torch.cat(targets))
+        p1, y = data.gather_shards(single, targets)
         return metrics.classification_report(p1, y, num_classes, views={"single_crop": p1})
-    out, p1, y = data.gather_shards(torch.cat(tens), torch.cat(single), torch.cat(targets))
+    out, p1, y = data.gather_shards(torch.cat(tens).cpu(), single, targets)
     r = metrics.classification_report(out, y, num_classes, views={"single_crop": p1})
     return {**r, "ten_crop_error": r["test_error"]}
 
@@ -403,7 +411,7 @@ def main(argv=None):
                                                    v2.ToImage(), v2.Resize(big, antialias=True),
                                                    v2.CenterCrop(big),
                                                    v2.ToDtype(torch.float32, scale=True),
-                                                   v2.Normalize(info["mean"], info["std"])]))
+                                                   data.Normalize(info["mean"], info["std"])]))
         test_loader = data.make_loader(test_set, 100, False, args.workers, device,
                                        gpu_decode=args.gpu_decode)
     train_loader, val_loader, test_loader = data.dry_run_batches(args, train_loader, val_loader,

@@ -2067,9 +2067,11 @@ def deterministic_cuda(x):
     return x.is_cuda and torch.are_deterministic_algorithms_enabled()
 
 
+@functools.lru_cache(maxsize=64)
 def _pool_matrix(n_in, n_out, dtype, device):
     """(n_out, n_in) rows of adaptive average pooling along one axis: row i averages the inputs
-    [floor(i n_in / n_out), ceil((i + 1) n_in / n_out)), as F.adaptive_avg_pool2d."""
+    [floor(i n_in / n_out), ceil((i + 1) n_in / n_out)), as F.adaptive_avg_pool2d. Made once per
+    size and device (a copy to the GPU at every forward would wait for its queue)."""
     i = torch.arange(n_out)
     lo, hi = (i * n_in) // n_out, ((i + 1) * n_in + n_out - 1) // n_out
     j = torch.arange(n_in)

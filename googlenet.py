@@ -98,8 +98,9 @@ DEPARTURES = [
     "single-crop figure: the centre 224 crop of the image resized to 256 (Table 5's crop is not "
     "stated); the 10-crop test (--test-crops 10) is AlexNet's on the image resized to 256",
     "small sets (shapes, CIFAR, MNIST): conv1 at stride 1 and no maxpool1/maxpool2, so 32x32 "
-    "images give 32/16/8 maps (224 gives 28/14/7); data.py's pad-and-crop + flip augmentation, "
-    "single-view test; --width < 1 narrows every layer (CPU tests only)",
+    "images give 32/16/8 maps (224 gives 28/14/7); --variant paper's aux heads pool 5x5/3 and, "
+    "where that gives no 4x4 (16x16 images), adaptively to 4x4; data.py's pad-and-crop + flip "
+    "augmentation, single-view test; --width < 1 narrows every layer (CPU tests only)",
 ]
 DEPARTURES_NIN = [
     "lr 0.1, momentum 0.9, weight decay 1e-4, batch 128, lr / 10 at epochs 150 and 225 of 300 "
@@ -167,8 +168,15 @@ class Inception(nn.Module):
 
 class InceptionAux(nn.Module):
     """§5: average pool 5x5/3 (14x14 -> 4x4 on 4a / 4d), 1x1 conv with 128 filters + ReLU, fc 1024
-    + ReLU, dropout 0.7, linear to the classes. torchvision pools adaptively to 4x4 instead (the
-    same at 224, not at other sizes); the paper variant falls back to it where 5x5/3 gives no 4x4."""
+    + ReLU, dropout 0.7, linear to the classes.
+
+    paper_pool (--variant paper): §5's 5x5/3 average pool, then, only where it does not give 4x4
+    (inputs other than 224: the small sets' 16x16 or 8x8 maps), adaptive pooling to the 4x4 fc1
+    needs (a departure). Otherwise (--variant torchvision): torchvision's adaptive 4x4 pool, whose
+    windows at 14x14 are 4 wide at offsets 0, 3, 7, 10 where §5's are 5 wide at 0, 3, 6, 9: the
+    same 4x4 output size, not the same numbers (its ported weights expect it). Both adaptive pools
+    go through data.adaptive_avg_pool2d: the input itself when already 4x4, torch's kernel, or
+    under --deterministic on CUDA (where torch's backward has no deterministic kernel) matmuls."""
 
     def __init__(self, cin, num_classes, bn=True, paper_pool=False, width=1.0, dropout=0.7):
         super().__init__()
@@ -181,7 +189,7 @@ class InceptionAux(nn.Module):
     def forward(self, x):
         if self.paper_pool and min(x.shape[-2:]) >= 5:
             x = F.avg_pool2d(x, 5, stride=3)
-        x = self.conv(F.adaptive_avg_pool2d(x, (4, 4)))  # identity when the map is already 4x4
+        x = self.conv(data.adaptive_avg_pool2d(x, (4, 4)))  # identity when already 4x4
         x = F.relu(self.fc1(x.flatten(1)), inplace=True)
         return self.fc2(self.dropout(x))
 
@@ -204,7 +212,9 @@ class GoogLeNet(nn.Module):
         pool = lambda k: nn.MaxPool2d(k, stride=2, ceil_mode=True)  # noqa: E731  (Caffe: ceil)
         # Table 1 / Fig. 3: LocalRespNorm after the first pool and after conv 3x3 (size 5,
         # alpha 1e-4, beta 0.75 as BVLC's Caffe model); torchvision has BN instead.
-        lrn = lambda: nn.LocalResponseNorm(5, 1e-4, 0.75, 1.0) if paper else nn.Identity()  # noqa
+        # data.LocalResponseNorm: nn.LocalResponseNorm's numbers through avg_pool2d (torch's
+        # avg_pool3d has no deterministic CUDA backward), in float32 under --amp.
+        lrn = lambda: data.LocalResponseNorm(5, 1e-4, 0.75, 1.0) if paper else nn.Identity()  # noqa
         self.conv1 = BasicConv2d(in_channels, w(64), bn, kernel_size=7,
                                  stride=1 if small_input else 2, padding=3)
         self.maxpool1 = nn.Identity() if small_input else pool(3)
@@ -226,7 +236,7 @@ class GoogLeNet(nn.Module):
         self.maxpool4 = pool(3 if paper else 2)  # Table 1: 3x3/2; torchvision: 2x2/2 (same 7x7)
         self.aux1 = InceptionAux(c_aux1, num_classes, bn, paper, width) if aux_logits else None
         self.aux2 = InceptionAux(c_aux2, num_classes, bn, paper, width) if aux_logits else None
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.avgpool = data.AdaptiveAvgPool2d((1, 1))  # a mean at 1x1, as torch's; no weights
         self.dropout = nn.Dropout(0.4 if paper else 0.2)  # Table 1 / §5: 40 %; torchvision 20 %
         self.fc = nn.Linear(c, num_classes)
         self.out_channels = c
@@ -250,12 +260,13 @@ class GoogLeNet(nn.Module):
 
     def _transform_input(self, x):
         """torchvision's transform_input: inputs normalised with the ImageNet mean/std become
-        (x - 0.5) / 0.5, the normalisation the ported IMAGENET1K_V1 weights expect."""
+        (x - 0.5) / 0.5, the normalisation the ported IMAGENET1K_V1 weights expect. Written as
+        torchvision writes it, per channel with Python scalars: a torch.tensor(..., device=cuda)
+        here would be a host-to-device copy, and a host sync, at every forward."""
         if not self.transform_input:
             return x
-        mean = torch.tensor(data.IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(data.IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return x * (std / 0.5) + (mean - 0.5) / 0.5
+        return torch.cat([x[:, c:c + 1] * (s / 0.5) + (m - 0.5) / 0.5 for c, (m, s) in
+                          enumerate(zip(data.IMAGENET_MEAN, data.IMAGENET_STD))], 1)
 
     def forward(self, x):
         x = self._transform_input(x)
@@ -310,7 +321,8 @@ class NIN(nn.Module):
         self.features = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x):
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)  # §3.2: global avg pool
+        # §3.2: global average pooling (a mean: deterministic on CUDA, unlike the adaptive pool)
+        return data.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
 
     def param_groups(self, lr, weight_decay):
         """The release's per-layer rates: biases at 2x the lr without weight decay, the last 1x1
@@ -365,6 +377,31 @@ def googlenet_loss(out, y, aux_weight=AUX_WEIGHT):
     return F.cross_entropy(out, y)
 
 
+@torch.no_grad()
+def polyak_update(ema, model, decay):
+    """§6's Polyak averaging as an exponential moving average, one step: every floating-point
+    parameter and buffer (BN statistics: use_buffers) of `ema.module` (a swa_utils.AveragedModel
+    of `model`) becomes decay x itself + (1 - decay) x the model's, one fused kernel for all;
+    the first update copies the model. AveragedModel.update_parameters with
+    get_ema_multi_avg_fn(decay) gives the same floats, but moves its CPU step count to the
+    device at every step (a blocking copy: a host sync per step). `ema.n_averaged` stays on the
+    CPU (AveragedModel made without device=): reading it here is no device sync. Integer buffers
+    (BN's batch count, unused at BN's fixed momentum) take the model's, where AveragedModel
+    truncates decay x its own + (1 - decay) x the model's back to an integer."""
+    averaged = list(ema.module.parameters()) + list(ema.module.buffers())
+    current = list(model.parameters()) + list(model.buffers())
+    if int(ema.n_averaged) == 0:
+        torch._foreach_copy_(averaged, current)
+    else:
+        floats = [(a, b) for a, b in zip(averaged, current, strict=True) if a.is_floating_point()]
+        ints = [(a, b) for a, b in zip(averaged, current) if not a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
+        if ints:
+            torch._foreach_copy_([a for a, _ in ints], [b for _, b in ints])
+    ema.n_averaged += 1
+
+
 def lr_factor(epoch, every=LR_EVERY, steps=None):
     """The lr multiplier for a 0-based epoch: §6, x 0.96 every `every` epochs; NIN (steps given):
     / 10 at each step."""
@@ -385,7 +422,7 @@ def imagenet_train_transform(size=224):
                                                           ratio=(3 / 4, 4 / 3), antialias=True),
                        v2.RandomHorizontalFlip(), data.ColorJitterU8(0.5, 0.5, 0.5),
                        v2.ToDtype(torch.float32, scale=True), data.PCAColour(),
-                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                       data.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
 def list_collate(batch):
@@ -444,8 +481,9 @@ def imagenet_loaders(args, device):
 
 def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progress, ema=None,
                     model=None):
+    """One pass; the step's loss (main + aux, §5) stays on the device (Progress reads the
+    losses once per --log-every line and at the epoch's end: no host sync per step)."""
     net.train()
-    total, n = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.channels_last:
@@ -457,10 +495,9 @@ def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progres
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:  # §6: Polyak averaging, an exponential moving average here
-            ema.update_parameters(model)
-        total, n = total + loss.item() * len(y), n + len(y)
-        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return metrics.global_mean(total, n, device)  # over every rank's samples
+            polyak_update(ema, model, args.polyak)
+        progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch, n=len(y))
+    return progress.epoch_loss()  # the losses read here, over every rank's samples
 
 
 @torch.no_grad()
@@ -473,10 +510,11 @@ def evaluate(model, loader, args, device, num_classes, crops=1):
     multi, single, targets = [], [], []
     for x, y in loader:
         with data.autocast(device, args.amp):
-            if isinstance(x, list):  # ImageNet: one image at a time
-                for im in x:
-                    im = im.to(device)
-                    single.append(model(centre_crop(im, args.img_size)[None]).float().softmax(1))
+            if isinstance(x, list):  # ImageNet: whole images, each of its own size
+                x = [im.to(device) for im in x]
+                centre = torch.stack([centre_crop(im, args.img_size) for im in x])
+                single.append(model(centre).float().softmax(1))  # the batch's centre crops
+                for im in x:  # the crops of one image at a time: 144 (or 10) of one shape
                     if crops == 144:
                         multi.append(model(crops_144(im, args.img_size)).float().softmax(1)
                                      .mean(0, keepdim=True))
@@ -485,8 +523,8 @@ def evaluate(model, loader, args, device, num_classes, crops=1):
                         multi.append(data.ten_crop_predict(model, big, args.img_size).float())
             else:
                 single.append(model(x.to(device)).float().softmax(1))
-        targets.append(y.cpu())
-    y, p1 = torch.cat(targets), torch.cat(single).cpu()
+        targets.append(y)  # on the device with the outputs: moved once, after the loop
+    y, p1 = torch.cat(targets).cpu(), torch.cat(single).cpu()
     out = torch.cat(multi).cpu() if multi else p1
     out, p1, y = data.gather_shards(out, p1, y)
     return metrics.classification_report(out, y, num_classes, views={"single_crop": p1})

@@ -1122,7 +1122,7 @@ def imagenet_train_transform(size):
     (221 or 231) and their horizontal flips, ImageNet mean/std."""
     return v2.Compose([v2.ToImage(), v2.Resize(256, antialias=True), v2.RandomCrop(size),
                        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                       data.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
 def classification_task(args, device, rank, saved=None):

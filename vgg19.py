@@ -106,7 +106,9 @@ class VGG(nn.Module):
             c_in = c
         self.features = nn.Sequential(*layers)
         # Identity on 224 inputs (7x7 maps); on 32x32 images it replicates the 1x1 map.
-        self.avgpool = nn.AdaptiveAvgPool2d((POOL, POOL))
+        # data.AdaptiveAvgPool2d: torch's kernel, but under --deterministic on CUDA (whose
+        # adaptive-pool backward has none) two small matmuls; torchvision's state_dict unchanged.
+        self.avgpool = data.AdaptiveAvgPool2d((POOL, POOL))
         h = _scale(4096, width)
         self.classifier = nn.Sequential(                                   # fc6, fc7, fc8
             nn.Linear(c_in * POOL * POOL, h), nn.ReLU(inplace=True), nn.Dropout(dropout),
@@ -157,7 +159,8 @@ class MinSize(nn.Module):
     """Maps smaller than fc6's 7x7 window are brought to 7 in that dimension by adaptive average
     pooling, as the original network's AdaptiveAvgPool2d(7) does; larger maps pass unchanged (the
     window then slides over them). So the converted net equals the original whenever the last
-    feature map is at most 7x7, and is the paper's dense net on large images."""
+    feature map is at most 7x7, and is the paper's dense net on large images. Pooled by
+    data.adaptive_avg_pool2d, as the original's data.AdaptiveAvgPool2d (the same numbers)."""
 
     def __init__(self, size=POOL):
         super().__init__()
@@ -167,7 +170,7 @@ class MinSize(nn.Module):
         h, w = x.shape[-2:]
         if h >= self.size and w >= self.size:
             return x
-        return F.adaptive_avg_pool2d(x, (max(h, self.size), max(w, self.size)))
+        return data.adaptive_avg_pool2d(x, (max(h, self.size), max(w, self.size)))
 
 
 class WindowConv(nn.Conv2d):
@@ -224,17 +227,21 @@ def dense_evaluate(model, images, scales, flip=True):
     the image's posterior is softmax_k(1/(h w) sum_ij S[:, k, i, j]) (spatial average of the
     scores, then the soft-max). The returned (N, K) posteriors are the mean over every Q and, with
     `flip`, over the image and its mirror image. `images`: a (N, C, H, W) tensor, or a list of
-    (C, H, W) images of different sizes (ImageNet's whole images, done one at a time)."""
+    (C, H, W) images of different sizes (ImageNet's whole images, done one at a time).
+
+    Every image and scale is a new input shape: cuDNN's autotuning (on under CUDA without
+    --deterministic) would benchmark each once and never reuse it, so it is off in here."""
     fc = model if isinstance(model, FullyConvVGG) else fully_convolutional(model).eval()
-    if isinstance(images, (list, tuple)):
-        return torch.cat([dense_evaluate(fc, im[None], scales, flip) for im in images])
-    posteriors = []
-    for q in scales:
-        x = v2.functional.resize(images, [q], antialias=True)
-        for view in ([x, x.flip(-1)] if flip else [x]):
-            scores = fc(view).float().mean(dim=(2, 3))
-            posteriors.append(scores.softmax(1))
-    return torch.stack(posteriors).mean(0)
+    with data.no_autotune():
+        if isinstance(images, (list, tuple)):
+            return torch.cat([dense_evaluate(fc, im[None], scales, flip) for im in images])
+        posteriors = []
+        for q in scales:
+            x = v2.functional.resize(images, [q], antialias=True)
+            for view in ([x, x.flip(-1)] if flip else [x]):
+                scores = fc(view).float().mean(dim=(2, 3))  # float32 before the softmax (--amp)
+                posteriors.append(scores.softmax(1))
+        return torch.stack(posteriors).mean(0)
 
 
 def load_pretrained(model, batch_norm, width):
@@ -262,7 +269,7 @@ def imagenet_train_transform(scale_min, scale_max, crop):
                                              antialias=True),
                        v2.RandomCrop(crop), v2.RandomHorizontalFlip(),
                        v2.ToDtype(torch.float32, scale=True), data.PCAColour(),
-                       v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+                       data.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
 
 
 def scale_jitter_batch(x, scale_min, scale_max, crop, colour=None):
@@ -271,6 +278,7 @@ def scale_jitter_batch(x, scale_min, scale_max, crop, colour=None):
     random mirror and the PCA colour shift per image. x is already normalised: bilinear resizing
     commutes with the per-channel affine normalisation; the colour shift is divided by std."""
     n = x.shape[0]
+    # S from the CPU generator (seeded, checkpointed): reading it is no device sync.
     s = int(torch.randint(scale_min, scale_max + 1, ()).item())
     if s != x.shape[-1]:
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
@@ -311,8 +319,9 @@ def list_collate(batch):
 # Training and evaluation
 
 def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progress, colour=None):
+    """One pass; the step's loss stays on the device (Progress reads the losses once per
+    --log-every line and at the epoch's end: no host sync per step)."""
     model.train()
-    total, n = 0.0, 0
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if args.data != "imagenet":  # in-memory sets: the jitter on the device (ImageNet: v2)
@@ -325,9 +334,8 @@ def train_one_epoch(model, loader, optimizer, scaler, args, device, epoch, progr
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total, n = total + loss.item() * len(y), n + len(y)
-        progress.step(len(y) * args.world, loss.item(), optimizer.param_groups[0]["lr"], epoch)
-    return metrics.global_mean(total, n, device)  # over every rank's samples
+        progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch, n=len(y))
+    return progress.epoch_loss()  # the losses read here, over every rank's samples
 
 
 @torch.no_grad()
@@ -340,22 +348,25 @@ def evaluate(model, loader, args, device, num_classes, dense=True):
     the plateau schedule)."""
     model.eval()
     fc = fully_convolutional(model).eval() if dense else None
+    # The posteriors stay where they were computed until the loop ends (a .cpu() per batch
+    # would be a host sync per batch); the metrics take them on the CPU.
     multi, single, targets = [], [], []
     for x, y in loader:
         x = [im.to(device) for im in x] if isinstance(x, list) else x.to(device)
         with data.autocast(device, args.amp):
-            if dense:
-                multi.append(dense_evaluate(fc, x, args.test_scales, flip=True).cpu())
-                single.append(dense_evaluate(fc, x, [args.single_scale], flip=False).cpu())
+            if dense:  # dense_evaluate turns cuDNN's autotuning off: a new shape per scale
+                multi.append(dense_evaluate(fc, x, args.test_scales, flip=True))
+                single.append(dense_evaluate(fc, x, [args.single_scale], flip=False))
             else:  # 28x28 digits: brought to the crop size (5 pools need >= 32)
                 if x.shape[-1] != args.crop_size:
                     x = v2.functional.resize(x, [args.crop_size], antialias=True)
-                multi.append(model(x).float().softmax(1).cpu())
-        targets.append(y.cpu())
+                multi.append(model(x).float().softmax(1))
+        targets.append(y)
+    multi, targets = torch.cat(multi).cpu(), torch.cat(targets).cpu()
     if not dense:
-        out, y = data.gather_shards(torch.cat(multi), torch.cat(targets))
+        out, y = data.gather_shards(multi, targets)
         return metrics.classification_report(out, y, num_classes)
-    out, p1, y = data.gather_shards(torch.cat(multi), torch.cat(single), torch.cat(targets))
+    out, p1, y = data.gather_shards(multi, torch.cat(single).cpu(), targets)
     return metrics.classification_report(out, y, num_classes, views={"single_scale": p1})
 
 

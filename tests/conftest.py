@@ -1,4 +1,5 @@
 """Writers of small data sets in their real on-disk formats, so the real loading code is tested."""
+import copy
 import os
 import pathlib
 import pickle
@@ -328,3 +329,100 @@ def image_tree(root, train=8, val=4):
                 pixels = (level + 30 * torch.randn(20, 26, 3, generator=g)).clamp(0, 255)
                 Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / c / f"{i}.jpg")
     return f"folder:{root}"
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA GPU, checked on this CPU: --deterministic's kernels and host syncs
+
+# Backward nodes of what torch.use_deterministic_algorithms(True) refuses on CUDA (its docs'
+# list): none may be in a training graph (a CPU run does not raise for them).
+NONDETERMINISTIC_ON_CUDA = ("AdaptiveAvgPool2DBackward", "AdaptiveAvgPool3DBackward",
+                            "AvgPool3DBackward", "AdaptiveMaxPool2DBackward", "FractionalMaxPool",
+                            "UpsampleLinear1DBackward", "UpsampleBilinear2DBackward",
+                            "UpsampleBicubic2DBackward", "UpsampleTrilinear3DBackward",
+                            "ReflectionPad", "NllLoss2DBackward", "GridSampler")
+
+
+def nondeterministic_nodes(t):
+    """The names of t's autograd graph nodes that have no deterministic CUDA kernel."""
+    seen, stack, found = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__.startswith(NONDETERMINISTIC_ON_CUDA):
+            found.add(type(fn).__name__)
+        stack += [g for g, _ in fn.next_functions]
+    return found
+
+
+def refuse_nondeterministic_kernels(monkeypatch, script):
+    """The path --deterministic takes on CUDA, on this CPU: data's helpers take their deterministic
+    branch (data.deterministic_cuda true), and torch's functions without a deterministic CUDA
+    backward raise when called (adaptive pooling; local_response_norm and the avg_pool3d it sums
+    with). The scripts call them as F.* (torch.nn.functional itself), nn modules the same."""
+    assert script.F is torch.nn.functional
+    monkeypatch.setattr(data, "deterministic_cuda", lambda x: True)
+    for name in ("adaptive_avg_pool2d", "local_response_norm", "avg_pool3d"):
+        def refuse(*args, _name=name, **kwargs):
+            raise RuntimeError(f"F.{_name}: no deterministic CUDA backward")
+        monkeypatch.setattr(torch.nn.functional, name, refuse)
+
+
+def old_kernels(model):
+    """A copy of `model` computing as the script did before: torch's nn.LocalResponseNorm (whose
+    avg_pool3d has no deterministic CUDA backward) in place of data.LocalResponseNorm; data's
+    adaptive pools take torch's kernel while data.deterministic_cuda is false (on a CPU)."""
+    old = copy.deepcopy(model)
+    for parent in list(old.modules()):
+        for name, m in parent.named_children():
+            if isinstance(m, data.LocalResponseNorm):
+                setattr(parent, name, torch.nn.LocalResponseNorm(m.size, m.alpha, m.beta, m.k))
+    return old
+
+
+def deterministic_step(model, x, y, deterministic=True, loss_fn=None):
+    """A training forward and backward (dropout's masks from seed 0) with `loss_fn` (default:
+    cross-entropy): the outputs (a list: the logits, or the main and aux logits) and gradients; the
+    graph checked free of CUDA-nondeterministic backward nodes unless `deterministic` is false
+    (the old kernels' reference)."""
+    model.zero_grad()
+    torch.manual_seed(0)
+    out = model.train()(x)
+    loss = (loss_fn or torch.nn.functional.cross_entropy)(out, y)
+    assert not (deterministic and nondeterministic_nodes(loss))
+    loss.backward()
+    out = [o.detach() for o in (out if isinstance(out, tuple) else (out,))]
+    return out, [p.grad.clone() for p in model.parameters()]
+
+
+def host_reads(monkeypatch, script):
+    """Record every read of a floating-point or bool tensor's value into Python (.item(),
+    .tolist(), float(), int(), bool() and `if t:`, f-strings) made by `script`'s own code: on CUDA
+    each is a host sync. Reads made inside metrics.py (Progress's once per line) are not its own."""
+    reads, torch_dir = [], os.path.dirname(torch.__file__)
+    for name in ("item", "tolist", "__float__", "__int__", "__index__", "__bool__"):
+        def spy(t, *args, _real=getattr(torch.Tensor, name), _name=name):
+            f = sys._getframe(1)
+            while f is not None and f.f_code.co_filename.startswith(torch_dir):
+                f = f.f_back  # torch's own Python (e.g. Tensor.__format__ calling .item())
+            if f is not None and f.f_code.co_filename == script.__file__ and \
+                    (t.is_floating_point() or t.dtype == torch.bool):
+                reads.append(f"{_name} at line {f.f_lineno}")
+            return _real(t, *args)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return reads
+
+
+def any_host_reads(monkeypatch):
+    """Record every read of a tensor's values into Python (each a host sync on CUDA): .item(),
+    .tolist(), .cpu(), .numpy(), bool(), int(), float() and index use. Returns the list."""
+    reads = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
+                 "__index__"):
+        def read(t, *a, _original=getattr(torch.Tensor, name), _name=name, **kw):
+            reads.append(_name)
+            return _original(t, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads

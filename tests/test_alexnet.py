@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ import torchvision
 
 import data
 import alexnet
-from conftest import (assert_shapes_class_records, command, ddp_results_json, image_tree,
-                     only_the_test_split, shapes_pictures)
+from conftest import (assert_shapes_class_records, command, ddp_results_json, deterministic_step,
+                      host_reads, image_tree, old_kernels, only_the_test_split,
+                      refuse_nondeterministic_kernels, shapes_pictures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -341,3 +344,98 @@ def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
     assert r["config"]["sizes"] == {"train": 16, "val": 0, "test": 8}
     assert set(r["per_class_error"]) == {"dark", "light"} and 0 <= r["auc"] <= 1
     assert r["confusion"]["classes"] == ["dark", "light"]
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA GPU, checked on this CPU: --deterministic, host syncs, --amp
+
+@pytest.mark.parametrize("variant", ["torchvision", "paper"])
+@pytest.mark.parametrize("size", [96, 224])
+def test_deterministic_cuda_path_trains_and_gives_the_old_numbers(variant, size, monkeypatch):
+    # 96: the small sets' input, 2x2 maps pooled to 6x6 (a real adaptive pool); 224: the paper's
+    # (6x6, the identity), and the LRN of the paper variant at both. The old code raised at the
+    # first step here (F.adaptive_avg_pool2d, F.local_response_norm refused); the new one gives
+    # the old kernels' logits and gradients within 1e-5.
+    torch.manual_seed(0)
+    model = alexnet.alexnet(6, variant, 3, width=0.25)
+    alexnet.kaiming_init(model)  # logits of a useful scale (the paper init's are ~1e-3)
+    x, y = torch.randn(2, 3, size, size), torch.tensor([0, 5])
+    want, want_grads = deterministic_step(old_kernels(model), x, y, deterministic=False)
+    refuse_nondeterministic_kernels(monkeypatch, alexnet)
+    got, grads = deterministic_step(model, x, y)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_torchvision_weights_on_the_deterministic_path_give_torchvisions_outputs(monkeypatch):
+    # torchvision's own network (its AdaptiveAvgPool2d kernel) against ours with its state_dict
+    # on the deterministic path, at 96 where the pool is a real one (224: the test above).
+    torch.manual_seed(0)
+    ref = torchvision.models.alexnet(weights=None, num_classes=6).eval()
+    ours = alexnet.alexnet(6).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        want = ref(x)
+        refuse_nondeterministic_kernels(monkeypatch, alexnet)
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_train_one_epoch_reads_no_loss_back_per_step(monkeypatch, colour):
+    # Batches of 3, 2 and 3 images: the epoch's loss is Progress's mean weighted by each step's
+    # samples; the old loop read every loss with .item() (a host sync per step on CUDA).
+    torch.manual_seed(0)
+    model = alexnet.alexnet(6, "paper", 3, width=0.125)
+    alexnet.kaiming_init(model)
+    batches = [(torch.randn(n, 3, 32, 32), torch.randint(0, 6, (n,))) for n in (3, 2, 3)]
+    args = types.SimpleNamespace(img_size=64, channels_last=False, amp=False, world=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = data.grad_scaler(torch.device("cpu"), False)
+    progress = alexnet.metrics.Progress(3, 1, every=1000, enabled=False, model=model)
+    seen, real_step = [], progress.step
+    monkeypatch.setattr(progress, "step", lambda images, loss, lr, epoch, n=None:
+                        seen.append((loss, n)) or real_step(images, loss, lr, epoch, n))
+    stats = (torch.tensor([0.2, 0.02, 0.005]), torch.eye(3), torch.ones(1, 3, 1, 1)) \
+        if colour else None
+    reads = host_reads(monkeypatch, alexnet)
+    mean = alexnet.train_one_epoch(model, batches, optimizer, scaler, args, torch.device("cpu"),
+                                   0, progress, stats)
+    assert reads == []
+    assert all(isinstance(loss, torch.Tensor) for loss, _ in seen) and [n for _, n in seen] == \
+        [3, 2, 3]
+    assert mean == pytest.approx(sum(float(l.detach()) * n for l, n in seen) / 8, rel=1e-6)
+
+
+def test_evaluate_moves_its_outputs_to_the_cpu_once_not_per_batch(monkeypatch):
+    # A .cpu() per batch is a host sync per batch on CUDA: the count must not grow with the
+    # number of batches (the old loop moved 2 (3 with ten crops) tensors per batch).
+    torch.manual_seed(0)
+    model = alexnet.alexnet(6, width=0.125)
+    args = types.SimpleNamespace(img_size=64, channels_last=False, amp=False)
+    moves, real_cpu = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: moves.append(
+        sys._getframe(1).f_code.co_filename == alexnet.__file__) or real_cpu(t))
+    counts = []
+    for n_batches in (2, 4):
+        loader = [(torch.randn(2, 3, 73, 73), torch.tensor([0, 1]))] * n_batches
+        moves.clear()
+        r = alexnet.evaluate(model, loader, args, torch.device("cpu"), 6, ten_crop=True)
+        assert r["samples"] == 2 * n_batches
+        counts.append(sum(moves))
+    assert counts[0] == counts[1] <= 3, counts
+
+
+def test_paper_lrn_runs_in_float32_under_fp16_autocast():
+    # --amp on an older GPU autocasts to fp16, where LRN's squares overflow above 255
+    # (nn.LocalResponseNorm then divides by inf: zeros). Activations of 1000 here: the paper
+    # variant's LRN gives the float32 answer, in the half dtype it was given.
+    lrn = alexnet.alexnet(variant="paper", width=0.25).features.norm1
+    x = torch.full((1, 8, 3, 3), 1000.0)
+    x[:, ::2] = 10.0
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = lrn(x.half())
+    assert got.dtype == torch.float16
+    want = torch.nn.functional.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=0)

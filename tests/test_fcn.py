@@ -15,7 +15,7 @@ from PIL import Image
 
 import data
 import fcn
-from conftest import command, ddp_result, ddp_results_json, write_voc
+from conftest import any_host_reads, command, ddp_result, ddp_results_json, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 1 / 64  # --width: channels 1, 2, 4, 8, 8 and fc6/fc7 64
@@ -191,19 +191,6 @@ def test_loss_sums_outside_nll_loss2d_and_equals_the_reduced_loss(monkeypatch):
         assert x.grad[0, :, 0].abs().sum() == 0 and x.grad[1].abs().sum() > 0
 
 
-def host_reads(monkeypatch):
-    """Record every read of a tensor's values into Python (each a host sync on CUDA): .item(),
-    .tolist(), .cpu(), .numpy(), bool(), int(), float() and index use. Returns the list."""
-    reads = []
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
-                 "__index__"):
-        def read(t, *a, _original=getattr(torch.Tensor, name), _name=name, **kw):
-            reads.append(_name)
-            return _original(t, *a, **kw)
-        monkeypatch.setattr(torch.Tensor, name, read)
-    return reads
-
-
 def segmentation_batches(n, classes=3, seed=0):
     """n batches of 2 random images (24 x 30) and masks with void pixels."""
     g = torch.Generator().manual_seed(seed)
@@ -239,7 +226,7 @@ def test_training_reads_the_loss_once_per_epoch_and_voc_runs_without_autotuning(
             progress = fcn.metrics.Progress(steps, 1, 1000, enabled=False, model=model)
             seen.clear()
             with monkeypatch.context() as m:
-                reads = host_reads(m)
+                reads = any_host_reads(m)
                 loss = fcn.train_one_epoch(model, batches[:steps], optimizer,
                                            data.grad_scaler(cpu, False), args, cpu, 0, progress)
             counts.append(len(reads))
@@ -268,7 +255,7 @@ def test_evaluate_counts_pixels_where_the_masks_are_and_reads_them_once(monkeypa
     counts = []
     for n in (2, 5):
         with monkeypatch.context() as m:
-            reads = host_reads(m)
+            reads = any_host_reads(m)
             scores, cm = fcn.evaluate(model, batches[:n], 3, args, cpu)
         counts.append(sum(r != "tolist" for r in reads))  # (the scores' lists, on the CPU)
     assert counts[0] == counts[1], counts

@@ -1,10 +1,13 @@
 """googlenet.py: parameter counts (torchvision, Table 1 by hand, NIN by hand), torchvision
 compatibility, output shapes of every variant, the §5 auxiliary loss, the §6 lr schedule, the §7
 144-crop test, and main() end to end (learning, --eval-only, kill-and-resume, one-line errors)."""
+import copy
 import json
 import math
 import os
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -14,7 +17,8 @@ from torchvision.transforms import v2
 
 import data
 import googlenet
-from conftest import command, ddp_results_json, only_the_test_split, shapes_pictures
+from conftest import (command, ddp_results_json, deterministic_step, host_reads, old_kernels,
+                      only_the_test_split, refuse_nondeterministic_kernels, shapes_pictures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table 1: name, input depth, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj, output depth,
@@ -66,14 +70,14 @@ def test_paper_variant_parameter_count_from_table_1():
     aux = sum(cin * 128 + 128 + 2048 * 1024 + 1024 + 1024 * 1000 + 1000 for cin in (512, 528))
     assert count(googlenet.googlenet(variant="paper")) == count(ours) + aux
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
-    assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in ours.modules()) == 2
+    assert sum(isinstance(m, data.LocalResponseNorm) for m in ours.modules()) == 2
     k5 = [b.branch3[1].conv.kernel_size for n, b in ours.named_children() if n.startswith("incep")]
     assert set(k5) == {(5, 5)}
     assert set(b.branch3[1].conv.kernel_size for n, b in googlenet.googlenet().named_children()
                if n.startswith("incep")) == {(3, 3)}  # torchvision's quirk, reproduced
 
 
-def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs():
+def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs(monkeypatch):
     torch.manual_seed(0)
     ref, ours = tv_googlenet(), googlenet.googlenet()
     ours.load_state_dict(ref.state_dict(), strict=True)
@@ -87,9 +91,21 @@ def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs():
         torch.manual_seed(1)
         b = ours(x)
         assert all(torch.equal(u, v) for u, v in zip(a, b)) and b._fields == a._fields
+        # the aux heads' adaptive 14x14 -> 4x4 pool on the path --deterministic takes on CUDA:
+        # torchvision's kernel's outputs within 1e-5
+        refuse_nondeterministic_kernels(monkeypatch, googlenet)
+        torch.manual_seed(1)
+        b = copy.deepcopy(ours)(x)  # a copy: ours' BN statistics stay as ref's
+        for u, v in zip(a, b):
+            torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-5)
+        monkeypatch.undo()
         ours.eval(), ref.eval()
-        ref.transform_input = ours.transform_input = True  # what --pretrained switches on
-        assert torch.allclose(ours(x), ref(x), atol=1e-6, rtol=0)
+        # what --pretrained switches on, written as torchvision writes it: the same numbers,
+        # and no tensor made from Python numbers per forward (on CUDA a host-to-device copy)
+        ref.transform_input = ours.transform_input = True
+        want = ref(x)
+        monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("a tensor per forward"))
+        assert torch.equal(ours(x), want)
 
 
 def test_output_shapes_of_every_variant():
@@ -390,3 +406,129 @@ def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_pa
     state = data.load_checkpoint(str(out / "checkpoint.pt"), "googlenet")
     assert state["epoch"] == 0 and len(state["history"]) == 1
     assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA GPU, checked on this CPU: --deterministic, host syncs, --amp
+
+@pytest.mark.parametrize("variant, naive, size", [
+    ("torchvision", False, 16), ("torchvision", False, 224), ("paper", False, 16),
+    ("paper", False, 224), ("torchvision", True, 16), ("nin", False, 32)])
+def test_deterministic_cuda_path_trains_and_gives_the_old_numbers(variant, naive, size,
+                                                                   monkeypatch):
+    # 16 (shapes at --quick, small_input): 4a's 8x8 maps go to the aux heads' 4x4 by
+    # torchvision's adaptive pool, or by §5's 5x5/3 (2x2) then the adaptive pool up to 4x4 (paper
+    # variant): real adaptive pools, whose CUDA backward has no deterministic kernel. 224: the
+    # paper's 14x14 maps, adaptively pooled (torchvision) or 5x5/3 (paper, 4x4: no adaptive pool
+    # left). The paper variant's LRN and the global average pools (NIN's too) at every size. The
+    # old code raised at the first step here; the new one gives the old kernels' outputs and
+    # gradients within 1e-5.
+    torch.manual_seed(0)
+    model = googlenet.googlenet(6, True, variant, 3, naive, width=0.125,
+                                small_input=size < 224)
+    x, y = torch.randn(2, 3, size, size), torch.tensor([0, 5])
+    want, want_grads = deterministic_step(old_kernels(model), x, y, deterministic=False,
+                                          loss_fn=googlenet.googlenet_loss)
+    refuse_nondeterministic_kernels(monkeypatch, googlenet)
+    got, grads = deterministic_step(model, x, y, loss_fn=googlenet.googlenet_loss)
+    assert len(got) == (1 if variant == "nin" else 3)  # the two aux heads trained too
+    for g, w in zip(got + grads, want + want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def polyak_average(model, decay):
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def test_train_one_epoch_reads_no_loss_back_per_step(monkeypatch):
+    # Batches of 3, 2 and 3 images with both aux heads and --polyak: the epoch's loss is
+    # Progress's mean weighted by each step's samples. The old loop read every loss with
+    # .item() and updated the EMA through AveragedModel.update_parameters, which copies its CPU
+    # step count to the device at every step (on CUDA both are host syncs).
+    torch.manual_seed(0)
+    model = googlenet.googlenet(6, True, "torchvision", 3, width=0.125, small_input=True)
+    ema = polyak_average(model, 0.9)
+    batches = [(torch.randn(n, 3, 16, 16), torch.randint(0, 6, (n,))) for n in (3, 2, 3)]
+    args = types.SimpleNamespace(aux_weight=0.3, polyak=0.9, channels_last=False, amp=False,
+                                 world=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = data.grad_scaler(torch.device("cpu"), False)
+    progress = googlenet.metrics.Progress(3, 1, every=1000, enabled=False, model=model)
+    seen, real_step = [], progress.step
+    monkeypatch.setattr(progress, "step", lambda images, loss, lr, epoch, n=None:
+                        seen.append((loss, n)) or real_step(images, loss, lr, epoch, n))
+    monkeypatch.setattr(torch.optim.swa_utils.AveragedModel, "update_parameters",
+                        lambda *a: pytest.fail("a host sync per step (its step count's copy)"))
+    reads = host_reads(monkeypatch, googlenet)
+    mean = googlenet.train_one_epoch(model, batches, optimizer, scaler, args, torch.device("cpu"),
+                                     0, progress, ema, model)
+    assert reads == []
+    assert all(isinstance(loss, torch.Tensor) for loss, _ in seen) and [n for _, n in seen] == \
+        [3, 2, 3]
+    assert mean == pytest.approx(sum(float(l.detach()) * n for l, n in seen) / 8, rel=1e-6)
+    assert int(ema.n_averaged) == 3
+
+
+def test_polyak_update_equals_averaged_models_exponential_average():
+    # torch's AveragedModel.update_parameters with get_ema_multi_avg_fn: the first update copies
+    # the model, then W_ema <- 0.9 W_ema + 0.1 W for every parameter and BN statistic. Integer
+    # buffers (BN's batch count) take the model's, where AveragedModel's truncated average of
+    # counts stays at 1 (int(0.9 x 1 + 0.1 x 3)).
+    torch.manual_seed(0)
+    model = googlenet.googlenet(6, True, "torchvision", 3, width=0.125, small_input=True)
+    ours, torchs = polyak_average(model, 0.9), polyak_average(model, 0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            model.train()(torch.randn(2, 3, 16, 16))  # new BN statistics
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        googlenet.polyak_update(ours, model, 0.9)
+        torchs.update_parameters(model)
+    a, b = ours.state_dict(), torchs.state_dict()
+    assert a.keys() == b.keys() and int(a["n_averaged"]) == 3
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k
+        elif k.endswith("num_batches_tracked"):
+            assert int(a[k]) == 3 and int(b[k]) == 1
+    assert not torch.equal(a["module.fc.weight"], model.fc.weight)  # an average, not a copy
+
+
+@pytest.mark.parametrize("imagenet", [False, True])
+def test_evaluate_moves_its_outputs_to_the_cpu_once_not_per_batch(monkeypatch, imagenet):
+    # A .cpu() per batch is a host sync per batch on CUDA: the count must not grow with the
+    # number of batches (the old loop moved each batch's labels). ImageNet's whole images, a
+    # list per batch: the ten-crop test (144 crops cost 14x more here, the same code path).
+    torch.manual_seed(0)
+    model = googlenet.googlenet(6, True, "torchvision", 3, width=0.125, small_input=not imagenet)
+    args = types.SimpleNamespace(img_size=224, amp=False)
+    moves, real_cpu = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: moves.append(
+        sys._getframe(1).f_code.co_filename == googlenet.__file__) or real_cpu(t))
+    counts = []
+    for n_batches in (1, 2):
+        x = [torch.randn(3, 256, 300), torch.randn(3, 280, 256)] if imagenet else \
+            torch.randn(2, 3, 16, 16)
+        loader = [(x, torch.tensor([0, 1]))] * n_batches
+        moves.clear()
+        r = googlenet.evaluate(model, loader, args, torch.device("cpu"), 6,
+                               crops=10 if imagenet else 1)
+        assert r["samples"] == 2 * n_batches
+        counts.append(sum(moves))
+    assert counts[0] == counts[1] <= 3, counts
+
+
+def test_paper_lrn_runs_in_float32_under_fp16_autocast():
+    # --amp on an older GPU autocasts to fp16, where LRN's squares overflow above 255
+    # (nn.LocalResponseNorm then divides by inf: zeros). Activations of 1000 here: the paper
+    # variant's LRN gives the float32 answer, in the half dtype it was given.
+    model = googlenet.googlenet(6, variant="paper", width=0.125)
+    x = torch.full((1, 8, 3, 3), 1000.0)
+    x[:, ::2] = 10.0
+    for lrn in (model.norm1, model.norm2):
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = lrn(x.half())
+        assert got.dtype == torch.float16
+        want = torch.nn.functional.local_response_norm(x, 5, 1e-4, 0.75, 1.0)
+        torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=0)

@@ -3,7 +3,6 @@ comparison runs, and main() end to end."""
 import json
 import os
 import re
-import sys
 
 import pytest
 import torch

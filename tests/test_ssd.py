@@ -16,7 +16,7 @@ from PIL import Image
 
 import data
 import ssd
-from conftest import command, ddp_result, ddp_results_json, write_voc
+from conftest import any_host_reads, command, ddp_result, ddp_results_json, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--img-size", "32", "--width", "0.0625", "--log-every", "1000"]
@@ -222,19 +222,6 @@ def test_batched_matching_equals_the_per_image_matching():
     assert ((cls > 0).sum(1)[[0, 2, 3, 4, 5]] > 0).all()             # every object matched
 
 
-def host_reads(monkeypatch):
-    """Record every read of a tensor's values into Python (each a host sync on CUDA): .item(),
-    .tolist(), .cpu(), .numpy(), bool(), int(), float() and index use. Returns the list."""
-    reads = []
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
-                 "__index__"):
-        def read(t, *a, _original=getattr(torch.Tensor, name), _name=name, **kw):
-            reads.append(_name)
-            return _original(t, *a, **kw)
-        monkeypatch.setattr(torch.Tensor, name, read)
-    return reads
-
-
 def no_loss_reduced_in_nll_loss2d(monkeypatch):
     """F.cross_entropy / F.nll_loss on inputs of more than 2 dims run nll_loss2d, whose reducing
     CUDA kernel --deterministic refuses: raise on it here, on the CPU."""
@@ -283,7 +270,7 @@ def test_training_loop_reads_the_losses_once_per_epoch(monkeypatch):
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         progress = ssd.metrics.Progress(steps, 1, 1000, enabled=False, model=model)
         with monkeypatch.context() as m:
-            reads = host_reads(m)
+            reads = any_host_reads(m)
             loss, l_conf, l_loc = ssd.train_one_epoch(
                 model, model, batches[:steps], optimizer, data.grad_scaler(torch.device("cpu"),
                                                                            False),

@@ -1,8 +1,11 @@
 """vgg19.py: parameter counts, torchvision compatibility, the fully convolutional conversion and
 dense test of §3.2, the scale jitter of §3.1, and main() end to end."""
+import copy
 import json
 import os
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -12,7 +15,8 @@ from torchvision.transforms import v2
 import data
 import vgg19
 from conftest import (assert_classified, assert_shapes_class_records, command, ddp_results_json,
-                     image_tree, only_the_test_split, shapes_pictures)
+                      deterministic_step, host_reads, image_tree, only_the_test_split,
+                      refuse_nondeterministic_kernels, shapes_pictures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 0.125  # --width for CPU tests: channels 8-16-32-64-64, FC 512
@@ -41,7 +45,7 @@ def test_parameter_count_matches_torchvision_and_table_2():
 
 
 @pytest.mark.parametrize("bn", [False, True])
-def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs(bn):
+def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs(bn, monkeypatch):
     torch.manual_seed(0)
     ref = (torchvision.models.vgg19_bn if bn else torchvision.models.vgg19)(weights=None).eval()
     ours = vgg19.vgg19(batch_norm=bn).eval()
@@ -50,6 +54,12 @@ def test_torchvision_state_dict_loads_strictly_and_gives_identical_outputs(bn):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(ours(x), ref(x), atol=1e-6, rtol=0)
+        # 32x32 images (1x1 maps pooled up to 7x7), ours on the path --deterministic takes on
+        # CUDA, torchvision's through its AdaptiveAvgPool2d kernel
+        x = torch.randn(2, 3, 32, 32)
+        want = ref(x)
+        refuse_nondeterministic_kernels(monkeypatch, vgg19)
+        torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_output_shapes_of_every_variant():
@@ -373,3 +383,89 @@ def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_pa
     ckpt = data.load_checkpoint(str(out / "checkpoint.pt"), "vgg19")
     assert ckpt["epoch"] == 0 and ckpt["args"]["dry_run"] is True
     assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA GPU, checked on this CPU: --deterministic, autotuning, host syncs
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("size", [32, 224])
+def test_deterministic_cuda_path_trains_and_gives_the_old_numbers(bn, size, monkeypatch):
+    # 32: the small sets' crops, 1x1 maps pooled up to 7x7 (the adaptive pool's backward, which
+    # CUDA has no deterministic kernel for); 224: the paper's 7x7 (the identity). The old code
+    # raised at the first step here (F.adaptive_avg_pool2d refused); the new one gives the old
+    # kernel's logits and gradients within 1e-5.
+    torch.manual_seed(0)
+    model = vgg19.vgg19(6, bn, 3, TINY)
+    x, y = torch.randn(2, 3, size, size), torch.tensor([0, 5])
+    want, want_grads = deterministic_step(copy.deepcopy(model), x, y, deterministic=False)
+    refuse_nondeterministic_kernels(monkeypatch, vgg19)
+    got, grads = deterministic_step(model, x, y)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_test_runs_without_autotuning_on_the_deterministic_path(monkeypatch):
+    # §3.2's dense test feeds a new input shape per image and scale: cuDNN's autotuning (on by
+    # default on CUDA) would benchmark each once, for nothing. It is off inside dense_evaluate
+    # and restored after. Its 1x1 maps (32x32 images) are pooled up to fc6's 7x7 window through
+    # data's deterministic path, with the old kernel's posteriors.
+    torch.manual_seed(0)
+    fc = vgg19.fully_convolutional(vgg19.vgg19(4, width=TINY).eval()).eval()
+    images = [torch.randn(3, 32, 40), torch.randn(3, 48, 32)]
+    want = vgg19.dense_evaluate(fc, images, [32, 40])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    during = []
+    fc.features.register_forward_pre_hook(
+        lambda m, i: during.append(torch.backends.cudnn.benchmark))
+    refuse_nondeterministic_kernels(monkeypatch, vgg19)
+    got = vgg19.dense_evaluate(fc, images, [32, 40])
+    assert during == [False] * 8 and torch.backends.cudnn.benchmark is True  # 2 x 2 scales x 2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_train_one_epoch_reads_no_loss_back_per_step(monkeypatch, colour):
+    # Batches of 3, 2 and 3 images: the epoch's loss is Progress's mean weighted by each step's
+    # samples; the old loop read every loss with .item() (a host sync per step on CUDA).
+    torch.manual_seed(0)
+    model = vgg19.vgg19(6, True, 3, TINY)
+    batches = [(torch.randn(n, 3, 32, 32), torch.randint(0, 6, (n,))) for n in (3, 2, 3)]
+    args = types.SimpleNamespace(data="shapes", scale_min=32, scale_max=40, crop_size=32,
+                                 channels_last=False, amp=False, world=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = data.grad_scaler(torch.device("cpu"), False)
+    progress = vgg19.metrics.Progress(3, 1, every=1000, enabled=False, model=model)
+    seen, real_step = [], progress.step
+    monkeypatch.setattr(progress, "step", lambda images, loss, lr, epoch, n=None:
+                        seen.append((loss, n)) or real_step(images, loss, lr, epoch, n))
+    stats = (torch.tensor([0.2, 0.02, 0.005]), torch.eye(3), torch.ones(1, 3, 1, 1)) \
+        if colour else None
+    reads = host_reads(monkeypatch, vgg19)
+    mean = vgg19.train_one_epoch(model, batches, optimizer, scaler, args, torch.device("cpu"), 0,
+                                 progress, stats)
+    assert reads == []
+    assert all(isinstance(loss, torch.Tensor) for loss, _ in seen) and [n for _, n in seen] == \
+        [3, 2, 3]
+    assert mean == pytest.approx(sum(float(l.detach()) * n for l, n in seen) / 8, rel=1e-6)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_evaluate_moves_its_outputs_to_the_cpu_once_not_per_batch(monkeypatch, dense):
+    # A .cpu() per batch is a host sync per batch on CUDA: the count must not grow with the
+    # number of batches (the old loop moved 2 (dense: 3) tensors per batch).
+    torch.manual_seed(0)
+    model = vgg19.vgg19(6, width=TINY)
+    args = types.SimpleNamespace(crop_size=32, test_scales=[32, 40], single_scale=36, amp=False)
+    moves, real_cpu = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t: moves.append(
+        sys._getframe(1).f_code.co_filename == vgg19.__file__) or real_cpu(t))
+    counts = []
+    for n_batches in (2, 4):
+        loader = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))] * n_batches
+        moves.clear()
+        r = vgg19.evaluate(model, loader, args, torch.device("cpu"), 6, dense=dense)
+        assert r["samples"] == 2 * n_batches
+        counts.append(sum(moves))
+    assert counts[0] == counts[1] <= 3, counts

@@ -13,7 +13,7 @@ from PIL import Image
 
 import data
 import yolo
-from conftest import command, ddp_results_json, write_voc
+from conftest import any_host_reads, command, ddp_results_json, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny configuration for end-to-end runs: --quick's network (Fast YOLO, 2 strides dropped) at
@@ -282,19 +282,6 @@ def test_scale_translate_reads_nothing_back_from_the_images_device():
         assert out.device.type == "meta"
 
 
-def host_reads(monkeypatch):
-    """Record every read of a tensor's values into Python (each a host sync on CUDA): .item(),
-    .tolist(), .cpu(), .numpy(), bool(), int(), float() and index use. Returns the list."""
-    reads = []
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
-                 "__index__"):
-        def read(t, *a, _original=getattr(torch.Tensor, name), _name=name, **kw):
-            reads.append(_name)
-            return _original(t, *a, **kw)
-        monkeypatch.setattr(torch.Tensor, name, read)
-    return reads
-
-
 def test_training_loop_reads_the_losses_once_per_epoch(monkeypatch):
     # The four terms and the loss stay on the device: the reads into Python over an epoch
     # (Progress's and the terms' means, at its end) do not grow with its steps; the returned
@@ -313,7 +300,7 @@ def test_training_loop_reads_the_losses_once_per_epoch(monkeypatch):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
         progress = yolo.metrics.Progress(steps, 1, 1000, enabled=False, model=model)
         with monkeypatch.context() as m:
-            reads = host_reads(m)
+            reads = any_host_reads(m)
             terms = yolo.train_one_epoch(model, batches[:steps], optimizer, scheduler,
                                          data.grad_scaler(cpu, False), args, cpu, 0, progress)
         counts.append(len(reads))
