@@ -392,3 +392,29 @@ def test_normalize_copies_its_constants_to_the_gpu_once(monkeypatch):
     ours = data.Normalize(M, S)
     outs = [ours(t) for t in meta]
     assert len(copies) == 2 and all(o.device.type == "meta" for o in outs)
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_gpu_decode_runs_a_classification_chains_float_stage_once_per_batch(tmp_path, chain,
+                                                                              monkeypatch):
+    # Every ImageNet training chain ends in ToDtype, [PCA colour], Normalize: under --gpu-decode
+    # that stage runs on the whole batch (a few kernels, not ~5 per image), with the same
+    # numbers as the CPU path's image-by-image chain under the same seeds.
+    root = chain_set(tmp_path)
+    train_tf = CHAINS[chain]()[0]
+    assert data.float_stage(train_tf) is not None
+    calls, real = [], data.Normalize.transform
+    monkeypatch.setattr(data.Normalize, "transform",
+                        lambda self, x, p: calls.append(tuple(x.shape)) or real(self, x, p))
+    cpu = data.make_loader(data.imagenet_dataset("train", root, train_tf), 3, True, 0, "cpu",
+                           seed=7)
+    on_device = data.make_loader(data.imagenet_dataset("train", root, CHAINS[chain]()[0]), 3,
+                                 True, 0, "cpu", seed=7, gpu_decode=True)
+    data.set_epoch(cpu, 2)
+    data.set_epoch(on_device, 2)
+    a = list(cpu)
+    assert len(calls) == 6 and all(len(c) == 3 for c in calls)  # image by image
+    calls.clear()
+    b = list(on_device)
+    assert [len(c) for c in calls] == [4, 4]  # once per batch of 3
+    assert same(a, b)
