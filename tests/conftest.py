@@ -426,3 +426,14 @@ def any_host_reads(monkeypatch):
             return _original(t, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, read)
     return reads
+
+
+def no_loss_reduced_in_nll_loss2d(monkeypatch):
+    """F.cross_entropy / F.nll_loss on inputs of more than 2 dims run nll_loss2d, whose reducing
+    CUDA kernel --deterministic refuses: raise on it here, on the CPU."""
+    for name in ("cross_entropy", "nll_loss"):
+        def guarded(input, target, *a, _original=getattr(torch.nn.functional, name), **kw):
+            assert input.dim() <= 2 or kw.get("reduction", "mean") == "none", \
+                "nll_loss2d with a reduction: no deterministic CUDA kernel"
+            return _original(input, target, *a, **kw)
+        monkeypatch.setattr(torch.nn.functional, name, guarded)

@@ -16,7 +16,8 @@ from PIL import Image
 
 import data
 import ssd
-from conftest import any_host_reads, command, ddp_result, ddp_results_json, write_voc
+from conftest import (any_host_reads, command, ddp_result, ddp_results_json,
+                      no_loss_reduced_in_nll_loss2d, write_voc)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--img-size", "32", "--width", "0.0625", "--log-every", "1000"]
@@ -220,18 +221,6 @@ def test_batched_matching_equals_the_per_image_matching():
     assert (cls[1] == 0).all() and (off[1] == 0).all()              # no boxes: background
     assert set(cls[2][cls[2] > 0].tolist()) == {5}                  # the later object (4) won
     assert ((cls > 0).sum(1)[[0, 2, 3, 4, 5]] > 0).all()             # every object matched
-
-
-def no_loss_reduced_in_nll_loss2d(monkeypatch):
-    """F.cross_entropy / F.nll_loss on inputs of more than 2 dims run nll_loss2d, whose reducing
-    CUDA kernel --deterministic refuses: raise on it here, on the CPU."""
-    import torch.nn.functional as F
-    for name in ("cross_entropy", "nll_loss"):
-        def guarded(input, target, *a, _original=getattr(F, name), **kw):
-            assert input.dim() <= 2 or kw.get("reduction", "mean") == "none", \
-                "nll_loss2d with a reduction: no deterministic CUDA kernel"
-            return _original(input, target, *a, **kw)
-        monkeypatch.setattr(F, name, guarded)
 
 
 def test_matching_and_loss_read_nothing_back_to_the_host(monkeypatch):
