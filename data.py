@@ -1978,6 +1978,7 @@ def setup(args, script, pretrained_is_the_model=True, name=None):
             ("-predictions" if predicting(args) else "-eval" if getattr(args, "eval_only", False)
              else "")
     start_run(args, pretrained_is_the_model)
+    metrics.start_run(script)  # the code's commit and hashes as the run starts (results.json)
     rank, args.world = init_distributed(device)
     torch.manual_seed(args.seed + rank)  # the CPU and every CUDA device
     set_kernels(device, args.deterministic)

@@ -14,10 +14,12 @@ its formula. This module imports only torch, torchvision, numpy and the standard
 import collections
 import csv
 import datetime
+import hashlib
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -506,6 +508,45 @@ def _plain(x):
     return str(x)  # devices, paths, dtypes
 
 
+def provenance(script):
+    """The code that makes a run: the git commit of the repository the script is in, whether
+    tracked files differ from it (`dirty`, and which: `differ`), and the sha256 of the script,
+    data.py and metrics.py as they are on disk now. Without git (a copied script, no git
+    installed) `commit` is None and `git` says why; the run goes on."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = script if os.path.isfile(script) else os.path.join(here, os.path.basename(script))
+    sha = {}
+    for f in (path, os.path.join(here, "data.py"), os.path.join(here, "metrics.py")):
+        try:
+            with open(f, "rb") as fh:
+                sha[os.path.basename(f)] = hashlib.sha256(fh.read()).hexdigest()
+        except OSError as e:
+            sha[os.path.basename(f)] = f"unreadable ({e.strerror or e})"
+    record = {"commit": None, "dirty": None, "differ": [], "sha256": sha}
+    git = ["git", "-C", os.path.dirname(os.path.abspath(path))]
+    try:
+        head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=20)
+        if head.returncode != 0:
+            raise OSError((head.stderr.strip().splitlines() or ["git failed"])[-1])
+        status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=20)
+        differ = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
+        record.update(commit=head.stdout.strip(), dirty=bool(differ), differ=differ)
+    except (OSError, subprocess.SubprocessError) as e:
+        record["git"] = f"no git commit recorded: {str(e)[:200]}"
+    return record
+
+
+_STARTED = {}  # script -> its provenance when its run started (start_run): what write_results keeps
+
+
+def start_run(script):
+    """Take the code's provenance at the start of a run (the files may change while it trains);
+    `write_results` writes it."""
+    _STARTED[os.path.basename(script)] = provenance(script)
+
+
 def hardware(device=None):
     """What ran it, for the results table: the GPU's name on CUDA, else the CPU model and cores."""
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
@@ -523,11 +564,14 @@ def write_results(path, script, data, metrics, paper=None, config=None, device=N
                   seconds=None, history=None, **extra):
     """Write results.json atomically (a temporary file in the same folder, fsync, os.replace) and
     return the dict written: script, data, metrics (fractions), paper, config, device, seconds,
-    history, the extra keys, the hardware, torch/torchvision/python versions and the UTC date. Tensors and
-    numpy values become plain Python, NaN and infinities null: the file is strict JSON."""
+    history, the extra keys, the code's provenance (`provenance`, as `start_run` took it), the
+    hardware, torch/torchvision/python versions and the UTC date. Tensors and numpy values become
+    plain Python, NaN and infinities null: the file is strict JSON."""
+    code = _STARTED.get(os.path.basename(script)) or provenance(script)
     record = _plain({"script": script, "data": data, "metrics": metrics, "paper": paper or {},
                      "config": config or {}, "device": device, "seconds": seconds,
-                     "history": history or [], **extra, "hardware": hardware(device),
+                     "history": history or [], **extra, "provenance": code,
+                     "hardware": hardware(device),
                      "torch_version": torch.__version__,
                      "torchvision_version": torchvision.__version__,
                      "python_version": platform.python_version(),
@@ -902,7 +946,7 @@ def write_predictions(folder, rows, name="predictions"):
 # IU, localisation IoU>=0.5 rate, then top-5 error where the paper reports one (ImageNet), else
 # the test error.
 HEADLINE = ("map", "mean_iou", "iou50_rate", "top5_error", "test_error")
-SUMMARY_COLUMNS = ("run", "script", "data", "metric", "ours", "paper", "epochs", "device",
+SUMMARY_COLUMNS = ("run", "script", "data", "metric", "ours", "paper", "epochs", "device", "code",
                    "seconds", "status", "command")
 
 
@@ -919,13 +963,21 @@ def summary_row(run, record=None, command="", status="ok", error=None, seconds=N
         row.update(script=record.get("script", ""), data=record.get("data", ""), metric=key or "",
                    ours=m.get(key) if key else None,
                    device=", ".join(x for x in (record.get("device"), record.get("hardware")) if x),
-                   epochs=(record.get("config") or {}).get("epochs", ""),
+                   epochs=(record.get("config") or {}).get("epochs", ""), code=code_of(record),
                    seconds=record.get("seconds") if record.get("seconds") is not None else seconds)
         if key and paper.get("data") == record.get("data"):
             row["paper"] = paper.get(key)
         if (record.get("config") or {}).get("dry_run"):  # 2 steps: its figure means nothing
             row.update(status="ok (dry run)", paper="")
     return row
+
+
+def code_of(record):
+    """The commit a run's results.json names, short, `+` when tracked files differed from it."""
+    code = record.get("provenance") or {}
+    if not code.get("commit"):
+        return "no git" if code else ""
+    return code["commit"][:8] + ("+" if code.get("dirty") else "")
 
 
 def _cell(x, percent=False):
@@ -940,13 +992,13 @@ def _cell(x, percent=False):
 
 def summary_lines(rows):
     """The rows as a Markdown table (figures in percent), one string per line."""
-    head = ("run", "script", "data", "metric", "ours", "paper", "epochs", "device", "time (s)",
-            "status", "command")
+    head = ("run", "script", "data", "metric", "ours", "paper", "epochs", "device", "code",
+            "time (s)", "status", "command")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [_cell(r["run"]), _cell(r["script"]), _cell(r["data"]), _cell(r["metric"]),
                  _cell(r["ours"], True), _cell(r["paper"], True), _cell(r["epochs"]),
-                 _cell(r["device"]), _cell(r["seconds"]), _cell(r["status"]),
+                 _cell(r["device"]), _cell(r["code"]), _cell(r["seconds"]), _cell(r["status"]),
                  f"`{r['command']}`" if r["command"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

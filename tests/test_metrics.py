@@ -554,3 +554,37 @@ def test_a_run_draws_its_curves_confusion_roc_and_pr_beside_results_json(tmp_pat
     assert saved["confusion"] == {"classes": ["cat", "dog"], "counts": [[1, 1], [1, 2]]}
     monkeypatch.setenv("REPRO_NO_PLOTS", "1")
     assert metrics.draw_run_pictures(saved, str(tmp_path / "none")) == []
+
+
+def test_every_results_json_names_the_code_that_made_it(tmp_path):
+    # The commit, whether tracked files differed from it (and which), and the sha256 of the
+    # script, data.py and metrics.py as the run started; a copied script without git says so.
+    import hashlib
+    import shutil
+    import subprocess
+    import lenet5
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = lenet5.main(["--data", "shapes", "--epochs", "1", "--limit", "32", "--device", "cpu",
+                     "--out", str(tmp_path / "run")])
+    code = json.load(open(tmp_path / "run" / "results.json"))["provenance"]
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode == 0:  # a clone (CI's included)
+        differ = subprocess.run(["git", "-C", root, "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True).stdout
+        assert code["commit"] == head.stdout.strip() and code["dirty"] == bool(differ.strip())
+        assert len(code["differ"]) == len(differ.strip().splitlines())
+    for name in ("lenet5.py", "data.py", "metrics.py"):
+        with open(os.path.join(root, name), "rb") as f:
+            assert code["sha256"][name] == hashlib.sha256(f.read()).hexdigest()
+    assert r["provenance"] == code
+    row = metrics.summary_row("lenet5", r)
+    assert row["code"] == (code["commit"][:8] + ("+" if code["dirty"] else "")
+                           if code["commit"] else "no git")
+    # a script copied out of any repository: no commit, the reason, the hashes all the same
+    for name in ("lenet5.py", "data.py", "metrics.py"):
+        shutil.copy(os.path.join(root, name), tmp_path / name)
+    alone = metrics.provenance(str(tmp_path / "lenet5.py"))
+    assert alone["commit"] is None and alone["git"].startswith("no git commit recorded")
+    assert alone["sha256"]["lenet5.py"] == code["sha256"]["lenet5.py"]
+    assert metrics.summary_row("x", {"provenance": alone, "metrics": {}})["code"] == "no git"
