@@ -1548,9 +1548,11 @@ class DecodeOnDevice:
 
 
 def _record_stream(x, stream):
-    """Mark every tensor in a (nested) batch as used on `stream` (Tensor.record_stream)."""
+    """Mark every CUDA tensor in a (nested) batch as used on `stream` (Tensor.record_stream;
+    the CPU tensors, e.g. labels, are copied by the training loop)."""
     if isinstance(x, torch.Tensor):
-        x.record_stream(stream)
+        if x.is_cuda:
+            x.record_stream(stream)
     elif isinstance(x, dict):
         for v in x.values():
             _record_stream(v, stream)
