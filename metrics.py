@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -542,9 +543,15 @@ _STARTED = {}  # script -> its provenance when its run started (start_run): what
 
 
 def start_run(script):
-    """Take the code's provenance at the start of a run (the files may change while it trains);
-    `write_results` writes it."""
-    _STARTED[os.path.basename(script)] = provenance(script)
+    """Take the code's provenance at the start of a run (the files may change while it trains)
+    and the command line that started it (when the script is the program: `python SCRIPT ...`,
+    under torchrun `torchrun --nproc_per_node=N SCRIPT ...`); `write_results` writes both."""
+    code = provenance(script)
+    if os.path.basename(sys.argv[0]) == os.path.basename(script):
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        launcher = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+        code["command"] = shlex.join(launcher + [os.path.basename(script), *sys.argv[1:]])
+    _STARTED[os.path.basename(script)] = code
 
 
 def hardware(device=None):
@@ -954,6 +961,7 @@ def summary_row(run, record=None, command="", status="ok", error=None, seconds=N
     """One summary row. `record` is the run's results.json (None when the run failed); the paper's
     figure is shown only when the run used the paper's data set (a shapes figure has none)."""
     row = dict.fromkeys(SUMMARY_COLUMNS, "")
+    command = command or ((record or {}).get("provenance") or {}).get("command", "")
     row.update(run=run, command=command, status=status if record else f"failed: {error or '?'}")
     row["seconds"] = seconds
     if record:
