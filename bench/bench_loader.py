@@ -8,9 +8,9 @@ fits in memory this is inefficient. data.DeviceLoader keeps the whole set as one
 the device and crops/normalises whole batches there. Both are measured in the same run: images/s
 of the loader alone, and of LeNet-5 training (lenet5.py's lecture model, SGD, batch 100).
 
-The 60,000 training images are the 10,000 real MNIST test digits of ../shared/data tiled six
-times when that folder is there, random digits otherwise (speed does not depend on the pixels);
-they are written as idx files so that torchvision's own MNIST class reads them.
+The images are the real MNIST (60,000 training, 10,000 test digits) of ../shared/data/MNIST/raw
+when that folder is there, random digits otherwise (speed does not depend on the pixels); they are
+written as plain idx files so that torchvision's own MNIST class reads them.
 """
 import argparse
 import gzip
@@ -27,35 +27,38 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 import lenet5  # noqa: E402
-from mnist_test_split import write_idx  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist", "raw")
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "MNIST", "raw")
+
+
+def write_idx(path, array):
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape))
+        f.write(array.tobytes())
 
 
 def make_mnist(root):
     """60k train + 10k test digits in MNIST's raw idx layout under root/MNIST/raw."""
     raw = os.path.join(root, "MNIST", "raw")
     os.makedirs(raw, exist_ok=True)
-    source = os.path.join(SHARED, "t10k-images-idx3-ubyte.gz")
-    if os.path.exists(source):
-        with gzip.open(source) as f:
-            digits = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-        with gzip.open(os.path.join(SHARED, "t10k-labels-idx1-ubyte.gz")) as f:
-            labels = np.frombuffer(f.read(), np.uint8, offset=8)
-        origin = "real MNIST test digits x6"
-    else:
-        rng = np.random.default_rng(0)
-        digits = rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, 10000).astype(np.uint8)
-        origin = "random digits"
-    write_idx(os.path.join(raw, "train-images-idx3-ubyte"), np.tile(digits, (6, 1, 1)))
-    write_idx(os.path.join(raw, "train-labels-idx1-ubyte"), np.tile(labels, 6))
-    write_idx(os.path.join(raw, "t10k-images-idx3-ubyte"), digits)
-    write_idx(os.path.join(raw, "t10k-labels-idx1-ubyte"), labels)
-    return origin
+    names = [f"{p}-{k}-idx{d}-ubyte" for p in ("train", "t10k") for k, d in (("images", 3),
+                                                                           ("labels", 1))]
+    if all(os.path.exists(os.path.join(SHARED, n + ".gz")) for n in names):
+        for n in names:
+            with gzip.open(os.path.join(SHARED, n + ".gz")) as f, \
+                    open(os.path.join(raw, n), "wb") as g:
+                g.write(f.read())
+        return "real MNIST"
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 60000), ("t10k", 10000)):
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"),
+                  rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"),
+                  rng.integers(0, 10, count).astype(np.uint8))
+    return "random digits"
 
 
 def batches(loader, n):
