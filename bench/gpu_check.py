@@ -1,6 +1,7 @@
 """The GPU pre-flight: every CUDA path of the repository once, one PASS/FAIL/SKIP line each.
 
-    python bench/gpu_check.py                  # on a GPU box: ~5-8 minutes on one GPU
+    python bench/gpu_check.py                  # on a GPU box (its time there: not measured yet;
+                                               # a 2-core CPU takes 11 minutes, CUDA skipped)
     python bench/gpu_check.py --only dry-run   # the checks whose name starts with a prefix
     python bench/gpu_check.py --device cpu     # the same harness on the CPU (what needs CUDA
                                                # is skipped, saying so)
@@ -47,7 +48,7 @@ import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
-from conftest import command, write_mnist  # noqa: E402  (the tests' real-format writers)
+from conftest import command  # noqa: E402  (runs a script in process, as the tests do)
 from test_run_all import paper_trees  # noqa: E402
 
 SMALL = ["--batch-size", "2", "--log-every", "1", "--no-download"]
@@ -286,6 +287,9 @@ def main(argv=None):
                                 "--dry-run", "--cuda", "--compile", "--batch-size", "4"])
         and "ran", needs_cuda=True, needs=None if ngpu >= 2 or not c.cuda else "needs 2 GPUs")
 
+    if not c.lines:
+        sys.exit(f"gpu_check.py: error: no check's name starts with {' or '.join(args.only)}; "
+                 f"the names are those of the PASS/FAIL/SKIP lines of a run without --only")
     failed = [l for l in c.lines if l["status"] == "FAIL"]
     record = {"device": where, "gpus": ngpu, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "checks": c.lines}

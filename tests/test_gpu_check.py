@@ -42,3 +42,11 @@ def test_the_decoder_comparison_passes_on_equal_pixels_and_fails_on_different_on
         assert "mean difference" in str(e)
     else:
         raise AssertionError("halved pixels passed the comparison")
+
+
+def test_an_only_that_names_no_check_is_a_one_line_error(tmp_path):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--only", "dry-run lenet6"])
+    assert str(e.value).startswith("gpu_check.py: error: no check's name starts with dry-run "
+                                   "lenet6")
