@@ -1668,8 +1668,9 @@ class DeviceLoader:
     Under torchrun an evaluation loader gives rank r the samples r, r + W, ... (`gather_shards`);
     `shard=False` gives every rank the whole set.
 
-    Yields (float images normalised with mean/std, labels). `augment` is None or a dict
-    {"padding": p, "flip": bool} for `random_crop_flip`. Shuffling is seeded by (seed, epoch) and,
+    Yields (float images normalised with mean/std, labels). `augment` is None, a dict
+    {"padding": p, "flip": bool} for `random_crop_flip`, or a script's own function
+    f(images in [0, 1], generator) -> images, applied to each batch (LeNet-5's distortions). Shuffling is seeded by (seed, epoch) and,
     under torchrun, each rank takes its interleaved share of the same permutation, like
     DistributedSampler (drop_last in training so that every rank has the same number of batches);
     the augmentation's draws are seeded with the rank too (each rank's crops and flips its own).
@@ -1729,7 +1730,9 @@ class DeviceLoader:
         for b in range(len(self)):
             j = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[j].float().div_(255)
-            if self.augment:
+            if callable(self.augment):
+                x = self.augment(x, g)
+            elif self.augment:
                 x = random_crop_flip(x, self.augment.get("padding", 0),
                                      self.augment.get("flip", False), generator=g)
             yield (x - self.mean) / self.std, self.labels[j]
@@ -1746,7 +1749,8 @@ def classification_loaders(name, batch_size, device="cpu", data_dir=None, downlo
     papers train) gives no val loader, "train" holds the val split out (`add_holdout_arg`); ImageNet gets DataLoaders with `classification_transforms` (val is
     None: the official validation set is the test set). `batch_size` is per process; under
     torchrun each rank evaluates its share of the evaluation sets (`gather_shards`). `augment`: True for
-    `augment_for(name)`, False, or a script's own {"padding", "flip"} (in-memory sets only).
+    `augment_for(name)`, False, or a script's own {"padding", "flip"} or function (in-memory
+    sets only: `DeviceLoader`).
     `test_only` (--eval-only): only the test split is read (train and val are None); an
     in-memory set then takes `stats` (mean, std: a checkpoint's "normalisation") and without
     them reads the training images for their statistics only. `gpu_decode`: ImageNet's JPEGs
@@ -1819,7 +1823,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
-    AT_LEAST = {"workers": 0, "log_every": 1, "limit": 1}  # the runtime flags' lowest values
+    AT_LEAST = {"workers": 0, "log_every": 1, "limit": 1, "eval_every": 0}  # the runtime flags' lowest values
 
     def parse_known_args(self, args=None, namespace=None):
         """Every number given on the command line is finite (`--lr nan` or `--lr inf` would
@@ -1862,7 +1866,7 @@ FILE_DATA = ("imagenet", "voc", "voc-seg", "cityscapes")  # read from image file
 RUNTIME_FLAGS = ("--data", "--data-dir", "--no-download", "--device", "--cuda", "--workers",
                  "--seed", "--out", "--resume", "--overwrite", "--eval-only", "--weights",
                  "--pretrained", "--amp", "--channels-last", "--compile", "--deterministic",
-                 "--log-every", "--quick", "--dry-run", "--gpu-decode")
+                 "--log-every", "--eval-every", "--quick", "--dry-run", "--gpu-decode")
 DRY_RUN_STEPS = 2  # --dry-run: training steps and evaluation batches
 
 
@@ -1935,6 +1939,10 @@ def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
                    "without it CUDA runs use cuDNN autotuning and TF32 matmuls")
     g.add_argument("--log-every", type=int, default=log_every,
                    help=f"training steps between progress lines (default: {log_every})")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also evaluate the test split after every N epochs, for the curves "
+                   "(history and curves.png: the paper's test-error plots); nothing is chosen "
+                   "on it (default: 0, the test split once, at the end)")
     g.add_argument("--quick", action="store_true", help=quick)
     g.add_argument("--dry-run", action="store_true",
                    help=f"the run's own settings and data, but {DRY_RUN_STEPS} training steps per "
@@ -1948,6 +1956,14 @@ def add_runtime_args(p, quick, *, workers=2, workers_help=None, log_every=100,
                    help="stop after this many epochs as if killed, without testing (to try "
                    "--resume)")
     return g
+
+
+def eval_due(args, epoch):
+    """--eval-every N: whether the test split is evaluated after `epoch` (0-based) for the
+    curves. Its figures go into the history only: no epoch, checkpoint or setting is chosen on
+    them, and the final test is made as without the flag."""
+    every = getattr(args, "eval_every", 0) or 0
+    return every > 0 and (epoch + 1) % every == 0
 
 
 Runtime = collections.namedtuple("Runtime", ["device", "rank", "world", "is_main"])
@@ -1997,7 +2013,8 @@ HOW_IT_RUNS = ("data_dir", "no_download", "device", "cuda", "workers", "out", "r
                "gpu_decode")
 # Taken from a resumed run's checkpoint unless given, and then free to differ: a run may be
 # lengthened, or drawn or tested at another threshold.
-MAY_DIFFER = ("epochs", "score_threshold", "nms_iou", "classify", "detect", "segment")
+MAY_DIFFER = ("epochs", "score_threshold", "nms_iou", "classify", "detect", "segment",
+              "eval_every")
 
 
 def predicting(args):

@@ -236,3 +236,65 @@ def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_pa
     assert results["config"]["dry_run"] is True and results["config"]["epochs"] == 1
     assert data.load_checkpoint(str(out / "checkpoint.pt"), "lenet5-lecture")["epoch"] == 0
     assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
+
+
+def _impulse_after(**move):
+    # an impulse 4 pixels below the centre of a 29x29 field (centre: pixel 14), moved by one map
+    x = torch.zeros(1, 1, 29, 29)
+    x[0, 0, 18, 14] = 1
+    s, q, k = (torch.tensor([move.get(n, d)]) for n, d in (("s", 1.0), ("q", 1.0), ("k", 0.0)))
+    grid = lenet5.distortion_grid(s, q, k, torch.tensor([move.get("t", (0.0, 0.0))]), x.shape)
+    y = torch.nn.functional.grid_sample(x, grid, align_corners=False)[0, 0]
+    return divmod(int(y.argmax()), 29), float(y.max())
+
+
+def test_distortions_are_the_papers_affine_maps():
+    # §III.C: translation, scaling, squeezing (x by q, y by 1/q), horizontal shear (x += k y);
+    # (row, column) of the impulse at (x, y) = (0, +4) pixels from the centre, worked by hand
+    for move, where in (({}, (18, 14)), ({"t": (2.0, -1.0)}, (17, 16)),  # right 2, up 1
+                        ({"s": 2.0}, (22, 14)),  # y 4 -> 8
+                        ({"q": 2.0}, (16, 14)),  # y 4 -> 2 (x 0 stays)
+                        ({"k": 0.5}, (18, 16))):  # x 0 -> 0 + 0.5 * 4
+        at, value = _impulse_after(**move)
+        assert at == where, move
+        assert value == pytest.approx(1, abs=1e-5)  # whole-pixel moves: no blur
+
+
+def test_distort_changes_nine_in_ten_digits_within_its_ranges():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2000, 1, 28, 28)
+    y = lenet5.distort(x, g)
+    changed = (y - x).abs().flatten(1).amax(1) > 1e-4
+    assert abs(changed.float().mean().item() - lenet5.DISTORT["p"]) < 0.03
+    assert torch.equal(y[~changed], x[~changed])  # the others untouched, bit for bit
+    assert torch.equal(lenet5.distort(x, torch.Generator().manual_seed(0)), y)  # seeded
+    # no move at all leaves every image as it was (the grid reads pixel centres)
+    same = lenet5.distort(x[:8], g, p=1, translate=0, scale=0, squeeze=0, shear=0)
+    assert torch.allclose(same, x[:8], atol=1e-5)
+    # an ink mass of a centred blob keeps most of its mass: small maps, not crops
+    blob = torch.zeros(64, 1, 28, 28)
+    blob[:, :, 8:20, 8:20] = 1
+    kept = lenet5.distort(blob, g, p=1).sum((1, 2, 3)) / 144
+    assert kept.min() > 0.7 and kept.max() < 1.4
+
+
+def test_distort_and_eval_every_give_figure_5s_curves(tmp_path):
+    # --eval-every 1: each pass's training error (undistorted, eval mode) and test error in the
+    # history; the last pass's test error is the final test's (nothing chosen on the curves)
+    results, _ = run(tmp_path, "d", "--distort", "--eval-every", "1", "--limit", "512")
+    rows = results["history"]
+    assert [sorted(k for k in r if k.endswith("_error")) for r in rows] == \
+        [["test_error", "train_error"]] * 2
+    assert rows[-1]["test_error"] == results["metrics"]["test_error"]
+    assert results["config"]["distort"] is True
+    every2, _ = run(tmp_path, "e", "--epochs", "3", "--eval-every", "2", "--limit", "512")
+    assert ["test_error" in r for r in every2["history"]] == [False, True, False]
+    plain, _ = run(tmp_path, "p", "--limit", "512")
+    assert "test_error" not in plain["history"][0] and not plain["config"]["distort"]
+    # the distortions reach training: other weights than the undistorted run's
+    assert rows[0]["train_loss"] != plain["history"][0]["train_loss"]
+
+
+def test_augment_and_distort_together_is_a_one_line_error():
+    with pytest.raises(data.DataError, match="--augment and --distort"):
+        lenet5.main(["--data", "shapes", "--device", "cpu", "--augment", "--distort"])
