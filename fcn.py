@@ -683,9 +683,15 @@ def main(argv=None):
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
                                    progress)
             scheduler.step()
-            history.append({"epoch": epoch + 1, "lr": progress.lr, "train_loss": loss})
+            row = {"epoch": epoch + 1, "lr": progress.lr, "train_loss": loss}
+            if data.eval_due(args, epoch):  # --eval-every: as the final test; curves only
+                t = evaluate(model, test_loader, len(classes), args, device)[0]
+                row["test_mean_iou"], row["test_pixel_acc"] = t["mean_iou"], t["pixel_acc"]
+            history.append(row)
             if is_main:
-                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}")
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" + "".join(
+                    f" {k} {100 * row[k]:.2f}%" for k in ("test_mean_iou", "test_pixel_acc")
+                    if k in row))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
                                      vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:

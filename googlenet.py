@@ -755,10 +755,16 @@ def main(argv=None):
             if val_loader is not None:  # ImageNet has none: its official val set is the test set
                 row["val_error"] = evaluate(final, val_loader, args, device,
                                            len(classes))["test_error"]
+            if data.eval_due(args, epoch):  # --eval-every: as the final test (its network, crops)
+                t = evaluate(final, test_loader, args, device, len(classes), crops=args.test_crops)
+                row["test_error"] = t["test_error"]
+                if "top5_error" in t:  # >= 100 classes
+                    row["test_top5_error"] = t["top5_error"]
             history.append(row)
             if is_main:
-                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
-                      (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else "") +
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" + "".join(
+                    f" {k} {100 * row[k]:.2f}%" for k in ("val_error", "test_error",
+                                                         "test_top5_error") if k in row) +
                       f" lr {row['lr']:.3g}")
             extra = {"ema": ema.state_dict()} if ema is not None else {}
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,

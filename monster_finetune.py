@@ -317,11 +317,16 @@ def run(args):
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
                                    progress)
             scheduler.step()
-            history.append({"epoch": epoch + 1, "lr": progress.lr, "train_loss": loss,
-                            "frozen": frozen})
+            row = {"epoch": epoch + 1, "lr": progress.lr, "train_loss": loss, "frozen": frozen}
+            if data.eval_due(args, epoch):  # --eval-every: as the final test; curves only
+                row["test_error"] = evaluate(model, test_loader, args, device,
+                                             len(classes))["test_error"]
+            history.append(row)
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}"
-                      f"{' (AlexNet layer frozen)' if frozen else ''}")
+                      f"{' (AlexNet layer frozen)' if frozen else ''}" +
+                      (f" test_error {100 * row['test_error']:.2f}%" if "test_error" in row
+                       else ""))
             data.save_training_state(ckpt_path, "monster", model, optimizer, scheduler, scaler,
                                      epoch, vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:

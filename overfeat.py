@@ -53,7 +53,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data
@@ -1250,6 +1249,9 @@ def detection_task(args, device, rank, saved=None):
 
 TASKS = {"classification": classification_task, "localisation": localisation_task,
          "detection": detection_task}
+# --eval-every: the figures of each task's test kept in the history (as test_*) for the curves
+CURVES = {"classification": ("test_error", "top5_error"),
+          "localisation": ("test_error", "loc_error", "loc_error_top5"), "detection": ("map",)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1541,10 +1543,19 @@ def main(argv=None):
             loss = train_one_epoch(net, task.batches(epoch, model), optimizer, scaler, args,
                                    device, epoch, progress, phase)
             scheduler.step()
-            history.append({"epoch": epoch + 1, "phase": phase, "train_loss": loss,
-                            "lr": optimizer.param_groups[0]["lr"]})
+            row = {"epoch": epoch + 1, "phase": phase, "train_loss": loss,
+                   "lr": optimizer.param_groups[0]["lr"]}
+            # --eval-every: the task's final test after a due epoch of either phase (so the
+            # classify epochs' box figures are those of the regressor not yet trained)
+            if data.eval_due(args, epoch):
+                t = task.evaluate(model)
+                row.update({"test_" + k.removeprefix("test_"): t[k] for k in CURVES[args.task]
+                            if k in t})
+            history.append(row)
             if is_main:
-                print(f"epoch {epoch + 1}/{total_epochs} ({phase}) train_loss {loss:.4f}")
+                print(f"epoch {epoch + 1}/{total_epochs} ({phase}) train_loss {loss:.4f}" +
+                      "".join(f" {k} {100 * v:.2f}%" for k, v in row.items()
+                              if k.startswith("test_")))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
                                      vars(args), history,
                                      **data.test_settings({**info, "classes": classes}),

@@ -485,10 +485,16 @@ def main(argv=None):
             if val_loader is not None:
                 row["val_error"] = evaluate(model, val_loader, args, device,
                                            len(classes))["test_error"]
+            if data.eval_due(args, epoch):  # --eval-every: as the final test; curves only
+                t = evaluate(model, test_loader, args, device, len(classes))
+                row["test_error"] = t["test_error"]
+                if "top5_error" in t:  # >= 100 classes
+                    row["test_top5_error"] = t["top5_error"]
             history.append(row)
             if is_main:
-                print(f"epoch {epoch + 1}/{epochs} train_loss {loss:.4f}" +
-                      (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else ""))
+                print(f"epoch {epoch + 1}/{epochs} train_loss {loss:.4f}" + "".join(
+                    f" {k} {100 * row[k]:.2f}%" for k in ("val_error", "test_error",
+                                                         "test_top5_error") if k in row))
             data.save_training_state(ckpt_path, args.arch, model, optimizer, scheduler, scaler,
                                      epoch, vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:

@@ -851,11 +851,15 @@ def main(argv=None):
             loss, l_conf, l_loc = train_one_epoch(net, model, train_loader, optimizer, scaler,
                                                   args, device, epoch, progress)
             scheduler.step()
-            history.append({"epoch": epoch + 1, "train_loss": loss, "conf_loss": l_conf,
-                            "loc_loss": l_loc, "lr": optimizer.param_groups[0]["lr"]})
+            row = {"epoch": epoch + 1, "train_loss": loss, "conf_loss": l_conf, "loc_loss": l_loc,
+                   "lr": optimizer.param_groups[0]["lr"]}
+            if data.eval_due(args, epoch):  # --eval-every: as the final test; curves only
+                row["test_map"] = evaluate(model, test_loader, args, device)["map"]
+            history.append(row)
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f} (conf {l_conf:.4f}"
-                      f" loc {l_loc:.4f})")
+                      f" loc {l_loc:.4f})" +
+                      (f" test_map {100 * row['test_map']:.2f}%" if "test_map" in row else ""))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
                                      vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:

@@ -584,10 +584,16 @@ def main(argv=None):
             else:
                 scheduler.step()
             row["lr"] = optimizer.param_groups[0]["lr"]
+            if data.eval_due(args, epoch):  # --eval-every: as the final (dense) test; curves only
+                t = evaluate(model, test_loader, args, device, len(classes), dense=True)
+                row["test_error"] = t["test_error"]
+                if "top5_error" in t:  # >= 100 classes
+                    row["test_top5_error"] = t["top5_error"]
             history.append(row)
             if is_main:
-                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" +
-                      (f" val_error {100 * row['val_error']:.2f}%" if "val_error" in row else "") +
+                print(f"epoch {epoch + 1}/{args.epochs} train_loss {loss:.4f}" + "".join(
+                    f" {k} {100 * row[k]:.2f}%" for k in ("val_error", "test_error",
+                                                         "test_top5_error") if k in row) +
                       f" lr {row['lr']:.2g}")
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
                                      vars(args), history, **data.test_settings(info))

@@ -530,6 +530,16 @@ def pretrain(args, device, rank):
         data.load_weights(model, saved, args.weights)
         start = args.epochs  # no epoch to train
     net = data.wrap(model, args)
+
+    def test_split():  # each rank its share (gathered), with the unwrapped model
+        model.eval()
+        with torch.no_grad():
+            outs = [(model(x.to(device, non_blocking=True)).float().cpu(), y.cpu())
+                    for x, y in test_loader]  # a copy per batch, not per image
+        out, y = data.gather_shards(torch.cat([o for o, _ in outs]),
+                                    torch.cat([y for _, y in outs]))
+        return metrics.classification_report(out, y, len(info["classes"]))
+
     progress = metrics.Progress(len(train_loader or ()), args.epochs, args.log_every, start,
                                 is_main, model=model)
     for epoch in range(start, args.epochs):
@@ -546,19 +556,19 @@ def pretrain(args, device, rank):
             progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch,
                           n=len(y))
         scheduler.step()
-        history.append({"epoch": epoch + 1, "lr": progress.lr,
-                        "train_loss": progress.epoch_loss()})  # the epoch's mean, every rank's
+        row = {"epoch": epoch + 1, "lr": progress.lr,
+               "train_loss": progress.epoch_loss()}  # the epoch's mean, every rank's
+        if data.eval_due(args, epoch):  # --eval-every: as the final test; curves only
+            row["test_error"] = test_split()["test_error"]
+            if is_main:
+                print(f"pretraining epoch {epoch + 1}/{args.epochs} top-1 error "
+                      f"{100 * row['test_error']:.2f}%")
+        history.append(row)
         data.save_training_state(ckpt, arch, model, optimizer, scheduler, scaler, epoch,
                                  vars(args), history, **data.test_settings(info))
         if args.stop_after is not None and epoch + 1 >= args.stop_after:
             return None
-    # The test split, each rank its share (gathered), with the unwrapped model.
-    model.eval()
-    with torch.no_grad():
-        outs = [(model(x.to(device, non_blocking=True)).float().cpu(), y.cpu())
-                for x, y in test_loader]  # a copy per batch, not per image
-    out, y = data.gather_shards(torch.cat([o for o, _ in outs]), torch.cat([y for _, y in outs]))
-    test = metrics.classification_report(out, y, len(info["classes"]))
+    test = test_split()
     results = None
     if is_main:
         print(f"pretraining top-1 error {100 * test['test_error']:.2f}% "
@@ -815,11 +825,19 @@ def main(argv=None):
             terms = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, args, device,
                                     epoch, progress)
             seen += len(train_loader) * args.batch_size
-            history.append({"epoch": epoch + 1, **{f"train_{k}": v for k, v in terms.items()},
-                            "lr": optimizer.param_groups[0]["lr"]})
+            row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in terms.items()},
+                   "lr": optimizer.param_groups[0]["lr"]}
+            if data.eval_due(args, epoch):  # --eval-every: as the final test; curves only
+                t_eval = time.time()
+                r = evaluate(model, test_loader, args, device, len(classes))
+                row["test_map"], row["test_loss"] = r["map"], r["test_loss"]
+                t_train += time.time() - t_eval  # t_train is the start: the test's time left out
+            history.append(row)
             if is_main:
                 print(f"epoch {epoch + 1}/{args.epochs} " +
-                      " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
+                      " ".join(f"{k} {v:.4f}" for k, v in terms.items()) +
+                      (f" test_map {100 * row['test_map']:.2f}% test_loss {row['test_loss']:.4f}"
+                       if "test_map" in row else ""))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
                                      vars(args), history, classes=list(classes))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:

@@ -185,12 +185,16 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    tiny = ["--width", "0.125", "--variant", "paper", "--init", "variant", "--limit", "512"]
+    # --eval-every 2: the test split after epoch 2 only, the resumed run's history included
+    tiny = ["--width", "0.125", "--variant", "paper", "--init", "variant", "--limit", "512",
+            "--eval-every", "2"]
     full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
     cut, out_cut = run(tmp_path, "cut", "--epochs", "2", "--stop-after", "1", *tiny)  # "killed"
     assert cut is None and not os.path.exists(os.path.join(out_cut, "results.json"))
     resumed, _ = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
     assert resumed["history"] == full["history"]
+    assert ["test_error" in row for row in full["history"]] == [False, True]
+    assert full["history"][-1]["test_error"] == full["metrics"]["test_error"]  # the final test
     assert resumed["metrics"] == full["metrics"]
     ckpt = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)
     a = ckpt["model"]

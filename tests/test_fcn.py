@@ -301,14 +301,18 @@ def run(tmp_path, name, *extra):
 
 def test_kill_and_resume_equals_an_uninterrupted_run_and_segment_writes_pngs(tmp_path,
                                                                              monkeypatch):
-    full, _ = run(tmp_path, "full")
-    assert run(tmp_path, "cut", "--stop-after", "1")[0] is None  # "killed" after epoch 1
-    cut, out = run(tmp_path, "cut", "--resume")
+    every = ["--eval-every", "2"]  # the test split after epoch 2 only, in the resumed run too
+    full, _ = run(tmp_path, "full", *every)
+    assert run(tmp_path, "cut", "--stop-after", "1", *every)[0] is None  # "killed" after epoch 1
+    cut, out = run(tmp_path, "cut", "--resume", *every)
     a = torch.load(str(tmp_path / "full" / "checkpoint.pt"), weights_only=True)
     b = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert full["history"] == cut["history"] and len(full["history"]) == 2
     assert full["metrics"] == cut["metrics"]
+    assert ["test_mean_iou" in h for h in full["history"]] == [False, True]
+    assert full["history"][-1]["test_mean_iou"] == full["metrics"]["mean_iou"]  # the final test
+    assert full["history"][-1]["test_pixel_acc"] == full["metrics"]["pixel_acc"]
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert set(saved["metrics"]) >= {"mean_iou", "pixel_acc", "mean_acc", "fw_iou", "sa"}

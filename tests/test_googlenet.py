@@ -273,15 +273,18 @@ def test_quick_run_writes_results_and_eval_only_reproduces_them(tmp_path, monkey
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    # NIN (same checkpoint code path, a fraction of the time); --polyak: the EMA is resumed too
+    # NIN (same checkpoint code path, a fraction of the time); --polyak: the EMA is resumed too;
+    # --eval-every 2: the test split (the EMA, as the final test) after epoch 2 only
     tiny = ["--variant", "nin", "--data", "shapes", "--width", "0.125", "--batch-size", "128",
-            "--lr-steps", "2", "--polyak", "0.9", "--limit", "512"]
+            "--lr-steps", "2", "--polyak", "0.9", "--limit", "512", "--eval-every", "2"]
     full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
     run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
     resumed, out_cut = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
     assert resumed["history"] == full["history"] and [r["lr"] for r in full["history"]] == \
         pytest.approx([0.05, 0.005])  # the lr (quick NIN's) moves between the epochs
     assert resumed["metrics"] == full["metrics"]
+    assert ["test_error" in row for row in full["history"]] == [False, True]
+    assert full["history"][-1]["test_error"] == full["metrics"]["test_error"]  # the final test
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)
     for k in ("model", "ema"):

@@ -72,9 +72,10 @@ def run(tmp_path, name, *extra):
 def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path, monkeypatch):
     tv, tv_path, _, _ = save_alexnets(tmp_path)
     source = tv.features[0].weight.detach().clone()
-    # weight decay and momentum on: still nothing may move the frozen layer
+    # weight decay and momentum on: still nothing may move the frozen layer; --eval-every 2:
+    # the test split after epochs 2 and 4, in the resumed run too
     common = ["--alexnet-weights", tv_path, "--epochs", "4", "--frozen-epochs", "2",
-              "--weight-decay", "0.01", "--momentum", "0.9", "--limit", "512"]
+              "--weight-decay", "0.01", "--momentum", "0.9", "--limit", "512", "--eval-every", "2"]
     run(tmp_path, "a", *common, "--stop-after", "2")  # the end of the frozen epochs
     ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     assert torch.equal(ck["model"]["features.0.weight"], source)
@@ -90,6 +91,8 @@ def test_frozen_layer_is_bit_identical_while_frozen_and_trained_after(tmp_path, 
     # the resumed run equals an uninterrupted one
     full, _ = run(tmp_path, "b", *common)
     assert full["history"] == resumed["history"] and full["metrics"] == resumed["metrics"]
+    assert ["test_error" in h for h in full["history"]] == [False, True, False, True]
+    assert full["history"][-1]["test_error"] == full["metrics"]["test_error"]  # the final test
     # --eval-only: the checkpoint alone (no AlexNet layer given) on the same 500 test images
     only_the_test_split(monkeypatch)
     again, _ = run(tmp_path, "e", "--eval-only", "--weights",

@@ -748,8 +748,11 @@ def test_voc_detection_on_real_files_then_detect_draws_the_boxes(tmp_path, tiny_
     r = overfeat.main(["--data", "voc", "--data-dir", tiny_voc, "--no-download", "--device",
                        "cpu", "--variant", "alexnet", "--img-size", "63", "--width", "0.125",
                        "--epochs", "1", "--loc-epochs", "1", "--batch-size", "2", "--out", out,
-                       "--log-every", "100000"])
+                       "--log-every", "100000", "--eval-every", "2"])
     ap = r["metrics"]["ap"]
+    # --eval-every 2: the test after epoch 2 (the regressor's) only, the final test's figure
+    assert ["test_map" in h for h in r["history"]] == [False, True]
+    assert r["history"][-1]["test_map"] == r["metrics"]["map"]
     assert list(ap) == list(overfeat.data.VOC_CLASSES)
     assert ap["aeroplane"] is None and ap["dog"] is not None and ap["car"] is not None
     assert 0 <= r["metrics"]["map"] <= 1 and r["config"]["det_scales"] == [63, 89, 126, 178, 252]
@@ -846,9 +849,15 @@ def test_imagenet_box_xml_loader_and_localisation_run(tmp_path, monkeypatch):
                        str(tmp_path), "--device", "cpu", "--variant", "alexnet", "--width",
                        "0.125", "--img-size", "63", "--scales", "63", "80", "--epochs", "1",
                        "--loc-epochs", "1", "--batch-size", "2", "--workers", "0",
-                       "--out", str(tmp_path / "run"), "--log-every", "100000"])
+                       "--out", str(tmp_path / "run"), "--log-every", "100000",
+                       "--eval-every", "1"])
     assert {"loc_error", "loc_error_top5", "iou50_rate", "map"} <= set(r["metrics"])
     assert [h["phase"] for h in r["history"]] == ["classify", "regress"]
+    # --eval-every 1: the localisation test after each phase's epoch; the last is the final one
+    curves = ("test_error", "test_loc_error", "test_loc_error_top5")
+    assert all(set(curves) <= set(h) for h in r["history"])
+    assert [r["history"][-1][k] for k in curves] == \
+        [r["metrics"][k] for k in ("test_error", "loc_error", "loc_error_top5")]
     # --eval-only: no imagenet/train folder nor its boxes (the checkpoint holds the training
     # set's normalisation and mean box, the baseline's), and classification's --pretrained
     # --eval-only (torchvision's weights stubbed out: no download here)

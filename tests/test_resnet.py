@@ -153,14 +153,17 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path, monkeypatch):
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     # 3 epochs of 8 iterations; the lr drops at iterations 12 and 18, inside epochs 2 and 3,
-    # so the resumed run must restore the per-iteration scheduler exactly.
-    b = ["--batch-size", "64", "--limit", "512"]  # 512 images: 8 iterations an epoch
+    # so the resumed run must restore the per-iteration scheduler exactly. --eval-every 3:
+    # the test split after epoch 3 only, the resumed run's history included.
+    b = ["--batch-size", "64", "--limit", "512", "--eval-every", "3"]  # 8 iterations an epoch
     full, out_full = run(tmp_path, "full", "--depth", "8", "--epochs", "3", *b)
     run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--stop-after", "1", *b)  # "killed"
     resumed, out_cut = run(tmp_path, "cut", "--depth", "8", "--epochs", "3", "--resume", *b)
     assert full["config"]["milestones"] == [12, 18]
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
+    assert ["test_error" in row for row in full["history"]] == [False, False, True]
+    assert full["history"][-1]["test_error"] == full["metrics"]["test_error"]  # the final test
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

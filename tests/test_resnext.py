@@ -211,12 +211,16 @@ def test_quick_run_on_shapes_learns_and_writes_results(tmp_path, monkeypatch):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    tiny = ["--limit", "256"]  # the code path, not learning
+    # the code path, not learning; --eval-every 3: the test split after epoch 3 only, the
+    # resumed run's history included
+    tiny = ["--limit", "256", "--eval-every", "3"]
     full, out_full = run(tmp_path, "full", "--epochs", "3", *tiny)  # lr / 10 after epochs 1, 2
     run(tmp_path, "cut", "--epochs", "3", "--stop-after", "1", *tiny)  # "killed" after epoch 1
     resumed, out_cut = run(tmp_path, "cut", "--epochs", "3", "--resume", *tiny)
     assert resumed["history"] == full["history"]
     assert resumed["metrics"] == full["metrics"]
+    assert ["test_error" in row for row in full["history"]] == [False, False, True]
+    assert full["history"][-1]["test_error"] == full["metrics"]["test_error"]  # the final test
     a = torch.load(os.path.join(out_full, "checkpoint.pt"), weights_only=True)["model"]
     b = torch.load(os.path.join(out_cut, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -385,13 +385,16 @@ def run(tmp_path, name, *argv):
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run_and_detect(tmp_path, capsys):
-    tiny = ["--limit", "24", "--batch-size", "8", "--epochs", "2", "--bn", "--lr", "0.01"]
+    # --eval-every 2: the test split after epoch 2 only, in the resumed run too
+    tiny = ["--limit", "24", "--batch-size", "8", "--epochs", "2", "--bn", "--lr", "0.01",
+            "--eval-every", "2"]
     assert run(tmp_path, "full", *tiny, "--stop-after", "2")[0] is None
     assert run(tmp_path, "cut", *tiny, "--stop-after", "1")[0] is None
     assert run(tmp_path, "cut", *tiny, "--resume", "--stop-after", "2")[0] is None
     a = torch.load(str(tmp_path / "full" / "checkpoint.pt"), weights_only=True)
     b = torch.load(str(tmp_path / "cut" / "checkpoint.pt"), weights_only=True)
     assert a["history"] == b["history"] and len(a["history"]) == 2
+    assert ["test_map" in h for h in a["history"]] == [False, True]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     # --detect on a folder of 2 images and a non-image with that checkpoint (the model settings
     # come from it): 2 pictures, a row per image, boxes in its pixels, the non-image skipped
@@ -465,8 +468,10 @@ def test_real_voc_path_on_tiny_files(tmp_path):
     write_voc(str(tmp_path), "2007", "test", boxes)
     out = str(tmp_path / "voc")
     r = ssd.main(["--data", "voc", "--data-dir", str(tmp_path), "--no-download", "--out", out,
-                  "--epochs", "1", "--batch-size", "2", "--workers", "0", *TINY])
+                  "--epochs", "1", "--batch-size", "2", "--workers", "0", "--eval-every", "1",
+                  *TINY])
     m = r["metrics"]
+    assert r["history"][0]["test_map"] == m["map"]  # --eval-every 1: the final test's figure
     assert set(m) == {"map", "ap", "samples"} and list(m["ap"]) == list(data.VOC_CLASSES)
     assert m["samples"] == 3
     assert r["config"]["default_boxes"] == len(ssd.SSD(20, 32, 0.0625).anchors)

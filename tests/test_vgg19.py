@@ -253,10 +253,14 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_trains_on_a_folder_of_the_users_own_images(tmp_path):
-    # --holdout: the plateau schedule's val split, 10 % of the 16 training images
+    # --holdout: the plateau schedule's val split, 10 % of the 16 training images;
+    # --eval-every 2: the dense test (8 images: cheap) after epoch 2 only, as the final one
     r = vgg19.main(["--data", image_tree(tmp_path / "tree"), "--width", str(TINY), "--epochs",
-                    "1", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run")])
+                    "2", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "run"),
+                    "--eval-every", "2"])
     assert r["config"]["sizes"]["test"] == 8
+    assert ["test_error" in row for row in r["history"]] == [False, True]
+    assert r["history"][-1]["test_error"] == r["metrics"]["test_error"]
     assert set(r["per_class_error"]) == {"dark", "light"} and 0 <= r["auc"] <= 1
     assert r["confusion"]["classes"] == ["dark", "light"]
 

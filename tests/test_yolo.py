@@ -364,11 +364,15 @@ def test_overfit_one_batch():
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    straight = yolo.main(TINY + ["--epochs", "2", "--out", a])
-    assert yolo.main(TINY + ["--epochs", "2", "--out", b, "--stop-after", "1"]) is None
-    resumed = yolo.main(TINY + ["--epochs", "2", "--out", b, "--resume"])
+    every = ["--eval-every", "2"]  # the test split after epoch 2 only, in the resumed run too
+    straight = yolo.main(TINY + ["--epochs", "2", "--out", a, *every])
+    assert yolo.main(TINY + ["--epochs", "2", "--out", b, "--stop-after", "1", *every]) is None
+    resumed = yolo.main(TINY + ["--epochs", "2", "--out", b, "--resume", *every])
     assert straight["history"] == resumed["history"]
     assert straight["metrics"]["map"] == resumed["metrics"]["map"]
+    assert ["test_map" in h for h in straight["history"]] == [False, True]
+    last, final = straight["history"][-1], straight["metrics"]  # the final test's figures
+    assert (last["test_map"], last["test_loss"]) == (final["map"], final["test_loss"])
     # --eval-only with that checkpoint renders the test scenes alone: the same figures
     sets = data.detection_dataset
     monkeypatch.setattr(data, "detection_dataset", lambda name, split, *a, **kw:
@@ -464,9 +468,15 @@ def test_pretrain_writes_a_backbone_that_detection_loads(tmp_path):
 
 
 def test_quick_pretrains_on_shapes_then_detects_from_that_backbone(tmp_path):
-    # --quick on shapes-det: §2.2's two stages in one command (here 1 epoch each on 32 images).
+    # --quick on shapes-det: §2.2's two stages in one command (here 1 epoch each on 32 images);
+    # --eval-every 1: each stage's test split after its epoch, as its final test
     out = str(tmp_path / "q")
-    r = yolo.main(TINY + ["--pretrain-epochs", "1", "--epochs", "1", "--limit", "32", "--out", out])
+    r = yolo.main(TINY + ["--pretrain-epochs", "1", "--epochs", "1", "--limit", "32", "--out", out,
+                          "--eval-every", "1"])
+    assert r["history"][0]["test_map"] == r["metrics"]["map"]
+    with open(os.path.join(out, "pretrain", "results.json")) as f:
+        saved = json.load(f)
+    assert saved["history"][0]["test_error"] == saved["metrics"]["test_error"]
     pre = torch.load(os.path.join(out, "pretrain", "backbone.pt"), weights_only=True)
     assert pre["arch"] == "yolo-fast-w0.0625-bn-backbone"
     assert r["config"]["backbone_weights"] == os.path.join(out, "pretrain", "backbone.pt")
