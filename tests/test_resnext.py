@@ -329,3 +329,21 @@ def test_at_init_output_depends_on_input_and_eval_mode_learns():
     torch.manual_seed(0)
     # After 40 steps the eval-mode loss still lags (0.53 against 0.12); after 100, 0.012 and 0.011.
     assert_learns_in_eval_mode(resnext.resnext(11, 2, 4, 6, 3, 16), x, y, 80, 0.01, 0.5)
+
+
+def test_imagenet_training_chain_is_fb_resnet_torchs():
+    # fb.resnet.torch's datasets/imagenet.lua, which the paper's code trains with: scale/aspect
+    # crops to 224, flips, ColorJitter 0.4 / 0.4 / 0.4 (uint8, before the float stage), Lighting
+    # 0.1 (AlexNet's PCA colour), normalisation; the test view has none of the random steps
+    from torchvision.transforms import v2
+    train, test = resnext.imagenet_transforms()
+    kinds = [type(t) for t in train.transforms]
+    assert kinds == [v2.ToImage, v2.RandomResizedCrop, v2.RandomHorizontalFlip, data.ColorJitterU8,
+                     v2.ToDtype, data.PCAColour, data.Normalize]
+    jitter = train.transforms[3]
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == \
+        ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), None)
+    assert train.transforms[5].alphastd == 0.1 and tuple(train.transforms[1].size) == (224, 224)
+    assert data.float_stage(train) is not None  # --gpu-decode's per-batch float stage applies
+    assert not any(isinstance(t, (data.ColorJitterU8, data.PCAColour, v2.RandomHorizontalFlip))
+                   for t in test.transforms)
