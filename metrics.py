@@ -511,9 +511,9 @@ def _plain(x):
 
 def provenance(script):
     """The code that makes a run: the git commit of the repository the script is in, whether
-    tracked files differ from it (`dirty`, and which: `differ`), and the sha256 of the script,
-    data.py and metrics.py as they are on disk now. Without git (a copied script, no git
-    installed) `commit` is None and `git` says why; the run goes on."""
+    tracked files other than run records differ from it (`dirty`, and which: `differ`), and the
+    sha256 of the script, data.py and metrics.py as they are on disk now. Without git (a copied
+    script, no git installed) `commit` is None and `git` says why; the run goes on."""
     here = os.path.dirname(os.path.abspath(__file__))
     path = script if os.path.isfile(script) else os.path.join(here, os.path.basename(script))
     sha = {}
@@ -532,7 +532,10 @@ def provenance(script):
             raise OSError((head.stderr.strip().splitlines() or ["git failed"])[-1])
         status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=20)
-        differ = sorted(line[3:] for line in status.stdout.splitlines() if line.strip())
+        # the run records kept in the repository (results/*/results.json) are what runs write,
+        # not code: a run overwriting its own record leaves the code clean
+        differ = sorted(f for f in (line[3:] for line in status.stdout.splitlines()
+                                    if line.strip()) if os.path.basename(f) != "results.json")
         record.update(commit=head.stdout.strip(), dirty=bool(differ), differ=differ)
     except (OSError, subprocess.SubprocessError) as e:
         record["git"] = f"no git commit recorded: {str(e)[:200]}"

@@ -287,10 +287,12 @@ def test_distort_and_eval_every_give_figure_5s_curves(tmp_path):
         [["test_error", "train_error"]] * 2
     assert rows[-1]["test_error"] == results["metrics"]["test_error"]
     assert results["config"]["distort"] is True
+    assert results["paper"]["test_error"] == 0.008  # §III.C's figure with distortions
     every2, _ = run(tmp_path, "e", "--epochs", "3", "--eval-every", "2", "--limit", "512")
     assert ["test_error" in r for r in every2["history"]] == [False, True, False]
     plain, _ = run(tmp_path, "p", "--limit", "512")
     assert "test_error" not in plain["history"][0] and not plain["config"]["distort"]
+    assert plain["paper"]["test_error"] == 0.0095
     # the distortions reach training: other weights than the undistorted run's
     assert rows[0]["train_loss"] != plain["history"][0]["train_loss"]
 
