@@ -2331,12 +2331,25 @@ def caffe_param_groups(model, lr, weight_decay, bias_lr_mult=2.0):
     """The Caffe references' per-parameter rates (AlexNet's and GoogLeNet's `lr_mult: 2,
     decay_mult: 0` on every bias): the biases at `bias_lr_mult` x the lr without weight decay,
     every other trained parameter at the lr with `weight_decay`. The weights' group comes first
-    (its lr is the one progress lines print)."""
+    (its lr is the one progress lines print).
+
+    Normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm) are in no Caffe
+    reference these rates come from; sorted by name, BN's scale (`weight`) would be decayed and
+    its shift (`bias`) take 2x the lr, a split neither BVLC nor torchvision makes. Both go to a
+    third group, last, at the lr without weight decay: the common practice (torchvision's
+    references' --norm-weight-decay 0; He et al. 2019, arXiv:1812.01187, §3.1 "no bias decay").
+    A model without such layers (AlexNet) gets the two groups as before."""
+    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
+                  torch.nn.modules.instancenorm._InstanceNorm)  # torchvision's references' list
+    norm = {id(p) for m in model.modules() if isinstance(m, norm_types)
+            for p in m.parameters(recurse=False)}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if not n.endswith("bias")], "lr": lr,
-             "weight_decay": weight_decay},
-            {"params": [p for n, p in named if n.endswith("bias")], "lr": bias_lr_mult * lr,
-             "weight_decay": 0.0}]
+    groups = [{"params": [p for n, p in named if id(p) not in norm and not n.endswith("bias")],
+               "lr": lr, "weight_decay": weight_decay},
+              {"params": [p for n, p in named if id(p) not in norm and n.endswith("bias")],
+               "lr": bias_lr_mult * lr, "weight_decay": 0.0}]
+    norms = [p for _, p in named if id(p) in norm]
+    return groups + ([{"params": norms, "lr": lr, "weight_decay": 0.0}] if norms else [])
 
 
 @functools.lru_cache(maxsize=None)

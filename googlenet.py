@@ -20,8 +20,15 @@ Model (Table 1): 7x7/2 conv, max-pool, 1x1 and 3x3 convs, max-pool, inception 3a
 (BN after every conv, the known 3x3-for-5x5 quirk in the third branch). --variant paper: Table 1
 as printed (biases, no BN, 5x5 convs, LocalRespNorm). --naive: the modules of Fig. 2(a).
 
-Recipe (§6): SGD momentum 0.9, lr x 0.96 every 8 epochs, Polyak averaging for the final model
-(--polyak), random crops of 8-100 % of the area with aspect 3/4-4/3, photometric distortions.
+Recipe (§6): SGD momentum 0.9, Polyak averaging for the final model (--polyak), random crops of
+8-100 % of the area with aspect 3/4-4/3, photometric distortions. §6's lr "decreasing ... by 4%
+every 8 epochs" hardly anneals in a run of any practical length (BVLC's released run of it,
+models/bvlc_googlenet/solver.prototxt, ends 250 epochs at 28 % of its start); the default
+(--lr-schedule poly) is BVLC's quick_solver.prototxt instead: lr x (1 - t/T)^0.5 per iteration,
+to zero at the end of the run, 60 epochs (its 2.4M iterations of 32), which BVLC's readme reports
+at 68.7 % top-1 / 88.9 % top-5 (one centre crop). --lr-schedule step keeps §6's. --variant paper
+(no BN) keeps those solvers' lr 0.01 per batch of 32: 0.08 at our 256 (linear scaling, Goyal et
+al. 2017, arXiv:1706.02677) after their gradual warm-up from 0.01 over 5 epochs.
 Test (§7): 144 crops per image (`crops_144`), softmax averaged; the centre crop is reported too.
 Departures are listed in DEPARTURES and printed at start.
 """
@@ -57,10 +64,23 @@ INCEPTION = OrderedDict([
     ("4e", (256, 160, 320, 32, 128, 128)), ("5a", (256, 160, 320, 32, 128, 128)),
     ("5b", (384, 192, 384, 48, 128, 128))])
 AUX_WEIGHT = 0.3                  # §5: "their loss is added to the total loss with weight 0.3"
-LR_GAMMA, LR_EVERY = 0.96, 8      # §6: "decreasing the learning rate by 4% every 8 epochs"
+# The lr schedule. §6: "decreasing the learning rate by 4% every 8 epochs" (--lr-schedule step),
+# of a run whose length the paper does not give. BVLC's models/bvlc_googlenet/solver.prototxt
+# (step, gamma 0.96, stepsize 320k iterations of 32 = 8 epochs, max_iter 10M = 250 epochs) ends
+# at 0.96^31 = 28 %: no annealing. Default (--lr-schedule poly): its quick_solver.prototxt,
+# lr_policy "poly" with power 0.5, lr x (1 - iter/max_iter)^0.5 to zero at max_iter 2.4M x 32 =
+# 60 epochs (68.7 % top-1 / 88.9 % top-5 on one centre crop in BVLC's readme); --epochs rescales
+# it. Both solvers: base_lr 0.01 at batch 32 (train_val.prototxt), momentum 0.9, decay 2e-4.
+LR_GAMMA, LR_EVERY = 0.96, 8
+POLY_POWER = 0.5
+BVLC_LR, BVLC_BATCH = 0.01, 32
+# --variant paper (no BN) at batch B > 32 keeps the solvers' lr per image, 0.01 x B/32 (Goyal et
+# al. 2017, arXiv:1706.02677, §2.1 linear scaling: 0.08 at 256), and their §2.2 gradual warm-up
+# over 5 epochs from the released 0.01: the BN-free net is the fragile one at a high lr.
+WARMUP_EPOCHS = 5
 POLYAK = 0.9999                   # §6: Polyak averaging for the final model (EMA decay here)
 TEST_SCALES = (256, 288, 320, 352)  # §7: shorter side of the four scales
-EPOCHS = {"googlenet": 90, "nin": 300}
+EPOCHS = {"poly": 60, "step": 250, "nin": 300}  # quick_solver's and solver's lengths; NIN
 NIN_LR_STEPS = (150, 225)         # NIN §4.1: lr / 10 twice, ending at 1 % of the initial value
 NIN_INIT_STD, NIN_LAST_LR = 0.05, 0.1
 # --quick: the first 2,000 / 500 images, quarter-width nets and a budget of steps. NIN at the
@@ -85,11 +105,17 @@ DEPARTURES = [
     "--variant torchvision from scratch: He (fan-out) init of the convolutions instead of "
     "torchvision's trunc_normal(0.01), under which BN's running statistics go stale (eval-mode "
     "loss at chance while the training loss falls); torchvision's layout is unchanged",
-    "lr schedule of §6 (x 0.96 every 8 epochs) for 90 epochs (the paper gives no length): the lr "
-    "ends at 0.96^11 = 64 % of its start (BVLC's reference solver, same step, runs 10M "
-    "iterations of 32 = 250 epochs, to 28 %); from lr 0.1 (0.01 for --variant paper), weight "
-    "decay 2e-4 (BVLC's solver; the paper states none), biases at 2x lr without decay (BVLC's "
-    "net), batch 256 (not stated; the paper used asynchronous SGD on a CPU cluster)",
+    "lr schedule: BVLC's quick_solver.prototxt (models/bvlc_googlenet), poly with power 0.5, "
+    "lr x (1 - t/T)^0.5 per iteration, to zero at the end of 60 epochs (its 2.4M iterations of "
+    "32), instead of §6's x 0.96 every 8 epochs (--lr-schedule step; the paper gives no length, "
+    "and BVLC's solver.prototxt with that step ends its 250 epochs at 28 % of the start lr: no "
+    "annealing); batch 256 (not stated; the paper used asynchronous SGD on a CPU cluster)",
+    "lr 0.1 for --variant torchvision (BN: the usual 0.1 per 256 of BN networks); --variant "
+    "paper (no BN): BVLC's lr 0.01 per batch of 32 scaled linearly to 0.01 x batch/32 (0.08 at "
+    "256; Goyal et al. 2017), with their gradual warm-up from 0.01 over the first 5 epochs; "
+    "weight decay 2e-4 (BVLC's solvers; the paper states none), biases at 2x lr without decay "
+    "(BVLC's train_val.prototxt), BN's scale and shift at 1x lr without decay (no Caffe model "
+    "to follow; torchvision's references' --norm-weight-decay 0)",
     "Polyak averaging as an exponential moving average of weights and BN buffers, decay 0.9999, "
     "on by default on ImageNet (the paper does not give its averaging); off on the small sets, "
     "whose short runs an average of this length would lag",
@@ -402,12 +428,31 @@ def polyak_update(ema, model, decay):
     ema.n_averaged += 1
 
 
-def lr_factor(epoch, every=LR_EVERY, steps=None):
-    """The lr multiplier for a 0-based epoch: §6, x 0.96 every `every` epochs; NIN (steps given):
-    / 10 at each step."""
+def lr_factor(epoch, schedule="poly", epochs=EPOCHS["poly"], every=LR_EVERY, steps=None,
+              warmup=0.0, warmup_from=1.0):
+    """The lr multiplier at `epoch`, the epochs done with their fraction (iterations / iterations
+    per epoch: the scheduler steps every iteration). NIN (steps given): / 10 at each step, at
+    whole epochs. GoogLeNet: poly, (1 - epoch / epochs)^0.5, Caffe's per-iteration "poly" of
+    quick_solver.prototxt, 0 at the end of the run; step, x 0.96 every `every` whole epochs
+    (§6). Either times a linear warm-up from `warmup_from` to 1 over the first `warmup` epochs.
+    A function of the iteration alone: --resume continues it exactly."""
     if steps is not None:
         return 0.1 ** sum(epoch >= s for s in steps)
-    return LR_GAMMA ** (epoch // every)
+    if schedule == "step":
+        f = LR_GAMMA ** (epoch // every)
+    else:
+        f = max(0.0, 1 - epoch / epochs) ** POLY_POWER
+    if epoch < warmup:
+        f *= warmup_from + (1 - warmup_from) * epoch / warmup
+    return f
+
+
+def lr_lambda(args, per_epoch):
+    """The scheduler's factor at iteration `it` of a run with `per_epoch` iterations an epoch;
+    the warm-up starts from the lr per image of BVLC's batch of 32 (lr x 32 / batch)."""
+    warmup_from = min(1.0, BVLC_BATCH / args.batch_size)
+    return lambda it: lr_factor(it / per_epoch, args.lr_schedule, args.epochs, args.lr_every,
+                                args.lr_steps, args.warmup_epochs or 0.0, warmup_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,9 +525,10 @@ def imagenet_loaders(args, device):
 # Training and evaluation
 
 def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progress, ema=None,
-                    model=None):
+                    model=None, scheduler=None):
     """One pass; the step's loss (main + aux, §5) stays on the device (Progress reads the
-    losses once per --log-every line and at the epoch's end: no host sync per step)."""
+    losses once per --log-every line and at the epoch's end: no host sync per step). The
+    scheduler steps after every iteration (poly and the warm-up are per iteration, as Caffe's)."""
     net.train()
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -496,7 +542,10 @@ def train_one_epoch(net, loader, optimizer, scaler, args, device, epoch, progres
         scaler.update()
         if ema is not None:  # §6: Polyak averaging, an exponential moving average here
             polyak_update(ema, model, args.polyak)
-        progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch, n=len(y))
+        lr = optimizer.param_groups[0]["lr"]  # this step's (a Python float: no sync)
+        if scheduler is not None:
+            scheduler.step()
+        progress.step(len(y) * args.world, loss, lr, epoch, n=len(y))
     return progress.epoch_loss()  # the losses read here, over every rank's samples
 
 
@@ -572,18 +621,29 @@ def get_args_parser():
                    f"(§6: the final model is Polyak-averaged; default: {POLYAK} on ImageNet, "
                    f"off (0) on the small sets' short runs)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"passes over the training set (default: {EPOCHS['googlenet']}, NIN "
-                   f"{EPOCHS['nin']})")
+                   help=f"passes over the training set; the poly schedule reaches 0 at the last "
+                   f"(default: {EPOCHS['poly']}, BVLC's quick_solver; {EPOCHS['step']} with "
+                   f"--lr-schedule step, BVLC's solver; NIN {EPOCHS['nin']})")
     data.add_classify_arg(p, needs="--weights, or --pretrained for torchvision's ImageNet "
                           "network")
+    p.add_argument("--lr-schedule", default=None, choices=["poly", "step"],
+                   help="GoogLeNet: poly: lr x (1 - t/T)^0.5 per iteration, to 0 at the end of "
+                   "--epochs (BVLC's quick_solver.prototxt; default); step: x 0.96 every "
+                   "--lr-every epochs (§6; BVLC's solver.prototxt)")
     p.add_argument("--lr-every", type=int, default=LR_EVERY,
-                   help="GoogLeNet: epochs between the x 0.96 lr decays (default: 8, §6)")
+                   help="GoogLeNet, --lr-schedule step: epochs between the x 0.96 lr decays "
+                   "(default: 8, §6)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"GoogLeNet: a linear lr warm-up over the first N epochs from lr x "
+                   f"{BVLC_BATCH}/batch (BVLC's batch) to lr (Goyal et al. 2017; default: "
+                   f"{WARMUP_EPOCHS} for --variant paper above batch {BVLC_BATCH}, else 0)")
     p.add_argument("--lr-steps", type=int, nargs="*", default=None,
                    help=f"NIN: epochs at which the lr is divided by 10 (default: {NIN_LR_STEPS})")
     p.add_argument("--batch-size", type=int, default=None,
                    help="global batch size (default: 256; NIN 128)")
     p.add_argument("--lr", type=float, default=None,
-                   help="base learning rate (default: 0.1; 0.01 for --variant paper)")
+                   help=f"base learning rate (default: 0.1; --variant paper {BVLC_LR} x "
+                   f"batch/{BVLC_BATCH}, BVLC's lr per image: 0.08 at 256)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9, §6)")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="(default: 2e-4 for GoogLeNet, 1e-4 for NIN: neither paper states one)")
@@ -602,12 +662,21 @@ def resolve_defaults(args):
     if nin and (args.naive or args.pretrained):
         raise data.DataError("--naive and --pretrained are GoogLeNet options; drop them with "
                              "--variant nin")
+    if nin and (args.lr_schedule or args.warmup_epochs is not None):
+        raise data.DataError("--lr-schedule and --warmup-epochs are GoogLeNet's; NIN's lr "
+                             "steps are --lr-steps")
     args.no_aux = args.no_aux or nin
     data.apply_quick(args, QUICK_NIN if nin else QUICK)
     args.width = args.width or 1.0
-    args.epochs = args.epochs or EPOCHS["nin" if nin else "googlenet"]
+    args.lr_schedule = None if nin else args.lr_schedule or "poly"
+    args.epochs = args.epochs or EPOCHS["nin" if nin else args.lr_schedule]
     args.batch_size = args.batch_size or (128 if nin else 256)
-    args.lr = args.lr or (0.01 if args.variant == "paper" else 0.1)
+    # --variant paper: BVLC's lr per image (0.01 at 32); the BN variant the usual 0.1 at 256
+    args.lr = args.lr or (BVLC_LR * args.batch_size / BVLC_BATCH if args.variant == "paper"
+                          else 0.1)
+    if args.warmup_epochs is None and not nin:
+        args.warmup_epochs = WARMUP_EPOCHS if args.variant == "paper" and \
+            args.batch_size > BVLC_BATCH else 0.0
     args.weight_decay = 1e-4 if nin and args.weight_decay is None else args.weight_decay
     args.weight_decay = 2e-4 if args.weight_decay is None else args.weight_decay
     args.lr_steps = (list(NIN_LR_STEPS) if args.lr_steps is None else args.lr_steps) if nin \
@@ -702,12 +771,15 @@ def main(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The Caffe references' rates (biases 2x lr, no weight decay); NIN's also sets cccp6's.
+    # GoogLeNet's BN (--variant torchvision): scale and shift both at 1x lr without weight
+    # decay, in data.caffe_param_groups (BVLC's net has no BN to follow).
     params = model.param_groups(args.lr, args.weight_decay) if nin else \
         data.caffe_param_groups(model, args.lr, args.weight_decay)
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped once per epoch
-        optimizer, lambda e: lr_factor(e, args.lr_every, args.lr_steps))
+    per_epoch = max(1, 0 if train_loader is None else len(train_loader))  # --eval-only: any
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # stepped after every iteration
+        optimizer, lr_lambda(args, per_epoch))
     scaler = data.grad_scaler(device, args.amp)
     ema = None
     if args.polyak:
@@ -720,9 +792,12 @@ def main(argv=None):
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": departures}
     if is_main:
+        schedule = f"/ 10 at epochs {args.lr_steps}" if nin else f"{args.lr_schedule} schedule" \
+            + (f", {args.warmup_epochs:g}-epoch warm-up" if args.warmup_epochs else "")
         print(f"googlenet.py: {arch} on {args.data} ({n_train} train / {n_val} val / {n_test} "
               f"test), {config['parameters']:,} parameters, device {device}, {args.world} "
-              f"process(es), {args.epochs} epochs, lr {args.lr}, test crops {args.test_crops}")
+              f"process(es), {args.epochs} epochs, lr {args.lr:g} ({schedule}), test crops "
+              f"{args.test_crops}")
         for d in departures:
             print(f"  departure from the paper: {d}")
 
@@ -749,9 +824,10 @@ def main(argv=None):
         for epoch in range(start_epoch, args.epochs):
             data.set_epoch(train_loader, epoch)
             loss = train_one_epoch(net, train_loader, optimizer, scaler, args, device, epoch,
-                                   progress, ema, model)
-            scheduler.step()
-            row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+                                   progress, ema, model, scheduler)
+            # the lr of the epoch's last step (the optimizer's is the next one's: 0 after poly's
+            # last epoch)
+            row = {"epoch": epoch + 1, "train_loss": loss, "lr": progress.lr}
             if val_loader is not None:  # ImageNet has none: its official val set is the test set
                 row["val_error"] = evaluate(final, val_loader, args, device,
                                            len(classes))["test_error"]

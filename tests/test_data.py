@@ -804,14 +804,20 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path, monkeypatch):
 
 def test_caffe_param_groups_give_biases_twice_the_lr_and_no_decay():
     import torch.nn as nn
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2))
-    model[1].weight.requires_grad_(False)                       # frozen: left out
-    weights, biases = data.caffe_param_groups(model, 0.01, 5e-4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2),
+                          nn.GroupNorm(2, 2))
+    model[3].weight.requires_grad_(False)                       # frozen: left out
+    weights, biases, norms = data.caffe_param_groups(model, 0.01, 5e-4)
     assert (weights["lr"], weights["weight_decay"]) == (0.01, 5e-4)
     assert (biases["lr"], biases["weight_decay"]) == (0.02, 0.0)
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     assert ids(weights["params"]) == ids([model[0].weight, model[2].weight])
-    assert ids(biases["params"]) == ids([model[0].bias, model[1].bias, model[2].bias])
+    assert ids(biases["params"]) == ids([model[0].bias, model[2].bias])
+    # BN's scale and shift together, at the lr without decay (neither decayed nor at 2x)
+    assert (norms["lr"], norms["weight_decay"]) == (0.01, 0.0)
+    assert ids(norms["params"]) == ids([model[1].weight, model[1].bias, model[3].bias])
+    # no normalisation layer (AlexNet): the two Caffe groups alone
+    assert len(data.caffe_param_groups(model[:1], 0.01, 5e-4)) == 2
     # one SGD step on a zero gradient: the weights decay, the biases do not
     opt = torch.optim.SGD(data.caffe_param_groups(model, 0.1, 0.5), lr=0.1)
     before = [p.detach().clone() for p in (model[0].weight, model[0].bias)]

@@ -1,6 +1,7 @@
 """googlenet.py: parameter counts (torchvision, Table 1 by hand, NIN by hand), torchvision
-compatibility, output shapes of every variant, the §5 auxiliary loss, the §6 lr schedule, the §7
-144-crop test, and main() end to end (learning, --eval-only, kill-and-resume, one-line errors)."""
+compatibility, output shapes of every variant, the §5 auxiliary loss, the lr schedules and
+parameter groups (BVLC's solvers and train_val.prototxt), the §7 144-crop test, and main() end
+to end (learning, --eval-only, kill-and-resume, one-line errors)."""
 import copy
 import json
 import math
@@ -196,21 +197,118 @@ def test_crops_144_on_a_known_image():
     assert googlenet.centre_crop(torch.rand(3, 300, 400)).shape == (3, 224, 224)
 
 
-def test_lr_schedule_is_4_percent_every_8_epochs():
-    assert [googlenet.lr_factor(e) for e in (0, 7, 8, 15, 16, 40)] == \
-        pytest.approx([1, 1, 0.96, 0.96, 0.96 ** 2, 0.96 ** 5])
-    assert [googlenet.lr_factor(e, steps=(150, 225)) for e in (0, 149, 150, 225)] == \
-        pytest.approx([1, 1, 0.1, 0.01])
-    args = googlenet.get_args_parser().parse_args([])
+def resolved(*argv):
+    args = googlenet.get_args_parser().parse_args(list(argv))
     args.world = 1
     googlenet.resolve_defaults(args)
+    return args
+
+
+def test_lr_schedule_anneals_to_zero_and_keeps_section_6s_step_as_an_option():
+    f = googlenet.lr_factor
+    # poly (BVLC's quick_solver.prototxt): (1 - t/T)^0.5, to 0 at the end of the run
+    assert [f(e, epochs=60) for e in (0, 15, 30, 45, 59.99, 60)] == \
+        pytest.approx([1, 0.75 ** 0.5, 0.5 ** 0.5, 0.5, (0.01 / 60) ** 0.5, 0])
+    # step (§6; BVLC's solver.prototxt): x 0.96 at whole multiples of 8 epochs
+    assert [f(e, "step") for e in (0, 7.99, 8, 15, 16, 40)] == \
+        pytest.approx([1, 1, 0.96, 0.96, 0.96 ** 2, 0.96 ** 5])
+    # the warm-up: linear from warmup_from to 1, times the schedule
+    assert [f(e, warmup=5, warmup_from=0.125) for e in (0, 2.5, 5)] == \
+        pytest.approx([0.125, 0.5625 * (57.5 / 60) ** 0.5, (55 / 60) ** 0.5])
+    # NIN: / 10 at whole epochs, per iteration as before per epoch
+    assert [f(e, steps=(150, 225)) for e in (0, 149.99, 150, 225)] == \
+        pytest.approx([1, 1, 0.1, 0.01])
+
+
+def test_default_recipes_batch_lr_and_the_lr_at_given_iterations():
+    n = 5005  # iterations an epoch: ImageNet's 1,281,167 images at batch 256
+
+    def lrs(args, epochs, per_epoch=n):  # the scheduler's lr at these (fractional) epochs
+        lam = googlenet.lr_lambda(args, per_epoch)
+        return [args.lr * lam(round(e * per_epoch)) for e in epochs]
+    # --variant torchvision (BN): 0.1 at 256, poly over 60 epochs, no warm-up
+    args = resolved()
     assert (args.data, args.batch_size, args.lr, args.momentum, args.test_crops) == \
         ("imagenet", 256, 0.1, 0.9, 144)
-    args = googlenet.get_args_parser().parse_args(["--variant", "nin"])
-    args.world = 1
-    googlenet.resolve_defaults(args)
-    assert (args.data, args.batch_size, args.lr_steps, args.weight_decay, args.no_aux) == \
-        ("cifar10", 128, [150, 225], 1e-4, True)
+    assert (args.lr_schedule, args.epochs, args.warmup_epochs) == ("poly", 60, 0)
+    start, middle, last = lrs(args, (0, 30, 60 - 1 / n))
+    assert (start, middle) == pytest.approx((0.1, 0.1 * 0.5 ** 0.5)) and 0 < last < 2e-4
+    # --variant paper (no BN): BVLC's 0.01 per 32 images, 0.08 at 256, warmed up from 0.01
+    args = resolved("--variant", "paper")
+    assert (args.batch_size, args.lr, args.epochs, args.warmup_epochs) == \
+        (256, pytest.approx(0.08), 60, 5)
+    assert lrs(args, (0, 2, 5, 30)) == pytest.approx(
+        [0.01, 0.08 * 0.475 * (58 / 60) ** 0.5, 0.08 * (55 / 60) ** 0.5, 0.08 * 0.5 ** 0.5])
+    assert 0 < lrs(args, [60 - 1 / n])[0] < 2e-4
+    # at batch 32 it is quick_solver.prototxt itself: lr 0.01, no warm-up, half of its
+    # max_iter 2.4M at 30 epochs of 40,000 iterations
+    args = resolved("--variant", "paper", "--batch-size", "32")
+    assert (args.lr, args.warmup_epochs) == (0.01, 0)
+    assert args.lr * googlenet.lr_lambda(args, 40_000)(1_200_000) == pytest.approx(0.01 * 0.5 ** 0.5)
+    # --epochs rescales poly; --lr-schedule step: §6's x 0.96 every 8 epochs, BVLC's 250 epochs
+    assert lrs(resolved("--epochs", "30"), (15,)) == pytest.approx([0.1 * 0.5 ** 0.5])
+    args = resolved("--lr-schedule", "step")
+    assert args.epochs == 250 and lrs(args, (0, 8, 248)) == pytest.approx(
+        [0.1, 0.096, 0.1 * 0.96 ** 31])
+    # NIN keeps its own schedule and refuses GoogLeNet's flags
+    args = resolved("--variant", "nin")
+    assert (args.data, args.batch_size, args.lr_steps, args.weight_decay, args.no_aux,
+            args.lr_schedule) == ("cifar10", 128, [150, 225], 1e-4, True, None)
+    with pytest.raises(data.DataError, match="GoogLeNet's"):
+        resolved("--variant", "nin", "--lr-schedule", "step")
+
+
+def test_lr_schedule_resumes_exactly_mid_run(tmp_path):
+    # The per-iteration factor through the checkpoint code main uses: 3 iterations an epoch,
+    # the warm-up and poly across the cut after epoch 1 give the same lrs as a run not cut.
+    args = resolved("--variant", "paper", "--epochs", "3", "--warmup-epochs", "1.5")
+
+    def make():
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.SGD(data.caffe_param_groups(model, args.lr, 2e-4), lr=args.lr)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, googlenet.lr_lambda(args, 3))
+
+    def steps(opt, sched, k):
+        out = []
+        for _ in range(k):
+            out.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            sched.step()
+        return out
+    _, opt, sched = make()
+    whole = steps(opt, sched, 9)
+    model, opt, sched = make()
+    first = steps(opt, sched, 3)
+    scaler = data.grad_scaler(torch.device("cpu"), False)
+    path = str(tmp_path / "c.pt")
+    data.save_training_state(path, "x", model, opt, sched, scaler, 0, {}, [])
+    model, opt, sched = make()
+    assert data.resume_training_state(path, "x", model, opt, sched, scaler)[0] == 1
+    assert first + steps(opt, sched, 6) == whole
+    assert whole[0][0] == pytest.approx(0.01) and whole[-1][0] == pytest.approx(
+        0.08 * (1 / 9) ** 0.5)
+
+
+def test_parameter_groups_bn_at_the_lr_undecayed_biases_at_twice_the_lr():
+    # BVLC's train_val.prototxt: weights at the lr with decay, biases lr_mult 2, decay_mult 0;
+    # torchvision's BN (no Caffe rate to follow): scale and shift both at the lr, no decay
+    tv = googlenet.googlenet(10, variant="torchvision", width=0.125)
+    paper = googlenet.googlenet(10, variant="paper", width=0.125)
+
+    def setting(model, p):
+        [g] = [g for g in data.caffe_param_groups(model, 0.1, 2e-4)
+               if any(q is p for q in g["params"])]
+        return g["lr"], g["weight_decay"]
+    assert setting(tv, tv.inception4a.branch1.bn.weight) == (0.1, 0.0)
+    assert setting(tv, tv.inception4a.branch1.bn.bias) == (0.1, 0.0)
+    assert setting(tv, tv.inception4a.branch1.conv.weight) == (0.1, 2e-4)
+    assert setting(tv, tv.fc.weight) == (0.1, 2e-4) and setting(tv, tv.fc.bias) == (0.2, 0.0)
+    assert setting(paper, paper.inception4a.branch1.conv.weight) == (0.1, 2e-4)
+    assert setting(paper, paper.inception4a.branch1.conv.bias) == (0.2, 0.0)
+    for model in (tv, paper):  # every parameter in exactly one group
+        groups = data.caffe_param_groups(model, 0.1, 2e-4)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert len(data.caffe_param_groups(paper, 0.1, 2e-4)) == 2  # no BN: no third group
 
 
 def run(tmp_path, name, *extra):
@@ -276,12 +374,12 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     # NIN (same checkpoint code path, a fraction of the time); --polyak: the EMA is resumed too;
     # --eval-every 2: the test split (the EMA, as the final test) after epoch 2 only
     tiny = ["--variant", "nin", "--data", "shapes", "--width", "0.125", "--batch-size", "128",
-            "--lr-steps", "2", "--polyak", "0.9", "--limit", "512", "--eval-every", "2"]
+            "--lr-steps", "1", "--polyak", "0.9", "--limit", "512", "--eval-every", "2"]
     full, out_full = run(tmp_path, "full", "--epochs", "2", *tiny)
     run(tmp_path, "cut", "--epochs", "1", *tiny)  # "killed" after epoch 1
     resumed, out_cut = run(tmp_path, "cut", "--epochs", "2", "--resume", *tiny)
     assert resumed["history"] == full["history"] and [r["lr"] for r in full["history"]] == \
-        pytest.approx([0.05, 0.005])  # the lr (quick NIN's) moves between the epochs
+        pytest.approx([0.05, 0.005])  # the lr (quick NIN's) of each epoch's last step
     assert resumed["metrics"] == full["metrics"]
     assert ["test_error" in row for row in full["history"]] == [False, True]
     assert full["history"][-1]["test_error"] == full["metrics"]["test_error"]  # the final test
@@ -391,7 +489,7 @@ def test_polyak_averaging_is_on_for_imagenet_and_off_for_short_runs():
 
 def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_path, capsys):
     # The paper's settings (the torchvision layout at full width with both auxiliary heads, lr
-    # 0.1, 90 epochs cut to 1 of 2 steps, the batch cut to 2) on shapes; the test is 2 batches of
+    # 0.1, 60 epochs cut to 1 of 2 steps, the batch cut to 2) on shapes; the test is 2 batches of
     # 250. Two departures for CPU-test time, neither in the network: --img-size 16 (--quick's)
     # instead of 32, since 500 test images at 32x32 through the full-width net cost ~4x as much,
     # and --limit 600, since rendering the whole set (12,000 images) would take longer than the
@@ -408,6 +506,16 @@ def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_pa
     assert (config["arch"], config["width"], config["lr"]) == ("googlenet", 1.0, 0.1)
     state = data.load_checkpoint(str(out / "checkpoint.pt"), "googlenet")
     assert state["epoch"] == 0 and len(state["history"]) == 1
+    # main's optimizer: weights, biases (2x, undecayed), BN's scale and shift (1x, undecayed);
+    # poly over the run's 2 steps: lr 0.1, then 0.1 x 0.5^0.5, 0 after the last
+    groups = state["optimizer"]["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == \
+        [(0.1, 2e-4), (0.2, 0.0), (0.1, 0.0)]
+    bn = [m for m in googlenet.googlenet(6).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(groups[2]["params"]) == 2 * len(bn)
+    assert re.findall(r"^epoch 1/1 step \d+/2 .* lr ([\d.e-]+)", said, re.M) == ["0.1", "0.0707"]
+    assert state["history"][0]["lr"] == pytest.approx(0.1 * 0.5 ** 0.5)  # its last step's
+    assert state["scheduler"]["last_epoch"] == 2  # per iteration
     assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
 
 
