@@ -89,7 +89,7 @@ else
         "nin googlenet.py --variant nin --data cifar10"
         "overfeat overfeat.py --data imagenet --variant accurate"
         "monster_finetune monster_finetune.py --data cifar10 --pretrained"
-        "yolo yolo.py --data voc --pretrain-epochs 90"
+        "yolo yolo.py --data voc --pretrain-epochs 50"
         "ssd ssd.py --data voc --pretrained"
         "fcn-32s fcn.py --data voc-seg --arch 32s --pretrained"
         "fcn-16s fcn.py --data voc-seg --arch 16s --init-from @fcn-32s"

@@ -25,6 +25,11 @@ confidence target is that IoU, lambda_noobj=0.5 on the confidence of every other
 squared class-probability error in the cells holding an object; summed, divided by the batch size.
 Test: class score = P(class | object) x confidence (each clamped at 0: the outputs are linear),
 threshold, per-class NMS at IoU 0.5.
+Where the paper is silent, darknet as released (pjreddie/darknet) is followed: its detection
+layer's sqrt w, h and responsible predictor; data.c load_data_region's left-right flip of half
+the training images, boxes with them; weight decay on the convolution and fc weights only
+(update_convolutional_layer); extraction.cfg's ImageNet pretraining of the 20 convolutions
+(EXTRACTION: batch 128, poly decay); §2.2's detection schedule is yolo.cfg's (2015) in epochs.
 Departures: DEPARTURES, printed at start and stored in results.json.
 """
 import argparse
@@ -62,7 +67,31 @@ FAST = [(16, 3, 1), "M", (32, 3, 1), "M", (64, 3, 1), "M", (128, 3, 1), "M", (25
 EPOCHS = 135                     # §2.2
 # §2.2: "for the first epochs" lr rises from 1e-3 to 1e-2, then 1e-2 for 75 epochs, 1e-3 for 30,
 # 1e-4 for 30 (75 + 30 + 30 = 135: the warm-up is counted in the 75). Warm-up length: our choice.
+# darknet's yolo.cfg released with v1 (pjreddie/darknet 6103ecc, 2015-11-09, batch 64, decay
+# 5e-4, momentum 0.9) has the same shape in iterations: 1e-3, x2.5, x2, x2 at 200, 400, 600
+# (1e-2 after ~2.3 epochs of VOC07+12's 16,551 images), /10 at 20k and 30k, end at 40k (~77, 116,
+# 155 epochs); its later yolov1.cfg (batch norm) peaks at 5e-3.
 WARMUP, STEP1, STEP2 = 5 / 135, 75 / 135, 105 / 135   # fractions of --epochs
+# §2.2's ImageNet pretraining of the first 20 convolutions (the paper gives no recipe) as darknet's
+# extraction.cfg trains them, the "Extraction" classifier whose first 20 layers YOLO v1 uses. Two
+# releases: the one committed with YOLO v1 (42ba5d4, 2015-11-09; no batch norm, as the paper's
+# network) and its rewrite with batch norm after every convolution (845ab75, 2016-08-05; YOLOv2's
+# BN: ours with --bn). Both: batch 128, momentum 0.9, decay 5e-4 (weights only, see
+# param_groups), lr0 * (1 - n / max_batches)^power at the n-th update ("poly", no warm-up: burn_in
+# unset), a softmax whose SSE cost passes back p - y (cross-entropy's gradient).
+#   2015: lr 0.5, power 6, 500,000 batches = 50 epochs of ImageNet's 1.28M images (at Fig. 3's
+#         4.2 G multiply-adds an image, ~2.7 TFLOPS for a week: §2.2's "approximately a week");
+#         images squashed to 256 x 256, random 224 crops, flips, no colour change. Its weights
+#         start at darknet's init (darknet_init), which the lr needs: a third of He's variance,
+#         so the signal shrinks ~0.58x a layer and the net starts almost silent (measured, 64 px
+#         shapes: the 20th convolution's output at rms 8e-6 for inputs at rms 1, 0.6 with our He
+#         init); 0.5 then moves the top layers first. With our He init lr 0.5 diverged at step 2,
+#         lr 0.1 at step 22 (a probe: full width, no BN, 64 px shapes, batch 32, 40 steps; 0.05
+#         and 0.02 held); with darknet's init lr 0.5 held.
+#   2016: lr 0.1, power 4, 1,600,000 batches = 160 epochs; 224 crops of images up to 320; batch
+#         norm makes the init's scale irrelevant (ours kept).
+EXTRACTION = {"lr": 0.5, "power": 6, "epochs": 50, "batch_size": 128, "init": "darknet"}  # 2015
+EXTRACTION_BN = {"lr": 0.1, "power": 4, "epochs": 160, "batch_size": 128, "init": None}  # 2016
 # --quick (offline shapes-det on a CPU), every choice measured against the old quick run (full net,
 # width 1/8, 64 px, from scratch: mAP 0.4 %, the class term at its prior): Fast YOLO at width 1/4
 # with its last two stride-2 steps dropped, so that 64 px gives a 4 x 4 = S x S last map (the
@@ -75,6 +104,10 @@ WARMUP, STEP1, STEP2 = 5 / 135, 75 / 135, 105 / 135   # fractions of --epochs
 QUICK = {"img_size": 64, "width": 0.25, "grid": 4, "epochs": 15, "batch_size": 32, "lr": 2e-3,
          "bn": True, "drop_strides": 2, "clip_grad": None, "variant": "fast", "dropout": 0.0,
          "pretrain_epochs": 30}
+# The offline shapes' pretraining (--quick's first stage; --pretrain shapes): ours, tuned with
+# --quick on shapes-det as above, not darknet's: lr 2e-2, a cosine over the epochs, --batch-size.
+SHAPES_PRETRAIN = {"lr": 2e-2, "power": None, "epochs": QUICK["pretrain_epochs"],
+                   "batch_size": None, "init": None}
 
 
 # What this script does otherwise than the paper (printed at start, stored in results.json)
@@ -87,11 +120,22 @@ DEPARTURES = [
     "first epochs'); the steps at 75/135 and 105/135 of --epochs",
     "augmentation: v2.RandomAffine(translate 0.2, scale 0.8-1.2) + v2.ColorJitter(brightness and "
     "saturation x 1/1.5..1.5) for the paper's HSV exposure/saturation; images resized to "
-    "img-size x img-size first; inputs normalised with ImageNet mean/std",
+    "img-size x img-size first; inputs normalised with ImageNet mean/std; half the images "
+    "flipped left-right with their boxes (not in the paper: darknet's data.c load_data_region)",
+    "weight decay on the convolution and fc weights only, not on biases or batch-norm "
+    "parameters (darknet's update_convolutional_layer / update_connected_layer; the paper says "
+    "only 'weight decay of 0.0005')",
     "Fast YOLO's layout is darknet's v1 yolo-tiny.cfg (9 convs 16..1024) with the two FCs of "
     "the full net; the paper gives only '9 layers, fewer filters'",
-    "pretraining: cosine lr decay over --epochs at --pretrain-size (the paper: a week on "
-    "ImageNet, 88% top-5, no schedule given); --bn (not the default) is YOLOv2's batch norm",
+    "ImageNet pretraining (the paper: 'approximately a week', 88% top-5, no recipe): darknet's "
+    "extraction.cfg released with v1 (no batch norm): batch 128, momentum 0.9, lr 0.5 decayed "
+    "per iteration as (1 - n/N)^6 over 50 epochs, from darknet's init of those layers "
+    "(uniform +-sqrt(2/fan-in); with our He init lr 0.5 diverges); with --bn its 2016 rewrite "
+    "with batch norm (lr 0.1, power 4, 160 epochs, our init); augmentation data.py's (short "
+    "side 256, random 224 crop, flip, AlexNet's PCA lighting; darknet: squashed to 256 x 256, "
+    "crop, flip); cross-entropy on a linear fc (darknet: softmax + SSE, the same gradient, on a "
+    "leaky fc). The offline shapes' pretraining is ours (lr 2e-2, cosine); --bn (not the "
+    "default) is YOLOv2's batch norm",
     "--quick (offline shapes-det): Fast YOLO at width 0.25 on 64 px with its last two stride-2 "
     "steps dropped (--drop-strides 2: a 4 x 4 last map = S, as 448 px gives 7 x 7 in the paper), "
     "S=4, batch norm, batch 32; the backbone first pretrained 30 epochs on shapes "
@@ -356,10 +400,14 @@ def train_transforms(img_size, augment=True):
     space". Exposure = HSV value: ColorJitter's brightness multiplies R, G, B by the factor, which
     multiplies V = max(R, G, B) by it exactly (up to clipping); its saturation blends with the
     grey image, which scales HSV's S approximately. Boxes follow through tv_tensors; boxes pushed
-    out of the image are clipped and dropped when degenerate (SanitizeBoundingBoxes)."""
+    out of the image are clipped and dropped when degenerate (SanitizeBoundingBoxes). Not in the
+    paper: half the images flipped left-right, boxes with them (x -> W - x), as darknet's data.c
+    load_data_region does after its jitter crop and resize (`flip = rand()%2`: the image and
+    fill_truth_region's boxes)."""
     ops = [v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]
     if augment:
         ops += [ScaleTranslate(translate=(0.2, 0.2), scale=(0.8, 1.2)),
+                v2.RandomHorizontalFlip(0.5),
                 data.ColorJitterU8(brightness=(1 / 1.5, 1.5), saturation=(1 / 1.5, 1.5)),
                 v2.ClampBoundingBoxes(),
                 v2.SanitizeBoundingBoxes(min_size=1, labels_getter=lambda s: s[1]["labels"])]
@@ -423,6 +471,27 @@ def lr_factor(progress, warmup=WARMUP, steps=(STEP1, STEP2)):
     if progress < warmup:
         return 0.1 + 0.9 * progress / warmup
     return 1.0 if progress < steps[0] else (0.1 if progress < steps[1] else 0.01)
+
+
+def pretrain_lr_factor(it, steps, epochs, power=None):
+    """The pretraining lr as a factor of its peak during iteration `it` (0-based) of `epochs` of
+    `steps`: darknet's "poly" (extraction.cfg), (1 - n / max_batches)^power at its n-th update
+    (n = it + 1: get_current_batch counts the images seen, this batch's included; the last update
+    is at 0); without `power`, ours for the offline shapes: a cosine over the epochs, held within
+    each."""
+    if power is not None:
+        return max(0.0, 1 - (it + 1) / (steps * epochs)) ** power
+    return 0.5 * (1 + math.cos(math.pi * (it // steps) / epochs))
+
+
+def param_groups(model, weight_decay):
+    """darknet's weight decay: on the convolution and fully connected weights only
+    (update_convolutional_layer, update_connected_layer add -decay * w to the weights' updates
+    alone); biases and batch-norm scales and shifts get none. The weights' group comes first."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, epoch, progress):
@@ -497,13 +566,26 @@ def arch_name(args, backbone=False):
         ("-backbone" if backbone else "")
 
 
+def darknet_init(model):
+    """darknet's initialisation (2015: make_convolutional_layer, make_connected_layer): weights
+    uniform in +-sqrt(2 / fan-in), convolution biases 0, fully connected biases sqrt(2 / fan-in)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            bound = math.sqrt(2.0 / m.weight[0].numel())
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, bound if isinstance(m, nn.Linear) else 0.0)
+
+
 def pretrain(args, device, rank):
     """§2.2: the backbone (first 20 convolutions of the full net), average-pooling and a fully
     connected layer trained for classification at --pretrain-size (224 on ImageNet); SGD with
-    momentum and weight decay, cosine lr decay (the paper gives no pretraining schedule).
-    Writes OUT/backbone.pt for --backbone-weights and OUT/results.json (top-1 error); None
-    after --stop-after. --eval-only: the classifier of a pretraining checkpoint (--weights),
-    tested on the test split alone; nothing trained, no backbone.pt written."""
+    momentum and weight decay on the weights; the lr per iteration, on ImageNet decayed as
+    darknet's extraction.cfg does (poly), on the shapes by our cosine (the paper gives no
+    pretraining recipe; see EXTRACTION). Writes OUT/backbone.pt for --backbone-weights and
+    OUT/results.json (top-1 error); None after --stop-after. --eval-only: the classifier of a
+    pretraining checkpoint (--weights), tested on the test split alone; nothing trained, no
+    backbone.pt written."""
     t0, is_main = time.time(), rank == 0
     data.check_task(args.pretrain, "classification")
     saved = data.load_checkpoint(args.weights, arch_name(args) + "-pretrain") \
@@ -517,10 +599,15 @@ def pretrain(args, device, rank):
     yolo = YOLO(args.variant, 1, args.grid, args.boxes, args.width, args.img_size, args.bn,
                 dropped=args.drop_strides)
     model = Classifier(yolo.backbone, yolo.backbone_channels, len(info["classes"])).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    recipe = pretrain_recipe(args.pretrain, args.bn)
+    if recipe["init"] == "darknet":  # extraction.cfg 2015's lr 0.5 needs it (see EXTRACTION)
+        darknet_init(model)
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr,
+                                momentum=args.momentum)
+    # ImageNet: extraction.cfg's poly decay per iteration; the offline shapes: our cosine
+    steps, power = max(1, len(train_loader or ())), recipe["power"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / args.epochs)))
+        optimizer, lambda it: pretrain_lr_factor(it, steps, args.epochs, power))
     scaler = data.grad_scaler(device, args.amp)  # fp16 --amp: gradients would underflow
     arch, ckpt = arch_name(args) + "-pretrain", os.path.join(args.out, "checkpoint.pt")
     start, history = 0, []
@@ -554,8 +641,8 @@ def pretrain(args, device, rank):
             scaler.step(optimizer)
             scaler.update()
             progress.step(len(y) * args.world, loss, optimizer.param_groups[0]["lr"], epoch,
-                          n=len(y))
-        scheduler.step()
+                          n=len(y))  # the lr this step used
+            scheduler.step()  # per iteration
         row = {"epoch": epoch + 1, "lr": progress.lr,
                "train_loss": progress.epoch_loss()}  # the epoch's mean, every rank's
         if data.eval_due(args, epoch):  # --eval-every: as the final test; curves only
@@ -652,12 +739,17 @@ def get_args_parser():
     p.add_argument("--lambda-coord", type=float, default=5.0, help="(default: 5, §2.2)")
     p.add_argument("--lambda-noobj", type=float, default=0.5, help="(default: 0.5, §2.2)")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs (default: {EPOCHS}, §2.2; {QUICK['epochs']} with --quick);"
-                   f" the lr schedule scales with it")
+                   help=f"training epochs (default: {EPOCHS}, §2.2; {QUICK['epochs']} with "
+                   f"--quick; with --pretrain DATA its recipe's: imagenet {EXTRACTION['epochs']}, "
+                   f"{EXTRACTION_BN['epochs']} with --bn (extraction.cfg), shapes "
+                   f"{SHAPES_PRETRAIN['epochs']}); the lr schedule scales with it")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"global batch size (default: 64, §2.2; {QUICK['batch_size']} with --quick)")
+                   help=f"global batch size (default: 64, §2.2; {QUICK['batch_size']} with "
+                   f"--quick; {EXTRACTION['batch_size']} with --pretrain imagenet, "
+                   f"extraction.cfg); given, also the default of --pretrain-batch-size")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 1e-2, §2.2)")
+                   help="peak learning rate (default: 1e-2, §2.2; with --pretrain DATA that of "
+                   "--pretrain-lr)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4, §2.2)")
     p.add_argument("--clip-grad", type=float, default=None,
@@ -684,12 +776,20 @@ def get_args_parser():
                    help="pretraining image size (default: 224, §2.2)")
     p.add_argument("--backbone-weights", default=None, help="a backbone.pt written by --pretrain")
     p.add_argument("--pretrain-epochs", type=int, default=None,
-                   help="first pretrain the backbone for N epochs (shapes for shapes-det, else "
-                   "imagenet; at --data-size, lr --pretrain-lr) into OUT/pretrain, then detect "
-                   f"from it (default: 0 = off; {QUICK['pretrain_epochs']} with --quick on "
-                   "shapes-det)")
-    p.add_argument("--pretrain-lr", type=float, default=2e-2,
-                   help="peak lr of --pretrain-epochs (default: 2e-2)")
+                   help="first pretrain the backbone for N epochs (shapes at --data-size for "
+                   "shapes-det, else imagenet at --pretrain-size; --pretrain-lr, "
+                   "--pretrain-batch-size) into OUT/pretrain, then detect from it (default: 0 = "
+                   f"off; {QUICK['pretrain_epochs']} with --quick on shapes-det; extraction.cfg "
+                   f"ran {EXTRACTION['epochs']}, {EXTRACTION_BN['epochs']} with --bn)")
+    p.add_argument("--pretrain-lr", type=float, default=None,
+                   help=f"peak lr of --pretrain-epochs (default: imagenet {EXTRACTION['lr']:g}, "
+                   f"{EXTRACTION_BN['lr']:g} with --bn, decayed by extraction.cfg's poly, power "
+                   f"{EXTRACTION['power']} ({EXTRACTION_BN['power']} with --bn); shapes "
+                   f"{SHAPES_PRETRAIN['lr']:g}, cosine (ours))")
+    p.add_argument("--pretrain-batch-size", type=int, default=None,
+                   help=f"global batch of --pretrain-epochs (default: imagenet "
+                   f"{EXTRACTION['batch_size']}, extraction.cfg, unless --batch-size is given; "
+                   f"shapes --batch-size)")
     p.add_argument("--detect", default=None, metavar="PATH",
                    help="an image or a folder of them: the detections of --weights, printed and "
                    "drawn into --out (OUT/<stem>_detections.png) with predictions.json/.csv")
@@ -702,8 +802,18 @@ def get_args_parser():
     return p
 
 
+def pretrain_recipe(name, bn):
+    """The pretraining on `name`: {lr, power, epochs, batch_size, init}; ImageNet's from
+    extraction.cfg (EXTRACTION; EXTRACTION_BN with --bn), ours on the offline shapes
+    (SHAPES_PRETRAIN; batch None: --batch-size's)."""
+    if name == "imagenet":
+        return EXTRACTION_BN if bn else EXTRACTION
+    return SHAPES_PRETRAIN
+
+
 def resolve_defaults(args):
     q = args.quick
+    unset = {k for k in ("epochs", "lr", "batch_size") if getattr(args, k) is None}
     for k, full in (("img_size", 448), ("width", 1.0), ("grid", 7), ("epochs", EPOCHS),
                     ("batch_size", 64), ("lr", 1e-2), ("bn", False), ("drop_strides", 0),
                     ("clip_grad", None), ("variant", "full"), ("dropout", 0.5),
@@ -711,6 +821,18 @@ def resolve_defaults(args):
         if getattr(args, k) is None:  # --quick's pretraining is the offline shapes one only
             setattr(args, k, QUICK[k] if q and (k != "pretrain_epochs" or args.data == "shapes-det")
                     else full)
+    recipe = pretrain_recipe(args.pretrain or ("shapes" if args.data == "shapes-det" else
+                                               "imagenet"), args.bn)
+    if args.pretrain_lr is None:
+        args.pretrain_lr = recipe["lr"]
+    if args.pretrain_batch_size is None:  # ImageNet: 128 unless --batch-size is given (run_all.sh's
+        # `-- --batch-size N` sets every stage's); the shapes: --batch-size's
+        args.pretrain_batch_size = recipe["batch_size"] if recipe["batch_size"] and \
+            "batch_size" in unset else args.batch_size
+    if args.pretrain:  # --pretrain DATA alone: --epochs, --lr, --batch-size are the pretraining's
+        for k, v in (("epochs", recipe["epochs"]), ("lr", args.pretrain_lr),
+                     ("batch_size", args.pretrain_batch_size)):
+            setattr(args, k, v if k in unset else getattr(args, k))
     if args.workers is None:
         args.workers = data.machine_workers() if args.data == "voc" else 0
     if args.drop_strides < 0:
@@ -731,7 +853,8 @@ def main(argv=None):
     data.adopt_checkpoint(args, "yolo.py", ("variant", "img_size", "width", "bn", "grid",
                                             "drop_strides", "boxes"),
                           may_differ=("data_size", "conf_threshold", "top_k", "pretrain_size"))
-    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size", "pretrain_lr")
+    data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size", "pretrain_lr",
+                        "pretrain_batch_size")
     if args.pretrain_epochs is not None and args.pretrain_epochs < 0:
         raise data.DataError(f"--pretrain-epochs {args.pretrain_epochs}: must be >= 0")
     t0 = time.time()
@@ -743,9 +866,10 @@ def main(argv=None):
     device, rank, world, is_main = data.setup(args, "yolo.py")
     if args.dry_run and args.pretrain_epochs:  # both stages, each 1 epoch of 2 steps
         args.pretrain_epochs = 1
-    if args.batch_size % world:
-        raise data.DataError(f"--batch-size {args.batch_size} is not divisible by the "
-                             f"{world} processes")
+    for k in ("batch_size", "pretrain_batch_size") if args.pretrain_epochs else ("batch_size",):
+        if getattr(args, k) % world:
+            raise data.DataError(f"--{k.replace('_', '-')} {getattr(args, k)} is not divisible "
+                                 f"by the {world} processes")
     if args.pretrain:
         return pretrain(args, device, rank)
     if args.pretrain_epochs and not (args.backbone_weights or args.weights or args.resume or
@@ -754,7 +878,7 @@ def main(argv=None):
         # the largest shape's class; the offline analogue of ImageNet), then detection from it.
         pre = argparse.Namespace(**{**vars(args), "pretrain": "shapes" if args.data ==
                                     "shapes-det" else "imagenet", "epochs": args.pretrain_epochs,
-                                    "lr": args.pretrain_lr,
+                                    "lr": args.pretrain_lr, "batch_size": args.pretrain_batch_size,
                                     "out": os.path.join(args.out, "pretrain"),
                                     "pretrain_size": args.data_size if args.data == "shapes-det"
                                     else args.pretrain_size, "stop_after": None})
@@ -785,9 +909,10 @@ def main(argv=None):
         data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # §2.2: SGD, momentum 0.9, weight decay 5e-4; the schedule per iteration (warm-up).
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    # §2.2: SGD, momentum 0.9, weight decay 5e-4 (on the weights: darknet's); the schedule per
+    # iteration (warm-up).
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr,
+                                momentum=args.momentum)
     steps = max(1, 0 if train_loader is None else len(train_loader))  # --eval-only: any value
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it / (steps * args.epochs)))

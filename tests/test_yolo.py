@@ -224,6 +224,99 @@ def test_lr_schedule_fractions():
     assert yolo.lr_factor(80 / 135) == 0.1 and yolo.lr_factor(110 / 135) == 0.01
 
 
+def test_weight_decay_is_on_the_convolution_and_fc_weights_only():
+    # darknet (update_convolutional_layer, update_connected_layer): -decay * w on the weights'
+    # updates alone; biases and batch-norm scales and shifts without
+    for bn, conv_biases in ((True, 0), (False, 9)):
+        torch.manual_seed(0)
+        m = yolo.YOLO("fast", 6, 4, 2, 0.0625, 64, bn=bn, dropped=2)
+        groups = yolo.param_groups(m, 5e-4)
+        name = {id(p): n for n, p in m.named_parameters()}
+        decayed = [name[id(p)] for p in groups[0]["params"]]
+        free = [name[id(p)] for p in groups[1]["params"]]
+        assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+        assert sorted(decayed + free) == sorted(name.values())          # each parameter once
+        assert decayed == [f"backbone.conv{i}.weight" for i in range(1, 8)] + \
+            ["head.conv8.weight", "head.conv9.weight", "fc.fc1.weight", "fc.fc2.weight"]
+        assert len(free) == 2 * 9 * bn + conv_biases + 2 and "fc.fc2.bias" in free
+        assert all(n.endswith("bias") or ".bn" in n for n in free)
+        # one step on zero gradients: only the decayed weights shrink, by lr * decay
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in m.named_parameters():
+            factor = 1 - 0.1 * 5e-4 if n in decayed else 1.0
+            assert torch.allclose(p, before[n] * factor, rtol=0, atol=1e-7), n
+
+
+def test_pretraining_recipes_and_their_lr_at_given_steps():
+    # darknet's extraction.cfg: 2015 (released with v1, no batch norm): lr 0.5, poly power 6,
+    # batch 128, 500,000 batches = 50 epochs of 1.28M images, darknet's init; 2016 (batch norm,
+    # our --bn): lr 0.1, power 4, 1,600,000 batches = 160 epochs
+    assert yolo.pretrain_recipe("imagenet", False) == yolo.EXTRACTION == \
+        {"lr": 0.5, "power": 6, "epochs": 50, "batch_size": 128, "init": "darknet"}
+    assert round(500_000 * 128 / 1_281_167) == 50 and round(1_600_000 * 128 / 1_281_167) == 160
+    assert yolo.pretrain_recipe("imagenet", True) == yolo.EXTRACTION_BN == \
+        {"lr": 0.1, "power": 4, "epochs": 160, "batch_size": 128, "init": None}
+    assert yolo.pretrain_recipe("shapes", True) == yolo.SHAPES_PRETRAIN  # ours, cosine
+    # darknet's init: weights uniform in +-sqrt(2 / fan-in), conv biases 0, fc biases the bound
+    torch.manual_seed(0)
+    m = yolo.Classifier(torch.nn.Conv2d(8, 16, 3), 16, 10)
+    yolo.darknet_init(m)
+    for w, fan_in in ((m.backbone.weight, 8 * 9), (m.fc.weight, 16)):
+        bound = math.sqrt(2 / fan_in)
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        assert w.var().item() == pytest.approx(bound ** 2 / 3, rel=0.2)  # a third of He's
+    assert torch.equal(m.backbone.bias, torch.zeros(16))
+    assert torch.allclose(m.fc.bias, torch.full((10,), math.sqrt(2 / 16)))
+    # poly: the n-th update (it + 1) at (1 - n / max_batches)^power, the last at 0
+    f = yolo.pretrain_lr_factor
+    assert f(0, 100, 10, 4) == pytest.approx(0.999 ** 4)
+    assert f(499, 100, 10, 4) == pytest.approx(0.5 ** 4) and f(249, 100, 10, 6) == \
+        pytest.approx(0.75 ** 6)
+    assert f(999, 100, 10, 4) == 0.0
+    # ours on the shapes: a cosine over the epochs, constant within each (100 steps an epoch)
+    assert f(0, 100, 10) == f(99, 100, 10) == 1.0
+    assert f(500, 100, 10) == f(599, 100, 10) == pytest.approx(0.5)
+    # the defaults each command resolves to
+    def resolved(*argv):
+        args = yolo.get_args_parser().parse_args(list(argv))
+        yolo.resolve_defaults(args)
+        return args.epochs, args.lr, args.batch_size, args.pretrain_lr, args.pretrain_batch_size
+    lr = 0.5
+    assert resolved("--data", "voc", "--pretrain", "imagenet") == (50, lr, 128, lr, 128)
+    assert resolved("--data", "voc", "--pretrain", "imagenet", "--bn") == (160, 0.1, 128, 0.1, 128)
+    assert resolved("--data", "voc", "--pretrain", "imagenet", "--batch-size", "64",
+                    "--lr", "0.01") == (50, 0.01, 64, lr, 64)
+    assert resolved("--data", "voc", "--pretrain-epochs", "90") == (135, 1e-2, 64, lr, 128)
+    assert resolved("--data", "voc", "--pretrain-epochs", "90", "--batch-size", "16")[2:] == \
+        (16, lr, 16)                                    # run_all.sh's `-- --batch-size N`
+    assert resolved("--data", "shapes-det", "--quick") == (15, 2e-3, 32, 2e-2, 32)
+    assert resolved("--data", "shapes-det", "--quick", "--pretrain", "shapes") == \
+        (30, 2e-2, 32, 2e-2, 32)
+
+
+def test_pretraining_lr_follows_the_recipe_per_step_and_resumes_exactly(tmp_path, monkeypatch):
+    # extraction.cfg's poly, stepped per iteration, from darknet's init (on the shapes here: the
+    # recipe stands in for ImageNet's, at a small lr); the lr of the last step of each epoch is
+    # in the history, and a run stopped after epoch 1 and resumed gives the uninterrupted one's
+    monkeypatch.setattr(yolo, "pretrain_recipe", lambda name, bn: yolo.EXTRACTION)
+    inits = []
+    monkeypatch.setattr(yolo, "darknet_init",
+                        lambda m, f=yolo.darknet_init: inits.append(1) or f(m))
+    argv = ["--pretrain", "shapes", "--pretrain-size", "32", "--quick", "--variant", "fast",
+            "--width", "0.0625", "--epochs", "2", "--batch-size", "16", "--limit", "48",
+            "--device", "cpu", "--log-every", "1000", "--lr", "0.01"]
+    a = yolo.main(argv + ["--out", str(tmp_path / "a")])
+    assert [h["lr"] for h in a["history"]] == pytest.approx([0.01 * (1 - 3 / 6) ** 6, 0.0])
+    assert a["config"]["batch_size"] == 16 and inits == [1]
+    assert yolo.main(argv + ["--out", str(tmp_path / "b"), "--stop-after", "1"]) is None
+    b = yolo.main(argv + ["--out", str(tmp_path / "b"), "--resume"])
+    assert a["history"] == b["history"] and a["metrics"] == b["metrics"]
+
+
 def test_fast_augmentation_kernels_equal_torchvisions():
     # ScaleTranslate and data.ColorJitterU8 draw as v2.RandomAffine and v2.ColorJitter do and
     # must give the same pixels and boxes: over 60 draws on uint8 images of several sizes,
@@ -265,6 +358,52 @@ def test_fast_augmentation_kernels_equal_torchvisions():
         torch.manual_seed(seed)
         b = theirs(image, target)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])
+
+
+def test_training_flips_half_the_images_and_the_boxes_follow():
+    # darknet's load_data_region flips half the images (rand()%2), boxes with them. A box whose
+    # left half is red and right half blue: through the whole training chain (less the float
+    # stages) red left of blue = not flipped; every draw's box stays on the object's pixels.
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    chain = yolo.train_transforms(64)
+    kinds = [type(t) for t in chain.transforms]
+    flip = chain.transforms[kinds.index(v2.RandomHorizontalFlip)]
+    assert kinds.count(v2.RandomHorizontalFlip) == 1 and flip.p == 0.5
+    assert kinds.index(yolo.ScaleTranslate) < kinds.index(v2.RandomHorizontalFlip)  # as darknet
+    assert v2.RandomHorizontalFlip not in map(type, yolo.train_transforms(64, False).transforms)
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    image[0, 20:40, 10:18], image[2, 20:40, 18:26] = 255, 255     # red x 10..17, blue 18..25
+    image = tv_tensors.Image(image)
+    target = {"boxes": tv_tensors.BoundingBoxes([[10, 20, 26, 40]], format="XYXY",
+                                                canvas_size=(64, 64)), "labels": torch.tensor([2])}
+    uint8 = v2.Compose(chain.transforms[:-2])                       # no ToDtype, Normalize
+    assert [type(t) for t in chain.transforms[-2:]] == [v2.ToDtype, data.Normalize]
+    flipped = []
+    for seed in range(200):
+        torch.manual_seed(seed)
+        x, t = uint8(image, target)
+        (box,) = t["boxes"].tolist()
+        red, blue = x[0] > x[2] + 30, x[2] > x[0] + 30
+        cols = torch.arange(64.0)
+        on = (red | blue).nonzero()
+        # the box bounds the object's pixels (nearest-neighbour warp: within 2 pixels)
+        assert abs(on[:, 1].min() - box[0]) <= 2 and abs(on[:, 1].max() + 1 - box[2]) <= 2
+        assert abs(on[:, 0].min() - box[1]) <= 2 and abs(on[:, 0].max() + 1 - box[3]) <= 2
+        flipped.append((red.float().sum(0) @ cols / red.sum() >
+                        blue.float().sum(0) @ cols / blue.sum()).item())
+    assert 0.4 < sum(flipped) / len(flipped) < 0.6
+    # a flip alone: the image mirrored, boxes x -> W - x
+    outcomes = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x, t = flip(image, target)
+        mirrored = torch.equal(x, image.flip(-1))
+        assert mirrored or torch.equal(x, image)
+        assert t["boxes"].tolist() == ([[64 - 26, 20, 64 - 10, 40]] if mirrored else
+                                       [[10, 20, 26, 40]])
+        outcomes.add(mirrored)
+    assert outcomes == {True, False}
 
 
 def test_scale_translate_reads_nothing_back_from_the_images_device():
@@ -384,7 +523,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert straight["config"]["sizes"] == {"train": 48, "val": 0, "test": 48}
     assert {k: v for k, v in again["metrics"].items() if k != "train_images_per_s"} == \
         {k: v for k, v in straight["metrics"].items() if k != "train_images_per_s"}
-    sa = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)["model"]
+    sa = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)
+    # the optimiser decays the weights only (--quick: batch norm, no conv biases)
+    assert [(len(g["params"]), g["weight_decay"]) for g in sa["optimizer"]["param_groups"]] == \
+        [(11, 5e-4), (2 * 9 + 2, 0.0)]
+    sa = sa["model"]
     sb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     rec = json.load(open(os.path.join(a, "results.json")))
