@@ -400,7 +400,8 @@ def test_lr_schedule_and_defaults():
         [1, 1, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.03125]
     args = overfeat.get_args_parser().parse_args(["--data", "imagenet", "--variant", "accurate"])
     overfeat.resolve_defaults(args)
-    assert (args.img_size, args.scales, args.crop_scale) == (221, overfeat.SCALES, 256)
+    # Table 2's accurate row: 4 scales, Table 5's 1, 2, 4 and 6
+    assert (args.img_size, args.scales, args.crop_scale) == (221, [245, 281, 389, 461], 256)
     assert (args.batch_size, args.lr, args.momentum, args.weight_decay, args.init) == \
         (128, 5e-2, 0.6, 1e-5, "paper")
     args = overfeat.get_args_parser().parse_args(["--data", "shapes", "--quick"])
@@ -408,6 +409,36 @@ def test_lr_schedule_and_defaults():
     assert (args.img_size, args.scales, args.crop_scale, args.width, args.epochs) == \
         (103, [103, 129, 154], 114, 0.125, 8)
     assert (args.lr, args.momentum, args.init) == (1e-2, 0.9, "kaiming")
+
+
+def test_each_variant_is_compared_with_its_own_table_2_row_at_that_rows_scales(tmp_path):
+    # Table 2 (ILSVRC-2012 val, one model, fine stride): fast 38.12 / 16.27 % at 6 scales (Table
+    # 5's 1-6: 245 ... 461), accurate 35.74 / 14.18 % at 4 scales (1, 2, 4, 6). A run of each
+    # variant on ImageNet (4 tiny files; --epochs 0: the test alone) tests at its row's scales
+    # and writes that row's figures in its `paper` record; the fast model at 4 scales is compared
+    # with its own 4-scale row (38.57 / 16.39 %), alexnet and unlisted scales with none.
+    write_imagenet_boxes(str(tmp_path))
+    want = {"fast": ([245, 281, 317, 389, 425, 461], 0.3812, 0.1627),
+            "accurate": ([245, 281, 389, 461], 0.3574, 0.1418)}
+    for variant, (scales, top1, top5) in want.items():
+        r = overfeat.main(["--data", "imagenet", "--data-dir", str(tmp_path), "--device", "cpu",
+                           "--variant", variant, "--width", str(TINY), "--epochs", "0",
+                           "--workers", "0", "--out", str(tmp_path / variant),
+                           "--log-every", "100000"])
+        assert r["config"]["scales"] == scales
+        assert (r["paper"]["test_error"], r["paper"]["top5_error"]) == (top1, top5)
+        assert "test_error" in r["metrics"]  # (top-5 needs more than the 2 classes here)
+    rows = {}
+    for argv in (["--variant", "fast", "--scales", "245", "281", "389", "461"],
+                 ["--variant", "fast", "--scales", "245"], ["--variant", "alexnet"],
+                 ["--variant", "accurate", "--scales", "245", "281"]):
+        args = overfeat.get_args_parser().parse_args(["--data", "imagenet", *argv])
+        overfeat.resolve_defaults(args)
+        rec = overfeat.paper_record(args)
+        rows[" ".join(argv)] = (rec.get("test_error"), rec.get("top5_error"))
+        assert rec["loc_error_top5"] == 0.299
+    assert list(rows.values()) == [(0.3857, 0.1639), (0.3901, 0.1697), (None, None),
+                                   (None, None)]
 
 
 def test_overfit_one_batch():
