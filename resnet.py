@@ -5,6 +5,8 @@ CVPR 2016, arXiv:1512.03385.
     python resnet.py --depth 110                             # the same, with the 400-step warm-up
     python resnet.py --depth 50 --data imagenet              # §3.4 recipe, 10-crop test
     python resnet.py --depth 50 --eval-only --pretrained     # torchvision's weights on ImageNet val
+    python resnet.py --depth 56 --plain --eval-every 1       # plain-56, Fig. 6's curves
+    python resnet.py --depth 34 --shortcut C --data imagenet # Table 3's option C
     python resnet.py --data shapes --quick                   # offline, seconds on a CPU
     torchrun --nproc_per_node=2 resnet.py --depth 110        # data-parallel, same global batch
 
@@ -20,6 +22,18 @@ the state_dict are torchvision.models.resnet18..152's. CIFAR depths 20/32/44/56/
 6n+2 layers, a 3x3 stem with 16 maps, three stages of n basic blocks on 32x32/16x16/8x8 maps with
 16/32/64 filters, global average pooling, a 10-way fc, and the paper's option-A shortcuts (identity;
 stride-2 subsampling and zero-padded extra channels where the shape changes: no parameters).
+
+Shortcuts (§3.3, §4.1 Table 3), --shortcut: A zero-padding identity (parameter-free), B projections
+(1x1 conv + BN) where the shape changes and identity elsewhere, C projections in every block. The
+default is the paper's: A on the CIFAR depths (§4.2), B on the ImageNet ones (torchvision's layout;
+checkpoints of the defaults keep the names resnetD, the others are saved as resnetD-A/B/C). A on
+the bottleneck networks and B/C on CIFAR are built though the paper trains neither; --pretrained
+(torchvision's weights) is option B's only. --plain: the same network without any shortcut, each
+block relu(BN(conv(relu(BN(conv(x)))))) (Fig. 3 middle; BN after every convolution, §3.4):
+plain-20/32/44/56 of Fig. 6, plain-18/34 of Table 2; saved as plainD, with the same parameters as
+option A's network. Each epoch's history row holds the training error, the running error of the
+augmented batches as they are trained on, and with --eval-every 1 the test error: Fig. 6's dashed
+and bold curves (bench/resnet_fig6.py draws them).
 
 Recipe. CIFAR (§4.2): SGD momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k
 and 48k iterations, stop at 64k (chosen on a 45k/5k train/val split: --holdout; the final runs
@@ -71,17 +85,45 @@ def is_cifar_depth(depth):
     return depth not in IMAGENET_DEPTHS and depth >= 8 and (depth - 2) % 6 == 0
 
 
-def paper_figures(depth):
-    if is_cifar_depth(depth) and depth not in CIFAR_ERROR:
-        return {"reference": "He et al. 2015, arXiv:1512.03385, §4.2 (6n+2 layers)",
-                "data": "cifar10", "note": f"Table 6 has no ResNet-{depth}"}
-    if depth in CIFAR_ERROR:
-        return {"reference": "He et al. 2015, arXiv:1512.03385, Table 6", "data": "cifar10",
+# Table 2 (plain-18/34, top-1 only) and Table 3 (plain-34's top-5; ResNet-34 with each option):
+# ImageNet val, 10-crop top-1 / top-5 error.
+PLAIN_IMAGENET_ERROR = {18: (0.2794, None), 34: (0.2854, 0.1002)}
+RESNET34_OPTION_ERROR = {"A": (0.2503, 0.0776), "B": (0.2452, 0.0746), "C": (0.2419, 0.0740)}
+
+
+def paper_figures(depth, shortcut=None, plain=False):
+    """The paper's figures for this network, or a note saying why there are none."""
+    shortcut = shortcut or default_shortcut(depth)
+    ref = "He et al. 2015, arXiv:1512.03385"
+    if is_cifar_depth(depth):
+        if plain:
+            return {"reference": f"{ref}, Fig. 6 left", "data": "cifar10",
+                    "note": f"plain-{depth}: curves only (Fig. 6), no table figure"}
+        if shortcut != "A":
+            return {"reference": f"{ref}, §4.2", "data": "cifar10",
+                    "note": f"the CIFAR networks use option A only; no figure for {shortcut}"}
+        if depth not in CIFAR_ERROR:
+            return {"reference": f"{ref}, §4.2 (6n+2 layers)", "data": "cifar10",
+                    "note": f"Table 6 has no ResNet-{depth}"}
+        return {"reference": f"{ref}, Table 6", "data": "cifar10",
                 "test_error": CIFAR_ERROR[depth], "parameters": CIFAR_PARAMS[depth],
                 **({"test_error_mean_of_5": 0.0661} if depth == 110 else {})}
-    top1, top5 = IMAGENET_ERROR[depth]
-    return {"reference": f"He et al. 2015, arXiv:1512.03385, Table {2 if depth == 18 else 3} "
-            "(10-crop)", "data": "imagenet", "test_error": top1, "top5_error": top5}
+    if plain and depth not in PLAIN_IMAGENET_ERROR:
+        return {"reference": ref, "data": "imagenet", "note": f"no plain-{depth} in the paper"}
+    if plain:
+        top1, top5 = PLAIN_IMAGENET_ERROR[depth]
+        table = "Tables 2, 3" if depth == 34 else "Table 2"
+    elif depth == 34:
+        (top1, top5), table = RESNET34_OPTION_ERROR[shortcut], "Table 3"
+    elif depth == 18 and shortcut != "C":  # Table 2's ResNet-18 has option A shortcuts
+        (top1, top5), table = IMAGENET_ERROR[18], "Table 2"
+    elif depth != 18 and shortcut == "B":
+        (top1, top5), table = IMAGENET_ERROR[depth], "Table 3"
+    else:
+        return {"reference": f"{ref}, Table 3", "data": "imagenet",
+                "note": f"no ResNet-{depth} with option {shortcut} shortcuts in the paper"}
+    return {"reference": f"{ref}, {table} (10-crop)", "data": "imagenet", "test_error": top1,
+            "top5_error": top5}
 
 
 # What this script does otherwise than the paper (printed at start, stored in results.json)
@@ -114,28 +156,33 @@ def conv3x3(cin, cout, stride=1):
 
 
 class BasicBlock(nn.Module):
-    """Fig. 2 / Fig. 5 left: two 3x3 convolutions, F(x) + x, ReLU after the addition."""
+    """Fig. 2 / Fig. 5 left: two 3x3 convolutions, F(x) + x, ReLU after the addition. `plain`:
+    the same two layers without the shortcut (the plain baselines, Fig. 3 middle): relu(F(x))."""
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, plain=False):
         super().__init__()
         self.conv1, self.bn1 = conv3x3(inplanes, planes, stride), nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = conv3x3(planes, planes), nn.BatchNorm2d(planes)
-        self.downsample = downsample  # None: the identity shortcut
+        self.downsample = downsample  # None: the identity shortcut (or none, when plain)
+        self.plain = plain
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
+        out = self.bn2(self.conv2(out))
+        if not self.plain:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
     """Fig. 5 right: 1x1 reduce, 3x3, 1x1 restore (x4). The stride is on the 3x3 convolution, as
-    in torchvision ("ResNet v1.5"); the paper strides the first 1x1 (see DEPARTURES)."""
+    in torchvision ("ResNet v1.5"); the paper strides the first 1x1 (see DEPARTURES). `plain`:
+    without the shortcut, as BasicBlock's."""
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, plain=False):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -144,16 +191,19 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.plain = plain
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        out = self.bn3(self.conv3(out))
+        if not self.plain:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
 
 
 class ShortcutA(nn.Module):
-    """Option (A) of §3.3, used for every CIFAR network (§4.2): the identity, subsampled by taking
+    """Option (A) of §3.3 / §4.1, the CIFAR networks' (§4.2): the identity, subsampled by taking
     every `stride`-th pixel (what a stride-2 1x1 identity convolution does), with the extra
     channels filled with zeros (appended after the input's, as fb.resnet.torch). No parameters."""
 
@@ -164,6 +214,32 @@ class ShortcutA(nn.Module):
     def forward(self, x):
         x = x[:, :, ::self.stride, ::self.stride]
         return F.pad(x, (0, 0, 0, 0, 0, self.extra))  # (W, H, C) pairs: zeros after channel C-1
+
+
+def make_shortcut(option, inplanes, outplanes, stride):
+    """A block's shortcut module (None: the identity), §3.3 and Table 3's options: (A) zero-padding
+    identity where the shape changes, parameter-free; (B) a 1x1 projection + BN (Eqn. 2; BN after
+    every convolution, §3.4) where the shape changes, identity elsewhere; (C) projections
+    everywhere. Across map sizes the shortcut has stride 2 (§3.3)."""
+    changes = stride != 1 or inplanes != outplanes
+    if option == "C" or (option == "B" and changes):
+        return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False),
+                             nn.BatchNorm2d(outplanes))
+    if option == "A" and changes:
+        return ShortcutA(inplanes, outplanes, stride)
+    return None
+
+
+def make_stage(block, inplanes, planes, blocks, stride, option, plain):
+    """A stage of `blocks` blocks, the first with `stride`; a plain stage has no shortcut at all.
+    Returns (the stage, its output channels)."""
+    out, layers = planes * block.expansion, []
+    for i in range(blocks):
+        s = stride if i == 0 else 1
+        sc = None if plain else make_shortcut(option, inplanes, out, s)
+        layers.append(block(inplanes, planes, s, sc, plain))
+        inplanes = out
+    return nn.Sequential(*layers), out
 
 
 def _init(model):
@@ -178,35 +254,25 @@ def _init(model):
 
 
 class ResNet(nn.Module):
-    """The ImageNet networks of Table 1 with torchvision's module names."""
+    """The ImageNet networks of Table 1 with torchvision's module names (option B: its layout and
+    state_dict); `shortcut` A or C, or `plain` (Table 2's plain-18/34), otherwise the same."""
 
-    def __init__(self, block, layers, num_classes=1000, in_channels=3):
+    def __init__(self, block, layers, num_classes=1000, in_channels=3, shortcut="B",
+                 plain=False):
         super().__init__()
-        self.inplanes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         # conv2_x .. conv5_x; "down-sampling is performed by conv3_1, conv4_1, conv5_1" (Table 1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        c = 64
+        self.layer1, c = make_stage(block, c, 64, layers[0], 1, shortcut, plain)
+        self.layer2, c = make_stage(block, c, 128, layers[1], 2, shortcut, plain)
+        self.layer3, c = make_stage(block, c, 256, layers[2], 2, shortcut, plain)
+        self.layer4, c = make_stage(block, c, 512, layers[3], 2, shortcut, plain)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(c, num_classes)
         _init(self)
-
-    def _make_layer(self, block, planes, blocks, stride=1):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            # option (B): a 1x1 projection (+ BN) where the shape changes, identity elsewhere
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -217,29 +283,22 @@ class ResNet(nn.Module):
 class CifarResNet(nn.Module):
     """§4.2: 3x3 conv with 16 maps, then 3 stages of n basic blocks with 16, 32, 64 filters on
     32x32, 16x16, 8x8 maps (stride 2 at the first 3x3 of stages 2 and 3), global average
-    pooling, fc: 6n + 2 weighted layers. Option-A shortcuts throughout."""
+    pooling, fc: 6n + 2 weighted layers. Option-A shortcuts (§4.2) unless `shortcut` says
+    otherwise; `plain`: Fig. 6's plain-20/32/44/56, the same layers without shortcuts."""
 
-    def __init__(self, depth=20, num_classes=10, in_channels=3):
+    def __init__(self, depth=20, num_classes=10, in_channels=3, shortcut="A", plain=False):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has 6n+2 layers, not {depth}")
         n = (depth - 2) // 6
         self.conv1, self.bn1 = conv3x3(in_channels, 16), nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        self.inplanes = 16
-        self.layer1 = self._make_layer(16, n)
-        self.layer2 = self._make_layer(32, n, stride=2)
-        self.layer3 = self._make_layer(64, n, stride=2)
+        self.layer1, c = make_stage(BasicBlock, 16, 16, n, 1, shortcut, plain)
+        self.layer2, c = make_stage(BasicBlock, c, 32, n, 2, shortcut, plain)
+        self.layer3, c = make_stage(BasicBlock, c, 64, n, 2, shortcut, plain)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(c, num_classes)
         _init(self)
-
-    def _make_layer(self, planes, blocks, stride=1):
-        shortcut = ShortcutA(self.inplanes, planes, stride) if stride != 1 else None
-        layers = [BasicBlock(self.inplanes, planes, stride, shortcut)]
-        self.inplanes = planes
-        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -250,17 +309,48 @@ class CifarResNet(nn.Module):
 IMAGENET_LAYERS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
                    50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
                    152: (Bottleneck, (3, 8, 36, 3))}
+SHORTCUTS = ("A", "B", "C")
 
 
-def resnet(depth=50, num_classes=1000, in_channels=3):
+def default_shortcut(depth):
+    """The paper's option for each family: A on CIFAR (§4.2), B on ImageNet (§4.1, Table 3:
+    ResNet-50/101/152 use B; torchvision's layout is B)."""
+    return "A" if is_cifar_depth(depth) else "B"
+
+
+def resnet(depth=50, num_classes=1000, in_channels=3, shortcut=None, plain=False):
     """The model factory: CIFAR depths 6n+2 (Table 6: 20, 32, 44, 56, 110, 1202) give the §4.2
-    network, ImageNet depths (18, 34, 50, 101, 152) the torchvision-compatible Table 1 network."""
+    network, ImageNet depths (18, 34, 50, 101, 152) the torchvision-compatible Table 1 network.
+    `shortcut` A, B or C (§3.3, Table 3; None: the family's default); `plain`: no shortcuts."""
+    if plain and shortcut is not None:
+        raise ValueError(f"a plain network has no shortcuts; shortcut={shortcut!r} with plain")
+    if shortcut is not None and shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut option {shortcut!r}; use one of {SHORTCUTS}")
+    kw = dict(num_classes=num_classes, in_channels=in_channels,
+              shortcut=shortcut or default_shortcut(depth), plain=plain)
     if is_cifar_depth(depth):
-        return CifarResNet(depth, num_classes, in_channels)
+        return CifarResNet(depth, **kw)
     if depth in IMAGENET_LAYERS:
-        return ResNet(*IMAGENET_LAYERS[depth], num_classes=num_classes, in_channels=in_channels)
+        return ResNet(*IMAGENET_LAYERS[depth], **kw)
     raise ValueError(f"unknown ResNet depth {depth}; use 6n+2 (CIFAR, e.g. {CIFAR_DEPTHS}) or "
                      f"one of {IMAGENET_DEPTHS} (ImageNet)")
+
+
+def arch_name(args):
+    """The network's name in checkpoints: resnetD with the family's default shortcut (the names
+    of older checkpoints), resnetD-A/B/C with another, plainD without shortcuts."""
+    if args.plain:
+        return f"plain{args.depth}"
+    return f"resnet{args.depth}" + ("" if args.shortcut == default_shortcut(args.depth)
+                                    else f"-{args.shortcut}")
+
+
+def title(args):
+    """As the paper writes it: plain-20, ResNet-34 (with the option where not the default)."""
+    if args.plain:
+        return f"plain-{args.depth}"
+    return f"ResNet-{args.depth}" + ("" if args.shortcut == default_shortcut(args.depth)
+                                     else f" (option {args.shortcut} shortcuts)")
 
 
 def count_parameters(model):
@@ -347,8 +437,11 @@ def imagenet_loaders(args, device):
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, epoch, progress,
                     steps):
     """At most `steps` iterations (the last epoch of an iteration budget is cut short); the
-    scheduler steps after every iteration."""
+    scheduler steps after every iteration. Returns the epoch's mean training loss and its training
+    error: the running error of the augmented batches as they were trained on (Fig. 6's dashed
+    curves), counted on the device and read once, at the epoch's end, over every rank's."""
     model.train()
+    wrong, n = torch.zeros((), dtype=torch.int64, device=device), 0
     for i, (x, y) in enumerate(loader):
         if i >= steps:
             break
@@ -356,7 +449,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with data.autocast(device, args.amp):
-            loss = F.cross_entropy(model(x), y)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        wrong += (out.detach().argmax(1) != y).sum()  # no host sync: read after the epoch
+        n += len(y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -364,7 +460,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, e
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         progress.step(len(y) * args.world, loss, lr, epoch, n=len(y))
-    return progress.epoch_loss()  # the losses read here, over every rank's samples
+    # the losses and errors read here, over every rank's samples
+    return progress.epoch_loss(), metrics.global_mean(wrong, n, device)
 
 
 @torch.no_grad()
@@ -410,14 +507,13 @@ def classify(args, state, device):
     """--classify PATH (an image or a folder): the likeliest classes of each image through the
     checkpoint's network (its classes, normalisation and input) or torchvision's ImageNet
     weights (--pretrained: short side 256, centre 224 crop); the single view of `evaluate`."""
-    if args.weights:
-        data.load_checkpoint(args.weights, f"resnet{args.depth}")  # another network's
+    if args.weights:  # its network's name was checked in main (check_arch)
         classes, (mean, std), shape = data.prediction_settings(state, args.weights)
         imagenet = args.data == "imagenet"
     else:
         classes, (mean, std) = data.imagenet_class_names(), (data.IMAGENET_MEAN, data.IMAGENET_STD)
         shape, imagenet = (3, 224), True
-    model = resnet(args.depth, len(classes), shape[0])
+    model = resnet(args.depth, len(classes), shape[0], args.shortcut, args.plain)
     if args.weights:
         data.load_weights(model, state, args.weights)
     else:
@@ -436,6 +532,14 @@ def get_args_parser():
     p.add_argument("--depth", type=int, default=20,
                    help=f"CIFAR 6n+2 (the paper's {CIFAR_DEPTHS}) or ImageNet {IMAGENET_DEPTHS} "
                    "(default: 20)")
+    p.add_argument("--plain", action=argparse.BooleanOptionalAction, default=False,
+                   help="the plain baseline: the same layers without shortcuts (Fig. 3 middle, "
+                   "Fig. 6 left, Table 2; plain-20 ... plain-56, plain-18/34)")
+    p.add_argument("--shortcut", type=str.upper, choices=SHORTCUTS, default=None,
+                   help="A: zero-padding identity shortcuts, parameter-free; B: 1x1 projections "
+                   "where the shape changes, identity elsewhere; C: projections everywhere "
+                   "(§3.3, Table 3; default: A for the CIFAR depths as §4.2, B for the ImageNet "
+                   "ones as Table 3 and torchvision)")
     data.add_data_args(p, None, "cifar10 | cifar100 | cifar10-jpg | imagenet | mnist | "
                        "fashion-mnist | shapes | folder:DIR (your own DIR/train/<class>/*, "
                        "DIR/val/<class>/* images, held at 32x32); cifar10 for a CIFAR depth, "
@@ -466,15 +570,45 @@ def get_args_parser():
     return p
 
 
+def check_network(args):
+    """The flags that build the network, checked together before anything is read (each bad pair
+    a one-line error naming both flags); fills in the family's default shortcut option."""
+    if args.plain and args.shortcut:
+        raise data.DataError(f"--plain and --shortcut {args.shortcut} cannot combine: a plain "
+                             f"network has no shortcuts (Fig. 3 middle); drop one of them")
+    if args.plain and args.pretrained:
+        raise data.DataError("--plain and --pretrained cannot combine: torchvision's weights are "
+                             "the residual networks' (no plain network's are published); drop "
+                             "one of them")
+    if args.pretrained and args.shortcut not in (None, "B"):
+        raise data.DataError(f"--shortcut {args.shortcut} and --pretrained cannot combine: "
+                             f"torchvision's weights are of option B's network (projections "
+                             f"where the shape changes); drop --shortcut or use --shortcut B")
+    if not args.plain:
+        args.shortcut = args.shortcut or default_shortcut(args.depth)
+
+
+def check_arch(state, path, arch):
+    """A checkpoint of another network (depth, plain or residual, shortcut option) is refused by
+    the name it was saved under (`arch_name`); a bare state_dict names none."""
+    if isinstance(state, dict) and isinstance(state.get("arch"), str) and state["arch"] != arch:
+        raise data.DataError(f"checkpoint {path} is of '{state['arch']}', not '{arch}'; pass the "
+                             f"matching --depth, --plain or --shortcut, or another checkpoint")
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    state = data.adopt_checkpoint(args, "resnet.py", ("depth", "img_size"),
+    state = data.adopt_checkpoint(args, "resnet.py", ("depth", "plain", "shortcut", "img_size"),
                                   may_differ=("ten_crop",))
     data.check_positive(args, "batch_size", "epochs", "lr", "img_size")
     t0 = time.time()
     if not (is_cifar_depth(args.depth) or args.depth in IMAGENET_DEPTHS):
         raise data.DataError(f"unknown ResNet depth {args.depth}; use 6n+2 (CIFAR, e.g. "
                              f"{CIFAR_DEPTHS}) or one of {IMAGENET_DEPTHS} (ImageNet)")
+    check_network(args)
+    arch = arch_name(args)
+    if args.weights and not args.resume:  # --weights of another network: refused before reading
+        check_arch(state, args.weights, arch)
     cifar_net = is_cifar_depth(args.depth)
     args.data = args.data or ("cifar10" if cifar_net else "imagenet")
     data.check_task(args.data, "classification")
@@ -518,8 +652,8 @@ def main(argv=None):
                                                                  test_loader)
     classes, (n_train, n_val, n_test) = info["classes"], info["sizes"]
 
-    model = resnet(args.depth, len(classes), info["in_channels"]).to(device)
-    arch = f"resnet{args.depth}"
+    model = resnet(args.depth, len(classes), info["in_channels"], args.shortcut,
+                   args.plain).to(device)
     if args.pretrained:
         load_pretrained(model, args.depth)
     if args.weights:
@@ -545,7 +679,7 @@ def main(argv=None):
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": departures}
     if is_main:
-        print(f"resnet.py: ResNet-{args.depth} on {args.data} ({n_train} train / {n_val} val / "
+        print(f"resnet.py: {title(args)} on {args.data} ({n_train} train / {n_val} val / "
               f"{n_test} test), {config['parameters']:,} parameters, device {device}, "
               f"{args.world} process(es)" + (
                   f"; {total_iters} iterations ({epochs} epochs of {steps_per_epoch}), lr "
@@ -558,6 +692,7 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     start_epoch, history = 0, []
     if args.resume:
+        check_arch(state, ckpt_path, arch)  # an older run's, whose settings name no shortcut
         start_epoch, history = data.resume_training_state(ckpt_path, arch, model, optimizer,
                                                           scheduler, scaler)
         if is_main:
@@ -572,10 +707,10 @@ def main(argv=None):
         for epoch in range(start_epoch, epochs):
             data.set_epoch(train_loader, epoch)
             steps = min(steps_per_epoch, total_iters - scheduler.last_epoch)
-            loss = train_one_epoch(net, train_loader, optimizer, scheduler, scaler, args, device,
-                                   epoch, progress, steps)
+            loss, train_error = train_one_epoch(net, train_loader, optimizer, scheduler, scaler,
+                                                args, device, epoch, progress, steps)
             row = {"epoch": epoch + 1, "iteration": scheduler.last_epoch, "train_loss": loss,
-                   "lr": progress.lr}
+                   "train_error": train_error, "lr": progress.lr}
             if val_loader is not None:
                 row["val_error"] = evaluate(model, val_loader, args, device,
                                            len(classes))["test_error"]
@@ -588,7 +723,8 @@ def main(argv=None):
             if is_main:
                 print(f"epoch {epoch + 1}/{epochs} iteration {row['iteration']} train_loss "
                       f"{loss:.4f}" + "".join(f" {k} {100 * row[k]:.2f}%" for k in (
-                          "val_error", "test_error", "test_top5_error") if k in row))
+                          "train_error", "val_error", "test_error", "test_top5_error")
+                          if k in row))
             data.save_training_state(ckpt_path, arch, model, optimizer, scheduler, scaler, epoch,
                                      vars(args), history, **data.test_settings(info))
             if args.stop_after is not None and epoch + 1 >= args.stop_after:
@@ -606,7 +742,8 @@ def main(argv=None):
               (f" top5_error {100 * test['top5_error']:.2f}%" if "top5_error" in test else ""))
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "resnet.py", args.data,
-        {k: test[k] for k in keys if k in test}, paper=paper_figures(args.depth), config=config,
+        {k: test[k] for k in keys if k in test}, paper=paper_figures(args.depth, args.shortcut, args.plain),
+        config=config,
         device=str(device), seconds=time.time() - t0, history=history,
         **metrics.class_records(test, classes)) if is_main else None
     return results

@@ -1,11 +1,14 @@
-"""resnet.py: parameter counts (Table 6, torchvision), option-A shortcuts, the iteration schedule
-of §4.2, torchvision compatibility, and main() end to end."""
+"""resnet.py: parameter counts (Table 6, torchvision), the shortcut options A/B/C and the plain
+networks (§3.3, Table 3, Fig. 6), the iteration schedule of §4.2, torchvision compatibility, and
+main() end to end."""
 import json
 import os
 import re
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import data
@@ -40,6 +43,12 @@ def test_cifar_parameter_counts_match_table_6(depth):
     # 6n + 2 weighted layers: convolutions plus the fc
     layers = sum(isinstance(x, (torch.nn.Conv2d, torch.nn.Linear)) for x in m.modules())
     assert layers == depth
+    # §4.2: with option A "our residual models have exactly the same depth, width, and number of
+    # parameters as the plain counterparts"
+    plain = resnet.resnet(depth, 10, plain=True)
+    assert resnet.count_parameters(plain) == n
+    assert all(b.plain and b.downsample is None for b in plain.modules()
+               if isinstance(b, resnet.BasicBlock))
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
@@ -100,6 +109,200 @@ def test_option_a_shortcut_subsamples_and_pads_with_zeros():
     shortcuts = [b.downsample for b in m.modules() if isinstance(b, resnet.BasicBlock)
                  and b.downsample is not None]
     assert len(shortcuts) == 2 and all(isinstance(s, resnet.ShortcutA) for s in shortcuts)
+
+
+def test_shortcut_options_parameters_by_hand():
+    # CIFAR ResNet-20: A has no shortcut parameters (269,722, Table 6's 0.27M); B adds the two
+    # projections where the shape changes, 16->32 and 32->64 (1x1 conv + BN's 2 per channel):
+    # 16*32 + 64 + 32*64 + 128 = 2,752; C one in each of the 9 blocks: 3 x (16*16 + 32) +
+    # (16*32 + 64) + 2 x (32*32 + 64) + (32*64 + 128) + 2 x (64*64 + 128) = 14,240.
+    counts = {o: resnet.count_parameters(resnet.resnet(20, 10, shortcut=o)) for o in "ABC"}
+    assert counts == {"A": 269722, "B": 269722 + 2752, "C": 269722 + 14240}
+    # ResNet-18 (torchvision's is option B: 11,689,512): A drops its three projections
+    # 64*128 + 256 + 128*256 + 512 + 256*512 + 1024 = 173,824; C adds the 5 identity blocks'
+    # 2 x (64*64 + 128) + (128*128 + 256) + (256*256 + 512) + (512*512 + 1024) = 354,304.
+    ref = sum(p.numel() for p in torchvision.models.resnet18(weights=None).parameters())
+    counts = {o: resnet.count_parameters(resnet.resnet(18, shortcut=o)) for o in "ABC"}
+    assert counts == {"A": ref - 173824, "B": ref, "C": ref + 354304}
+    # plain nets have the parameters of option A's network (Table 2's plain-18 and ResNet-18)
+    assert resnet.count_parameters(resnet.resnet(18, plain=True)) == counts["A"]
+
+
+@pytest.mark.parametrize("depth", [20, 18, 50])
+def test_option_c_has_a_projection_in_every_block_and_b_only_where_the_shape_changes(depth):
+    kinds, counts = {}, {}
+    for option in "ABC":
+        m = resnet.resnet(depth, 10, shortcut=option)
+        blocks = [b for b in m.modules() if isinstance(b, (resnet.BasicBlock, resnet.Bottleneck))]
+        changes = [max(b.conv1.stride + b.conv2.stride) != 1 or b.conv1.in_channels !=
+                   (b.conv3 if isinstance(b, resnet.Bottleneck) else b.conv2).out_channels
+                   for b in blocks]  # the block's shape changes: stride 2 or more channels
+        kinds[option] = [type(b.downsample).__name__ for b in blocks]
+        assert sum(changes) == {20: 2, 18: 3, 50: 4}[depth]  # 50: also 64 -> 256 at conv2_1
+        assert kinds[option] == [
+            {"A": "ShortcutA" if c else "NoneType", "B": "Sequential" if c else "NoneType",
+             "C": "Sequential"}[option] for c in changes]
+        counts[option] = resnet.count_parameters(m)
+    assert counts["A"] < counts["B"] < counts["C"]
+
+
+def test_forward_shapes_of_every_option_and_the_plain_networks():
+    with torch.no_grad():
+        for kw in ({"plain": True}, {"shortcut": "B"}, {"shortcut": "C"}):
+            assert resnet.resnet(20, 10, **kw).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        x = torch.randn(1, 3, 64, 64)  # ImageNet nets on a small input: 2x2 maps at conv5
+        for depth, kw in ((18, {"plain": True}), (18, {"shortcut": "C"}), (50, {"shortcut": "A"})):
+            assert resnet.resnet(depth, 7, **kw).eval()(x).shape == (1, 7)
+    with pytest.raises(ValueError, match="a plain network has no shortcuts"):
+        resnet.resnet(20, plain=True, shortcut="A")
+
+
+def random_bn(module, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, lo, hi in ((m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2),
+                                  (m.running_mean, -0.1, 0.1), (m.running_var, 0.5, 1.5)):
+                    t.copy_(torch.empty(t.shape).uniform_(lo, hi, generator=g))
+    return module.eval()
+
+
+def branch_by_hand(b, x):
+    """relu(bn2(conv2(relu(bn1(conv1(x)))))) without the block's forward: the residual branch."""
+    def bn(m, h):
+        return F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+    h = F.relu(bn(b.bn1, F.conv2d(x, b.conv1.weight, stride=b.conv1.stride, padding=1)))
+    return bn(b.bn2, F.conv2d(h, b.conv2.weight, padding=1))
+
+
+def test_a_plain_block_outputs_its_residual_branch_alone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6)
+    for stride, cout in ((1, 8), (2, 16)):  # a plain block changes the shape with no shortcut
+        plain = random_bn(resnet.BasicBlock(8, cout, stride, plain=True))
+        with torch.no_grad():
+            assert torch.allclose(plain(x), F.relu(branch_by_hand(plain, x)), atol=1e-6)
+    # the same weights with the identity shortcut: relu(branch + x)
+    res = random_bn(resnet.BasicBlock(8, 8))
+    plain = resnet.BasicBlock(8, 8, plain=True).eval()
+    plain.load_state_dict(res.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(res(x), F.relu(branch_by_hand(res, x) + x), atol=1e-6)
+        assert torch.allclose(plain(x), F.relu(branch_by_hand(res, x)), atol=1e-6)
+        assert not torch.allclose(plain(x), res(x))
+    # the bottleneck's plain block: relu(bn3(conv3(...))) with no identity added
+    bott = random_bn(resnet.Bottleneck(16, 4, plain=True))
+    x = torch.randn(1, 16, 5, 5)
+    with torch.no_grad():
+        h = bott.relu(bott.bn2(bott.conv2(bott.relu(bott.bn1(bott.conv1(x))))))
+        assert torch.equal(bott(x), F.relu(bott.bn3(bott.conv3(h))))
+
+
+def test_option_a_in_a_block_is_the_strided_input_zero_padded_in_channels():
+    x = torch.arange(32, dtype=torch.float32).view(1, 2, 4, 4)
+    y = resnet.ShortcutA(2, 4, 2)(x)
+    expected = torch.tensor([[[[0., 2.], [8., 10.]], [[16., 18.], [24., 26.]],
+                              [[0., 0.], [0., 0.]], [[0., 0.], [0., 0.]]]])
+    assert torch.equal(y, expected)
+    # inside a block: relu(branch(x) + that shortcut); ResNet-18's option A pads 64 -> 128
+    b = random_bn(resnet.resnet(20, shortcut="A").layer2[0])
+    x = torch.randn(2, 16, 8, 8)
+    sc = torch.cat([x[:, :, ::2, ::2], torch.zeros(2, 16, 4, 4)], 1)
+    with torch.no_grad():
+        assert torch.allclose(b(x), F.relu(branch_by_hand(b, x) + sc), atol=1e-6)
+    assert isinstance(resnet.resnet(18, shortcut="A").layer2[0].downsample, resnet.ShortcutA)
+
+
+def test_arch_names_and_paper_figures_of_each_configuration():
+    def name(depth, shortcut=None, plain=False):
+        args = types.SimpleNamespace(depth=depth, plain=plain, shortcut=shortcut)
+        if not plain:
+            args.shortcut = shortcut or resnet.default_shortcut(depth)
+        return resnet.arch_name(args)
+    # the defaults keep the names of older checkpoints
+    assert (name(20), name(20, "A"), name(50), name(50, "B")) == \
+        ("resnet20", "resnet20", "resnet50", "resnet50")
+    assert (name(20, "C"), name(34, "A"), name(20, plain=True), name(34, plain=True)) == \
+        ("resnet20-C", "resnet34-A", "plain20", "plain34")
+    f = resnet.paper_figures
+    assert (f(34, "A")["test_error"], f(34)["test_error"], f(34, "C")["top5_error"]) == \
+        (0.2503, 0.2452, 0.0740)  # Table 3
+    assert (f(18, plain=True)["test_error"], f(34, plain=True)["top5_error"]) == (0.2794, 0.1002)
+    assert "test_error" not in f(20, plain=True) and "test_error" not in f(20, "B")
+    assert f(56)["test_error"] == 0.0697
+
+
+def test_training_error_is_the_running_error_of_the_trained_batches():
+    # lr 0: the weights stay the identity, so the predictions are the inputs' argmax: batch 1
+    # predicts 0, 1, 2, 0 for labels 0, 1, 1, 1 (2 wrong), batch 2 predicts 2, 2 for 2, 0 (1
+    # wrong): 3 of 6.
+    model = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+        model.bias.zero_()
+    e = torch.eye(3)
+    loader = [(e[[0, 1, 2, 0]], torch.tensor([0, 1, 1, 1])), (e[[2, 2]], torch.tensor([2, 0]))]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
+    args = types.SimpleNamespace(channels_last=False, amp=False, world=1)
+    progress = resnet.metrics.Progress(2, 1, enabled=False)
+    loss, error = resnet.train_one_epoch(model, loader, opt, sched, data.grad_scaler(torch.device("cpu"), False),
+                                         args, torch.device("cpu"), 0, progress, 2)
+    assert error == 0.5 and loss > 0
+
+
+def test_plain_and_shortcut_flags_that_cannot_combine_are_one_line_errors(tmp_path, capsys):
+    for argv, flags in ((["--plain", "--pretrained", "--depth", "18"], ("--plain", "--pretrained")),
+                        (["--plain", "--shortcut", "b"], ("--plain", "--shortcut B")),
+                        (["--shortcut", "C", "--depth", "34", "--pretrained"],
+                         ("--shortcut C", "--pretrained")),
+                        (["--shortcut", "A", "--depth", "50", "--pretrained", "--eval-only"],
+                         ("--shortcut A", "--pretrained"))):
+        with pytest.raises(data.DataError, match="cannot combine") as e:
+            resnet.main([*argv, "--device", "cpu", "--out", str(tmp_path / "x")])
+        assert "\n" not in str(e.value) and all(f in str(e.value) for f in flags), str(e.value)
+    assert not (tmp_path / "x").exists()  # refused before any folder or data
+    with pytest.raises(SystemExit):
+        resnet.main(["--shortcut", "D"])
+    assert "--shortcut: invalid choice: 'D'" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_by_name(tmp_path):
+    base = ["--data", "shapes", "--quick", "--device", "cpu"]
+    for saved, argv, message in (("plain20", [], "is of 'plain20', not 'resnet20'"),
+                                 ("resnet20", ["--plain"], "is of 'resnet20', not 'plain20'"),
+                                 ("resnet20", ["--shortcut", "C"], "not 'resnet20-C'"),
+                                 ("resnet20-C", ["--shortcut", "A"], "not 'resnet20'")):
+        ckpt = tmp_path / f"{saved}.pt"
+        torch.save({"arch": saved, "model": {}}, ckpt)
+        for extra in ([], ["--eval-only"]):
+            with pytest.raises(data.DataError, match=re.escape(message)):
+                resnet.main([*base, *argv, *extra, "--weights", str(ckpt),
+                             "--out", str(tmp_path / "x")])
+
+
+def test_plain_run_records_its_curves_and_its_checkpoint_keeps_the_configuration(tmp_path):
+    # plain-8 (6n+2, n = 1) for 2 epochs of 4 steps: the history has each epoch's training and
+    # test error; --weights then rebuilds the plain network (the same state_dict keys as option
+    # A's: only the name and the settings tell them apart), and refuses a contradicting flag
+    tiny = ["--depth", "8", "--limit", "128", "--batch-size", "32", "--eval-every", "1"]
+    r, out = run(tmp_path, "plain", "--plain", *tiny)
+    assert (r["config"]["arch"], r["config"]["shortcut"], r["config"]["plain"]) == \
+        ("plain8", None, True)
+    assert r["config"]["parameters"] == resnet.count_parameters(resnet.resnet(8, 6))
+    assert [sorted(k for k in row if k.endswith("error")) for row in r["history"]] == \
+        [["test_error", "train_error"]] * 2
+    assert all(0 <= row["train_error"] <= 1 for row in r["history"])
+    assert r["history"][-1]["test_error"] == r["metrics"]["test_error"]
+    ckpt = os.path.join(out, "checkpoint.pt")
+    again, _ = run(tmp_path, "e", "--depth", "8", "--limit", "128", "--eval-only",
+                   "--weights", ckpt)
+    assert again["config"]["arch"] == "plain8" and again["metrics"] == r["metrics"]
+    for flag, said in ((["--no-plain"], "no --plain contradicts"),
+                       (["--shortcut", "A"], "--shortcut A contradicts")):
+        with pytest.raises(data.DataError, match=re.escape(said) + ".*trained with"):
+            run(tmp_path, "f", *tiny, *flag, "--weights", ckpt)
 
 
 def test_iteration_schedule_of_section_4_2():
