@@ -1,29 +1,40 @@
-"""VGG-19: K. Simonyan, A. Zisserman, "Very deep convolutional networks for large-scale image
-recognition", ICLR 2015, arXiv:1409.1556 (configuration E of Table 1).
+"""VGG: K. Simonyan, A. Zisserman, "Very deep convolutional networks for large-scale image
+recognition", ICLR 2015, arXiv:1409.1556. Every configuration of Table 1 (--config A, A-LRN, B, C,
+D, E); E, VGG-19, is the default.
 
-    python vgg19.py --data imagenet                            # §3.1 recipe, §3.2 dense test
+    python vgg19.py --data imagenet                            # E, §3.1 recipe, §3.2 dense test
+    python vgg19.py --data imagenet --config D                 # VGG-16 (A-E: Table 1's columns)
     python vgg19.py --data imagenet --bn                       # torchvision's vgg19_bn layout
     python vgg19.py --data imagenet --pretrained --eval-only   # torchvision's weights, dense test
+    python vgg19.py --data imagenet --config A --out runs/vgg-a          # §3.1: net A first ...
+    python vgg19.py --data imagenet --config D --init-from-a runs/vgg-a/checkpoint.pt  # ... then D
     python vgg19.py --data shapes --quick                      # offline, under a minute on a CPU
     torchrun --nproc_per_node=2 vgg19.py --data imagenet       # data-parallel, same global batch
 
 Paper (ILSVRC-2012 val, E trained with scale jittering S in [256, 512]): top-1 / top-5 error
 25.5 / 8.0 % single-scale test Q = 384 (Table 3), 24.8 / 7.5 % multi-scale dense test
 Q in {256, 384, 512} (Table 4), 24.4 / 7.1 % dense + multi-crop (Table 5). 144M parameters
-(Table 2; torchvision's vgg19: 143,667,240).
+(Table 2; torchvision's vgg19: 143,667,240). The other configurations' figures are in
+PAPER_CONFIGS (A, A-LRN and B were trained at S = 256 only: Table 3's single-scale figures).
 Ours: see the README's results table (the command and hardware of every figure are there).
 
-Model (Table 1, E): 16 conv 3x3 / stride 1 / pad 1 layers, 64x2, 128x2, 256x4, 512x4, 512x4, a
-2x2/2 max-pool after each group, then FC 4096 - 4096 - classes, ReLU everywhere, dropout 0.5 after
-fc6 and fc7. Module indices are torchvision's (features.N, avgpool = AdaptiveAvgPool2d(7),
-classifier.N), so torchvision's vgg19 / vgg19_bn (--bn) state_dicts load strictly.
+Model (Table 1): conv 3x3 / stride 1 / pad 1 layers in five groups, a 2x2/2 max-pool after each,
+then FC 4096 - 4096 - classes, ReLU everywhere, dropout 0.5 after fc6 and fc7. E: 64x2, 128x2,
+256x4, 512x4, 512x4 (16 conv layers); D (VGG-16): 64x2, 128x2, 256x3, 512x3, 512x3; C: D with its
+third conv of groups 3-5 a 1x1 (conv1-256, conv1-512, conv1-512); B: 64x2, 128x2, 256x2, 512x2,
+512x2; A: 64, 128, 256x2, 512x2, 512x2; A-LRN: A with §2.1's LRN after conv1. Module indices are
+torchvision's (features.N, avgpool = AdaptiveAvgPool2d(7), classifier.N), so torchvision's
+vgg11 / vgg13 / vgg16 / vgg19 (A, B, D, E; _bn with --bn) state_dicts load strictly.
 
 Recipe (§3.1): SGD, momentum 0.9, batch 256, weight decay 5e-4, lr 0.01 divided by 10 when the
 validation accuracy stops improving (three times, 74 epochs). Scale jittering: the smallest side
 of each training image is rescaled to S ~ U[256, 512], then a random 224 crop, a random mirror and
-AlexNet's PCA colour shift. Test (§3.2): fc6/fc7/fc8 become 7x7/1x1/1x1 convolutions
-(`fully_convolutional`), applied to the whole image rescaled to Q; the class score map is spatially
-averaged, soft-maxed, and the posteriors averaged over Q and the mirror image (`dense_evaluate`).
+AlexNet's PCA colour shift. Net A was trained from random weights; the deeper nets took their
+first four conv layers and their three FC layers from the trained A (--init-from-a), the rest
+random; §3.1 adds that Glorot & Bengio's random init (--init glorot) works without A. Test
+(§3.2): fc6/fc7/fc8 become 7x7/1x1/1x1 convolutions (`fully_convolutional`), applied to the
+whole image rescaled to Q; the class score map is spatially averaged, soft-maxed, and the
+posteriors averaged over Q and the mirror image (`dense_evaluate`).
 Departures are listed in DEPARTURES and printed at start.
 """
 import copy
@@ -48,8 +59,52 @@ PAPER = {"reference": "Simonyan & Zisserman 2014, arXiv:1409.1556, Tables 2-5", 
          "dense_multicrop_error": 0.244, "dense_multicrop_top5_error": 0.071,  # Table 5
          "parameters": 144e6}                                   # Table 2: "144" million for E
 TORCHVISION_PARAMETERS = 143_667_240
+# Table 1's columns: an int is a conv3-N (3x3, pad 1), (N, 1) a conv1-N (1x1, C's third layer of
+# groups 3-5), "LRN" §2.1's local response normalisation (A-LRN), "M" a 2x2/2 max-pool.
 CFG_E = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
          512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]      # Table 1, column E
+CFGS = {"A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+        "A-LRN": [64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+        "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+        "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M",
+              512, 512, (512, 1), "M"],
+        "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+              512, 512, 512, "M"],
+        "E": CFG_E}
+CONFIGS = tuple(CFGS)
+# weight layers: the convs and the three FC layers (Table 1's "11 weight layers" ... "19")
+DEPTH = {c: sum(not isinstance(v, str) for v in cfg) + 3 for c, cfg in CFGS.items()}
+# torchvision's builders of the same layouts (features.N, classifier.N), with ImageNet weights
+TORCHVISION = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+# §2.1: "the parameters for the LRN layer are those of (Krizhevsky et al., 2012)": n = 5,
+# alpha = 1e-4, beta = 0.75, k = 2, in PyTorch's alpha / n convention (see DEPARTURES).
+LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+# The layers of net A that §3.1 copies into the deeper nets, by the paper's layer names (convG_L:
+# group G, layer L; Caffe copies by name): "the first four convolutional layers and the last three
+# fully-connected layers"; A's conv1_1, conv2_1, conv3_1, conv3_2 have the same shapes there.
+FROM_A = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+# The other configurations' figures, ILSVRC-2012 val: C and D trained with S in [256, 512] as E
+# (Table 4: multi-scale dense Q in {256, 384, 512}; Table 3: single scale Q = 384; Table 5:
+# dense + multi-crop). A, A-LRN and B were trained at S = 256 only: Table 3's single-scale
+# Q = 256 figures, and no multi-scale one (a run of ours with the default jitter has no
+# paper figure to meet; --scale-min 256 --scale-max 256 is their protocol).
+_TABLE_3 = {"reference": "Simonyan & Zisserman 2014, arXiv:1409.1556, Tables 2-3 (S = Q = 256)",
+            "data": "imagenet"}
+_TABLE_4 = {"reference": "Simonyan & Zisserman 2014, arXiv:1409.1556, Tables 2-5",
+            "data": "imagenet"}
+PAPER_CONFIGS = {
+    "A": {**_TABLE_3, "single_scale_error": 0.296, "single_scale_top5_error": 0.104,
+          "parameters": 133e6},
+    "A-LRN": {**_TABLE_3, "single_scale_error": 0.297, "single_scale_top5_error": 0.105,
+              "parameters": 133e6},
+    "B": {**_TABLE_3, "single_scale_error": 0.287, "single_scale_top5_error": 0.099,
+          "parameters": 133e6},
+    "C": {**_TABLE_4, "test_error": 0.263, "top5_error": 0.082, "single_scale_error": 0.273,
+          "single_scale_top5_error": 0.088, "parameters": 134e6},
+    "D": {**_TABLE_4, "test_error": 0.248, "top5_error": 0.075, "single_scale_error": 0.256,
+          "single_scale_top5_error": 0.081, "dense_multicrop_error": 0.244,
+          "dense_multicrop_top5_error": 0.072, "parameters": 138e6},
+    "E": PAPER}
 EPOCHS = 74               # §3.1: "stopped after 370K iterations (74 epochs)"
 BATCH_SIZE, LR = 256, 0.01  # §3.1: "batch size was set to 256 ... learning rate ... 10^-2"
 # --quick: the first 2,000 / 500 images, an eighth-width net, and a budget of steps: batch 32
@@ -62,16 +117,23 @@ EVAL_BATCH_SIZE = 250     # val and dense-test batch of the in-memory sets (Imag
 
 # What this script does otherwise than the paper (printed at start, stored in results.json)
 DEPARTURES = [
-    "initialisation: the paper initialised E from the trained shallower net A (§3.1); we train "
-    "from scratch with torchvision's He (Kaiming) init (--init kaiming) or Glorot's (--init "
-    "glorot), which the paper notes works without pre-training; without BN at --width w < 1 "
-    "the FC layers' N(0, 0.01) becomes N(0, 0.01 / sqrt(w)) so that each keeps its full-width gain",
+    "initialisation: §3.1 trained net A from N(0, 10^-2) weights and started the deeper nets from "
+    "it (--init-from-a: its first four conv layers and three FC layers, the rest random); by "
+    "default every configuration trains from scratch with torchvision's He (Kaiming) init "
+    "(--init kaiming) or Glorot's (--init glorot), which §3.1 notes works without pre-training; "
+    "A itself and the layers --init-from-a leaves take --init, not N(0, 10^-2); without BN at "
+    "--width w < 1 the FC layers' N(0, 0.01) becomes N(0, 0.01 / sqrt(w)) so that each keeps its "
+    "full-width gain",
     "lr schedule: ReduceLROnPlateau (factor 0.1, --patience 3, at most 3 times) on the held-out "
     "val error for sets with a val split; on ImageNet (whose official val set is our test set) "
     "fixed steps at epochs 30, 50, 65 of 74",
     "AdaptiveAvgPool2d(7) before fc6 (identity at 224, torchvision's layout) so that 32x32 inputs "
     "run; the dense net pools maps smaller than 7x7 up to 7 in the same way",
-    "--bn (vgg19_bn) adds BatchNorm, which the 2014 paper does not have",
+    "--bn (torchvision's vgg11_bn ... vgg19_bn) adds BatchNorm, which the 2014 paper does not "
+    "have (not with A-LRN); with --init-from-a the BatchNorm after each copied conv is copied too",
+    "A-LRN: LRN in PyTorch's convention b = a / (k + alpha/n sum a^2)^beta with alpha = 1e-4, "
+    "n = 5, k = 2, beta = 0.75 (cuda-convnet's and Caffe's, as alexnet.py); Krizhevsky's formula "
+    "read literally is alpha = 5e-4 here; after conv1's ReLU, as in AlexNet",
     "dense test: rescaling is bilinear with antialiasing (the paper does not say which filter); "
     "the multi-crop test of §3.2 / Table 5 is not implemented",
     "32x32 sets (shapes, CIFAR, MNIST): S ~ U{32..48}, 32 crops, test Q in {32, 40, 48}, one S "
@@ -89,18 +151,32 @@ def _scale(c, width):
 
 
 class VGG(nn.Module):
-    """Configuration E with torchvision's module indices; `width` scales channels and FC sizes."""
+    """A configuration of Table 1 (`config`: A, A-LRN, B, C, D, E) with torchvision's module
+    indices; `width` scales channels and FC sizes."""
 
-    def __init__(self, num_classes=1000, batch_norm=False, in_channels=3, width=1.0, dropout=0.5):
+    def __init__(self, num_classes=1000, batch_norm=False, in_channels=3, width=1.0, dropout=0.5,
+                 config="E"):
         super().__init__()
+        if config not in CFGS:
+            raise ValueError(f"unknown VGG configuration '{config}'; use one of "
+                             f"{', '.join(CONFIGS)}")
+        if batch_norm and config == "A-LRN":
+            raise ValueError("configuration A-LRN has no BatchNorm variant (its LRN is the point)")
+        self.config = config
         layers, c_in = [], in_channels
-        for v in CFG_E:
+        for v in CFGS[config]:
             if v == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))       # §2.1: 2x2, stride 2
                 continue
-            c = _scale(v, width)
-            layers.append(nn.Conv2d(c_in, c, kernel_size=3, padding=1))   # §2.1: 3x3, pad 1
-            if batch_norm:  # not in the paper (2014 predates BN): torchvision's vgg19_bn
+            if v == "LRN":  # §2.1, A-LRN: after conv1's ReLU (AlexNet's order), before the pool.
+                # data.LocalResponseNorm: nn.LocalResponseNorm's numbers, deterministic on CUDA,
+                # float32 under --amp (fp16 squares overflow above 255).
+                layers.append(data.LocalResponseNorm(**LRN))
+                continue
+            c, k = v if isinstance(v, tuple) else (v, 3)  # conv1-N (C) or conv3-N
+            c = _scale(c, width)
+            layers.append(nn.Conv2d(c_in, c, kernel_size=k, padding=k // 2))  # §2.1: pad 1 (3x3)
+            if batch_norm:  # not in the paper (2014 predates BN): torchvision's vgg*_bn
                 layers.append(nn.BatchNorm2d(c))
             layers.append(nn.ReLU(inplace=True))
             c_in = c
@@ -120,21 +196,77 @@ class VGG(nn.Module):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
+def vgg(config="E", num_classes=1000, batch_norm=False, in_channels=3, width=1.0):
+    """The model factory: configuration `config` of Table 1, with BatchNorm for torchvision's
+    vgg*_bn."""
+    return VGG(num_classes, batch_norm, in_channels, width, config=config)
+
+
 def vgg19(num_classes=1000, batch_norm=False, in_channels=3, width=1.0):
-    """The model factory: VGG-19 (configuration E), with BatchNorm for torchvision's vgg19_bn."""
+    """VGG-19 (configuration E), with BatchNorm for torchvision's vgg19_bn."""
     return VGG(num_classes, batch_norm, in_channels, width)
 
 
+def layer_keys(config, batch_norm=False):
+    """The paper's layer names -> their state_dict prefixes in torchvision's layout: convG_L (the
+    L-th conv of group G) -> ["features.N"] (and its BatchNorm's "features.N+1" with --bn), fc6,
+    fc7, fc8 -> ["classifier.0"], ["classifier.3"], ["classifier.6"]."""
+    keys, n, group, layer = {}, 0, 1, 0
+    for v in CFGS[config]:
+        if v == "M":
+            group, layer = group + 1, 0
+        elif v != "LRN":
+            layer += 1
+            keys[f"conv{group}_{layer}"] = [f"features.{n}"] + (
+                [f"features.{n + 1}"] if batch_norm else [])
+            n += 2 if batch_norm else 1  # the conv (and its BatchNorm); the ReLU is added below
+        n += 1
+    return {**keys, "fc6": ["classifier.0"], "fc7": ["classifier.3"], "fc8": ["classifier.6"]}
+
+
+def init_from_a(model, path, a_arch, batch_norm=False):
+    """§3.1: "when training deeper architectures, we initialised the first four convolutional
+    layers and the last three fully-connected layers with the layers of net A (the intermediate
+    layers were initialised randomly)". Copies A's conv1_1, conv2_1, conv3_1, conv3_2 (with --bn,
+    each one's BatchNorm too), fc6, fc7 and fc8 from the checkpoint at `path` (a vgg19.py
+    checkpoint named `a_arch`, or a bare state_dict of A's layout, e.g. torchvision's vgg11)
+    into the same-named layers of `model`; every other layer keeps its initialisation. Returns
+    the state_dict keys copied."""
+    state = data.load_checkpoint(path)
+    if state.get("arch", a_arch) != a_arch:
+        raise data.DataError(f"--init-from-a {path} is a checkpoint of '{state['arch']}', not of "
+                             f"configuration A ('{a_arch}'); pass a vgg19.py --config A "
+                             f"checkpoint trained with the same --bn and --width")
+    src, dst = layer_keys("A", batch_norm), layer_keys(model.config, batch_norm)
+    a_state, own = state.get("model", state), model.state_dict()
+    copied = []
+    for name in FROM_A:
+        for s, d in zip(src[name], dst[name]):
+            for key in [k for k in own if k.startswith(d + ".")]:
+                theirs = s + key[len(d):]
+                if theirs not in a_state or a_state[theirs].shape != own[key].shape:
+                    got = tuple(a_state[theirs].shape) if theirs in a_state else "missing"
+                    raise data.DataError(
+                        f"--init-from-a {path} does not fit: {name}'s {theirs} is {got} there "
+                        f"and {tuple(own[key].shape)} here (another --width, --bn or number of "
+                        f"classes?)")
+                own[key] = a_state[theirs]
+                copied.append(key)
+    model.load_state_dict(own)
+    return copied
+
+
 def init_weights(model, scheme="kaiming", width=1.0):
-    """§3.1 initialised E from the trained net A; its footnote notes that Glorot & Bengio's init
-    works without pre-training. 'glorot': uniform Xavier, zero biases. 'kaiming' (default):
-    torchvision's (He normal, fan_out, for conv; N(0, 0.01) for FC; zero biases), which lets the
-    19 layers train from scratch without the A stage. Without BN at --width w < 1 every FC layer
-    has w times the fan-in, so its std becomes 0.01 / sqrt(w) (each FC layer scales its input as
-    at full width): with the fixed 0.01, conv1's relative gradient at w = 1/8 was 0.0025 against
-    0.034 at full width and the net did not learn; scaled, 0.052. With BN the fixed 0.01 is kept:
-    there the scaled std made the fixed-batch loss rise (3.1 after 40 steps at lr 0.01, against
-    0.75 at 0.01), since BN already gives the features their full-width scale."""
+    """§3.1 started the deeper nets from the trained net A (`init_from_a`) and adds that Glorot &
+    Bengio's init works without pre-training. 'glorot': uniform Xavier, zero biases. 'kaiming'
+    (default): torchvision's (He normal, fan_out, for conv; N(0, 0.01) for FC; zero biases),
+    which lets the deep nets train from scratch without the A stage. Without BN at --width
+    w < 1 every FC layer has w times the fan-in, so its std becomes 0.01 / sqrt(w) (each FC layer
+    scales its input as at full width): with the fixed 0.01, conv1's relative gradient at w = 1/8
+    was 0.0025 against 0.034 at full width and the net did not learn; scaled, 0.052. With BN the
+    fixed 0.01 is kept: there the scaled std made the fixed-batch loss rise (3.1 after 40 steps
+    at lr 0.01, against 0.75 at 0.01), since BN already gives the features their full-width
+    scale."""
     bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     fc_std = 0.01 if bn else 0.01 / width ** 0.5
     for m in model.modules():
@@ -244,14 +376,23 @@ def dense_evaluate(model, images, scales, flip=True):
         return torch.stack(posteriors).mean(0)
 
 
+def pretrained_weights(config, batch_norm):
+    """torchvision's ImageNet weights enum member for a configuration: IMAGENET1K_V1 of vgg11,
+    vgg13, vgg16, vgg19 (A, B, D, E) or their _bn; A-LRN and C have none (a one-line error)."""
+    if config not in TORCHVISION:
+        raise data.DataError(f"--pretrained with --config {config}: torchvision has no ImageNet "
+                             f"weights for configuration {config} (only for A, B, D, E: vgg11, "
+                             f"vgg13, vgg16, vgg19); drop --pretrained or pick one of those")
+    name = TORCHVISION[config].upper() + ("_BN" if batch_norm else "") + "_Weights"
+    return getattr(torchvision.models, name).IMAGENET1K_V1
+
+
 def load_pretrained(model, batch_norm, width):
-    """torchvision's ImageNet weights (IMAGENET1K_V1 of vgg19 / vgg19_bn); with another number of
-    classes, every layer but fc8 (fine-tuning)."""
+    """torchvision's ImageNet weights (IMAGENET1K_V1 of vgg11/13/16/19 or their _bn, as
+    `model.config`); with another number of classes, every layer but fc8 (fine-tuning)."""
     if width != 1.0:
         raise data.DataError("--pretrained needs --width 1 (the published weights are full size)")
-    weights = (torchvision.models.VGG19_BN_Weights if batch_norm
-               else torchvision.models.VGG19_Weights).IMAGENET1K_V1
-    state = data.torchvision_weights(weights)
+    state = data.torchvision_weights(pretrained_weights(model.config, batch_norm))
     if model.classifier[6].out_features != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.6.")})
@@ -382,7 +523,7 @@ def classify(args, state, device):
     else:
         classes, (mean, std) = data.imagenet_class_names(), (data.IMAGENET_MEAN, data.IMAGENET_STD)
         shape, size, imagenet = (3, 224), 224, True
-    model = vgg19(len(classes), args.bn, shape[0], args.width)
+    model = vgg(args.config, len(classes), args.bn, shape[0], args.width)
     if args.weights:
         data.load_weights(model, state, args.weights)
     else:
@@ -399,26 +540,42 @@ def classify(args, state, device):
 # ---------------------------------------------------------------------------------------------
 # Command line
 
-def arch_name(args):
-    return "vgg19" + ("_bn" if args.bn else "") + ("" if args.width == 1.0 else f"-w{args.width:g}")
+def arch_name(args, config=None):
+    """The checkpoint's network name: torchvision's builder name (vgg11 ... vgg19, _bn), the
+    configuration unless it is E (whose name stays "vgg19"), the width: "vgg16_bn-D-w0.125"."""
+    config = config or args.config
+    return f"vgg{DEPTH[config]}" + ("_bn" if args.bn else "") + \
+        ("" if config == "E" else f"-{config}") + ("" if args.width == 1.0 else f"-w{args.width:g}")
 
 
 def get_args_parser():
-    p = data.ArgumentParser(description="VGG-19 (Simonyan & Zisserman 2014) on ImageNet, "
-                                "CIFAR, MNIST, the synthetic shapes set or your own images, with "
-                                "the paper's scale jittering and dense multi-scale test.")
+    p = data.ArgumentParser(description="VGG (Simonyan & Zisserman 2014; configuration E, VGG-19, "
+                                "by default) on ImageNet, CIFAR, MNIST, the synthetic shapes set "
+                                "or your own images, with the paper's scale jittering and dense "
+                                "multi-scale test.")
     data.add_data_args(p, "imagenet", "imagenet | cifar10 | cifar100 | cifar10-jpg | mnist | "
                        "fashion-mnist | shapes | folder:DIR (your own DIR/train/<class>/*, "
                        "DIR/val/<class>/* images, held at 32x32)")
     data.add_holdout_arg(p, default=None, why="on for the small sets, whose default lr schedule, §3.1's plateau, needs it")
     data.add_limit_arg(p)
+    p.add_argument("--config", default="E", choices=CONFIGS,
+                   help="Table 1's configuration: A (11 weight layers), A-LRN (A with §2.1's LRN "
+                   "after conv1), B (13), C (16, 1x1 convs as the third layer of groups 3-5), D "
+                   "(16, VGG-16), E (19, VGG-19) (default: E)")
     p.add_argument("--bn", action="store_true",
-                   help="BatchNorm after every conv (torchvision's vgg19_bn; not in the paper)")
+                   help="BatchNorm after every conv (torchvision's vgg11_bn ... vgg19_bn; not in "
+                   "the paper; not with A-LRN)")
     p.add_argument("--width", type=float, default=None,
                    help="channel and FC-size multiplier, a CPU-test convenience (default: 1 = the "
                    "paper)")
     p.add_argument("--init", default="kaiming", choices=["kaiming", "glorot"],
-                   help="weight init (default: kaiming, torchvision's; glorot: the paper's note)")
+                   help="weight init (default: kaiming, torchvision's; glorot: §3.1's note that "
+                   "Glorot & Bengio's random init trains the deep nets without net A)")
+    p.add_argument("--init-from-a", default=None, metavar="CKPT",
+                   help="§3.1: start B, C, D or E from a trained net A, a vgg19.py --config A "
+                   "checkpoint (same --bn and --width): its first four conv layers (conv1_1, "
+                   "conv2_1, conv3_1, conv3_2) and fc6, fc7, fc8 are copied, the other layers "
+                   "keep --init (default: off, every layer from --init, which §3.1 notes works)")
     p.add_argument("--scale-min", type=int, default=None,
                    help="S_min of the training scale jitter (default: 256; 32 on 32x32 sets)")
     p.add_argument("--scale-max", type=int, default=None,
@@ -444,12 +601,34 @@ def get_args_parser():
     data.add_classify_arg(p)
     data.add_runtime_args(p, data.quick_help(QUICK), workers=data.MACHINE,
                           pretrained_help="start from torchvision's ImageNet weights "
-                          "(IMAGENET1K_V1 of vgg19, or of vgg19_bn with --bn)")
+                          "(IMAGENET1K_V1 of vgg11, vgg13, vgg16, vgg19 for --config A, B, D, E; "
+                          "their _bn with --bn; A-LRN and C have none)")
     return p
+
+
+def check_config(args):
+    """The flags that do not go with --config: one-line errors naming both, before any data."""
+    if args.config == "A-LRN" and args.bn:
+        raise data.DataError("--config A-LRN with --bn: A-LRN is A with §2.1's LRN, without "
+                             "BatchNorm (torchvision has no such layout); drop --bn or pick "
+                             "another --config")
+    if args.pretrained:
+        pretrained_weights(args.config, args.bn)
+    if args.init_from_a and not args.resume:  # a resumed run takes its weights from its checkpoint
+        if args.config in ("A", "A-LRN"):
+            raise data.DataError(f"--init-from-a with --config {args.config}: §3.1 starts the "
+                                 f"deeper nets (B, C, D, E) from a trained A, and A-sized nets "
+                                 f"from random weights; drop --init-from-a or pick --config B, "
+                                 f"C, D or E")
+        for flag in ("weights", "pretrained"):
+            if getattr(args, flag):
+                raise data.DataError(f"--init-from-a with --{flag}: both set the starting "
+                                     f"weights; drop one")
 
 
 def resolve_defaults(args):
     imagenet = args.data == "imagenet"
+    check_config(args)
     data.apply_quick(args, QUICK)
     args.width = args.width or 1.0
     args.epochs = EPOCHS if args.epochs is None else args.epochs
@@ -472,8 +651,8 @@ def resolve_defaults(args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    state = data.adopt_checkpoint(args, "vgg19.py", ("bn", "width", "crop_size", "scale_min",
-                                                     "scale_max"),
+    state = data.adopt_checkpoint(args, "vgg19.py", ("config", "bn", "width", "crop_size",
+                                                     "scale_min", "scale_max"),
                                   may_differ=("test_scales",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
     t0 = time.time()
@@ -531,10 +710,12 @@ def main(argv=None):
                              f"use --lr-schedule steps")
     n_train, n_val, n_test = info["sizes"]
 
-    model = vgg19(len(classes), args.bn, info["in_channels"], args.width)
+    model = vgg(args.config, len(classes), args.bn, info["in_channels"], args.width)
     init_weights(model, args.init, args.width)
-    model.to(device)
     arch = arch_name(args)
+    if args.init_from_a and not args.resume:  # every rank reads it; DDP then broadcasts rank 0's
+        init_from_a(model, args.init_from_a, arch_name(args, "A"), args.bn)
+    model.to(device)
     if args.pretrained:
         load_pretrained(model, args.bn, args.width)
     if args.weights:
@@ -551,10 +732,14 @@ def main(argv=None):
               "normalisation": {"mean": info["mean"], "std": info["std"]},
               "departures": DEPARTURES}
     if is_main:
-        print(f"vgg19.py: {arch} on {args.data} ({n_train} train / {n_val} val / {n_test} test), "
+        print(f"vgg19.py: {arch} (configuration {args.config}, {DEPTH[args.config]} weight "
+              f"layers) on {args.data} ({n_train} train / {n_val} val / {n_test} test), "
               f"S in [{args.scale_min}, {args.scale_max}], crop {args.crop_size}, test Q "
               f"{args.test_scales}, {config['parameters']:,} parameters, device {device}, "
               f"{args.world} process(es)")
+        if args.init_from_a and not args.resume:
+            print(f"  §3.1: {', '.join(FROM_A)} from net A ({args.init_from_a}), the other layers "
+                  f"from --init {args.init}")
         for d in DEPARTURES:
             print(f"  departure from the paper: {d}")
 
@@ -611,8 +796,8 @@ def main(argv=None):
               (f" top5_error {100 * test['top5_error']:.2f}%" if "top5_error" in test else ""))
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "vgg19.py", args.data,
-        {k: test[k] for k in keys if k in test}, paper=PAPER, config=config, device=str(device),
-        seconds=time.time() - t0, history=history,
+        {k: test[k] for k in keys if k in test}, paper=PAPER_CONFIGS[args.config], config=config,
+        device=str(device), seconds=time.time() - t0, history=history,
         **metrics.class_records(test, classes)) if is_main else None
     return results
 

@@ -473,3 +473,304 @@ def test_evaluate_moves_its_outputs_to_the_cpu_once_not_per_batch(monkeypatch, d
         assert r["samples"] == 2 * n_batches
         counts.append(sum(moves))
     assert counts[0] == counts[1] <= 3, counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1's other configurations (--config), §3.1's start from net A (--init-from-a)
+
+TABLE_2 = {"A": 133, "A-LRN": 133, "B": 133, "C": 134, "D": 138, "E": 144}  # millions
+# Each configuration's convs by hand, (c_in, c_out, kernel): Table 1's columns
+_A = [(3, 64, 3), (64, 128, 3), (128, 256, 3), (256, 256, 3), (256, 512, 3)] + \
+    [(512, 512, 3)] * 3
+_B = [(3, 64, 3), (64, 64, 3), (64, 128, 3), (128, 128, 3), (128, 256, 3), (256, 256, 3),
+      (256, 512, 3)] + [(512, 512, 3)] * 3
+_D = [(3, 64, 3), (64, 64, 3), (64, 128, 3), (128, 128, 3), (128, 256, 3), (256, 256, 3),
+      (256, 256, 3), (256, 512, 3)] + [(512, 512, 3)] * 5
+_C = _D[:6] + [(256, 256, 1)] + _D[7:9] + [(512, 512, 1)] + _D[10:12] + [(512, 512, 1)]
+_E = _D[:7] + [(256, 256, 3), (256, 512, 3)] + [(512, 512, 3)] * 7
+CONVS = {"A": _A, "A-LRN": _A, "B": _B, "C": _C, "D": _D, "E": _E}
+FC = 25088 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000  # fc6, fc7, fc8
+
+
+def on_meta(config, bn=False, *args, **kwargs):
+    """The network with shapes only (no memory, no init time): counts and layouts."""
+    with torch.device("meta"):
+        return vgg19.vgg(config, *args, batch_norm=bn, **kwargs)
+
+
+def layout(model):
+    return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+
+
+def test_every_configuration_against_table_2_and_torchvision():
+    # C vs D: three 3x3 become 1x1, 8 (256^2 + 2 512^2) = 4,718,592 fewer weights
+    assert sum(9 * a * b for a, b, _ in _D) - sum(k * k * a * b for a, b, k in _C) == 4_718_592
+    torchvision_counts = {"A": 132_863_336, "B": 133_047_848, "D": 138_357_544,
+                          "E": 143_667_240}
+    for config, convs in CONVS.items():
+        ours = vgg19.count_parameters(on_meta(config))
+        assert ours == sum(k * k * a * b + b for a, b, k in convs) + FC, config
+        assert round(ours / 1e6) == TABLE_2[config] == vgg19.PAPER_CONFIGS[config]["parameters"] \
+            / 1e6, config  # Table 2's millions, rounded to the nearest
+        assert vgg19.DEPTH[config] == len(convs) + 3 == {"A": 11, "A-LRN": 11, "B": 13, "C": 16,
+                                                         "D": 16, "E": 19}[config]
+        if config not in vgg19.TORCHVISION:
+            continue
+        with torch.device("meta"):
+            tv = getattr(torchvision.models, vgg19.TORCHVISION[config])()
+            tv_bn = getattr(torchvision.models, vgg19.TORCHVISION[config] + "_bn")()
+        assert ours == tv_count(tv) == torchvision_counts[config]
+        # the same names and shapes: torchvision's state_dict (--pretrained) loads strictly
+        assert layout(on_meta(config)) == layout(tv)
+        assert layout(on_meta(config, True)) == layout(tv_bn)
+    assert vgg19.count_parameters(on_meta("C")) == 133_638_952
+    assert vgg19.TORCHVISION == {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
+
+
+def test_output_shapes_and_layer_names_of_every_configuration():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for config in vgg19.CONFIGS:
+        for bn in (False, True) if config != "A-LRN" else (False,):
+            m = vgg19.vgg(config, 6, bn, width=TINY).eval()
+            with torch.no_grad():
+                assert m(x).shape == (2, 6)
+                assert m.features(torch.randn(1, 3, 64, 64)).shape == (1, 64, 2, 2)  # 64 / 32
+                assert vgg19.fully_convolutional(m)(torch.randn(1, 3, 64, 96)).shape \
+                    == (1, 6, 1, 1)  # maps under 7x7: pooled up to fc6's window
+            assert [(c.in_channels, c.out_channels, c.kernel_size[0]) for c in m.features
+                    if isinstance(c, torch.nn.Conv2d)] == \
+                [(a if a == 3 else a // 8, b // 8, k) for a, b, k in CONVS[config]]
+            # layer_keys (--init-from-a's map): the paper's names at the convs and their BN
+            keys = vgg19.layer_keys(config, bn)
+            convs = [f"features.{i}" for i, c in enumerate(m.features)
+                     if isinstance(c, torch.nn.Conv2d)]
+            assert [v[0] for k, v in keys.items() if k.startswith("conv")] == convs
+            if bn:
+                assert all(isinstance(m.get_submodule(v[1]), torch.nn.BatchNorm2d)
+                           for k, v in keys.items() if k.startswith("conv"))
+        assert vgg19.vgg(config, 10, False, 1, TINY)(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    assert list(vgg19.layer_keys("D")) == ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1",
+                                           "conv3_2", "conv3_3", "conv4_1", "conv4_2", "conv4_3",
+                                           "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7", "fc8"]
+
+
+def test_configuration_c_has_three_1x1_convolutions():
+    m = on_meta("C")
+    groups, group = [], []
+    for layer in m.features:
+        if isinstance(layer, torch.nn.Conv2d):
+            group.append((layer.out_channels, layer.kernel_size, layer.padding))
+        elif isinstance(layer, torch.nn.MaxPool2d):
+            groups.append(group)
+            group = []
+    three, one = ((3, 3), (1, 1)), ((1, 1), (0, 0))
+    assert groups == [[(64, *three)] * 2, [(128, *three)] * 2,
+                      [(256, *three)] * 2 + [(256, *one)],   # conv1-256
+                      [(512, *three)] * 2 + [(512, *one)],   # conv1-512
+                      [(512, *three)] * 2 + [(512, *one)]]   # conv1-512
+    # D is C with 3x3 there; every other layer is the same
+    d = [(k, s) for k, s in layout(on_meta("D"))]
+    c = layout(m)
+    assert [k for k, _ in c] == [k for k, _ in d]
+    assert [k for (k, s), (_, t) in zip(c, d) if s != t] == \
+        ["features.14.weight", "features.21.weight", "features.28.weight"]
+    # a 1x1 convolution mixes channels at each pixel alone: a change at one pixel stays there
+    conv = torch.nn.Conv2d(8, 8, 1)
+    x = torch.randn(1, 8, 5, 5)
+    x2 = x.clone()
+    x2[..., 2, 3] += 1
+    with torch.no_grad():
+        changed = (conv(x2) - conv(x)).abs().sum(1)[0] > 0
+    assert changed.nonzero().tolist() == [[2, 3]]
+
+
+def test_a_lrn_is_a_with_krizhevskys_lrn_after_conv1():
+    torch.manual_seed(0)
+    m = vgg19.vgg("A-LRN", 6, width=TINY).eval()
+    kinds = [type(layer).__name__ for layer in m.features[:5]]
+    assert kinds == ["Conv2d", "ReLU", "LocalResponseNorm", "MaxPool2d", "Conv2d"]
+    lrns = [layer for layer in m.modules() if isinstance(layer, data.LocalResponseNorm)]
+    assert len(lrns) == 1 and not any(isinstance(layer, data.LocalResponseNorm)
+                                      for layer in vgg19.vgg("A", width=TINY).modules())
+    lrn = lrns[0]
+    assert (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 1e-4, 0.75, 2.0)  # AlexNet §3.3's
+    # torch's LRN numbers, b_i = a_i / (2 + 1e-4 / 5 * sum of 5 neighbours' a_j^2)^0.75
+    x = torch.randn(2, 3, 32, 32) * 30
+    with torch.no_grad():
+        a = m.features[1](m.features[0](x))
+        b = m.features[2](a)
+        torch.testing.assert_close(b, torch.nn.functional.local_response_norm(
+            a, 5, 1e-4, 0.75, 2.0))
+        s = (a[:, :3] ** 2).sum(1)  # channel 0: itself and channels 1, 2 (the window's edge)
+        torch.testing.assert_close(b[:, 0], a[:, 0] / (2 + 1e-4 / 5 * s) ** 0.75)
+    # A's weights load into A-LRN by layer (the LRN shifts the indices after conv1 by one)
+    a_net = vgg19.vgg("A", 6, width=TINY)
+    keys = vgg19.layer_keys("A-LRN")
+    src = vgg19.layer_keys("A")
+    state = {k.replace(src[n][0] + ".", keys[n][0] + "."): v
+             for k, v in a_net.state_dict().items() for n in src if k.startswith(src[n][0] + ".")}
+    m.load_state_dict(state)
+
+
+def pretrained_stub(monkeypatch):
+    """data.torchvision_weights without a download: the weights enum asked for, and a state_dict
+    of torchvision's own network with that layout (on the meta device)."""
+    asked = []
+
+    def weights(enum):
+        asked.append(enum)
+        name = type(enum).__name__.replace("_Weights", "").lower()  # VGG16_BN -> vgg16_bn
+        with torch.device("meta"):
+            return getattr(torchvision.models, name)().state_dict()
+    monkeypatch.setattr(vgg19.data, "torchvision_weights", weights)
+    return asked
+
+
+def test_pretrained_loads_torchvisions_weights_of_each_configuration(monkeypatch):
+    asked = pretrained_stub(monkeypatch)
+    m = torchvision.models
+    for config, bn, enum in (("A", False, m.VGG11_Weights), ("B", True, m.VGG13_BN_Weights),
+                             ("D", False, m.VGG16_Weights), ("D", True, m.VGG16_BN_Weights),
+                             ("E", False, m.VGG19_Weights)):
+        vgg19.load_pretrained(on_meta(config, bn), bn, 1.0)  # strict: every name and shape
+        assert asked[-1] == enum.IMAGENET1K_V1
+    for config in ("A-LRN", "C"):
+        with pytest.raises(data.DataError, match=f"--pretrained with --config {config}: "
+                           f"torchvision has no ImageNet weights"):
+            vgg19.load_pretrained(on_meta(config), False, 1.0)
+
+
+def a_checkpoint(path, bn=False, arch=None, width=TINY, classes=6):
+    """A trained-looking net A (every tensor moved off its init) saved as vgg19.py saves it."""
+    torch.manual_seed(1)
+    a = vgg19.vgg("A", classes, bn, width=width)
+    with torch.no_grad():
+        for p in a.parameters():  # halved and shifted: other numbers, still a trainable net
+            p.mul_(0.5).add_(1e-3)
+        for b in a.buffers():
+            b.add_(3)
+    name = arch or f"vgg11{'_bn' if bn else ''}-A-w{width:g}"
+    torch.save({"arch": name, "model": a.state_dict()}, path)
+    return a.state_dict()
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_init_from_a_copies_the_first_four_convs_and_the_fcs_and_nothing_else(tmp_path, bn):
+    path = tmp_path / "a.pt"
+    a = a_checkpoint(path, bn)
+    arch = f"vgg11{'_bn' if bn else ''}-A-w0.125"
+    # D by hand: conv1_1, conv2_1, conv3_1, conv3_2 at features 0, 5, 10, 12 (with BN: 0, 7, 14,
+    # 17, their BN at the next index), from A's features 0, 3, 6, 8 (BN: 0, 4, 8, 11)
+    by_hand = ({0: 0, 5: 3, 10: 6, 12: 8} if not bn else
+               {0: 0, 1: 1, 7: 4, 8: 5, 14: 8, 15: 9, 17: 11, 18: 12})
+    for config in ("B", "C", "D", "E"):
+        torch.manual_seed(0)
+        m = vgg19.vgg(config, 6, bn, width=TINY)
+        before = copy.deepcopy(m.state_dict())
+        copied = vgg19.init_from_a(m, str(path), arch, bn)
+        after = m.state_dict()
+        src, dst = vgg19.layer_keys("A", bn), vgg19.layer_keys(config, bn)
+        want = {}
+        for name in ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"):
+            for s, d in zip(src[name], dst[name]):
+                want.update({k: s + k[len(d):] for k in after if k.startswith(d + ".")})
+        if config == "D":
+            assert {int(k.split(".")[1]): int(v.split(".")[1]) for k, v in want.items()
+                    if k.startswith("features")} == by_hand
+        assert sorted(copied) == sorted(want)
+        assert len(copied) == (4 + 3) * 2 + (4 * 5 if bn else 0)  # BN: 2 weights, 3 buffers
+        for k, v in after.items():
+            if k in want:
+                assert torch.equal(v, a[want[k]]), (config, k)
+            else:  # the intermediate layers: as initialised
+                assert torch.equal(v, before[k]), (config, k)
+                if v.is_floating_point() and v.numel() > 1 and k.endswith("weight"):
+                    assert not any(a_v.shape == v.shape and torch.equal(a_v, v)
+                                   for a_v in a.values())
+    # a bare state_dict of A's layout (torchvision's vgg11 is one) is taken as it is
+    torch.save(a, tmp_path / "bare.pt")
+    m = vgg19.vgg("D", 6, bn, width=TINY)
+    vgg19.init_from_a(m, str(tmp_path / "bare.pt"), arch, bn)
+    assert torch.equal(m.classifier[6].weight, a["classifier.6.weight"])
+
+
+def test_init_from_a_refuses_another_configuration_and_what_does_not_fit(tmp_path):
+    path = tmp_path / "d.pt"
+    torch.save({"arch": "vgg16-D-w0.125", "model": {}}, path)
+    m = vgg19.vgg("E", 6, width=TINY)
+    with pytest.raises(data.DataError, match=re.escape(
+            f"--init-from-a {path} is a checkpoint of 'vgg16-D-w0.125', not of configuration A "
+            f"('vgg11-A-w0.125'); pass a vgg19.py --config A checkpoint")) as e:
+        vgg19.init_from_a(m, str(path), "vgg11-A-w0.125")
+    assert "\n" not in str(e.value)
+    a_checkpoint(tmp_path / "a10.pt", arch="vgg11-A-w0.125", classes=10)  # 10 classes, not 6
+    with pytest.raises(data.DataError, match=r"does not fit: fc8's classifier.6.weight is "
+                       r"\(10, 512\) there and \(6, 512\) here"):
+        vgg19.init_from_a(m, str(tmp_path / "a10.pt"), "vgg11-A-w0.125")
+
+
+def test_init_from_a_in_a_run_and_the_config_in_results_and_checkpoint(tmp_path, monkeypatch):
+    # D from net A through main(): the layers copied before training (the first step changes
+    # them), --config and --init-from-a in results.json's config, the arch name in the
+    # checkpoint; a checkpoint of another configuration refused by name. Two steps, 8 images.
+    a = a_checkpoint(tmp_path / "a.pt")
+    monkeypatch.setattr(vgg19, "EVAL_BATCH_SIZE", 2)
+    seen, real = [], vgg19.init_from_a
+
+    def init_from_a(model, *args):
+        copied = real(model, *args)
+        seen.append({k: model.state_dict()[k].clone() for k in copied})
+        return copied
+    monkeypatch.setattr(vgg19, "init_from_a", init_from_a)
+    out = tmp_path / "d"
+    r = vgg19.main(["--data", "shapes", "--config", "D", "--init-from-a", str(tmp_path / "a.pt"),
+                    "--width", str(TINY), "--dry-run", "--batch-size", "2", "--limit", "8",
+                    "--device", "cpu", "--out", str(out), "--log-every", "100000"])
+    assert len(seen) == 1 and torch.equal(seen[0]["features.10.weight"], a["features.6.weight"])
+    assert torch.equal(seen[0]["classifier.3.bias"], a["classifier.3.bias"])
+    config = r["config"]
+    assert (config["config"], config["arch"], config["init_from_a"]) == \
+        ("D", "vgg16-D-w0.125", str(tmp_path / "a.pt"))
+    assert config["parameters"] == vgg19.count_parameters(vgg19.vgg("D", 6, width=TINY))
+    assert r["paper"]["test_error"] == 0.248 and r["paper"]["parameters"] == 138e6  # Table 4
+    ckpt = data.load_checkpoint(str(out / "checkpoint.pt"), "vgg16-D-w0.125")
+    assert ckpt["args"]["config"] == "D"
+    # --weights of this D checkpoint: --config D taken from it; --config E typed contradicts it
+    with pytest.raises(data.DataError, match=re.escape("--config E contradicts")):
+        vgg19.main(["--data", "shapes", "--eval-only", "--weights", str(out / "checkpoint.pt"),
+                    "--config", "E", "--device", "cpu", "--out", str(tmp_path / "e")])
+
+
+def test_bad_config_flags_are_one_line_errors(tmp_path):
+    a = tmp_path / "a.pt"
+    torch.save({"arch": "vgg11-A", "model": {}}, a)
+    other = tmp_path / "other.pt"
+    torch.save({"arch": "vgg11-A-w0.125", "model": {}}, other)
+    for argv, message in (
+            (["--config", "A-LRN", "--bn"], "--config A-LRN with --bn: A-LRN is A with §2.1's "
+             "LRN, without BatchNorm"),
+            (["--config", "C", "--pretrained"], "--pretrained with --config C: torchvision has no "
+             "ImageNet weights for configuration C (only for A, B, D, E"),
+            (["--config", "A-LRN", "--pretrained", "--eval-only"], "--pretrained with --config "
+             "A-LRN"),
+            (["--config", "A", "--init-from-a", str(a)], "--init-from-a with --config A: §3.1 "
+             "starts the deeper nets (B, C, D, E) from a trained A"),
+            (["--config", "A-LRN", "--init-from-a", str(a)], "--init-from-a with --config A-LRN"),
+            (["--config", "D", "--init-from-a", str(a), "--pretrained"], "--init-from-a with "
+             "--pretrained: both set the starting weights"),
+            (["--config", "D", "--init-from-a", str(a), "--weights", str(other)],
+             "--init-from-a with --weights"),
+            (["--config", "E", "--weights", str(other), "--quick", "--limit", "8"],
+             "is of 'vgg11-A-w0.125', not 'vgg19-w0.125'"),
+            (["--config", "D", "--weights", str(other), "--quick", "--limit", "8"],
+             "is of 'vgg11-A-w0.125', not 'vgg16-D-w0.125'"),
+            (["--config", "B", "--bn", "--classify", "x.jpg", "--weights", str(other)],
+             "is of 'vgg11-A-w0.125', not 'vgg13_bn-B'")):
+        with pytest.raises(data.DataError, match=re.escape(message)) as e:
+            vgg19.main(["--data", "shapes", "--device", "cpu", "--out", str(tmp_path / "o"),
+                        *argv])
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "o" / "checkpoint.pt").exists()
+    with pytest.raises(SystemExit):  # argparse: not one of Table 1's columns
+        vgg19.get_args_parser().parse_args(["--config", "F"])
