@@ -3,6 +3,7 @@ convolutional neural networks", NIPS 2012 (no arXiv version; proceedings paper 4
 
     python alexnet.py --data imagenet                        # torchvision's layout, paper recipe
     python alexnet.py --data imagenet --variant paper        # 96-256-384-384-256, LRN, two towers
+    python alexnet.py --data imagenet --variant paper --no-lrn   # §3.3's ablation (see below)
     python alexnet.py --data shapes --quick                  # offline, under a minute on a CPU
     python alexnet.py --classify dog.jpg --pretrained        # the lecture's top-15 printout
     torchrun --nproc_per_node=2 alexnet.py --data imagenet   # data-parallel, same global batch
@@ -17,6 +18,14 @@ torchvision.models.alexnet's. "paper" is §3's: 96-256-384-384-256 channels, LRN
 (§3.3), overlapping 3x3/2 max-pooling (§3.4), conv2/conv4/conv5 split in two towers (groups=2,
 §3.5, Fig. 2), 4096-4096 FC with dropout 0.5 (§4.2), N(0, 0.01) weights and biases of 1 in conv2,
 conv4, conv5, fc6, fc7 (§5): 60,965,224 parameters ("60 million", §1).
+
+The paper variant's ablations, each a switch named after its section (on by default; none has
+parameters, so the count stays 60,965,224; the checkpoint's name carries each one that is off):
+--no-lrn (§3.3: "Response normalization reduces our top-1 and top-5 error rates by 1.4% and
+1.2%, respectively"), --no-overlap-pool (§3.4: 2x2 pools at stride 2 instead of 3x3; overlapping
+pooling "reduces the top-1 and top-5 error rates by 0.4% and 0.3%, respectively, as compared
+with the non-overlapping scheme s = 2, z = 2, which produces output of equivalent dimensions"),
+--no-dropout (§4.2: "Without dropout, our network exhibits substantial overfitting").
 
 224 vs 227: §3.5 says 224x224x3 inputs and 55x55 conv1 maps, but (224 - 11) / 4 + 1 = 54.25;
 the arithmetic needs 227 (the size Caffe's reference uses). We keep the 224 crops of the paper and
@@ -48,7 +57,10 @@ import metrics
 PAPER = {"reference": "Krizhevsky et al. 2012, NIPS, Tables 1-2", "data": "imagenet",
          "test_error": 0.407, "top5_error": 0.182,  # ILSVRC-2012 val, one CNN, ten-crop
          "ilsvrc2010_test_error": 0.375, "ilsvrc2010_top5_error": 0.170,
-         "parameters": 60965224}
+         "parameters": 60965224,
+         # what each ablation cost the paper, top-1 / top-5 error (§3.3, §3.4; §4.2 gives no
+         # figure: "substantial overfitting")
+         "ablation_error_increase": {"lrn": [0.014, 0.012], "overlap_pool": [0.004, 0.003]}}
 EPOCHS = 90               # "roughly 90 cycles through the training set" (§5)
 LR_STEPS = (30, 60, 80)   # lr / 10 three times (§5), at fixed epochs: see DEPARTURES
 BATCH_SIZE, LR = 128, 0.01  # §5: "batch size of 128 examples", lr 0.01
@@ -57,6 +69,8 @@ BATCH_SIZE, LR = 128, 0.01  # §5: "batch size of 128 examples", lr 0.01
 # an epoch and the net has not left chance after 2 epochs; batch 32 gives 63.
 QUICK = {"width": 0.25, "img_size": 64, "epochs": 30, "batch_size": 32}
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)  # §3.3: n = 5, alpha = 1e-4, beta = 0.75, k = 2
+# The paper variant's ablation switches (flag -> section), all on by default
+ABLATIONS = {"lrn": "§3.3", "overlap_pool": "§3.4", "dropout": "§4.2"}
 
 
 # What this script does otherwise than the paper (printed at start, stored in results.json)
@@ -120,38 +134,45 @@ class AlexNet(nn.Module):
 class AlexNetPaper(nn.Module):
     """The network of §3 and Fig. 2 on one device. The two GPUs become groups=2 convolutions:
     conv2, conv4, conv5 see only the maps of their own tower (channels [0, C/2) or [C/2, C)),
-    conv3 and the FC layers see both towers, as in Fig. 2."""
+    conv3 and the FC layers see both towers, as in Fig. 2. The ablations: lrn=False drops norm1
+    and norm2 (§3.3), overlap_pool=False makes pool1/2/5 2x2 at stride 2 (§3.4), dropout=0 drops
+    drop6 and drop7 (§4.2); no other layer moves (the modules are named), no parameter changes."""
 
-    def __init__(self, num_classes=1000, in_channels=3, width=1.0, dropout=0.5):
+    def __init__(self, num_classes=1000, in_channels=3, width=1.0, dropout=0.5, lrn=True,
+                 overlap_pool=True):
         super().__init__()
         c = [_scale(n, width, even=True) for n in (96, 256, 384, 384, 256)]
         h = _scale(4096, width)
         # data.LocalResponseNorm: nn.LocalResponseNorm's numbers, through avg_pool2d (torch's
         # avg_pool3d has no deterministic CUDA backward) and in float32 under --amp (fp16 squares
         # overflow above 255).
-        lrn = lambda: data.LocalResponseNorm(**LRN)  # noqa: E731
+        norm = lambda i: [(f"norm{i}", data.LocalResponseNorm(**LRN))] if lrn else []  # noqa: E731
+        # §3.4: z = 3, s = 2; the non-overlapping s = z = 2 gives the same map sizes on the odd
+        # maps of a 224 input (55 -> 27, 27 -> 13, 13 -> 6: floor((n - z) / 2) + 1 = (n - 1) / 2
+        # for both z when n is odd); on an even map z = 2 would give one row and column more.
+        z = 3 if overlap_pool else 2
+        pool = lambda i: (f"pool{i}", nn.MaxPool2d(z, stride=2))  # noqa: E731
         self.features = nn.Sequential(OrderedDict([
             # padding 2 turns the 224 crop into 55x55 maps (the 224 vs 227 note above)
             ("conv1", nn.Conv2d(in_channels, c[0], 11, stride=4, padding=2)),
-            ("relu1", nn.ReLU(inplace=True)), ("norm1", lrn()),         # §3.3: LRN after ReLU
-            ("pool1", nn.MaxPool2d(3, stride=2)),                         # §3.4: z = 3, s = 2
+            ("relu1", nn.ReLU(inplace=True)), *norm(1),                   # §3.3: LRN after ReLU
+            pool(1),
             ("conv2", nn.Conv2d(c[0], c[1], 5, padding=2, groups=2)),     # §3.5: own tower only
-            ("relu2", nn.ReLU(inplace=True)), ("norm2", lrn()),
-            ("pool2", nn.MaxPool2d(3, stride=2)),
+            ("relu2", nn.ReLU(inplace=True)), *norm(2),
+            pool(2),
             ("conv3", nn.Conv2d(c[1], c[2], 3, padding=1)),               # both towers
             ("relu3", nn.ReLU(inplace=True)),
             ("conv4", nn.Conv2d(c[2], c[3], 3, padding=1, groups=2)),
             ("relu4", nn.ReLU(inplace=True)),
             ("conv5", nn.Conv2d(c[3], c[4], 3, padding=1, groups=2)),
             ("relu5", nn.ReLU(inplace=True)),
-            ("pool5", nn.MaxPool2d(3, stride=2))]))
+            pool(5)]))
         self.avgpool = data.AdaptiveAvgPool2d((6, 6))  # identity at 224; lets small inputs run
         # §4.2: dropout on the outputs of the first two FC layers (Caffe's fc6-relu6-drop6 order).
+        drop = lambda i: [(f"drop{i}", nn.Dropout(dropout))] if dropout else []  # noqa: E731
         self.classifier = nn.Sequential(OrderedDict([
-            ("fc6", nn.Linear(c[4] * 36, h)), ("relu6", nn.ReLU(inplace=True)),
-            ("drop6", nn.Dropout(dropout)),
-            ("fc7", nn.Linear(h, h)), ("relu7", nn.ReLU(inplace=True)),
-            ("drop7", nn.Dropout(dropout)),
+            ("fc6", nn.Linear(c[4] * 36, h)), ("relu6", nn.ReLU(inplace=True)), *drop(6),
+            ("fc7", nn.Linear(h, h)), ("relu7", nn.ReLU(inplace=True)), *drop(7),
             ("fc8", nn.Linear(h, num_classes))]))
         self.reset_parameters()
 
@@ -170,12 +191,18 @@ class AlexNetPaper(nn.Module):
         return self.classifier(self.avgpool(self.features(x)).flatten(1))
 
 
-def alexnet(num_classes=1000, variant="torchvision", in_channels=3, width=1.0):
-    """The model factory: "torchvision" (default, the lecture's) or "paper"."""
+def alexnet(num_classes=1000, variant="torchvision", in_channels=3, width=1.0, lrn=True,
+            overlap_pool=True, dropout=True):
+    """The model factory: "torchvision" (default, the lecture's) or "paper", the latter with its
+    ablations off where asked (lrn §3.3, overlap_pool §3.4, dropout §4.2: False)."""
     if variant == "torchvision":
+        if not (lrn and overlap_pool and dropout):
+            raise ValueError("the ablation switches are the paper variant's; torchvision's "
+                             "AlexNet is its fixed layout")
         return AlexNet(num_classes, in_channels, width)
     if variant == "paper":
-        return AlexNetPaper(num_classes, in_channels, width)
+        return AlexNetPaper(num_classes, in_channels, width, 0.5 if dropout else 0.0, lrn,
+                            overlap_pool)
     raise ValueError(f"unknown AlexNet variant '{variant}'; use 'torchvision' or 'paper'")
 
 
@@ -308,7 +335,7 @@ def classify(args, state, device):
     else:
         classes, (mean, std) = data.imagenet_class_names(), (data.IMAGENET_MEAN, data.IMAGENET_STD)
         shape, size, imagenet = (3, 224), 224, True
-    model = alexnet(len(classes), args.variant, shape[0], args.width)
+    model = alexnet(len(classes), args.variant, shape[0], args.width, **ablations(args))
     if args.weights:
         data.load_weights(model, state, args.weights)
     else:
@@ -322,8 +349,40 @@ def classify(args, state, device):
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+def ablation_flag(name, on):
+    """An ablation switch as typed: --lrn / --no-lrn."""
+    return ("--" if on else "--no-") + name.replace("_", "-")
+
+
 def arch_name(args):
-    return f"alexnet-{args.variant}" + ("" if args.width == 1.0 else f"-w{args.width:g}")
+    """The checkpoint's network name: the variant, each ablation that is off, the width:
+    "alexnet-paper" (as before the switches), "alexnet-paper-no-lrn-no-dropout-w0.25"."""
+    return f"alexnet-{args.variant}" + "".join(
+        "-" + ablation_flag(k, False)[2:] for k in ABLATIONS if getattr(args, k, None) is False) \
+        + ("" if args.width == 1.0 else f"-w{args.width:g}")
+
+
+def ablations(args):
+    """The switches as the model factory takes them (None, the torchvision variant's: on)."""
+    return {k: getattr(args, k, None) is not False for k in ABLATIONS}
+
+
+def check_ablations(args):
+    """§3.3, §3.4, §4.2's switches belong to the paper variant: on there unless turned off; with
+    --variant torchvision (a fixed layout: no LRN, 3x3/2 pools, dropout before fc6 and fc7) any
+    of them is a one-line error naming both flags, before any data is read."""
+    given = [ablation_flag(k, getattr(args, k)) for k in ABLATIONS
+             if getattr(args, k) is not None]
+    if args.variant != "paper":
+        if given:
+            raise data.DataError(f"{' '.join(given)} with --variant {args.variant}: the "
+                                 f"ablations of §3.3, §3.4 and §4.2 are the paper variant's "
+                                 f"(torchvision's AlexNet is a fixed layout without LRN); add "
+                                 f"--variant paper or drop {' '.join(given)}")
+        return
+    for k in ABLATIONS:
+        if getattr(args, k) is None:
+            setattr(args, k, True)
 
 
 def get_args_parser():
@@ -336,7 +395,24 @@ def get_args_parser():
     data.add_holdout_arg(p)
     data.add_limit_arg(p)
     p.add_argument("--variant", default="torchvision", choices=["torchvision", "paper"],
-                   help="torchvision's/the lecture's layout or the paper's (default: torchvision)")
+                   help="torchvision's/the lecture's layout or the paper's, whose ablations are "
+                   "--no-lrn, --no-overlap-pool, --no-dropout (default: torchvision)")
+    p.add_argument("--lrn", action=argparse.BooleanOptionalAction, default=None,
+                   help="§3.3: local response normalisation after conv1 and conv2 (--variant "
+                   "paper; default: on). --no-lrn is the paper's ablation: \"Response "
+                   "normalization reduces our top-1 and top-5 error rates by 1.4%% and 1.2%%, "
+                   "respectively\"")
+    p.add_argument("--overlap-pool", action=argparse.BooleanOptionalAction, default=None,
+                   help="§3.4: overlapping max-pooling, 3x3 windows at stride 2 (--variant paper; "
+                   "default: on). --no-overlap-pool: 2x2 at stride 2, the same map sizes (27, 13, "
+                   "6 at 224); the paper: overlapping pooling \"reduces the top-1 and top-5 error "
+                   "rates by 0.4%% and 0.3%%, respectively, as compared with the non-overlapping "
+                   "scheme s = 2, z = 2\"")
+    p.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None,
+                   help="§4.2: dropout 0.5 on the outputs of fc6 and fc7 (--variant paper; "
+                   "default: on). --no-dropout: the paper: \"Without dropout, our network "
+                   "exhibits substantial overfitting. Dropout roughly doubles the number of "
+                   "iterations required to converge.\"")
     p.add_argument("--width", type=float, default=None,
                    help="channel and FC-size multiplier, a CPU-test convenience (default: 1 = the "
                    "paper)")
@@ -366,9 +442,10 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    state = data.adopt_checkpoint(args, "alexnet.py", ("variant", "width", "img_size"),
-                                  may_differ=("ten_crop",))
+    state = data.adopt_checkpoint(args, "alexnet.py", ("variant", *ABLATIONS, "width",
+                                                       "img_size"), may_differ=("ten_crop",))
     data.check_positive(args, "batch_size", "epochs", "lr", "width", "img_size")
+    check_ablations(args)
     t0 = time.time()
     data.apply_quick(args, QUICK)
     if args.width is None:
@@ -422,7 +499,8 @@ def main(argv=None):
         colour = (eigval.to(device), eigvec.to(device),
                   torch.tensor(info["std"], device=device).view(1, 3, 1, 1))
 
-    model = alexnet(len(classes), args.variant, info["in_channels"], args.width).to(device)
+    model = alexnet(len(classes), args.variant, info["in_channels"], args.width,
+                    **ablations(args)).to(device)
     arch = arch_name(args)
     if args.init == "kaiming":
         kaiming_init(model)

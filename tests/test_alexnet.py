@@ -443,3 +443,122 @@ def test_paper_lrn_runs_in_float32_under_fp16_autocast():
     assert got.dtype == torch.float16
     want = torch.nn.functional.local_response_norm(x, 5, 1e-4, 0.75, 2.0)
     torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper variant's ablations: --no-lrn (§3.3), --no-overlap-pool (§3.4), --no-dropout (§4.2)
+
+SWITCHES = [{}, {"lrn": False}, {"overlap_pool": False}, {"dropout": False},
+            {"lrn": False, "overlap_pool": False, "dropout": False}]
+
+
+def names(m):
+    return list(m.features._modules), list(m.classifier._modules)
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(s) or "paper")
+def test_each_switch_removes_or_changes_its_layers_only(switches):
+    full = alexnet.alexnet(variant="paper", width=0.25)
+    m = alexnet.alexnet(variant="paper", width=0.25, **switches)
+    features, classifier = names(full)
+    lrn, overlap, dropout = (switches.get(k, True) for k in ("lrn", "overlap_pool", "dropout"))
+    assert names(m) == ([k for k in features if lrn or k not in ("norm1", "norm2")],
+                        [k for k in classifier if dropout or k not in ("drop6", "drop7")])
+    assert sum(isinstance(x, data.LocalResponseNorm) for x in m.modules()) == (2 if lrn else 0)
+    assert sum(isinstance(x, torch.nn.Dropout) for x in m.modules()) == (2 if dropout else 0)
+    if dropout:
+        assert m.classifier.drop6.p == m.classifier.drop7.p == 0.5  # §4.2
+    pools = [m.features.pool1, m.features.pool2, m.features.pool5]
+    assert {(p.kernel_size, p.stride) for p in pools} == {(3, 2) if overlap else (2, 2)}
+    # none of the three has parameters: the same count, the same names and shapes
+    assert alexnet.count_parameters(m) == alexnet.count_parameters(full)
+    assert [(k, v.shape) for k, v in m.state_dict().items()] == \
+        [(k, v.shape) for k, v in full.state_dict().items()]
+    with torch.device("meta"):  # at full width: the paper's 60,965,224
+        assert alexnet.count_parameters(alexnet.alexnet(variant="paper", **switches)) \
+            == 60_965_224
+
+
+def test_non_overlapping_pooling_gives_the_same_map_sizes():
+    # §3.4: s = 2, z = 2 "produces output of equivalent dimensions": floor((n - z) / s) + 1 on
+    # the odd maps of a 224 crop (55, 27, 13 after conv1 with padding 2, conv2, conv5).
+    for n, out in ((55, 27), (27, 13), (13, 6)):
+        assert (n - 3) // 2 + 1 == (n - 2) // 2 + 1 == out
+    assert (56 - 3) // 2 + 1 != (56 - 2) // 2 + 1  # an even map would differ (27 vs 28)
+    torch.manual_seed(0)
+    overlap = alexnet.alexnet(6, "paper", width=0.125).eval()
+    plain = alexnet.alexnet(6, "paper", width=0.125, overlap_pool=False).eval()
+    plain.load_state_dict(overlap.state_dict())
+    for size in (224, 96, 64):  # the paper's crop, the small sets' upsampled inputs
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            sizes = []
+            for m in (overlap, plain):
+                h, seen = x, []
+                for name, layer in m.features.named_children():
+                    h = layer(h)
+                    if name.startswith("pool"):
+                        seen.append(tuple(h.shape))
+                sizes.append(seen)
+            assert sizes[0] == sizes[1], size
+            assert plain(x).shape == overlap(x).shape == (2, 6)
+            assert not torch.allclose(plain(x), overlap(x))  # other windows: other numbers
+    assert [s[-1] for s in sizes[0]] == [7, 3, 1]  # 64: 15 -> 7 -> 3 -> 1
+    with torch.no_grad():
+        x = torch.randn(1, 3, 224, 224)
+        assert plain.features(x).shape[-2:] == overlap.features(x).shape[-2:] == (6, 6)
+
+
+def test_switches_in_the_arch_name_results_and_a_run(tmp_path):
+    # A run with all three off: the net built so, the switches in results.json's config, the
+    # checkpoint named for them. Two steps of 2 images at width 1/8 (the code path).
+    r = alexnet.main(["--data", "shapes", "--variant", "paper", "--no-lrn", "--no-overlap-pool",
+                      "--no-dropout", "--width", "0.125", "--img-size", "64", "--dry-run",
+                      "--batch-size", "2", "--limit", "8", "--device", "cpu", "--out",
+                      str(tmp_path / "run"), "--log-every", "100000"])
+    config = r["config"]
+    assert (config["lrn"], config["overlap_pool"], config["dropout"]) == (False, False, False)
+    assert config["arch"] == "alexnet-paper-no-lrn-no-overlap-pool-no-dropout-w0.125"
+    ckpt = data.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"), config["arch"])
+    assert not any("norm" in k or "drop" in k for k in ckpt["model"])
+    # the default names are unchanged; each switch that is off is named
+    ns = types.SimpleNamespace
+    assert alexnet.arch_name(ns(variant="paper", width=1.0, lrn=True, overlap_pool=True,
+                                dropout=True)) == "alexnet-paper"
+    assert alexnet.arch_name(ns(variant="torchvision", width=0.25, lrn=None, overlap_pool=None,
+                                dropout=None)) == "alexnet-torchvision-w0.25"
+    assert alexnet.arch_name(ns(variant="paper", width=1.0, lrn=True, overlap_pool=False,
+                                dropout=True)) == "alexnet-paper-no-overlap-pool"
+    # --weights of that checkpoint: its switches are taken from it; one typed against it is an
+    # error naming both values
+    with pytest.raises(data.DataError, match=re.escape("--lrn contradicts")):
+        alexnet.main(["--data", "shapes", "--eval-only", "--weights",
+                      str(tmp_path / "run" / "checkpoint.pt"), "--lrn", "--device", "cpu",
+                      "--out", str(tmp_path / "e")])
+
+
+def test_bad_switches_are_one_line_errors(tmp_path):
+    ablated = tmp_path / "ablated.pt"
+    torch.save({"arch": "alexnet-paper-no-lrn-w0.25", "model": {}}, ablated)
+    for argv, message in (
+            (["--no-lrn"], "--no-lrn with --variant torchvision: the ablations of §3.3, §3.4 "
+             "and §4.2 are the paper variant's (torchvision's AlexNet is a fixed layout without "
+             "LRN); add --variant paper or drop --no-lrn"),
+            (["--lrn"], "--lrn with --variant torchvision"),
+            (["--no-overlap-pool", "--dropout"], "--no-overlap-pool --dropout with --variant "
+             "torchvision"),
+            (["--variant", "torchvision", "--no-dropout", "--classify", "x.jpg", "--pretrained"],
+             "--no-dropout with --variant torchvision"),
+            # a checkpoint of another ablation, refused by name
+            (["--variant", "paper", "--weights", str(ablated), "--quick", "--limit", "8"],
+             "is of 'alexnet-paper-no-lrn-w0.25', not 'alexnet-paper-w0.25'"),
+            (["--variant", "paper", "--no-dropout", "--weights", str(ablated), "--quick",
+              "--limit", "8"], "not 'alexnet-paper-no-dropout-w0.25'"),
+            (["--variant", "paper", "--classify", "x.jpg", "--weights", str(ablated), "--width",
+              "0.25", "--no-overlap-pool"], "not 'alexnet-paper-no-overlap-pool-w0.25'")):
+        with pytest.raises(data.DataError, match=re.escape(message)) as e:
+            alexnet.main(["--data", "shapes", "--device", "cpu", "--out", str(tmp_path / "o"),
+                          *argv])
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="the paper variant's"):
+        alexnet.alexnet(variant="torchvision", lrn=False)
