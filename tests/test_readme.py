@@ -1,7 +1,9 @@
 """The README's generated results tables equal what `python metrics.py PATH...` makes of the
 records kept in the repository (results/): a figure cannot drift from its record."""
+import importlib
 import os
 import re
+import shlex
 
 import metrics
 
@@ -24,3 +26,46 @@ def test_the_readmes_generated_tables_are_the_records_tables():
                        metrics.summarise_runs(paths.split()))  # each record names its command
     finally:
         os.chdir(cwd)
+
+
+def test_the_readme_is_user_documentation():
+    # short (measurement detail lives in bench/README.md), and no development history: no dated
+    # entries, no "session", no before/after of the code
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert len(text.encode()) < 30_000
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", text)
+    assert not re.search(r"\b(session|withdrawn|formerly|the former|undone)\b", text, re.I)
+    assert "bench/README.md" in text and os.path.isfile(os.path.join(ROOT, "bench", "README.md"))
+
+
+SCRIPTS = ("lenet5", "alexnet", "vgg19", "resnet", "resnext", "googlenet", "overfeat", "yolo",
+           "ssd", "fcn", "monster_finetune")
+
+
+def readme_commands():
+    """Every `python SCRIPT.py ...` command of the README (code blocks and `...` spans; torchrun's
+    own flags and trailing comments dropped; backslash continuations joined)."""
+    text = open(os.path.join(ROOT, "README.md")).read().replace("\\\n", " ")
+    lines = [line.split(" #")[0].strip() for line in text.splitlines() if line.startswith("    ")]
+    lines += re.findall(r"`([^`\n]*\.py[^`\n]*)`", text)
+    found = []
+    for line in lines:
+        if line.split()[:1] not in (["python"], ["torchrun"]):
+            continue
+        words = shlex.split(line)
+        at = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+        if at is not None and words[at][:-3] in SCRIPTS:
+            found.append((words[at][:-3], words[at + 1:]))
+    return found
+
+
+def test_every_script_command_in_the_readme_parses():
+    # each command's flags exist and their values parse (argparse exits on an unknown flag)
+    found = readme_commands()
+    assert {s for s, _ in found} == set(SCRIPTS)
+    for script, argv in found:
+        parser = importlib.import_module(script).get_args_parser()
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            raise AssertionError(f"README: python {script}.py {' '.join(argv)} does not parse")
