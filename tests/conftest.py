@@ -206,6 +206,36 @@ def write_voc(root, year="2007", image_set="test", images=None, seg=False):
     return base
 
 
+def write_sbd(base, images, image_set="train"):
+    """SBD's dataset folder (benchmark.tgz's benchmark_RELEASE/dataset, which torchvision's
+    SBDataset moves into its root): img/<id>.jpg; cls/<id>.mat, the MATLAB struct GTcls with
+    Segmentation (class indices 0-20, no void: here the first object's rectangle), Boundaries (a
+    20x1 cell of sparse edge maps) and CategoriesPresent; <image_set>.txt. images: {id: (w, h,
+    objects)} as write_voc's. Returns {id: mask}."""
+    import scipy.io
+    import scipy.sparse
+    for d in ("img", "cls"):
+        os.makedirs(os.path.join(base, d), exist_ok=True)
+    rng, masks = np.random.default_rng(1), {}
+    for i, (w, h, objects) in images.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            os.path.join(base, "img", f"{i}.jpg"), quality=95)
+        name, x0, y0, x1, y1, _ = objects[0]
+        k = data.VOC_SEG_CLASSES.index(name)
+        mask = np.zeros((h, w), np.uint8)
+        mask[y0 - 1:y1, x0 - 1:x1] = k
+        edges = np.empty((20, 1), dtype=object)
+        for c in range(20):
+            edges[c, 0] = scipy.sparse.csc_matrix((h, w), dtype=np.float64)
+        scipy.io.savemat(os.path.join(base, "cls", f"{i}.mat"), {"GTcls": {
+            "Segmentation": mask, "Boundaries": edges,
+            "CategoriesPresent": np.array([[k]], dtype=np.uint8)}})
+        masks[i] = mask
+    with open(os.path.join(base, f"{image_set}.txt"), "w") as f:
+        f.write("\n".join(images) + "\n")
+    return masks
+
+
 @pytest.fixture
 def voc_images():
     return {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 1)]),

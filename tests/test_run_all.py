@@ -13,8 +13,9 @@ import torch
 import torchvision
 from PIL import Image
 
+import fcn
 import metrics
-from conftest import command, write_cifar10, write_mnist, write_voc
+from conftest import command, write_cifar10, write_mnist, write_sbd, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +77,8 @@ def test_run_all_dry_run_checks_paper_runs_keeps_going_and_summarises(tmp_path):
 def paper_trees(root):
     """One --data-dir holding every paper's data set in its real format, a few images each:
     MNIST idx files, CIFAR-10 batches, ImageNet class folders (2 synsets), VOC2007 trainval and
-    test, VOC2012 trainval and its segmentation train/val (palette PNG masks)."""
+    test, VOC2012 trainval and its segmentation train/val (palette PNG masks), FCN's: SBD train
+    (.mat masks) and the 736 seg11valid images in VOC2012's tree (16 x 12 pixels)."""
     write_mnist(root)
     write_cifar10(root)
     rng = np.random.default_rng(0)
@@ -95,6 +97,9 @@ def paper_trees(root):
         write_voc(root, year, image_set, images)
     for image_set in ("train", "val"):
         write_voc(root, "2012", image_set, images, seg=True)
+    write_sbd(str(root / "SBD"), images)
+    write_voc(root, "2012", "seg11valid", {i: (16, 12, [("cat", 2, 2, 12, 10, 0)])
+                                           for i in fcn.seg11valid()}, seg=True)
 
 
 @pytest.mark.slow
