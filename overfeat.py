@@ -7,7 +7,8 @@ arXiv:1312.6229.
     python overfeat.py --data imagenet --variant alexnet --pretrained --eval-only  # torchvision's
     python overfeat.py --data shapes --quick                    # offline classification, CPU
     python overfeat.py --data shapes-det --quick                # offline localisation (§4), CPU
-    python overfeat.py --data imagenet --task localisation      # §4 with the ILSVRC box XML
+    python overfeat.py --data imagenet --task localisation \
+        --weights runs/overfeat-imagenet/checkpoint.pt          # §4: the regressor on §3's net
     python overfeat.py --data voc                               # detection (§5), background class
     python overfeat.py --data shapes-det --task detection --quick --batch-size 64 --lr 0.02
     python overfeat.py --detect street.jpg --weights runs/overfeat-voc/checkpoint.pt --out drawn
@@ -33,16 +34,24 @@ Exact counts: fast 145,920,872, accurate 144,656,488 (test_overfeat.py works the
 Recipe (§3.1): SGD, batch 128, momentum 0.6, weight decay 1e-5, lr 5e-2 halved after epochs 30,
 50, 60, 70, 80; weights N(0, 1e-2); smallest side 256, random 221/231 crops and mirrors.
 Test (§3.3): the FC layers become convolutions (`convolutionize`), the net runs on the whole image
-at 6 scales; the last max-pooling is done at every offset (dx, dy) in {0..k-1}^2 (`offset_max_pool`,
-9 offsets for 3x3/3), the classifier slides over each pooled map, the class maps are max-pooled
-over space and averaged over scales and mirrors (`dense_evaluate`).
-Localisation (§4): features frozen, a regression head (2 hidden layers, 4 outputs: the box edges
-relative to each location) trained with an l2 loss at several scales; the boxes of all locations
-and scales are merged greedily (§4.3, `greedy_merge`). ImageNet boxes: `data.ImageNetBoxes` (layout
-in its docstring). Detection (§5): the same net with C + 1 outputs (the last is background),
-trained on windows cut from the scenes, one positive and one random or "most offending" negative
-per scene (`window_batches`); tested densely at 5 scales, a box per location from the regressor,
-per-class NMS, VOC07 AP over all objects (`detect`, `evaluate_detection`).
+at each scale of its Table 2 row; the last max-pooling is done at every offset (dx, dy) in
+{0..k-1}^2 (`offset_max_pool`, 9 offsets for 3x3/3), the classifier slides over each pooled map,
+the class maps are max-pooled over space and averaged over scales and mirrors (`dense_evaluate`).
+Localisation (§4): on ImageNet it starts from the checkpoint of a classification run (--weights;
+its own --out default, runs/overfeat-localisation-imagenet): the features (layers 1-5) and the
+classifier are loaded and frozen, only the regression network trains (§4.2: hidden layers of 4096
+and 1024 channels, an output of 4 box edges relative to each location, or 4 per class with
+--class-specific, §4.2's 1000 versions), with an l2 loss at every location that sees at least half
+of the box (`in_view`), on the boxed training images at Table 5's 6 scales (--loc-scales), read a
+batch at a time (`BoxSquares`). The test: every image at 4 scales (§4.6), the boxes of all
+locations and scales merged greedily (§4.3, `greedy_merge`) for each of the 5 most probable
+classes, the ILSVRC top-5 localisation error compared with §4.6's 29.9 %. shapes-det (offline)
+trains its classifier for --epochs, then the regressor on it, in one run. ImageNet boxes:
+`data.ImageNetBoxes` (layout in its docstring).
+Detection (§5): the same net with C + 1 outputs (the last is background), trained on windows cut
+from the scenes, one positive and one random or "most offending" negative per scene
+(`window_batches`); tested densely at 5 scales, a box per location from the regressor, per-class
+NMS, VOC07 AP over all objects (`detect`, `evaluate_detection`).
 Departures: DEPARTURES, printed at start.
 """
 import collections
@@ -91,6 +100,10 @@ INPUT = {"fast": 231, "accurate": 221, "alexnet": 224}         # training crop s
 # the fc window, so the net keeps every layer; images are upsampled on the device to these.
 SMALL_INPUT = {"fast": 103, "accurate": 113, "alexnet": 63}
 SCALES = [245, 281, 317, 389, 425, 461]   # Table 5: the smaller side of the 6 test scales
+# §4.2: the regressor is not trained at a location whose field of view (its training window)
+# holds less than half of the box: "the object is mostly outside of these locations"
+IN_VIEW = 0.5
+LOC_EPOCHS = 10           # not stated in the paper
 EPOCHS = 90               # not stated in the paper: after the last lr step (80) + 10
 LR_STEPS = (30, 50, 60, 70, 80)           # §3.1: lr x 0.5 after each
 BATCH_SIZE = 128                          # §3.1: "mini-batches of size 128"
@@ -130,10 +143,23 @@ DEPARTURES = [
     "mirrors; the paper does not say whether the max is over scores or probabilities; rescaling "
     "is bilinear with antialiasing, scales are the smallest side (the paper's Table 5 gives both "
     "sides)",
-    "localisation: the regressor is a convolution over the fc window on the (non-offset) pooled "
-    "maps, trained at 2 scales (img-size and 1.5 x) on every location of the whole training "
-    "image (the paper drops locations whose window overlaps the box by < 50 % and trains at 6 "
-    "scales); class-agnostic (class-specific only for detection, --class-specific)",
+    "localisation (§4.2): the regressor is a convolution over the fc window on the pooled maps "
+    "of one pooling offset (the paper: 3 x 3 copies, one per (dx, dy)); each location regresses "
+    "the image's largest box (the paper does not say which of several; ILSVRC's are all of the "
+    "image's class); loss: half the mean squared error of the 4 edges, in units of the training "
+    "window, over all locations, those seeing < 50 % of the box counting 0 (the paper: 'l2', "
+    "and those not trained); one regressor for "
+    "all classes by default (§4.6's single-class regression, 30.0 % on val; §4.2's 1000 "
+    "per-class versions, 44.1 % there, with --class-specific); the lr, epochs (10) and "
+    "initialisation of the regressor are ours (not stated)",
+    "localisation on ImageNet: a training image is resized so that its smallest side is the "
+    "largest training scale (461), a random square of that side is cut from it (its box kept "
+    "whole, even where it leaves the square) and mirrored at random; each batch is resized on "
+    "the device to one of the 6 scales (one per step): the paper's scales, seen a square at a "
+    "time (a batch needs one size); the test takes each image whole at its own size, at 4 "
+    "scales (§4.6's best; Table 2's 1, 2, 4, 6 taken for which 4), its §3.3 dense classification "
+    "the top-5 classes; the paper's 29.9 % is ILSVRC-2013's test set (labels not public), ours "
+    "is scored on ILSVRC-2012 val (the same images as 2013's), where §4.6 gives 30.0 %",
     "§4.3 match score: centre distance / image size + (1 - IoU) (the paper: 'the sum of the "
     "distance between centers and the intersection area', units unspecified); merged box = mean "
     "of the two, confidence = the sum; top classes k = 1",
@@ -146,10 +172,9 @@ DEPARTURES = [
     "offset, 5 scales (a window covers 1 to 1/4 of the scene), score = the class posterior, "
     "per-class NMS (IoU 0.3) instead of §4.3's greedy merge (quadratic in thousands of boxes); "
     "voc scenes are held in host memory as uint8 2 x img-size squares (VOC 07+12 at 462: "
-    "10.6 GB per process), imagenet localisation images read from the files at each epoch as "
-    "256 x 256 squares",
-    "imagenet localisation: normalised with the ImageNet mean and std (as classification), not "
-    "statistics of its own training images (a pass over 544,546 images)",
+    "10.6 GB per process)",
+    "imagenet localisation: normalised as its classification run (the ImageNet mean and std), "
+    "the paper states no normalisation",
 ]
 
 
@@ -486,6 +511,49 @@ def load_pretrained(model, width):
     model.load_state_dict(state)
 
 
+def localisation_start(state, path, arch):
+    """What --weights is to a localisation run (§4.2: the regressor trains on the frozen network
+    of a §3 classification run): 'classification' (this script's classification checkpoint of
+    the same network: `arch` without the regressor's -cs), 'localisation' (a localisation run's,
+    to train on), or 'bare state_dict' (no settings: its keys will tell). Anything
+    else is a one-line error naming the checkpoint and what it is."""
+    saved = state.get("args") if isinstance(state.get("args"), dict) else None
+    if saved is None and "arch" not in state:
+        return "bare state_dict"
+    task, own = (saved or {}).get("task"), state.get("arch")
+    if task in ("classification", "localisation") and \
+            own in (arch, arch.removesuffix("-cs"), None):
+        return task
+    raise data.DataError(f"{path} is the checkpoint of a --task {task} run of '{own}', not of a "
+                         f"classification run of '{arch.removesuffix('-cs')}'; localisation "
+                         f"trains its regressor on a classification checkpoint of the same "
+                         f"--variant, --width and --img-size (overfeat.py --data imagenet)")
+
+
+def load_classifier(model, state, path, what):
+    """§4.2's start: the features (layers 1-5) and classifier of a classification checkpoint
+    (`state`; `what` it is, `localisation_start`) into the localisation network, non-strict
+    for the regressor alone, whose keys are not there and keep their fresh initialisation (a
+    localisation checkpoint brings them: then every key loads). A key missing or unexpected
+    otherwise, or of another shape, is a one-line error naming the checkpoint. Returns the
+    regressor's keys left fresh."""
+    weights, own = state.get("model", state), model.state_dict()
+    head = [k for k in own if k.startswith("regressor.")]
+    fresh = head if not any(k in weights for k in head) else []
+    missing = [k for k in own if k not in weights and k not in fresh]
+    unexpected = [k for k in weights if k not in own]
+    shape = [f"{k} {tuple(weights[k].shape)} here {tuple(v.shape)}" for k, v in own.items()
+             if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or shape:
+        raise data.DataError(f"{path} (a {what} checkpoint) does not fit the localisation "
+                             f"network: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                             f"other shapes {shape[:2]}; pass the checkpoint of an overfeat.py "
+                             f"classification run of this --variant, --width, --img-size and "
+                             f"classes")
+    model.load_state_dict(weights, strict=not fresh)
+    return fresh
+
+
 # ---------------------------------------------------------------------------------------------
 # Localisation (§4): box regression per location, greedy merge
 
@@ -502,6 +570,18 @@ def regression_targets(boxes, h, w, stride, window):
     c = location_centres(h, w, stride, window, boxes.device).float()  # (hw, 2)
     t = (boxes[:, None, :] - c.repeat(1, 2)[None]) / window            # (N, hw, 4)
     return t.permute(0, 2, 1).reshape(len(boxes), 4, h, w)
+
+
+def in_view(boxes, h, w, stride, window):
+    """§4.2's field-of-view rule: the fraction of each box (N, 4) that lies inside the window
+    (window x window pixels, centred as `location_centres`) of each location of a h x w map:
+    (N, h, w). The regressor trains where it is >= IN_VIEW."""
+    c = location_centres(h, w, stride, window, boxes.device).float()   # (hw, 2)
+    lo, hi = c - window / 2, c + window / 2                             # the windows' corners
+    b = boxes[:, None].float()                                          # (N, 1, 4)
+    side = (torch.min(b[..., 2:], hi[None]) - torch.max(b[..., :2], lo[None])).clamp(min=0)
+    area = ((b[..., 2:] - b[..., :2]).prod(-1)).clamp(min=1e-6)         # (N, 1)
+    return (side.prod(-1) / area).view(len(boxes), h, w)
 
 
 def paired_iou(a, b):
@@ -568,14 +648,15 @@ def greedy_merge(boxes, scores, threshold, size):
 
 @torch.no_grad()
 def localise(model, dense, x, scales, threshold, k=1):
-    """§4: per image, the k most probable classes of the averaged dense classification, then for
-    every scale and location the regressed box (in the original pixels) with the probability of
+    """§4: per image of x (N, 3, H, W), the k most probable classes of the averaged dense
+    classification, then for every scale and location the regressed box (in x's pixels; a
+    regressor with 4 outputs per class gives the box of the top class) with the probability of
     each of those classes as its confidences, greedily merged (§4.3). Returns per image a dict of
     CPU tensors: the merged "boxes" and their "scores" for the top class (its "label"), the k
     guesses ("guess_labels" (k,), "guess_boxes" (k, 4)): each class with its most confident box,
     and "probs" (K,), the dense classification itself (the test's dense figures)."""
     model.eval()
-    n, size = x.shape[0], x.shape[-1]
+    n, (H, W) = x.shape[0], x.shape[-2:]
     probs = dense_evaluate(dense, x, scales, flip=True)
     top = probs.topk(min(k, probs.shape[1]), 1).indices                 # (N, k)
     boxes, confs = [], []
@@ -584,21 +665,33 @@ def localise(model, dense, x, scales, threshold, k=1):
             xs = v2.functional.resize(x, [s], antialias=True)
             f = F.max_pool2d(dense.body(xs), dense.kernel, dense.stride)
             p = head_over_windows(dense.head, [f])[0].float().softmax(1)  # (N, K, h, w)
-            t = model.regressor(f).float()                                # (N, 4, h, w)
-            h, w = t.shape[-2:]
+            h, w = p.shape[-2:]
+            t = model.regressor(f).float().view(n, -1, 4, h, w)       # (N, 1 or K, 4, h, w)
+            if t.shape[1] > 1:  # one regressor per class: those of the k guessed classes
+                t = t.gather(1, top[:, :, None, None, None].expand(-1, -1, 4, h, w))
             c = location_centres(h, w, dense.total_stride, model.input_size, x.device).float()
-            b = (t.flatten(2).permute(0, 2, 1) * model.input_size + c.repeat(1, 2)) * (size / s)
-            boxes.append(b.clamp(0, size))                                      # (N, hw, 4)
+            b = t.flatten(3).transpose(2, 3) * model.input_size + c.repeat(1, 2)  # (N, ., hw, 4)
+            fx, fy = W / xs.shape[-1], H / xs.shape[-2]  # back to x's pixels (Python floats)
+            boxes.append(torch.stack([(b[..., 0] * fx).clamp(0, W), (b[..., 1] * fy).clamp(0, H),
+                                      (b[..., 2] * fx).clamp(0, W), (b[..., 3] * fy).clamp(0, H)],
+                                     -1))
             confs.append(p.flatten(2).gather(1, top[:, :, None].expand(-1, -1, h * w)))
     # The merge runs on the CPU (greedy_merge): the batch's boxes go there at once, one copy each
-    boxes, confs = torch.cat(boxes, 1).cpu(), torch.cat(confs, 2).cpu()
+    boxes, confs = torch.cat(boxes, 2).cpu(), torch.cat(confs, 2).cpu()
     probs, top = probs.float().cpu(), top.cpu()
     out = []
     for i in range(n):
-        merged, scores = greedy_merge(boxes[i], confs[i].T, threshold, size)
+        if boxes.shape[1] == 1:  # one box per location for every class: one merge for all
+            merged, scores = greedy_merge(boxes[i, 0], confs[i].T, threshold, max(H, W))
+            best = merged[scores.argmax(0)]
+        else:  # per class: its own boxes, merged with its own confidences
+            per = [greedy_merge(boxes[i, j], confs[i, j], threshold, max(H, W))
+                   for j in range(len(top[i]))]
+            best = torch.stack([m[0] for m, _ in per])  # each sorted by its confidence
+            merged, scores = per[0][0], per[0][1][:, None]
         # copies, not views: a view would carry the batch's storage through gather_shards
         out.append({"boxes": merged, "scores": scores[:, 0].clone(), "label": int(top[i, 0]),
-                    "guess_labels": top[i].clone(), "guess_boxes": merged[scores.argmax(0)],
+                    "guess_labels": top[i].clone(), "guess_boxes": best.clone(),
                     "probs": probs[i].clone()})
     return out
 
@@ -924,21 +1017,57 @@ def list_collate(batch):
     return [im for im, _ in batch], torch.tensor([y for _, y in batch])
 
 
+def square_crop(image, boxes, side, u, flip):
+    """§4.2's view of a training image at the largest training scale: resized (bilinear,
+    antialiased) so that its smallest side is `side`, the side x side square at fraction u in
+    [0, 1) of the free length of its longer side, mirrored if `flip`. The boxes (M, 4) follow,
+    kept whole: a box that leaves the square is still the object's (the locations that see less
+    than half of it are not trained, `in_view`). Returns (uint8 (3, side, side), (M, 4))."""
+    H, W = image.shape[-2:]
+    h, w = max(side, round(H * side / min(H, W))), max(side, round(W * side / min(H, W)))
+    oy, ox = int(u * (h - side + 1)), int(u * (w - side + 1))
+    image = v2.functional.resize(image, [h, w], antialias=True)[:, oy:oy + side, ox:ox + side]
+    boxes = boxes * torch.tensor([w / W, h / H, w / W, h / H]) - torch.tensor([ox, oy, ox, oy])
+    if flip:
+        image, boxes = image.flip(-1), torch.stack([side - boxes[:, 2], boxes[:, 1],
+                                                    side - boxes[:, 0], boxes[:, 3]], 1)
+    return image.contiguous(), boxes
+
+
+class BoxSquares(torch.utils.data.Dataset):
+    """§4.2's ImageNet training set: sample i is read from its files when asked for (the image
+    and box XML of `boxes`, a data.ImageNetBoxes without transforms: nothing decoded is kept)
+    and cut by `square_crop` at `side`, with a random position and mirror from torch's
+    generator (which data.Seeded seeds per sample and epoch: the same view with any worker)."""
+
+    def __init__(self, boxes, side):
+        self.boxes, self.side, self.classes = boxes, side, boxes.classes
+
+    def __len__(self):
+        return len(self.boxes)
+
+    def __getitem__(self, i):
+        image, target = self.boxes[i]
+        u, flip = torch.rand(2).tolist()
+        image, boxes = square_crop(image.as_subclass(torch.Tensor),
+                                   target["boxes"].as_subclass(torch.Tensor).float(), self.side,
+                                   u, flip < 0.5)
+        return image, {"boxes": boxes, "labels": target["labels"]}
+
+
 def localisation_set(split, args, train=False):
-    """§4's images with their boxes, read a batch at a time (never held whole): shapes-det as
-    rendered (64 x 64), ImageNet resized to 256 x 256 squares; training images mirrored at
-    random with their boxes (per sample, under the loader's seeded random state)."""
-    flip = [v2.RandomHorizontalFlip()] if train else []
+    """§4's images with their boxes, read a file at a time (never held whole). ImageNet:
+    training, `BoxSquares` at the largest --loc-scales; test, every image at its own size.
+    shapes-det: as rendered (64 x 64), training images mirrored at random with their boxes."""
     if args.data == "imagenet":
-        ds = data.ImageNetBoxes(split, args.data_dir,
-                                v2.Compose([v2.Resize((256, 256), antialias=True), *flip]))
+        ds = data.ImageNetBoxes(split, args.data_dir)
         if args.quick:  # a fixed small subset, as data.classification_dataset's
             keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:2000]
             ds.samples = [ds.samples[i] for i in keep.sort().values.tolist()]
-        return ds
+        return BoxSquares(ds, max(args.loc_scales)) if train else ds
+    flip = v2.RandomHorizontalFlip() if train else None
     return data.detection_dataset(args.data, split, args.data_dir, not args.no_download,
-                                  transforms=v2.Compose(flip) if flip else None, quick=args.quick,
-                                  seed=0)
+                                  transforms=flip, quick=args.quick, seed=0)
 
 
 def largest(boxes):
@@ -946,70 +1075,78 @@ def largest(boxes):
     return int(torchvision.ops.box_area(boxes).argmax())
 
 
-def localisation_collate(batch):
-    """(uint8 images (N, 3, S, S), each image's target: its largest object's class (N,) and box
-    (N, 4), and all its ground truths) of a localisation set's samples."""
+def localisation_collate(batch, stack=True):
+    """(uint8 images: (N, 3, S, S), or with stack=False a list (ImageNet's test images, each of
+    its own size); each image's target: its largest object's class (N,) and box (N, 4); and all
+    its ground truths) of a localisation set's samples."""
     gts = [{"boxes": t["boxes"].as_subclass(torch.Tensor).float(), "labels": t["labels"]}
            for _, t in batch]
     big = [largest(g["boxes"]) for g in gts]
-    return (torch.stack([im.as_subclass(torch.Tensor) for im, _ in batch]),
+    images = [im.as_subclass(torch.Tensor) for im, _ in batch]
+    return (torch.stack(images) if stack else images,
             torch.stack([g["labels"][j] for g, j in zip(gts, big)]),
             torch.stack([g["boxes"][j] for g, j in zip(gts, big)]), gts)
 
 
+def images_collate(batch):
+    """localisation_collate of images of different sizes: a list (ImageNet's test)."""
+    return localisation_collate(batch, stack=False)
+
+
 def localisation_statistics(train_set, args):
-    """The training set's normalisation and its mean target box (evaluate_localisation's
-    baseline, in the S-pixels). shapes-det: read once into host memory (110 MB); ImageNet: its
-    mean and std (a pass over 544,546 images would cost an epoch; see DEPARTURES) and the boxes
-    from the XML files alone (no image decoded; the 256-pixel square is the stated size scaled),
-    each rank reading 1/world of them."""
+    """The training set's normalisation and its mean target box as a fraction of the image's
+    width and height (evaluate_localisation's baseline, (4,)). shapes-det: read once into host
+    memory (110 MB, rendered); ImageNet: its mean and std (a pass over 544,546 images would cost
+    an epoch; see DEPARTURES) and the boxes from the XML files alone (no image decoded), each
+    rank reading 1/world of them."""
     if args.data != "imagenet":
         x, scene, _, _, _ = scene_arrays("train", args)
         return channel_stats(x), torch.stack([t["boxes"][largest(t["boxes"])] for t in scene]
-                                              ).mean(0)
+                                              ).mean(0) / x.shape[-1]
     rank, world = data.distributed_info()
     boxes = []
-    for _, xml in train_set.samples[rank::world]:
+    for _, xml in getattr(train_set, "boxes", train_set).samples[rank::world]:
         a = data.parse_voc_xml(xml, train_set.classes)
         (w, h), b = a["size"], a["boxes"]
         if not len(b):
             raise data.DataError(f"{xml} holds no object box; fix or remove the file")
-        boxes.append(b[largest(b)] * torch.tensor([256 / w, 256 / h, 256 / w, 256 / h]))
+        boxes.append(b[largest(b)] / torch.tensor([w, h, w, h]))
     boxes = data.gather_shards(torch.stack(boxes) if boxes else torch.zeros(0, 4))
     return (data.IMAGENET_MEAN, data.IMAGENET_STD), boxes.mean(0)
 
 
-def localisation_batch(x, y, box, img_size, mean, std):
-    """A training batch of whole images (uint8, pinned by the loader) on the device (mean's):
-    normalised there and resized to the training size, boxes following (§4.2 trains on
-    whole-window views of the object)."""
+def localisation_batch(x, y, box, scale, mean, std):
+    """A training batch of S x S images (uint8, pinned by the loader) on the device (mean's),
+    normalised there and resized to the batch's scale (§4.2: the regressor trains at every
+    scale of the test), the boxes following."""
     device, S = mean.device, x.shape[-1]
     x = normalise(x.to(device, non_blocking=True), mean, std)
-    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True)
-    return x, y.to(device, non_blocking=True), box.to(device, non_blocking=True) * (img_size / S)
+    if scale != S:
+        x = F.interpolate(x, size=(scale, scale), mode="bilinear", antialias=True)
+    return x, y.to(device, non_blocking=True), box.to(device, non_blocking=True) * (scale / S)
 
 
 # ---------------------------------------------------------------------------------------------
 # Losses, training and evaluation
 
 def regression_loss(model, x, y, boxes, args):
-    """§4.2: the l2 loss of the regressor at every location against `regression_targets`, the
-    features and classifier frozen (`regress=True`); at two scales (img-size and 1.5 x) on
-    localisation's whole images, at img-size alone on detection's windows (cut at that size)."""
-    loss = 0.0
-    sizes = [args.img_size] if args.task == "detection" else \
-        [args.img_size, args.img_size + args.img_size // 2]
+    """§4.2: the l2 loss between the regressor's box and the true one (`regression_targets`, in
+    units of the training window) at every location of x's map whose field of view holds at
+    least half of the box (`in_view`), features and classifier frozen (`regress=True`): half
+    the mean squared error of the 4 edges over all the batch's locations, those not trained
+    counting 0 (a mean over a fixed count, so that a batch split over ranks, whose gradients
+    DDP averages, gives the same step as the whole; no host sync). x is at its scale already:
+    localisation's batches at one of --loc-scales (`localisation_batch`), detection's windows
+    at img-size."""
     stride = total_stride(unwrap(model))
-    for s in sizes:
-        xs = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True)
-        # through forward: under DDP the regressor's gradients are all-reduced
-        t = model(xs, regress=True).float()
-        if t.shape[1] > 4:  # --class-specific: the 4 outputs of the object's class
-            t = t.view(len(y), -1, 4, *t.shape[-2:])[torch.arange(len(y), device=y.device), y]
-        want = regression_targets(boxes * (s / x.shape[-1]), *t.shape[-2:], stride,
-                                  args.img_size)
-        loss = loss + F.mse_loss(t, want) / 2
-    return loss
+    # through forward: under DDP the regressor's gradients are all-reduced
+    t = model(x, regress=True).float()
+    if t.shape[1] > 4:  # --class-specific: the 4 outputs of the object's class
+        t = t.view(len(y), -1, 4, *t.shape[-2:])[torch.arange(len(y), device=y.device), y]
+    h, w = t.shape[-2:]
+    want = regression_targets(boxes, h, w, stride, args.img_size)
+    keep = (in_view(boxes, h, w, stride, args.img_size) >= IN_VIEW).float()[:, None]
+    return ((t - want).square() * keep).mean() / 2
 
 
 def train_one_epoch(model, batches, optimizer, scaler, args, device, epoch, progress, phase):
@@ -1060,29 +1197,34 @@ def evaluate(model, loader, args, device, num_classes):
 
 
 @torch.no_grad()
-def evaluate_localisation(model, loader, args, mean, std, mean_box, num_classes, size):
+def evaluate_localisation(model, loader, args, mean, std, mean_box, num_classes):
     """§4, scored as ILSVRC scores it (metrics.localisation_error): the image's class is that of
     its target object (the largest shape on shapes-det, ILSVRC's one labelled class), its ground
     truth every box of that class; loc_error: the top class and its top merged box (top-1),
     loc_error_top5: five (class, box) guesses (the challenge's measure, Sermanet et al.'s 29.9 %).
     Also iou50_rate / mean_iou (the top box against the target box, class-agnostic), the VOC07
     mAP of all merged boxes over all objects, two baselines: the whole image, the mean training
-    box; and the classification figures: the single centre crop and §3.3's dense evaluation
-    (localise's own). `loader` yields this rank's share (rank r: r, r + W, ...) as host uint8
-    batches (localisation_collate) of size x size images, each moved to the device (mean's) and
-    normalised there; the outputs are gathered, so every rank scores the whole set."""
+    box (`mean_box`, fractions of the width and height); and the classification figures: the
+    single centre crop and §3.3's dense evaluation (localise's own). `loader` yields this rank's
+    share (rank r: r, r + W, ...) as host uint8 images (localisation_collate): a batch of
+    squares (shapes-det), or a list of images of their own sizes (ImageNet), each then localised
+    alone; each moved to the device (mean's) and normalised there. The outputs are gathered, so
+    every rank scores the whole set, in each image's own pixels."""
     model.eval()
     dense, device, k = DenseNet(model).eval(), mean.device, min(5, num_classes)
-    single, out, labels, targets, gts = [], [], [], [], []
+    single, out, labels, targets, gts, sizes = [], [], [], [], [], []
     for x, y, box, gt in loader:
-        x = normalise(x.to(device, non_blocking=True), mean, std)
-        with data.autocast(device, args.amp):
-            single.append(model(centre_crop(x, args.img_size, args.crop_scale)).float()
-                          .softmax(1))
-            out += localise(model, dense, x, args.scales, args.merge_threshold, k)
+        for xb in ([im[None] for im in x] if isinstance(x, list) else [x]):
+            xb = normalise(xb.to(device, non_blocking=True), mean, std)
+            with data.autocast(device, args.amp):
+                single.append(model(centre_crop(xb, args.img_size, args.crop_scale)).float()
+                              .softmax(1))
+                out += localise(model, dense, xb, args.scales, args.merge_threshold, k)
+            sizes += [(xb.shape[-1], xb.shape[-2])] * len(xb)  # (W, H)
         labels.append(y), targets.append(box), gts.extend(gt)
-    label0, box0, p1, out, gts = data.gather_shards(
-        torch.cat(labels), torch.cat(targets), torch.cat(single).cpu(), out, gts)
+    label0, box0, p1, out, gts, sizes = data.gather_shards(
+        torch.cat(labels), torch.cat(targets), torch.cat(single).cpu(), out, gts,
+        torch.tensor(sizes, dtype=torch.float32))
     test = metrics.classification_report(torch.stack([o["probs"] for o in out]), label0,
                                          num_classes, views={"single_crop": p1})
     dets = [{"boxes": o["boxes"], "scores": o["scores"],
@@ -1091,9 +1233,10 @@ def evaluate_localisation(model, loader, args, mean, std, mean_box, num_classes,
     guess_boxes = torch.stack([o["guess_boxes"] for o in out])
     gt_labels = [lab[None] for lab in label0]
     gt_boxes = [g["boxes"][g["labels"] == lab] for g, lab in zip(gts, label0)]
-    ious = paired_iou(guess_boxes[:, 0].float(), box0.float())
-    whole = torchvision.ops.box_iou(torch.tensor([[0.0, 0.0, size, size]]), box0)[0]
-    mean_iou = torchvision.ops.box_iou(mean_box[None], box0)[0]
+    box0, edges = box0.float(), sizes.repeat(1, 2)                     # (N, 4): W, H, W, H
+    ious = paired_iou(guess_boxes[:, 0].float(), box0)
+    whole = paired_iou(torch.cat([torch.zeros_like(sizes), sizes], 1), box0)
+    mean_iou = paired_iou(mean_box[None].float() * edges, box0)
     dm = metrics.detection_map(dets, gts, num_classes)
     return {**test, "dense_error": test["test_error"],
             "iou50_rate": float((ious >= 0.5).float().mean()), "mean_iou": float(ious.mean()),
@@ -1195,18 +1338,21 @@ def classification_task(args, device, rank, saved=None):
 
 
 def localisation_task(args, device, rank, saved=None):
-    """§4 on shapes-det or the ImageNet boxes: whole images read a batch at a time by
-    DataLoaders (uint8, pinned on CUDA; each rank its share of every global batch, as
-    data.make_loader shards it), moved and normalised on the device. The test: the
-    classification figures and §4's localisation ones (with the baseline of the mean training
-    box, kept in the checkpoint for --eval-only). Nothing is held whole, on the host or the
-    device: ImageNet's 544,546 boxed training images are 107 GB as 256 x 256 uint8."""
-    S = 256 if args.data == "imagenet" else 64
+    """§4 on shapes-det or the ImageNet boxes: images read a batch at a time by DataLoaders
+    (uint8, pinned on CUDA; each rank its share of every global batch, as data.make_loader
+    shards it), moved and normalised on the device, each training batch resized there to one of
+    --loc-scales (a draw per step from a (seed, epoch) generator: every rank and a resumed run
+    draw the same). ImageNet trains on `BoxSquares`, tests on every image at its own size. The
+    test: the classification figures and §4's localisation ones (with the baseline of the mean
+    training box, kept in the checkpoint for --eval-only). Nothing is held whole, on the host or
+    the device: ImageNet's 544,546 boxed training images are 347 GB as 461 x 461 uint8."""
+    imagenet = args.data == "imagenet"
     test_set = localisation_set("test", args)
     classes = tuple(test_set.classes)
     test_loader = data.make_loader(test_set, LOC_TEST_BATCH, False, args.workers, device,
-                                   collate_fn=localisation_collate)
-    norm, mean_box = saved_normalisation(saved), (saved or {}).get("mean_box")
+                                   collate_fn=images_collate if imagenet else
+                                   localisation_collate)
+    norm, mean_box = saved_normalisation(saved), (saved or {}).get("mean_box_fraction")
     train_set, train_loader = [], None
     if not (args.eval_only and norm is not None and mean_box is not None):
         train_set = localisation_set("train", args, train=True)
@@ -1220,19 +1366,23 @@ def localisation_task(args, device, rank, saved=None):
     train, test_loader = data.dry_run_batches(args, train_loader, test_loader)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    info = {"in_channels": 3, "mean": mean, "std": std, "image_size": S,
+    info = {"in_channels": 3, "mean": mean, "std": std,
+            "image_size": max(args.loc_scales) if imagenet else 64,
             "sizes": (0 if args.eval_only else len(train_set), 0, len(test_set)),
-            "saved": {"mean_box": mean_box.cpu()}}
+            "saved": {"mean_box_fraction": mean_box.cpu()}}
 
     def batches(epoch, model):
         data.set_epoch(train_loader, epoch)
-        return EpochBatches(len(train), (localisation_batch(x, y, box, args.img_size, mean_t,
-                                                            std_t) for x, y, box, _ in train))
+        g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        pick = torch.randint(len(args.loc_scales), (len(train),), generator=g).tolist()
+        return EpochBatches(len(train), (
+            localisation_batch(x, y, box, args.loc_scales[i], mean_t, std_t)
+            for i, (x, y, box, _) in zip(pick, train)))
 
     return Task(classes, info, len(classes), True,
                 0 if train is None else len(train), batches,
                 lambda model: evaluate_localisation(model, test_loader, args, mean_t, std_t,
-                                                    mean_box.cpu(), len(classes), S),
+                                                    mean_box.cpu(), len(classes)),
                 ["test_error", "test_accuracy", "single_crop_error", "dense_error", "map",
                  "iou50_rate", "mean_iou", "loc_error", "loc_error_top5",
                  "baseline_whole_image_iou50", "baseline_mean_box_iou50"])
@@ -1284,6 +1434,13 @@ CURVES = {"classification": ("test_error", "top5_error"),
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+def run_name(args):
+    """--out's default name: ImageNet localisation's runs/overfeat-localisation-imagenet, beside
+    (not over) the classification run whose checkpoint it starts from; else the script's."""
+    return "overfeat-localisation" if args.data == "imagenet" and \
+        args.task == "localisation" else None
+
+
 def arch_name(args):
     return f"overfeat-{args.variant}" + ("" if args.width == 1.0 else f"-w{args.width:g}") + \
         ("" if args.img_size == INPUT[args.variant] else f"-{args.img_size}") + \
@@ -1320,7 +1477,12 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=None,
                    help=f"classification epochs (default: {EPOCHS})")
     p.add_argument("--loc-epochs", type=int, default=None,
-                   help="regression epochs after them on shapes-det (default: 10)")
+                   help=f"§4.2's regressor epochs: after --epochs of classification on "
+                   f"shapes-det; on ImageNet alone, on the frozen network of --weights (a "
+                   f"classification checkpoint) (default: {LOC_EPOCHS})")
+    p.add_argument("--loc-scales", type=int, nargs="+", default=None,
+                   help="§4.2: the scales the regressor trains at, smallest side, one per "
+                   "step (default on ImageNet: Table 5's 6, 245 ... 461; elsewhere --scales)")
     p.add_argument("--task", default=None,
                    choices=["classification", "localisation", "detection"],
                    help="default: classification on classification sets, localisation (§4) on "
@@ -1329,7 +1491,8 @@ def get_args_parser():
                    help="detection's background windows: random, or the most offending of "
                    f"{CANDIDATES} random ones per scene (§5; default: hard)")
     p.add_argument("--class-specific", action="store_true",
-                   help="detection: one box regressor per class (default: one for all, §4.2)")
+                   help="one box regressor per class (§4.2's 1000 versions; default: one for "
+                   "all, §4.6's single-class regression, which did better)")
     p.add_argument("--det-scales", type=int, nargs="+", default=None,
                    help="detection test scales, the scene's side in pixels (default: img-size x "
                    "1, 1.41, 2, 2.83, 4)")
@@ -1386,16 +1549,30 @@ def choose_task(args):
         raise data.DataError(f"--gpu-decode applies to classification; {args.task} decodes its "
                              f"images once, into memory, on the CPU")
     data.train_split(args)  # ImageNet has no held-out split here
+    if args.task == "localisation" and args.data == "imagenet" and not args.eval_only and \
+            not (args.weights or args.resume or args.pretrained):
+        raise data.DataError("ImageNet localisation (§4.2) trains the regressor on the frozen "
+                             "network of a classification run: run `overfeat.py --data "
+                             "imagenet` (§3) first and pass its checkpoint with --weights "
+                             "(e.g. runs/overfeat-imagenet/checkpoint.pt)")
 
 
 def resolve_defaults(args):
     imagenet = args.data == "imagenet"
     big = args.data in ("imagenet", "voc")  # the paper's input sizes
+    localisation = getattr(args, "task", None) == "localisation"
+    if imagenet and localisation:  # §4.2: the regressor alone, on --weights' frozen network
+        if args.epochs and not args.eval_only:
+            raise data.DataError(f"--epochs {args.epochs}: ImageNet localisation trains no "
+                                 f"classifier (§4.2: the --weights classification run's "
+                                 f"features and classifier stay frozen); drop --epochs, the "
+                                 f"regressor trains for --loc-epochs")
+        args.epochs = 0
     data.apply_quick(args, QUICK)
     args.width = args.width or 1.0
     args.epochs = EPOCHS if args.epochs is None else args.epochs  # 0: regression only
     args.batch_size = args.batch_size or BATCH_SIZE
-    args.loc_epochs = args.loc_epochs if args.loc_epochs is not None else 10
+    args.loc_epochs = args.loc_epochs if args.loc_epochs is not None else LOC_EPOCHS
     args.img_size = args.img_size or (INPUT if big else SMALL_INPUT)[args.variant]
     args.init = args.init or ("paper" if imagenet else "kaiming")
     # §3.1's lr 5e-2 diverges with He init on the small sets; momentum 0.6 barely moves them
@@ -1411,9 +1588,12 @@ def resolve_defaults(args):
         args.crop_scale = round(args.img_size * 256 / INPUT[args.variant])
     if getattr(args, "task", None) == "detection" and not args.det_scales:
         args.det_scales = [round(args.img_size * f) for f in DET_SCALES]
-    if min(args.scales) < args.img_size:
-        raise data.DataError(f"--scales must be >= --img-size {args.img_size} (the fc window "
-                             f"needs a whole training window), got {min(args.scales)}")
+    if localisation and not args.loc_scales:  # §4.2: "the same set of scales as ... §3"
+        args.loc_scales = list(SCALES) if imagenet else list(args.scales)
+    for flag, scales in (("--scales", args.scales), ("--loc-scales", args.loc_scales)):
+        if scales and min(scales) < args.img_size:
+            raise data.DataError(f"{flag} must be >= --img-size {args.img_size} (the fc window "
+                                 f"needs a whole training window), got {min(scales)}")
 
 
 def detect_command(args, state):
@@ -1492,9 +1672,14 @@ def classify_command(args, state, device):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    # a localisation run takes the network of a classification checkpoint (--weights), so its
+    # --task and --class-specific differ from that checkpoint's
+    loc = args.task == "localisation"
     state = data.adopt_checkpoint(args, "overfeat.py", ("variant", "width", "img_size", "task",
                                                         "class_specific"),
-                                  may_differ=("scales", "det_scales", "merge_threshold"))
+                                  may_differ=("scales", "det_scales", "merge_threshold") +
+                                  (("task", "class_specific") if loc else ()),
+                                  name=run_name(args))
     data.check_positive(args, "batch_size", "lr", "width", "img_size")
     if min(args.epochs or 0, args.loc_epochs or 0) < 0:  # 0 is allowed: regressor on fixed features
         raise data.DataError("--epochs and --loc-epochs must be >= 0")
@@ -1504,7 +1689,15 @@ def main(argv=None):
     choose_task(args)
     resolve_defaults(args)
     stages = args.epochs, args.loc_epochs
-    device, rank, world, is_main = data.setup(args, "overfeat.py")
+    arch, start, wstate = arch_name(args), None, None
+    if args.weights and args.task == "localisation":  # what --weights is, before data is read
+        wstate = data.load_checkpoint(args.weights) if args.resume else state
+        start = localisation_start(wstate, args.weights, arch)
+        if args.eval_only and start == "classification":
+            raise data.DataError(f"{args.weights} is a classification checkpoint: its regressor "
+                                 f"is untrained; train it first (--task localisation --weights "
+                                 f"{args.weights}), then --eval-only with that run's checkpoint")
+    device, rank, world, is_main = data.setup(args, "overfeat.py", name=run_name(args))
     if args.classify:
         return classify_command(args, state, device)
     if args.dry_run:  # one epoch per stage; a stage that is off (0 epochs) stays off
@@ -1526,17 +1719,25 @@ def main(argv=None):
                      box_classes=len(classes) if args.class_specific else 1)
     init_weights(model, args.init)
     model.to(device)
-    arch = arch_name(args)
     if args.pretrained:
         load_pretrained(model, args.width)
-    if args.weights:
+    fresh = []
+    if start is not None and not args.eval_only:  # §4.2: the classification run's network
+        fresh = load_classifier(model, wstate, args.weights, start)
+    elif args.weights:
         data.load_weights(model, data.load_checkpoint(args.weights, arch), args.weights)
+    # §4.2: "we fix the feature extraction layers (1-5) from the classification network" (and
+    # its classifier): without classification epochs in this run, the regressor alone trains
+    frozen = task.regressor and args.epochs == 0
+    for p in (list(model.features.parameters()) + list(model.classifier.parameters())
+              if frozen else []):
+        p.requires_grad_(False)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # §3.1: momentum 0.6, l2 weight decay 1e-5. One optimizer for both phases: the parameters
     # without a gradient in a phase (set_to_none) are skipped by SGD, so they stay frozen.
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda e: lr_factor(e, args.lr_steps))
     scaler = data.grad_scaler(device, args.amp)
@@ -1551,6 +1752,10 @@ def main(argv=None):
               f"{config['parameters']:,} parameters, device {device}, {args.world} process(es)")
         for d in DEPARTURES:
             print(f"  departure from the paper: {d}")
+        if frozen:
+            print(f"§4.2: the regressor ({'fresh' if fresh else 'from --weights'}) trains at "
+                  f"scales {args.loc_scales} on the frozen features and classifier of "
+                  f"{args.weights or ('torchvision AlexNet' if args.pretrained else 'init')}")
 
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     start_epoch, history = 0, []
@@ -1559,9 +1764,10 @@ def main(argv=None):
                                                           scheduler, scaler)
         if is_main:
             print(f"resumed from {ckpt_path} after epoch {start_epoch}")
-    # With a regressor, each phase leaves the other head unused on every rank: DDP must look
-    # for unused parameters (their gradients stay None, so SGD leaves them frozen).
-    net = data.wrap(model, args, find_unused_parameters=task.regressor)
+    # With a regressor trained after classification, each phase leaves the other head unused
+    # on every rank: DDP must look for unused parameters (their gradients stay None, so SGD
+    # leaves them frozen). The regressor alone (frozen): every trainable parameter is used.
+    net = data.wrap(model, args, find_unused_parameters=task.regressor and not frozen)
 
     # Training: --epochs of classification, then (with a regressor) --loc-epochs of regression
     total_epochs = args.epochs + (args.loc_epochs if task.regressor else 0)
