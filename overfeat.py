@@ -649,9 +649,10 @@ def greedy_merge(boxes, scores, threshold, size):
 @torch.no_grad()
 def localise(model, dense, x, scales, threshold, k=1):
     """§4: per image of x (N, 3, H, W), the k most probable classes of the averaged dense
-    classification, then for every scale and location the regressed box (in x's pixels; a
-    regressor with 4 outputs per class gives the box of the top class) with the probability of
-    each of those classes as its confidences, greedily merged (§4.3). Returns per image a dict of
+    classification, then for every scale and location the regressed box (in x's pixels) with
+    the probability of each of those classes as its confidences, greedily merged (§4.3; with 4
+    outputs per class, --class-specific, each guessed class's own boxes, merged apart, and the
+    "boxes" those of the top class). Returns per image a dict of
     CPU tensors: the merged "boxes" and their "scores" for the top class (its "label"), the k
     guesses ("guess_labels" (k,), "guess_boxes" (k, 4)): each class with its most confident box,
     and "probs" (K,), the dense classification itself (the test's dense figures)."""
@@ -1117,8 +1118,8 @@ def localisation_statistics(train_set, args):
 
 def localisation_batch(x, y, box, scale, mean, std):
     """A training batch of S x S images (uint8, pinned by the loader) on the device (mean's),
-    normalised there and resized to the batch's scale (§4.2: the regressor trains at every
-    scale of the test), the boxes following."""
+    normalised there and resized to the batch's scale (§4.2: the regressor trains at "the same
+    set of scales as described in Section 3"), the boxes following."""
     device, S = mean.device, x.shape[-1]
     x = normalise(x.to(device, non_blocking=True), mean, std)
     if scale != S:

@@ -1095,7 +1095,8 @@ def test_detection_flags_bad_input_is_a_data_error():
                           (["--data", "shapes", "--task", "detection"], "does not fit"),
                           (["--data", "shapes-det", "--task", "detection", "--batch-size", "3"],
                            "positive multiple of the 1 processes x 2"),
-                          (["--data", "shapes-det", "--batch-size", "0"], "must be a positive number"),
+                          (["--data", "shapes-det", "--batch-size", "0"],
+                           "must be a positive number"),
                           (["--detect", "x.png"], "--detect needs --weights")):
         with pytest.raises(overfeat.data.DataError, match=message):
             overfeat.main([*argv, "--device", "cpu", "--out", "/nonexistent/out"])
