@@ -477,3 +477,34 @@ def test_at_init_output_depends_on_input_and_eval_mode_learns():
     x, y = shapes_batch(16, 32)
     torch.manual_seed(0)
     assert_learns_in_eval_mode(resnet.resnet(20, 6, 3), x, y, 40, 0.01, 0.5)
+
+
+def test_fig6_bench_reads_names_draws_dashed_and_bold_curves_and_judges_the_claim(tmp_path):
+    # bench/resnet_fig6.py without training: its net names, the verdict on the final training
+    # errors, and the PNG (PIL) of made-up curves
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "resnet_fig6", os.path.join(ROOT, "bench", "resnet_fig6.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.net_flags("plain56") == ["--depth", "56", "--plain"]
+    assert bench.net_flags("resnet20") == ["--depth", "20"]
+    with pytest.raises(data.DataError, match="--nets resnet21"):
+        bench.net_flags("resnet21")
+
+    def curve(*train):
+        return {"iteration": [62, 124, 186], "train_error": list(train),
+                "test_error": [t + 0.1 for t in train]}
+    curves = {"plain20": curve(0.6, 0.4, 0.3), "plain56": curve(0.7, 0.5, 0.4),
+              "resnet20": curve(0.6, 0.4, 0.3), "resnet56": curve(0.6, 0.4, 0.3)}
+    assert [c["holds"] for c in bench.verdict(curves)] == [True, True]  # 0.4 > 0.3; 0.3 <= 0.3
+    curves["resnet56"] = curve(0.6, 0.4, 0.31)
+    curves["plain56"] = curve(0.7, 0.5, 0.3)
+    assert [c["holds"] for c in bench.verdict(curves)] == [False, False]
+    from PIL import Image
+    path = bench.draw_figure(curves, str(tmp_path / "fig6.png"), "test")
+    with Image.open(path) as im:
+        assert im.size == (1000, 400)
+        rgb = torch.as_tensor(bytearray(im.convert("RGB").tobytes())).view(-1, 3)
+    for c in bench.COLOURS.values():  # both depths' curves drawn
+        assert (rgb == torch.tensor(c, dtype=torch.uint8)).all(1).any()
