@@ -2487,7 +2487,8 @@ def load_checkpoint(path, arch=None):
         raise DataError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict")
     if arch is not None and "arch" in state and state["arch"] != arch:
         raise DataError(f"checkpoint {path} is of '{state['arch']}', not '{arch}'; pass the "
-                        f"matching --variant/--depth or another checkpoint")
+                        f"flags it was trained with (--variant, --depth, --config...) or another "
+                        f"checkpoint")
     return state
 
 

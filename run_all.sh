@@ -88,6 +88,7 @@ else
         "googlenet googlenet.py --data imagenet"
         "nin googlenet.py --variant nin --data cifar10"
         "overfeat overfeat.py --data imagenet --variant accurate"
+        "overfeat-loc overfeat.py --data imagenet --task localisation --weights @overfeat"
         "monster_finetune monster_finetune.py --data cifar10 --pretrained"
         "yolo yolo.py --data voc --pretrain-epochs 50"
         "ssd ssd.py --data voc --pretrained"
@@ -119,7 +120,7 @@ selected() {  # a run is selected by its name or its script's (resnet selects re
 # equal to it by tests/test_run_all.py); `-- --batch-size N` replaces them all.
 declare -A BATCH=([lenet5]=64 [alexnet]=128 [vgg19]=256 [resnet-20]=128 [resnet-32]=128
                   [resnet-44]=128 [resnet-56]=128 [resnet-110]=128 [resnext]=128 [googlenet]=256
-                  [nin]=128 [overfeat]=128 [monster_finetune]=64 [yolo]=64 [ssd]=32
+                  [nin]=128 [overfeat]=128 [overfeat-loc]=128 [monster_finetune]=64 [yolo]=64 [ssd]=32
                   [fcn-32s]=1 [fcn-16s]=1 [fcn-8s]=1)
 for ((i = 0; i < ${#EXTRA[@]}; i++)); do
     [ "${EXTRA[$i]}" = --batch-size ] && [ $((i + 1)) -lt ${#EXTRA[@]} ] && GIVEN_BATCH=${EXTRA[$((i + 1))]}

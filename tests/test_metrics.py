@@ -608,3 +608,22 @@ def test_a_run_record_rewritten_in_the_repository_is_not_a_code_change(tmp_path)
     assert clean["commit"] and clean["dirty"] is False and clean["differ"] == []
     (tmp_path / "x.py").write_text("print(2)\n")
     assert metrics.provenance(str(tmp_path / "x.py"))["differ"] == ["x.py"]
+
+
+def test_summary_headline_per_kind_of_run():
+    # OverFeat's localisation records hold an mAP and the top-5 localisation error: the latter is
+    # their headline, beside the paper's 29.9 %; a detector's is its mAP, a classifier's on
+    # ImageNet its top-5 error, else the test error
+    paper = {"data": "imagenet", "loc_error_top5": 0.299, "top5_error": 0.1627}
+    loc = {"data": "imagenet", "paper": paper,
+           "metrics": {"map": 0.31, "loc_error_top5": 0.42, "test_error": 0.5, "top5_error": 0.2}}
+    row = metrics.summary_row("loc", loc)
+    assert (row["metric"], row["ours"], row["paper"]) == ("loc_error_top5", 0.42, 0.299)
+    det = {"data": "voc", "paper": {"data": "voc", "map": 0.743}, "metrics": {"map": 0.5}}
+    assert (metrics.summary_row("d", det)["metric"], metrics.summary_row("d", det)["paper"]) == \
+        ("map", 0.743)
+    cls = {"data": "imagenet", "paper": paper, "metrics": {"test_error": 0.4, "top5_error": 0.18}}
+    assert (metrics.summary_row("c", cls)["metric"], metrics.summary_row("c", cls)["paper"]) == \
+        ("top5_error", 0.1627)
+    assert metrics.summary_row("s", {"data": "shapes", "metrics": {"test_error": 0.1}})["metric"] \
+        == "test_error"

@@ -15,7 +15,7 @@ from PIL import Image
 
 import fcn
 import metrics
-from conftest import command, write_cifar10, write_mnist, write_sbd, write_voc
+from conftest import command, voc_xml, write_cifar10, write_mnist, write_sbd, write_voc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,8 +76,8 @@ def test_run_all_dry_run_checks_paper_runs_keeps_going_and_summarises(tmp_path):
 
 def paper_trees(root):
     """One --data-dir holding every paper's data set in its real format, a few images each:
-    MNIST idx files, CIFAR-10 batches, ImageNet class folders (2 synsets), VOC2007 trainval and
-    test, VOC2012 trainval and its segmentation train/val (palette PNG masks), FCN's: SBD train
+    MNIST idx files, CIFAR-10 batches, ImageNet class folders (2 synsets) and their box XML,
+    VOC2007 trainval and test, VOC2012 trainval and its segmentation train/val (palette PNG masks), FCN's: SBD train
     (.mat masks) and the 736 seg11valid images in VOC2012's tree (16 x 12 pixels)."""
     write_mnist(root)
     write_cifar10(root)
@@ -89,6 +89,10 @@ def paper_trees(root):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(
                     folder / f"{wnid}_{i}.JPEG")
+                boxes = root / "imagenet" / "bbox" / split / (wnid if split == "train" else "")
+                boxes.mkdir(parents=True, exist_ok=True)  # ILSVRC's box XML (OverFeat §4)
+                (boxes / f"{wnid}_{i}.xml").write_text(voc_xml(
+                    f"{wnid}_{i}.JPEG", 80, 60, [(wnid, 11, 5, 60, 50, 0)]))
     images = {"000001": (64, 48, [("dog", 5, 6, 30, 40, 0), ("person", 33, 2, 60, 47, 0)]),
               "000002": (50, 40, [("car", 1, 1, 50, 40, 0)]),
               "000003": (56, 44, [("cat", 10, 8, 50, 40, 0)]),
@@ -129,7 +133,7 @@ def test_every_paper_runs_dry_run_reads_its_real_data_format(tmp_path, monkeypat
          "--workers", "0", "--log-every", "1"], capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     runs = [line.split(": ", 1) for line in listed.stdout.strip().splitlines()]
-    assert len(runs) == 18 and not out.exists()  # --list runs nothing
+    assert len(runs) == 19 and not out.exists()  # --list runs nothing
     failed, seconds = [], {}
     for name, line in runs:
         launcher, script, *argv = shlex.split(line)
@@ -226,21 +230,26 @@ def test_each_paper_run_takes_as_many_gpus_as_divide_its_global_batch(monkeypatc
                                 env={**os.environ, "RUN_ALL_GPUS": str(gpus)})
         assert listed.returncode == 0, listed.stderr
         lists[gpus] = [line.split(": ", 1) for line in listed.stdout.strip().splitlines()]
-    assert len(lists[8]) == 18
+    assert len(lists[8]) == 19
 
     table = dict(re.findall(r"\[([\w-]+)\]=(\d+)", open(os.path.join(ROOT, "run_all.sh")).read()))
 
     def stop(args, *a, **k):
         raise Parsed(args.batch_size)
     monkeypatch.setattr("data.setup", stop)
+    # --weights @RUN (OverFeat's localisation): that run's checkpoint, not made here, stands as
+    # a settings-free classification checkpoint (the batch is the script's own default)
+    monkeypatch.setattr("data.load_checkpoint", lambda path, arch=None: {})
+    monkeypatch.setattr("overfeat.localisation_start", lambda *a: "classification")
     for gpus, runs in lists.items():
         for name, line in runs:
             launcher, *rest = shlex.split(line)
             n = int(launcher == "torchrun" and rest[1].split("=")[1]) or 1
             script, argv = (rest[2], rest[3:]) if launcher == "torchrun" else (rest[0], rest[1:])
-            argv = [a for a in argv[:argv.index("--out")]
-                    if not a.endswith("checkpoint.pt")] if "--init-from" not in argv else \
-                argv[:argv.index("--init-from")]
+            if "--init-from" in argv:  # another run's checkpoint, not there: read after setup
+                at = argv.index("--init-from")
+                argv = argv[:at] + argv[at + 2:]
+            argv = argv[:argv.index("--out")]
             with pytest.raises(Parsed) as got:
                 importlib.import_module(script[:-3]).main(argv)
             batch = got.value.args[0]
