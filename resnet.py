@@ -29,11 +29,11 @@ default is the paper's: A on the CIFAR depths (§4.2), B on the ImageNet ones (t
 checkpoints of the defaults keep the names resnetD, the others are saved as resnetD-A/B/C). A on
 the bottleneck networks and B/C on CIFAR are built though the paper trains neither; --pretrained
 (torchvision's weights) is option B's only. --plain: the same network without any shortcut, each
-block relu(BN(conv(relu(BN(conv(x)))))) (Fig. 3 middle; BN after every convolution, §3.4):
-plain-20/32/44/56 of Fig. 6, plain-18/34 of Table 2; saved as plainD, with the same parameters as
-option A's network. Each epoch's history row holds the training error, the running error of the
-augmented batches as they are trained on, and with --eval-every 1 the test error: Fig. 6's dashed
-and bold curves (bench/resnet_fig6.py draws them).
+block's output relu(F(x)) where the residual block's is relu(F(x) + x) (Fig. 3 middle; BN after
+every convolution, §3.4): plain-20/32/44/56 of Fig. 6, plain-18/34 of Table 2; saved as plainD,
+with the same parameters as option A's network. Each epoch's history row holds the training error,
+the running error of the augmented batches as they are trained on, and with --eval-every 1 the test
+error: Fig. 6's dashed and bold curves (bench/resnet_fig6.py draws them).
 
 Recipe. CIFAR (§4.2): SGD momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k
 and 48k iterations, stop at 64k (chosen on a 45k/5k train/val split: --holdout; the final runs
@@ -742,8 +742,8 @@ def main(argv=None):
               (f" top5_error {100 * test['top5_error']:.2f}%" if "top5_error" in test else ""))
     results = metrics.write_results(
         os.path.join(args.out, "results.json"), "resnet.py", args.data,
-        {k: test[k] for k in keys if k in test}, paper=paper_figures(args.depth, args.shortcut, args.plain),
-        config=config,
+        {k: test[k] for k in keys if k in test},
+        paper=paper_figures(args.depth, args.shortcut, args.plain), config=config,
         device=str(device), seconds=time.time() - t0, history=history,
         **metrics.class_records(test, classes)) if is_main else None
     return results

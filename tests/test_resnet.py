@@ -247,8 +247,9 @@ def test_training_error_is_the_running_error_of_the_trained_batches():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)
     args = types.SimpleNamespace(channels_last=False, amp=False, world=1)
     progress = resnet.metrics.Progress(2, 1, enabled=False)
-    loss, error = resnet.train_one_epoch(model, loader, opt, sched, data.grad_scaler(torch.device("cpu"), False),
-                                         args, torch.device("cpu"), 0, progress, 2)
+    cpu = torch.device("cpu")
+    loss, error = resnet.train_one_epoch(model, loader, opt, sched, data.grad_scaler(cpu, False),
+                                         args, cpu, 0, progress, 2)
     assert error == 0.5 and loss > 0
 
 
