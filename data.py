@@ -28,6 +28,7 @@ import functools
 import inspect
 import gzip
 import io
+import itertools
 import math
 import os
 import re
@@ -524,9 +525,10 @@ def cifar10_jpg(root, train):
     first 80 % of each class (sorted) are the training set, the rest the test set: a fixed
     8,000 / 2,000 of those 10,000. A real-photograph stand-in for CIFAR-10 where the set cannot be
     downloaded; its figures are not comparable with published CIFAR-10 ones (other images, fewer,
-    JPEG-compressed)."""
+    JPEG-compressed). The images are held class by class in turn (airplane, automobile, ...,
+    airplane, ...), so that --limit N's first N hold every class, as CIFAR's batches do."""
     folder = os.path.join(root, CIFAR10_JPG["folder"])
-    images, labels = [], []
+    per_class = []
     for label, c in enumerate(CIFAR10_CLASSES):
         where = os.path.join(folder, c)
         files = sorted(f for f in os.listdir(where) if f.lower().endswith(".jpg")) \
@@ -536,14 +538,16 @@ def cifar10_jpg(root, train):
                             f"the class folders <class>/NNNN.jpg in {folder}, or point --data-dir "
                             f"at the folder that holds {CIFAR10_JPG['folder']}/")
         n = int(round(CIFAR10_JPG["train_fraction"] * len(files)))
-        for f in files[:n] if train else files[n:]:
-            path = os.path.join(where, f)
-            im = load_image(path)
-            if im.shape != (3, 32, 32):
-                raise DataError(f"{path} is {im.shape[2]}x{im.shape[1]} pixels, not CIFAR's "
-                                f"32x32: the file is not one of the set's; remove it")
-            images.append(im)
-            labels.append(label)
+        per_class.append([(os.path.join(where, f), label)
+                          for f in (files[:n] if train else files[n:])])
+    images, labels = [], []
+    for path, label in (x for row in itertools.zip_longest(*per_class) for x in row if x):
+        im = load_image(path)
+        if im.shape != (3, 32, 32):
+            raise DataError(f"{path} is {im.shape[2]}x{im.shape[1]} pixels, not CIFAR's "
+                            f"32x32: the file is not one of the set's; remove it")
+        images.append(im)
+        labels.append(label)
     return torch.stack(images), torch.tensor(labels), CIFAR10_CLASSES
 
 
