@@ -297,7 +297,30 @@ def get_args_parser():
                    help="continue the runs a kill left unfinished (finished ones are skipped)")
     p.add_argument("--plot-only", action="store_true",
                    help="no training: the figure, table and verdict from the runs in --out")
+    p.add_argument("--init-stats", action="store_true",
+                   help="no training: how much each net's logits at initialisation depend on "
+                   "the input (a batch of 128 N(0, 1) images, training mode, per seed)")
     return p
+
+
+def init_stats(args):
+    """At initialisation (training mode, as the first step sees it): the logits' spread between
+    inputs (std over the batch, mean over classes) against their input-independent part (std over
+    classes of the batch-mean logit). A net whose outputs barely depend on its input starts with
+    little to learn from."""
+    rows = {}
+    for net in args.nets:
+        depth, plain = int(net[-2:]), net.startswith("plain")
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            x = torch.randn(128, 3, 32, 32)
+            with torch.no_grad():
+                y = resnet.resnet(depth, 10, plain=plain).train()(x)
+            between, common = y.std(0).mean().item(), y.mean(0).std().item()
+            rows[f"{net}-seed{seed}"] = {"between_inputs": between, "input_independent": common}
+            print(f"{net} seed {seed}: logits' std between inputs {between:.3f}, "
+                  f"input-independent {common:.3f} ({common / between:.1f}:1)")
+    return rows
 
 
 def main(argv=None):
@@ -305,6 +328,8 @@ def main(argv=None):
     data.check_positive(args, "epochs", "limit", "threads")
     for net in args.nets:
         net_flags(net)  # a bad name is refused before anything runs
+    if args.init_stats:
+        return init_stats(args)
     t0 = time.time()
     if not args.plot_only:
         torch.set_num_threads(args.threads)
