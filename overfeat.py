@@ -1376,9 +1376,11 @@ def localisation_task(args, device, rank, saved=None):
         data.set_epoch(train_loader, epoch)
         g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
         pick = torch.randint(len(args.loc_scales), (len(train),), generator=g).tolist()
+        # the classification epochs (shapes-det) at the classifier's own input, --img-size
+        scales = [args.loc_scales[i] if epoch >= args.epochs else args.img_size for i in pick]
         return EpochBatches(len(train), (
-            localisation_batch(x, y, box, args.loc_scales[i], mean_t, std_t)
-            for i, (x, y, box, _) in zip(pick, train)))
+            localisation_batch(x, y, box, s, mean_t, std_t)
+            for s, (x, y, box, _) in zip(scales, train)))
 
     return Task(classes, info, len(classes), True,
                 0 if train is None else len(train), batches,

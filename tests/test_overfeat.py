@@ -1150,6 +1150,27 @@ def test_dry_run_takes_two_steps_checks_the_checkpoint_and_writes_results(tmp_pa
     assert json.loads((out / "results.json").read_text())["config"]["dry_run"] is True
 
 
+def test_dry_run_of_localisation_classifies_at_img_size_and_regresses_at_loc_scales(
+        tmp_path, monkeypatch):
+    # §4 on shapes-det (--quick): the classification epochs feed the classifier at --img-size
+    # (its fc window: any other size is a shape error in its Linear layers), the regression
+    # epochs at --loc-scales (here both above --img-size). 16 training / 10 test scenes.
+    monkeypatch.setattr(overfeat.data, "shapes_size",
+                        lambda split, quick=False: {"train": 16, "test": 10}[split])
+    seen, batch = [], overfeat.localisation_batch
+
+    def spy(x, y, box, scale, mean, std):
+        seen.append(scale)
+        return batch(x, y, box, scale, mean, std)
+    monkeypatch.setattr(overfeat, "localisation_batch", spy)
+    r = overfeat.main(["--data", "shapes-det", "--quick", "--device", "cpu", "--dry-run",
+                       "--batch-size", "4", "--loc-scales", "129", "154", "--log-every", "100",
+                       "--out", str(tmp_path / "loc")])
+    assert [h["phase"] for h in r["history"]] == ["classify", "regress"]
+    assert seen[:2] == [103, 103] and set(seen[2:]) <= {129, 154} and len(seen) == 4
+    assert 0 <= r["metrics"]["loc_error_top5"] <= r["metrics"]["loc_error"] <= 1
+
+
 def test_dry_run_of_detection_takes_two_steps_per_stage(tmp_path, capsys, monkeypatch):
     # §5 on shapes-det with the paper's settings (the fast net at full width, hard negatives):
     # each stage, the classifier with its background windows then the regressor, 1 epoch of 2
