@@ -302,6 +302,16 @@ def test_lr_schedule_is_the_released_solvers():
     assert ssd.EPOCHS == round(120_000 * 32 / 16_551) == 232
     assert [ssd.lr_factor(e, 12) for e in range(12)] == \
         [1] * 8 + [0.1, 0.1, pytest.approx(0.01), pytest.approx(0.01)]
+    # --quick on shapes-det: its own schedule (the first cut at epoch 9 of 12, not 8); VOC's
+    # --quick keeps the release's
+    for argv, steps in ((["--data", "shapes-det", "--quick"], ssd.QUICK_LR_STEPS),
+                        (["--data", "voc", "--quick"], ssd.LR_STEPS),
+                        (["--data", "voc"], ssd.LR_STEPS)):
+        args = ssd.get_args_parser().parse_args(argv)
+        ssd.resolve_defaults(args)
+        assert args.lr_steps == steps
+    assert [ssd.lr_factor(e, 12, ssd.QUICK_LR_STEPS) for e in range(12)] == \
+        [1] * 9 + [0.1, pytest.approx(0.01), pytest.approx(0.01)]
 
 
 def test_photometric_distortion_is_the_releases():
