@@ -10,7 +10,7 @@ arXiv:1411.4038), and its released code, fcn.berkeleyvision.org (the recipe foll
         --out runs/fcn8s                                            # then 8s at lr 1e-14
     python fcn.py --data voc-seg --voc-sets voc2012 --arch 32s --pretrained  # without SBD
     python fcn.py --data cityscapes --pretrained                  # 19 classes, same code
-    python fcn.py --data shapes-seg --quick                       # offline, 1-3 min on a CPU
+    python fcn.py --data shapes-seg --quick                       # offline, 10-16 min, 1 thread
     python fcn.py --segment image.jpg --weights runs/fcn8s/checkpoint.pt --out seg/
     torchrun --nproc_per_node=2 fcn.py --data voc-seg --pretrained --batch-size 2
 

@@ -10,8 +10,8 @@ Shot MultiBox Detector", ECCV 2016, arXiv:1512.02325.
 Paper (Table 1, VOC2007 test, trained on 07+12): SSD300 74.3 % mAP, SSD512 76.8 % mAP (VOC07
 11-point AP, the devkit's protocol; --voc12-ap for the area under the curve).
 Ours: see the README's results table (the command and hardware of every figure are there);
-`--data shapes-det --quick` (12 epochs) reached 0.691 mAP (VOC07 11-point) in 417 s on a shared
-2-core CPU (0.188 after 6 epochs, 234 s).
+`--data shapes-det --quick` (12 epochs): 55.6 / 60.9 / 47.9 % mAP (VOC07 11-point) over seeds 0,
+1, 2, 12-15 min each on one thread of a 2-core CPU (bench/README.md, "Quick runs").
 
 Model (§2.1, Fig. 2): VGG-16 (torchvision's `features` layout, so --pretrained loads its ImageNet
 weights) with pool3 in ceil mode (75 -> 38), pool5 3x3/1 pad 1, fc6/fc7 as a dilated 3x3
