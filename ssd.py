@@ -75,8 +75,9 @@ NMS_IOU, SCORE_MIN, TOP_K, PRE_NMS = 0.45, 0.01, 200, 400   # §3 and the Caffe 
 # "doubled" with the zoom-out augmentation: the release is that recipe, for 07+12).
 ITERATIONS, LR_STEPS = 120_000, (80_000 / 120_000, 100_000 / 120_000)
 # --quick on shapes-det, a schedule of its own: lr / 10 at 3/4 and 5/6 of --epochs (epochs 9 and
-# 10 of 12; the release's 2/3 cuts at epoch 8, before the short run has learnt). Measured at
-# 9b1b37b, seed 0, 1 thread: the release's fractions 58.90 % mAP, these 65.14 %.
+# 10 of 12; the release's 2/3 cuts at epoch 8, before the short run has learnt). Measured on 1
+# thread: at 9b1b37b, seed 0, the release's fractions 58.90 % mAP, these 65.14 %; at 3a08afe over
+# seeds 0, 1, 2 55.64 / 60.92 / 47.89 % against 49.12 / 59.05 / 40.57 (bench/README.md).
 QUICK_LR_STEPS = (3 / 4, 5 / 6)
 TRAIN_DIFFICULT = True     # the release trains on VOC's difficult objects (use_difficult_gt)
 VOC_TRAINVAL = 16_551      # VOC2007 trainval + VOC2012 trainval images
@@ -147,9 +148,8 @@ DEPARTURES = [
     "convolution, from scratch with Adam (lr 1e-3) for 12 epochs (SGD at lr 1e-2 diverges, at "
     "1e-3 learns too slowly for minutes on a CPU), lr / 10 at 3/4 and 5/6 of the epochs (9 "
     "and 10 of 12; the release's 2/3 cut at epoch 8 measured 58.90 vs 65.14 % mAP), the light "
-    "augmentation (photometric "
-    "distortion and flip: the zoom-out and IoU crop need far longer training; measured 3.5 % "
-    "mAP with them vs 9.7 % without at 64 pixels after 6 epochs)",
+    "augmentation (photometric distortion and flip: the zoom-out and IoU crop need far longer "
+    "training; measured 3.5 % mAP with them vs 9.7 % without at 64 pixels after 6 epochs)",
 ]
 
 
