@@ -1583,6 +1583,8 @@ def resolve_defaults(args):
         args.epochs = 0
     data.apply_quick(args, QUICK_LOC if localisation and not imagenet else QUICK)
     args.dropout = 0.5 if args.dropout is None else args.dropout
+    if not 0 <= args.dropout < 1:
+        raise data.DataError(f"--dropout {args.dropout:g} is a probability: give one in [0, 1)")
     args.width = args.width or 1.0
     args.epochs = EPOCHS if args.epochs is None else args.epochs  # 0: regression only
     args.batch_size = args.batch_size or BATCH_SIZE

@@ -423,6 +423,9 @@ def test_lr_schedule_and_defaults():
     overfeat.choose_task(args)
     overfeat.resolve_defaults(args)
     assert (args.epochs, args.dropout) == (3, 0.5)
+    args = overfeat.get_args_parser().parse_args(["--data", "shapes", "--dropout", "1"])
+    with pytest.raises(overfeat.data.DataError, match=r"--dropout 1 is a probability"):
+        overfeat.resolve_defaults(args)
 
 
 def test_each_variant_is_compared_with_its_own_table_2_row_at_that_rows_scales(tmp_path):
